@@ -1,0 +1,215 @@
+"""The `incusos-hal` command.
+
+    validate --config PATH                     exit 0, or 2 with one `field.path: message` line
+    render [--config PATH] [--root DIR] --out DIR   what configure + generator would write
+    save --config PATH [--state-dir DIR]       validate, then store atomically
+    configure [--boot] [--state-dir DIR]       apply the stored config to this machine
+    inventory [--root DIR] [--format F] [SECTION...]
+
+Environment: INCUSOS_HAL_STATE_DIR (default /var/lib/incusos-hal), INCUSOS_HAL_ROOT
+(re-roots reads of /sys, /proc, /dev and /run/udev).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .config import Config, ConfigError, FieldError, parse, store
+
+ROOT_ENV = "INCUSOS_HAL_ROOT"
+DEFAULT_UNIT_DIR = "/usr/lib/systemd/system"
+GENERATOR_DIR = "run/systemd/generator"
+EXIT_INVALID = 2
+
+
+def _root(arg: str | None) -> str:
+    return arg or os.environ.get(ROOT_ENV) or "/"
+
+
+def _format_of(path: str) -> str:
+    return "json" if path.endswith(".json") else "toml"
+
+
+def _load_config_file(path: str) -> Config:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError([FieldError("", f"cannot read {path}: {e.strerror}")]) from None
+    return parse(data, _format_of(path))
+
+
+def _print_errors(e: ConfigError) -> None:
+    for err in e.errors:
+        print(err, file=sys.stderr)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    try:
+        _load_config_file(args.config)
+    except ConfigError as e:
+        _print_errors(e)
+        return EXIT_INVALID
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from .fsutil import write_tree
+    from .hal.net import list_nics
+    from .render import render_files, render_units
+
+    state = store.state_dir(args.state_dir)
+    if args.config:
+        try:
+            config = _load_config_file(args.config)
+        except ConfigError as e:
+            _print_errors(e)
+            return EXIT_INVALID
+    else:
+        loaded = store.load(state)
+        for problem in loaded.problems:
+            print(f"warning: {problem}", file=sys.stderr)
+        config = loaded.config
+    nics, warnings = list_nics(_root(args.root))
+    plan = render_files(config, nics)
+    units = render_units(config, source=str(state / store.CONFIG_FILE), unit_dir=args.unit_dir)
+    for w in (*warnings, *plan.warnings):
+        print(f"warning: {w}", file=sys.stderr)
+    tree = dict(plan.files)
+    tree.update({f"/{GENERATOR_DIR}/{k}": v for k, v in units.items()})
+    write_tree(args.out, tree)
+    for old, new in plan.renames:
+        print(f"rename {old} -> {new}")
+    for path in sorted(tree):
+        print(path)
+    return 0
+
+
+def cmd_save(args: argparse.Namespace) -> int:
+    from .generator import refresh_cache
+
+    try:
+        config = _load_config_file(args.config)
+    except ConfigError as e:
+        _print_errors(e)
+        return EXIT_INVALID
+    state = store.state_dir(args.state_dir)
+    store.save(state, config)
+    refresh_cache(state, args.unit_dir)
+    print(f"stored in {state / store.CONFIG_FILE}")
+    return 0
+
+
+def cmd_configure(args: argparse.Namespace) -> int:
+    from .configure import configure
+
+    state = store.state_dir(args.state_dir)
+    try:
+        result = configure(state=state, sys_root=_root(None), unit_dir=args.unit_dir)
+    except Exception as e:
+        if not args.boot:
+            raise
+        # At boot, a bug here must not fail sysinit; the journal keeps the trace.
+        import traceback
+
+        traceback.print_exc()
+        print(f"<3>configure failed: {e}", file=sys.stderr)
+        return 0
+    if args.boot:
+        return 0
+    return 0 if result.ok else 1
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    )
+
+
+def _network_table(section: dict[str, Any]) -> str:
+    rows = [["PORT", "MAC", "DRIVER", "PCI", "LINK", "SPEED"]]
+    for card in section["cards"]:
+        for port in card.get("ports", []):
+            speed = port.get("link_speed")
+            rows.append(
+                [
+                    port["id"],
+                    port.get("address", ""),
+                    card.get("driver", ""),
+                    card.get("pci_address", card.get("usb_address", "")),
+                    "up" if port["link_detected"] else "down",
+                    f"{speed} Mb/s" if speed else "",
+                ]
+            )
+    return _table(rows)
+
+
+def cmd_inventory(args: argparse.Namespace) -> int:
+    from .inventory import UnknownSection, scan
+
+    try:
+        doc = scan(_root(args.root), args.sections)
+    except UnknownSection as e:
+        print(e, file=sys.stderr)
+        return EXIT_INVALID
+    fmt = args.format or ("table" if sys.stdout.isatty() else "json")
+    if fmt == "json":
+        print(json.dumps(doc, indent=2))
+    elif fmt == "yaml":
+        from .yamlout import dumps
+
+        sys.stdout.write(dumps(doc))
+    else:
+        for name, section in doc.items():
+            print(f"{name}:")
+            print(_network_table(section) if name == "network" else json.dumps(section, indent=2))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="incusos-hal", description=__doc__.split("\n")[0])
+    p.add_argument("--version", action="version", version=__version__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    v = sub.add_parser("validate", help="check a config file")
+    v.add_argument("--config", required=True, help="TOML as stored, or .json in the API's shape")
+    v.set_defaults(func=cmd_validate)
+
+    r = sub.add_parser("render", help="write what configure and the generator would")
+    r.add_argument("--config", help="config file (default: the stored one, with fallback)")
+    r.add_argument("--root", help="read /sys from this root (default $INCUSOS_HAL_ROOT or /)")
+    r.add_argument("--out", required=True, help="directory to write the tree into")
+    r.add_argument("--state-dir", help="where the config is stored (for SourcePath=)")
+    r.add_argument("--unit-dir", default=DEFAULT_UNIT_DIR, help=argparse.SUPPRESS)
+    r.set_defaults(func=cmd_render)
+
+    s = sub.add_parser("save", help="validate a config and store it")
+    s.add_argument("--config", required=True)
+    s.add_argument("--state-dir")
+    s.add_argument("--unit-dir", default=DEFAULT_UNIT_DIR, help=argparse.SUPPRESS)
+    s.set_defaults(func=cmd_save)
+
+    c = sub.add_parser("configure", help="apply the stored config to this machine")
+    c.add_argument("--boot", action="store_true", help="boot mode: log problems, exit 0")
+    c.add_argument("--state-dir")
+    c.add_argument("--unit-dir", default=DEFAULT_UNIT_DIR, help=argparse.SUPPRESS)
+    c.set_defaults(func=cmd_configure)
+
+    i = sub.add_parser("inventory", help="the Incus-shaped resources document")
+    i.add_argument("--root")
+    i.add_argument("--format", choices=("json", "yaml", "table"))
+    i.add_argument("sections", nargs="*", metavar="SECTION")
+    i.set_defaults(func=cmd_inventory)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    code: int = args.func(args)
+    return code

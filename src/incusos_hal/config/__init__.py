@@ -1,0 +1,133 @@
+"""The configuration document: typed model, parsing, validation and serialisation.
+
+`from_dict` is the one way in: TOML as stored and JSON in IncusOS's API shape both
+become plain data first, then migrate -> decode -> validate. Anything else raises
+ConfigError carrying every problem, each with its field path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from collections.abc import Mapping
+from typing import Any
+
+import tomli_w
+
+from .decode import decode
+from .errors import ConfigError, FieldError
+from .migrate import migrate
+from .model import CURRENT_VERSION, Config
+from .validate import validate
+
+__all__ = [
+    "CURRENT_VERSION",
+    "Config",
+    "ConfigError",
+    "FieldError",
+    "dumps_json",
+    "dumps_toml",
+    "from_dict",
+    "parse",
+    "parse_json",
+    "parse_toml",
+    "to_dict",
+]
+
+# A document larger than this is not a configuration, whatever it holds.
+MAX_DOCUMENT_BYTES = 1 << 20
+
+
+def from_dict(raw: Any) -> Config:
+    if not isinstance(raw, dict):
+        raise ConfigError([FieldError("", "the document must be a table (JSON object)")])
+    doc, errors = migrate(raw)
+    if errors:
+        raise ConfigError(errors)
+    config = decode(Config, doc, "", errors)
+    if errors:
+        raise ConfigError(errors)
+    errors = validate(config)
+    if errors:
+        raise ConfigError(errors)
+    return config
+
+
+def parse_toml(data: bytes | str) -> Config:
+    text = _text(data)
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([FieldError("", f"not valid TOML: {e}")]) from None
+    return from_dict(raw)
+
+
+def parse_json(data: bytes | str) -> Config:
+    text = _text(data)
+    try:
+        raw = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as e:
+        raise ConfigError([FieldError("", f"not valid JSON: {e}")]) from None
+    return from_dict(raw)
+
+
+def parse(data: bytes, fmt: str) -> Config:
+    """Parse `data` as "toml" or "json"."""
+    if fmt == "json":
+        return parse_json(data)
+    if fmt == "toml":
+        return parse_toml(data)
+    raise ValueError(f"unknown config format {fmt!r}")
+
+
+def _text(data: bytes | str) -> str:
+    if len(data) > MAX_DOCUMENT_BYTES:
+        raise ConfigError([FieldError("", f"larger than {MAX_DOCUMENT_BYTES} bytes")])
+    if isinstance(data, str):
+        return data
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            [FieldError("", f"not UTF-8 text: {e.reason} at byte {e.start}")]
+        ) from None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def to_dict(obj: Any, *, omit_defaults: bool = True) -> Any:
+    """Plain data for `obj`, dropping fields left at their default (as omitempty does)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if value is None:
+                continue
+            if omit_defaults and f.name != "version" and _is_default(f, value):
+                continue
+            out[f.name] = to_dict(value, omit_defaults=omit_defaults)
+        return out
+    if isinstance(obj, tuple):
+        return [to_dict(v, omit_defaults=omit_defaults) for v in obj]
+    if isinstance(obj, Mapping):
+        return {k: to_dict(v, omit_defaults=omit_defaults) for k, v in obj.items()}
+    return obj
+
+
+def _is_default(f: dataclasses.Field[Any], value: Any) -> bool:
+    if f.default is not dataclasses.MISSING:
+        return bool(value == f.default)
+    if f.default_factory is not dataclasses.MISSING:
+        return bool(value == f.default_factory())
+    return False
+
+
+def dumps_toml(config: Config) -> bytes:
+    return tomli_w.dumps(to_dict(config)).encode()
+
+
+def dumps_json(config: Config, *, omit_defaults: bool = True) -> bytes:
+    return json.dumps(to_dict(config, omit_defaults=omit_defaults), indent=2).encode() + b"\n"

@@ -1,0 +1,31 @@
+"""Validation errors that name the field they are about."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class FieldError:
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class ConfigError(ValueError):
+    """A document that is not a valid configuration; carries every problem found."""
+
+    def __init__(self, errors: list[FieldError]) -> None:
+        self.errors = errors
+        super().__init__("\n".join(str(e) for e in errors))
+
+
+def child(path: str, key: str | int) -> str:
+    """The path of a member: `network` + `dns` -> `network.dns`, + 0 -> `...[0]`."""
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    if key and all(c.isalnum() or c in "_-" for c in key):
+        return f"{path}.{key}" if path else key
+    return f'{path}["{key}"]'

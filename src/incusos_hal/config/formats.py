@@ -1,0 +1,248 @@
+"""Checks and normalisers for the string formats the configuration uses.
+
+Each `check_*` returns None when the value is fine, or a short message saying what is
+wrong (without repeating secret values). Pure functions, no I/O.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import re
+
+_MAC = re.compile(r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$")
+# Kernel rule (dev_valid_name): 1-15 bytes, no '/', ':' or whitespace, not '.' or '..'.
+_IFNAME = re.compile(r"^[^/:\s]{1,15}$")
+_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+_TIMEZONE = re.compile(r"^[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9_+-]+){0,3}$")
+_GO_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h)")
+_GO_UNITS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "μs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+
+DYNAMIC_ADDRESSES = ("dhcp4", "dhcp6", "slaac")
+
+
+def is_mac(value: str) -> bool:
+    return bool(_MAC.match(value))
+
+
+def normalize_mac(value: str) -> str:
+    return value.lower()
+
+
+def is_ifname(value: str) -> bool:
+    return bool(_IFNAME.match(value)) and value not in (".", "..")
+
+
+def check_hwaddr(value: str) -> str | None:
+    if is_mac(value):
+        mac = bytes.fromhex(value.replace(":", ""))
+        if mac[0] & 1:
+            return "is a multicast MAC address"
+        if mac == bytes(6):
+            return "is the all-zero MAC address"
+        return None
+    if is_ifname(value) and ":" not in value:
+        return None
+    return f"{_show(value)} is not a MAC address or an interface name"
+
+
+def check_mac(value: str) -> str | None:
+    if not is_mac(value):
+        return f"{_show(value)} is not a MAC address (expected xx:xx:xx:xx:xx:xx)"
+    return None
+
+
+def check_device_name(value: str) -> str | None:
+    """A name for a bridge, bond or VLAN this project creates.
+
+    As IncusOS: at most 13 characters (room for the `_b`/`_p` prefixes of the devices
+    made around it) and no leading underscore, which marks those internal devices.
+    """
+    if not value:
+        return "must not be empty"
+    if value.startswith("_"):
+        return "must not begin with an underscore (reserved for internal devices)"
+    if len(value) > 13:
+        return f"{_show(value)} is longer than 13 characters"
+    if not is_ifname(value) or not value.isascii() or not value.isprintable():
+        return f"{_show(value)} is not a valid interface name"
+    if value in ("lo", "all", "default"):
+        return f"{_show(value)} is reserved by the kernel"
+    return None
+
+
+def check_address(value: str) -> str | None:
+    """dhcp4 / dhcp6 / slaac, or a static address with its prefix length."""
+    if value in DYNAMIC_ADDRESSES:
+        return None
+    if "/" not in value:
+        return f"{_show(value)} must be dhcp4, dhcp6, slaac or an address with a prefix length"
+    try:
+        iface = ipaddress.ip_interface(value)
+    except ValueError:
+        return f"{_show(value)} is not an IP address with a prefix length"
+    ip = iface.ip
+    if ip.is_unspecified or ip.is_multicast or ip.is_loopback:
+        return f"{_show(value)} cannot be assigned to an interface"
+    return None
+
+
+def address_families(addresses: tuple[str, ...]) -> set[int]:
+    families: set[int] = set()
+    for a in addresses:
+        if a == "dhcp4":
+            families.add(4)
+        elif a in ("dhcp6", "slaac"):
+            families.add(6)
+        else:
+            with contextlib.suppress(ValueError):
+                families.add(ipaddress.ip_interface(a).version)
+    return families
+
+
+def check_route_destination(value: str) -> str | None:
+    if "/" not in value:
+        return f"{_show(value)} must be a network with a prefix length (0.0.0.0/0 for default)"
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        return f"{_show(value)} is not a network with a prefix length"
+    return None
+
+
+def check_route_gateway(value: str) -> str | None:
+    if value in ("dhcp4", "slaac"):
+        return None
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return f"{_show(value)} must be an IP address, dhcp4 or slaac"
+    return None
+
+
+def gateway_family(value: str) -> int:
+    if value == "dhcp4":
+        return 4
+    if value == "slaac":
+        return 6
+    return ipaddress.ip_address(value).version
+
+
+def check_hostname(value: str) -> str | None:
+    if not _LABEL.match(value):
+        return f"{_show(value)} is not a valid host name (letters, digits and '-', 1-63)"
+    return None
+
+
+def is_dns_name(value: str) -> bool:
+    if not value or len(value) > 253:
+        return False
+    return all(_LABEL.match(label) for label in value.split("."))
+
+
+def check_dns_name(value: str) -> str | None:
+    if not is_dns_name(value):
+        return f"{_show(value)} is not a valid DNS name"
+    return None
+
+
+def is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
+def check_nameserver(value: str) -> str | None:
+    """An IP address, optionally `#server-name` for DNS-over-TLS (as networkd's DNS=)."""
+    address, _, server_name = value.partition("#")
+    if not is_ip(address):
+        return f"{_show(value)} must be an IP address (networkd's DNS= takes no host names)"
+    if server_name and not is_dns_name(server_name):
+        return f"{_show(value)} has an invalid TLS server name after '#'"
+    return None
+
+
+def check_search_domain(value: str) -> str | None:
+    # A leading '~' makes a routing-only domain in resolved; '~.' routes everything.
+    name = value[1:] if value.startswith("~") else value
+    if name == "." and value.startswith("~"):
+        return None
+    return check_dns_name(name)
+
+
+def check_host(value: str) -> str | None:
+    """A server given by IP address or DNS name (NTP servers)."""
+    if is_ip(value) or is_dns_name(value):
+        return None
+    return f"{_show(value)} is not an IP address or a DNS name"
+
+
+def split_host_port(value: str) -> tuple[str, int | None] | None:
+    """`host`, `host:port`, `[v6]:port` or a bare IPv6 address; None if malformed."""
+    if value.startswith("["):
+        end = value.find("]")
+        if end < 0:
+            return None
+        host, rest = value[1:end], value[end + 1 :]
+        if not is_ip(host) or ":" not in host:
+            return None
+        if not rest:
+            return host, None
+        if not rest.startswith(":"):
+            return None
+        port_text = rest[1:]
+    elif value.count(":") > 1:
+        return (value, None) if is_ip(value) else None
+    elif ":" in value:
+        host, port_text = value.split(":", 1)
+    else:
+        host, port_text = value, ""
+        if not (is_ip(host) or is_dns_name(host)):
+            return None
+        return host, None
+    if not (is_ip(host) or is_dns_name(host)):
+        return None
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        return None
+    return host, int(port_text)
+
+
+def check_timezone(value: str) -> str | None:
+    if len(value) > 64 or not _TIMEZONE.match(value) or ".." in value:
+        return f"{_show(value)} is not a time zone name (e.g. UTC, Europe/Berlin)"
+    return None
+
+
+def parse_go_duration(value: str) -> float | None:
+    """Seconds in a Go duration string ("90s", "1h30m"); None if malformed."""
+    if value in ("0", "+0", "-0"):
+        return 0.0
+    text = value.lstrip("+-")
+    sign = -1.0 if value.startswith("-") else 1.0
+    if not text:
+        return None
+    pos, total = 0, 0.0
+    while pos < len(text):
+        m = _GO_DURATION_PART.match(text, pos)
+        if m is None:
+            return None
+        total += float(m.group(1)) * _GO_UNITS[m.group(2)]
+        pos = m.end()
+    return sign * total
+
+
+def _show(value: str) -> str:
+    """A value quoted for an error message, shortened so a huge input stays one line."""
+    text = value if len(value) <= 64 else value[:61] + "..."
+    return repr(text)

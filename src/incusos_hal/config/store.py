@@ -1,0 +1,108 @@
+"""The stored configuration: one TOML document in the state directory.
+
+    config.toml            the operator's current document (only valid ones are saved)
+    config.last-good.toml  the last document the configure step applied successfully
+
+Loading falls back from a broken config.toml to the last good copy, then to the
+default, and says which it used and why, so that a bad file never stops a boot.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..fsutil import atomic_write
+from . import ConfigError, dumps_toml, parse_toml
+from .model import Config
+
+STATE_DIR_ENV = "INCUSOS_HAL_STATE_DIR"
+DEFAULT_STATE_DIR = "/var/lib/incusos-hal"
+CONFIG_FILE = "config.toml"
+LAST_GOOD_FILE = "config.last-good.toml"
+
+
+def state_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
+    if explicit is not None:
+        return Path(explicit)
+    return Path(os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR)
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    config: Config
+    # "config", "last-good" or "default"
+    source: str
+    # The file the config came from ("" for the default).
+    path: str
+    # Why the preferred sources were not used; empty when config.toml was.
+    problems: tuple[str, ...] = ()
+
+
+def read_sources(directory: str | os.PathLike[str]) -> tuple[bytes | OSError | None, ...]:
+    """The raw bytes of config.toml and config.last-good.toml (None: absent)."""
+    out: list[bytes | OSError | None] = []
+    for name in (CONFIG_FILE, LAST_GOOD_FILE):
+        try:
+            out.append(Path(directory, name).read_bytes())
+        except FileNotFoundError:
+            out.append(None)
+        except OSError as e:
+            out.append(e)
+    return tuple(out)
+
+
+def load_from(
+    directory: str | os.PathLike[str],
+    current: bytes | OSError | None,
+    last_good: bytes | OSError | None,
+) -> Loaded:
+    """The fallback rule, as a pure function of the two files' contents."""
+    base = Path(directory)
+    current_path, last_good_path = base / CONFIG_FILE, base / LAST_GOOD_FILE
+    if current is None:
+        # No document at all: a fresh machine, which gets the default.
+        return Loaded(Config(), "default", "")
+    problems: list[str] = []
+    if isinstance(current, OSError):
+        problems.append(f"{current_path}: cannot read: {current.strerror}")
+    else:
+        try:
+            return Loaded(parse_toml(current), "config", str(current_path))
+        except ConfigError as e:
+            problems += [f"{current_path}: {err}" for err in e.errors]
+    if isinstance(last_good, OSError):
+        problems.append(f"{last_good_path}: cannot read: {last_good.strerror}")
+    elif last_good is not None:
+        try:
+            config = parse_toml(last_good)
+            return Loaded(config, "last-good", str(last_good_path), tuple(problems))
+        except ConfigError as e:
+            problems += [f"{last_good_path}: {err}" for err in e.errors]
+    return Loaded(Config(), "default", "", tuple(problems))
+
+
+def load(directory: str | os.PathLike[str]) -> Loaded:
+    current, last_good = read_sources(directory)
+    return load_from(directory, current, last_good)
+
+
+def save(directory: str | os.PathLike[str], config: Config) -> bytes:
+    """Store `config` as the current document; returns the bytes written."""
+    data = dumps_toml(config)
+    atomic_write(Path(directory, CONFIG_FILE), data, 0o600)
+    return data
+
+
+def mark_good(directory: str | os.PathLike[str], config: Config) -> bool:
+    """Record `config` as last good; False when it already was."""
+    data = dumps_toml(config)
+    path = Path(directory, LAST_GOOD_FILE)
+    try:
+        if path.read_bytes() == data:
+            return False
+    except FileNotFoundError:
+        pass
+    atomic_write(path, data, 0o600)
+    return True

@@ -1,0 +1,372 @@
+"""Semantic validation of a decoded Config: values, and rules across fields.
+
+Every problem becomes a FieldError naming the field's path; all of them are collected, so
+that an operator fixes a document in one round trip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from . import formats as fmt
+from .errors import FieldError, child
+from .model import (
+    BOND_MODES,
+    PROXY_AUTH,
+    REQUIRED_FOR_ONLINE,
+    ROLES,
+    SYSLOG_FORMATS,
+    SYSLOG_PROTOCOLS,
+    VLAN,
+    WAKEONLAN_MODES,
+    WEEKDAYS,
+    Bond,
+    Config,
+    Ethernet,
+    Interface,
+    Logging,
+    Network,
+    Proxy,
+    Route,
+    Update,
+)
+
+MIN_MTU, MAX_MTU, MIN_MTU_IPV6 = 68, 9000, 1280
+DEFAULT_MTU = 1500
+
+
+class _Collector:
+    def __init__(self) -> None:
+        self.errors: list[FieldError] = []
+
+    def check(self, path: str, message: str | None) -> None:
+        if message is not None:
+            self.errors.append(FieldError(path, message))
+
+    def each(self, path: str, values: Iterable[str], check: Callable[[str], str | None]) -> None:
+        for i, value in enumerate(values):
+            self.check(child(path, i), check(value))
+
+
+def validate(config: Config) -> list[FieldError]:
+    c = _Collector()
+    _network(c, config.network, "network")
+    _logging(c, config.logging, "logging")
+    _update(c, config.update, "update")
+    return c.errors
+
+
+def _network(c: _Collector, net: Network, path: str) -> None:
+    if net.confirmation_timeout:
+        seconds = fmt.parse_go_duration(net.confirmation_timeout)
+        if seconds is None or seconds <= 0:
+            c.check(
+                child(path, "confirmation_timeout"),
+                f"{net.confirmation_timeout!r} is not a positive duration (e.g. 90s, 5m)",
+            )
+    if net.dns is not None:
+        p = child(path, "dns")
+        if net.dns.hostname:
+            c.check(child(p, "hostname"), fmt.check_hostname(net.dns.hostname))
+        if net.dns.domain:
+            c.check(child(p, "domain"), fmt.check_dns_name(net.dns.domain))
+        c.each(child(p, "nameservers"), net.dns.nameservers, fmt.check_nameserver)
+        c.each(child(p, "search_domains"), net.dns.search_domains, fmt.check_search_domain)
+    if net.time is not None:
+        p = child(path, "time")
+        c.each(child(p, "ntp_servers"), net.time.ntp_servers, fmt.check_host)
+        if net.time.timezone:
+            c.check(child(p, "timezone"), fmt.check_timezone(net.time.timezone))
+    if net.proxy is not None:
+        _proxy(c, net.proxy, child(path, "proxy"))
+
+    names: dict[str, str] = {}
+    hwaddrs: dict[str, str] = {}
+
+    def claim_name(name: str, where: str) -> None:
+        if name in names:
+            c.check(where, f"name {name!r} is already used by {names[name]}")
+        else:
+            names[name] = where.rsplit(".", 1)[0]
+
+    def claim_hwaddr(hwaddr: str, where: str) -> None:
+        key = hwaddr.lower()
+        if key in hwaddrs:
+            c.check(where, f"{hwaddr!r} is already used by {hwaddrs[key]}")
+        else:
+            hwaddrs[key] = where
+
+    mtus: dict[str, int] = {}
+    for i, iface in enumerate(net.interfaces):
+        p = child(child(path, "interfaces"), i)
+        _link(c, iface, p)
+        claim_name(iface.name, child(p, "name"))
+        if iface.hwaddr:
+            claim_hwaddr(iface.hwaddr, child(p, "hwaddr"))
+        mtus[iface.name] = iface.mtu or DEFAULT_MTU
+    for i, bond in enumerate(net.bonds):
+        p = child(child(path, "bonds"), i)
+        _link(c, bond, p)
+        claim_name(bond.name, child(p, "name"))
+        if bond.mode not in BOND_MODES:
+            c.check(child(p, "mode"), f"{bond.mode!r} is not one of {', '.join(BOND_MODES)}")
+        if not bond.members:
+            c.check(child(p, "members"), "a bond needs at least one member")
+        for j, member in enumerate(bond.members):
+            where = child(child(p, "members"), j)
+            message = fmt.check_hwaddr(member)
+            c.check(where, message)
+            if message is None:
+                claim_hwaddr(member, where)
+        mtus[bond.name] = bond.mtu or DEFAULT_MTU
+    vlan_ids: dict[tuple[str, int], str] = {}
+    for i, vlan in enumerate(net.vlans):
+        p = child(child(path, "vlans"), i)
+        _vlan(c, vlan, p)
+        claim_name(vlan.name, child(p, "name"))
+        if vlan.parent not in mtus:
+            c.check(child(p, "parent"), f"{vlan.parent!r} is not an interface or bond name")
+            continue
+        key = (vlan.parent, vlan.id)
+        if key in vlan_ids:
+            c.check(child(p, "id"), f"VLAN {vlan.id} on {vlan.parent!r} is already {vlan_ids[key]}")
+        vlan_ids[key] = p
+        if vlan.mtu > mtus[vlan.parent]:
+            c.check(
+                child(p, "mtu"),
+                f"{vlan.mtu} exceeds the MTU of its parent {vlan.parent!r} ({mtus[vlan.parent]})",
+            )
+
+
+def _link(c: _Collector, link: Interface | Bond, path: str) -> None:
+    c.check(child(path, "name"), fmt.check_device_name(link.name))
+    if isinstance(link, Interface) or link.hwaddr:
+        c.check(child(path, "hwaddr"), fmt.check_hwaddr(link.hwaddr) if link.hwaddr else "required")
+    _addressing(
+        c, link.addresses, link.routes, link.mtu, link.roles, link.required_for_online, path
+    )
+    seen: set[int] = set()
+    for i, tag in enumerate(link.vlan_tags):
+        where = child(child(path, "vlan_tags"), i)
+        if not 1 <= tag <= 4094:
+            c.check(where, f"{tag} is not a VLAN ID (1-4094)")
+        elif tag in seen:
+            c.check(where, f"VLAN {tag} is listed twice")
+        seen.add(tag)
+    if link.ethernet is not None:
+        _ethernet(c, link.ethernet, child(path, "ethernet"))
+
+
+def _vlan(c: _Collector, vlan: VLAN, path: str) -> None:
+    c.check(child(path, "name"), fmt.check_device_name(vlan.name))
+    if not 1 <= vlan.id <= 4094:
+        c.check(child(path, "id"), f"{vlan.id} is not a VLAN ID (1-4094)")
+    _addressing(
+        c, vlan.addresses, vlan.routes, vlan.mtu, vlan.roles, vlan.required_for_online, path
+    )
+
+
+def _addressing(
+    c: _Collector,
+    addresses: tuple[str, ...],
+    routes: tuple[Route, ...],
+    mtu: int,
+    roles: tuple[str, ...],
+    required_for_online: str,
+    path: str,
+) -> None:
+    c.each(child(path, "addresses"), addresses, fmt.check_address)
+    seen: set[str] = set()
+    for i, address in enumerate(addresses):
+        if address in seen:
+            c.check(child(child(path, "addresses"), i), f"{address!r} is listed twice")
+        seen.add(address)
+    families = fmt.address_families(addresses)
+    for i, route in enumerate(routes):
+        p = child(child(path, "routes"), i)
+        to_error = fmt.check_route_destination(route.to)
+        via_error = fmt.check_route_gateway(route.via)
+        c.check(child(p, "to"), to_error)
+        c.check(child(p, "via"), via_error)
+        if to_error is None and via_error is None:
+            to_family = 6 if ":" in route.to else 4
+            if fmt.gateway_family(route.via) != to_family:
+                c.check(child(p, "via"), f"{route.via!r} is not an IPv{to_family} gateway")
+            elif to_family not in families:
+                c.check(p, f"an IPv{to_family} route needs an IPv{to_family} address on this link")
+    if mtu:
+        if not MIN_MTU <= mtu <= MAX_MTU:
+            c.check(child(path, "mtu"), f"{mtu} is out of range ({MIN_MTU}-{MAX_MTU})")
+        elif mtu < MIN_MTU_IPV6 and 6 in families:
+            c.check(child(path, "mtu"), f"{mtu} is below IPv6's minimum of {MIN_MTU_IPV6}")
+    seen_roles: set[str] = set()
+    for i, role in enumerate(roles):
+        where = child(child(path, "roles"), i)
+        if role not in ROLES:
+            c.check(where, f"{role!r} is not one of {', '.join(ROLES)}")
+        elif role in seen_roles:
+            c.check(where, f"role {role!r} is listed twice")
+        seen_roles.add(role)
+    if required_for_online not in REQUIRED_FOR_ONLINE:
+        allowed = ", ".join(v for v in REQUIRED_FOR_ONLINE if v)
+        c.check(
+            child(path, "required_for_online"), f"{required_for_online!r} is not one of {allowed}"
+        )
+
+
+def _ethernet(c: _Collector, eth: Ethernet, path: str) -> None:
+    for i, mode in enumerate(eth.wakeonlan_modes):
+        if mode not in WAKEONLAN_MODES:
+            c.check(
+                child(child(path, "wakeonlan_modes"), i),
+                f"{mode!r} is not one of {', '.join(WAKEONLAN_MODES)}",
+            )
+    if eth.wakeonlan_modes and not eth.wakeonlan:
+        c.check(child(path, "wakeonlan_modes"), "set, but wakeonlan is false")
+    if eth.wakeonlan_password and not fmt.is_mac(eth.wakeonlan_password):
+        # A secret: say what is wrong without repeating it.
+        c.check(child(path, "wakeonlan_password"), "must be six hex bytes (xx:xx:xx:xx:xx:xx)")
+
+
+def _proxy(c: _Collector, proxy: Proxy, path: str) -> None:
+    servers_path = child(path, "servers")
+    for name, server in proxy.servers.items():
+        p = child(servers_path, name)
+        if name in ("direct", "none"):
+            c.check(p, f"{name!r} is reserved for rule targets")
+        elif not name or not all(ch.isalnum() or ch in "._-" for ch in name):
+            c.check(p, "server names use letters, digits, '.', '_' and '-'")
+        c.check(child(p, "host"), _check_proxy_host(server.host))
+        if server.auth not in PROXY_AUTH:
+            c.check(child(p, "auth"), f"{server.auth!r} is not one of {', '.join(PROXY_AUTH)}")
+        elif server.auth == "kerberos":
+            c.check(
+                child(p, "auth"),
+                "kerberos needs the local authenticating proxy, which this version does not "
+                "provide yet",
+            )
+        elif server.auth == "basic":
+            if not server.username:
+                c.check(child(p, "username"), "required with auth basic")
+            if not server.password:
+                c.check(child(p, "password"), "required with auth basic")
+        if server.username and any(ch in server.username for ch in ":\n\r"):
+            c.check(child(p, "username"), "must not contain ':' or line breaks")
+        if server.password and any(ch in server.password for ch in "\n\r\0"):
+            c.check(child(p, "password"), "must not contain line breaks")
+
+    # Services are handed the proxy through the standard environment variables, which can
+    # express "these destinations go direct, everything else through one proxy" and no
+    # more. Rules beyond that need a local rules proxy (IncusOS runs kpx); refuse them
+    # rather than route differently from what the operator wrote.
+    rules_path = child(path, "rules")
+    catch_all: str | None = None
+    for i, rule in enumerate(proxy.rules):
+        p = child(rules_path, i)
+        if catch_all is not None:
+            c.check(p, f"unreachable: follows the catch-all rule {catch_all}")
+            continue
+        if rule.target not in proxy.servers and rule.target not in ("direct", "none"):
+            c.check(child(p, "target"), f"{rule.target!r} is not a server name, direct or none")
+        elif rule.target == "none":
+            c.check(
+                child(p, "target"),
+                "blocking destinations needs the local rules proxy, which this version does "
+                "not provide yet",
+            )
+        patterns = rule.destination.split("|")
+        if rule.destination == "*":
+            catch_all = p
+        elif rule.target not in ("direct", "none"):
+            c.check(
+                child(p, "destination"),
+                "sending only some destinations through a proxy needs the local rules proxy, "
+                "which this version does not provide yet; use direct rules and one '*' rule",
+            )
+        else:
+            for pattern in patterns:
+                if no_proxy_entry(pattern) is None:
+                    c.check(
+                        child(p, "destination"),
+                        f"{pattern!r} is not a host, '*.domain', IP address or network",
+                    )
+
+
+def no_proxy_entry(pattern: str) -> str | None:
+    """The `no_proxy` spelling of a rule destination, or None if it has none."""
+    if pattern.startswith("*.") and fmt.is_dns_name(pattern[2:]):
+        return pattern[1:]
+    if fmt.is_dns_name(pattern) or fmt.is_ip(pattern):
+        return pattern
+    if "/" in pattern and fmt.check_route_destination(pattern) is None:
+        return pattern
+    return None
+
+
+def _check_proxy_host(host: str) -> str | None:
+    rest = host
+    for scheme in ("http://", "https://"):
+        if host.startswith(scheme):
+            rest = host[len(scheme) :]
+    if "@" in rest:
+        return "must not contain credentials; use username and password"
+    rest = rest.rstrip("/")
+    if not rest or fmt.split_host_port(rest) is None:
+        return f"{host!r} is not host, host:port or http(s)://host:port"
+    return None
+
+
+def _logging(c: _Collector, logging: Logging, path: str) -> None:
+    syslog, p = logging.syslog, child(path, "syslog")
+    if syslog.address and fmt.split_host_port(syslog.address) is None:
+        c.check(
+            child(p, "address"),
+            f"{syslog.address!r} is not host, host:port, IPv4:port or [IPv6]:port",
+        )
+    if syslog.protocol and syslog.protocol not in SYSLOG_PROTOCOLS:
+        c.check(
+            child(p, "protocol"),
+            f"{syslog.protocol!r} is not one of {', '.join(SYSLOG_PROTOCOLS)}",
+        )
+    if syslog.log_format and syslog.log_format not in SYSLOG_FORMATS:
+        c.check(
+            child(p, "log_format"),
+            f"{syslog.log_format!r} is not one of {', '.join(SYSLOG_FORMATS)}",
+        )
+
+
+def _update(c: _Collector, update: Update, path: str) -> None:
+    channel = update.channel
+    if not channel or not all(ch.isalnum() or ch in "._-" for ch in channel) or len(channel) > 64:
+        c.check(child(path, "channel"), f"{channel!r} is not a channel name (e.g. stable, testing)")
+    if update.check_frequency != "never":
+        seconds = fmt.parse_go_duration(update.check_frequency)
+        if seconds is None or seconds < 60:
+            c.check(
+                child(path, "check_frequency"),
+                f"{update.check_frequency!r} is not never or a duration of at least 1m",
+            )
+    for i, w in enumerate(update.maintenance_windows):
+        p = child(child(path, "maintenance_windows"), i)
+        for name, value, top in (
+            ("start_hour", w.start_hour, 23),
+            ("end_hour", w.end_hour, 23),
+            ("start_minute", w.start_minute, 59),
+            ("end_minute", w.end_minute, 59),
+        ):
+            if not 0 <= value <= top:
+                c.check(child(p, name), f"{value} is out of range (0-{top})")
+        for name, day in (
+            ("start_day_of_week", w.start_day_of_week),
+            ("end_day_of_week", w.end_day_of_week),
+        ):
+            if day and day not in WEEKDAYS:
+                c.check(child(p, name), f"{day!r} is not one of {', '.join(WEEKDAYS)}")
+        if bool(w.start_day_of_week) != bool(w.end_day_of_week):
+            c.check(p, "give both start_day_of_week and end_day_of_week, or neither")
+        elif (
+            w.start_day_of_week
+            and w.start_day_of_week == w.end_day_of_week
+            and (w.end_hour, w.end_minute) < (w.start_hour, w.start_minute)
+        ):
+            c.check(p, "ends before it starts on the same day")

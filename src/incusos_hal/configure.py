@@ -1,0 +1,184 @@
+"""The configure step: stored config -> the daemons' config files on this machine.
+
+Runs as `incusos-hal-configure.service`, early in sysinit, before systemd-networkd and
+the other daemons start (and, later, from the API after a change). It reads the stored
+config (falling back like the generator), lists the NICs, renders, renames the managed
+NICs to their `_p<mac>` names, and applies the files all-or-nothing, removing files of
+ours that the new config no longer produces.
+
+At boot it never fails: problems are logged (with sd-daemon priority prefixes, which
+journald understands) and the machine comes up with the best config available.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from .config import store
+from .config.model import Config
+from .fsutil import Applied, Owned, apply_tree
+from .generator import refresh_cache
+from .hal import net
+from .render import Plan, Symlink, render_files
+from .render.networkd import NETWORK_DIR, PREFIX
+from .render.system import LOCALTIME, NETLOGD_DROPIN, PROXY_ENV, TIMESYNCD_DROPIN, ZONEINFO
+
+OWNED = (
+    Owned(NETWORK_DIR, lambda name: name.startswith(PREFIX)),
+    Owned(os.path.dirname(TIMESYNCD_DROPIN), lambda n: n == os.path.basename(TIMESYNCD_DROPIN)),
+    Owned(os.path.dirname(NETLOGD_DROPIN), lambda n: n == os.path.basename(NETLOGD_DROPIN)),
+    Owned(os.path.dirname(PROXY_ENV), lambda n: n == os.path.basename(PROXY_ENV)),
+)
+# How long to wait for udev to finish with a NIC before renaming it ourselves.
+UDEV_WAIT_SECONDS = 5.0
+IFF_UP = 0x1
+
+
+def _log(level: int, message: str) -> None:
+    for line in message.splitlines():
+        sys.stderr.write(f"<{level}>{line}\n")
+    sys.stderr.flush()
+
+
+def info(message: str) -> None:
+    _log(6, message)
+
+
+def warn(message: str) -> None:
+    _log(4, message)
+
+
+def error(message: str) -> None:
+    _log(3, message)
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    source: str
+    applied: Applied | None
+    renamed: tuple[tuple[str, str], ...]
+    problems: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return self.applied is not None and not self.problems
+
+
+def _plan(config: Config, nics: tuple[net.Nic, ...], target: Path) -> Plan:
+    plan = render_files(config, nics)
+    link = plan.files.get(LOCALTIME)
+    if isinstance(link, Symlink):
+        zone = link.target.removeprefix(f"..{ZONEINFO}/")
+        if not (target / ZONEINFO.lstrip("/") / zone).is_file():
+            files = dict(plan.files)
+            del files[LOCALTIME]
+            warning = f"time zone {zone!r} is not installed here; {LOCALTIME} left as it is"
+            plan = replace(plan, files=files, warnings=(*plan.warnings, warning))
+    return plan
+
+
+def _is_up(sys_root: Path, name: str) -> bool:
+    try:
+        flags = (sys_root / "sys/class/net" / name / "flags").read_text().strip()
+        return bool(int(flags, 16) & IFF_UP)
+    except (OSError, ValueError):
+        return False
+
+
+def _rename(
+    sys_root: Path, renames: tuple[tuple[str, str], ...]
+) -> tuple[list[tuple[str, str]], list[str]]:
+    done: list[tuple[str, str]] = []
+    problems: list[str] = []
+    if not renames:
+        return done, problems
+    if net.udev_running(sys_root):
+        # udev names NICs as it processes their "add" events; renaming under its feet
+        # races with that, so let it finish first (bounded: a stuck udev is not ours).
+        deadline = time.monotonic() + UDEV_WAIT_SECONDS
+        while time.monotonic() < deadline and not all(
+            net.udev_done(sys_root, old) for old, _ in renames
+        ):
+            time.sleep(0.05)
+    for old, new in renames:
+        if _is_up(sys_root, old):
+            problems.append(f"{old}: cannot be renamed to {new} while it is up; left as it is")
+            continue
+        try:
+            net.rename_link(old, new)
+        except Exception as e:  # netlink errors come in many types
+            problems.append(f"{old}: renaming to {new} failed: {e}")
+        else:
+            done.append((old, new))
+    return done, problems
+
+
+def configure(
+    *,
+    state: str | os.PathLike[str],
+    sys_root: str | os.PathLike[str] = "/",
+    target: str | os.PathLike[str] = "/",
+    live: bool = True,
+    unit_dir: str | None = None,
+) -> Result:
+    """Apply the stored config. `live` allows acting on this machine's links and hostname."""
+    sys_path, target_path = Path(sys_root), Path(target)
+    loaded = store.load(state)
+    problems = list(loaded.problems)
+    for p in loaded.problems:
+        warn(p)
+    if loaded.problems:
+        warn(f"using {loaded.path or 'the default configuration'}")
+
+    nics, nic_warnings = net.list_nics(sys_path)
+    problems += nic_warnings
+    try:
+        plan = _plan(loaded.config, nics, target_path)
+    except Exception as e:  # a rendering bug must not cost the machine its network
+        error(f"rendering failed ({type(e).__name__}: {e}); using the default configuration")
+        problems.append(f"rendering failed: {e}")
+        plan = _plan(Config(), nics, target_path)
+    for w in plan.warnings:
+        warn(w)
+    problems += plan.warnings
+
+    renamed: list[tuple[str, str]] = []
+    if live:
+        renamed, rename_problems = _rename(sys_path, plan.renames)
+        for p in rename_problems:
+            warn(p)
+        problems += rename_problems
+
+    try:
+        applied = apply_tree(target_path, plan.files, OWNED)
+    except OSError as e:
+        error(f"writing the configuration failed, previous files restored: {e}")
+        return Result(loaded.source, None, tuple(renamed), (*problems, str(e)))
+    for path in applied.written:
+        info(f"wrote {path}")
+    for path in applied.removed:
+        info(f"removed {path}")
+
+    dns = loaded.config.network.dns
+    if live and dns is not None and dns.hostname and socket.gethostname() != dns.hostname:
+        try:
+            socket.sethostname(dns.hostname)
+            info(f"hostname set to {dns.hostname}")
+        except OSError as e:
+            problems.append(f"setting the hostname failed: {e}")
+            warn(problems[-1])
+
+    try:
+        if loaded.source == "config" and store.mark_good(state, loaded.config):
+            info("recorded as the last good configuration")
+        if unit_dir is not None:
+            refresh_cache(state, unit_dir)
+    except OSError as e:
+        problems.append(f"cannot update {state}: {e}")
+        warn(problems[-1])
+    return Result(loaded.source, applied, tuple(renamed), tuple(problems))

@@ -1,0 +1,158 @@
+"""Atomic writes, and trees of files applied all-or-nothing.
+
+A write is a temp file beside the target, fsync'ed, renamed over it, and the directory
+fsync'ed, so a crash leaves the old or the new content, never a mix. Applying a tree
+snapshots what it replaces and puts it back if any step fails.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .render.tree import File, Symlink, Tree
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+
+
+def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -> None:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_name(target)
+    # O_EXCL + the final mode from the start: a secret is never readable, even briefly.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fchmod(fd, mode)  # the umask may have narrowed it
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(target.parent)
+
+
+def atomic_symlink(path: str | os.PathLike[str], target: str) -> None:
+    link = Path(path)
+    link.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_name(link)
+    os.symlink(target, tmp)
+    try:
+        os.replace(tmp, link)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(link.parent)
+
+
+def read_entry(path: Path) -> File | Symlink | None:
+    """What is at `path` now, as a tree entry (None when nothing is)."""
+    try:
+        if path.is_symlink():
+            return Symlink(os.readlink(path))
+        st = path.stat()
+        return File(path.read_bytes(), st.st_mode & 0o7777)
+    except FileNotFoundError:
+        return None
+
+
+def _put(path: Path, entry: File | Symlink) -> None:
+    if isinstance(entry, Symlink):
+        atomic_symlink(path, entry.target)
+    else:
+        atomic_write(path, entry.content, entry.mode)
+
+
+def _join(root: Path, key: str) -> Path:
+    rel = key.lstrip("/")
+    if not rel or ".." in Path(rel).parts:
+        raise ValueError(f"refusing to write outside the root: {key!r}")
+    return root / rel
+
+
+def write_tree(root: str | os.PathLike[str], tree: Tree) -> None:
+    """Write every entry of `tree` under `root`; on failure remove what was written."""
+    base = Path(root)
+    written: list[Path] = []
+    try:
+        for key, entry in tree.items():
+            path = _join(base, key)
+            _put(path, entry)
+            written.append(path)
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+
+
+@dataclass(frozen=True, slots=True)
+class Owned:
+    """Files of a directory that belong to us: `match(name)` says which."""
+
+    directory: str
+    match: Callable[[str], bool]
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    written: tuple[str, ...]
+    removed: tuple[str, ...]
+
+
+def apply_tree(root: str | os.PathLike[str], tree: Tree, owned: Iterable[Owned]) -> Applied:
+    """Make `root` hold `tree`: write changed entries, remove our stale files.
+
+    Entries already holding the wanted content are left alone (their mtime too, so
+    daemons watching them see no change). If anything fails, every entry touched is
+    restored to what it was and the error is raised.
+    """
+    base = Path(root)
+    wanted = {_join(base, key): entry for key, entry in tree.items()}
+    stale: list[Path] = []
+    for rule in owned:
+        directory = _join(base, rule.directory)
+        try:
+            names = sorted(os.listdir(directory))
+        except FileNotFoundError:
+            continue
+        stale += [directory / n for n in names if rule.match(n) and directory / n not in wanted]
+
+    before: dict[Path, File | Symlink | None] = {}
+    try:
+        for path, entry in wanted.items():
+            current = read_entry(path)
+            if current == entry:
+                continue
+            before[path] = current
+            _put(path, entry)
+        for path in stale:
+            before[path] = read_entry(path)
+            path.unlink(missing_ok=True)
+    except BaseException:
+        for path, old in before.items():
+            if old is None:
+                path.unlink(missing_ok=True)
+            else:
+                _put(path, old)
+        raise
+    written = tuple(str(p) for p in before if p in wanted)
+    removed = tuple(str(p) for p in stale)
+    return Applied(written, removed)

@@ -1,0 +1,130 @@
+"""Network interfaces as sysfs shows them, read under a relocatable root.
+
+The configure step needs, per interface: its name, its permanent MAC address and whether it
+is a wired NIC backed by hardware. Everything here reads files only (no netlink), so the
+same code runs on a machine and on a recorded tree (`tests/fixtures/*/sys/...`).
+Unreadable or malformed entries are skipped with a warning, never raised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config.formats import is_mac
+
+ARPHRD_ETHER = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Nic:
+    name: str
+    # The MAC the interface came with when sysfs can tell (bond members keep it in
+    # bonding_slave/perm_hwaddr), else the current one; lower case, colon separated.
+    hwaddr: str
+    # Backed by a device (PCI, USB, platform...), not created in software.
+    physical: bool
+    wireless: bool = False
+    arp_type: int = ARPHRD_ETHER
+    # The kernel's own kind for software links ("bridge", "bond", "vlan", "veth"...).
+    kind: str = ""
+    # Upper device when enslaved to a bridge or bond.
+    master: str = ""
+
+    @property
+    def wired(self) -> bool:
+        """A wired Ethernet NIC: what the default config turns into a bridge."""
+        return self.physical and not self.wireless and self.arp_type == ARPHRD_ETHER
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text(errors="replace").strip()
+    except OSError:
+        return None
+
+
+def _uevent(path: Path) -> dict[str, str]:
+    text = _read(path / "uevent") or ""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            out[key] = value
+    return out
+
+
+def list_nics(root: str | os.PathLike[str] = "/") -> tuple[tuple[Nic, ...], list[str]]:
+    """Every network interface with an Ethernet-style MAC, sorted by name.
+
+    Returns the interfaces and warnings about entries that could not be read.
+    """
+    base = Path(root, "sys/class/net")
+    nics: list[Nic] = []
+    warnings: list[str] = []
+    try:
+        names = sorted(os.listdir(base))
+    except OSError as e:
+        return (), [f"cannot list {base}: {e.strerror}"]
+    for name in names:
+        d = base / name
+        address = _read(d / "address")
+        arp_type_text = _read(d / "type")
+        if address is None or arp_type_text is None or not arp_type_text.isdigit():
+            warnings.append(f"{name}: unreadable address or type in {d}, skipped")
+            continue
+        arp_type = int(arp_type_text)
+        if arp_type != ARPHRD_ETHER:
+            continue  # loopback, tunnels, InfiniBand...: nothing for the bridge model
+        hwaddr = address.lower()
+        if not is_mac(hwaddr):
+            warnings.append(f"{name}: malformed address {address!r}, skipped")
+            continue
+        # Bonding rewrites its members' MACs; the original stays readable here.
+        perm = _read(d / "bonding_slave" / "perm_hwaddr")
+        if perm is not None and is_mac(perm):
+            hwaddr = perm.lower()
+        uevent = _uevent(d)
+        master = ""
+        with contextlib.suppress(OSError):
+            master = os.path.basename(os.readlink(d / "master"))
+        nics.append(
+            Nic(
+                name=name,
+                hwaddr=hwaddr,
+                physical=(d / "device").exists(),
+                wireless=(d / "wireless").exists() or (d / "phy80211").exists(),
+                arp_type=arp_type,
+                kind=uevent.get("DEVTYPE", ""),
+                master=master,
+            )
+        )
+    return tuple(nics), warnings
+
+
+def udev_running(root: str | os.PathLike[str] = "/") -> bool:
+    """Whether systemd-udevd runs (it does not inside containers)."""
+    return Path(root, "run/udev/control").exists()
+
+
+def udev_done(root: str | os.PathLike[str], name: str) -> bool:
+    """Whether udev has finished its first pass over interface `name`."""
+    ifindex = _read(Path(root, "sys/class/net", name, "ifindex"))
+    return ifindex is not None and Path(root, f"run/udev/data/n{ifindex}").exists()
+
+
+def rename_link(name: str, new_name: str) -> None:
+    """Rename a link over netlink; the kernel refuses while the link is up.
+
+    pyroute2 is imported here, not at module level: only the boot-time configure step
+    renames, and only when the names are not already right.
+    """
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        (index,) = ipr.link_lookup(ifname=name) or (None,)
+        if index is None:
+            raise FileNotFoundError(f"no link named {name}")
+        ipr.link("set", index=index, ifname=new_name)

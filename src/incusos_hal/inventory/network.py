@@ -1,0 +1,105 @@
+"""The `network` section of Incus's resources API (GET /1.0/resources), from sysfs.
+
+Field names and shapes are lxc/incus `shared/api/resource.go` (ResourcesNetwork,
+ResourcesNetworkCard, ResourcesNetworkCardPort). Cards are the hardware devices (PCI or
+USB) behind wired interfaces; software links (bridges, bonds, veths) are not cards.
+What only ethtool can tell (supported modes, auto-negotiation, port type) and PCI/USB
+names from hwdata come with the inventory HAL's fast paths; until then those keys are
+left out or false, never guessed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ..hal.net import ARPHRD_ETHER
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text(errors="replace").strip()
+    except OSError:
+        return None
+
+
+def _int(text: str | None, default: int = 0) -> int:
+    try:
+        return int(text, 0) if text is not None else default
+    except ValueError:
+        return default
+
+
+def _port(d: Path, name: str) -> dict[str, Any]:
+    port: dict[str, Any] = {"id": name}
+    address = _read(d / "address")
+    if address:
+        port["address"] = address.lower()
+    port["port"] = _int(_read(d / "dev_port"))
+    port["protocol"] = "ethernet" if _int(_read(d / "type")) == ARPHRD_ETHER else "infiniband"
+    port["auto_negotiation"] = False
+    # Reading carrier/speed of a down link fails with EINVAL: that is "no link".
+    port["link_detected"] = _read(d / "carrier") == "1"
+    speed = _int(_read(d / "speed"), -1)
+    if port["link_detected"] and speed > 0:
+        port["link_speed"] = speed
+        duplex = _read(d / "duplex")
+        if duplex in ("full", "half"):
+            port["link_duplex"] = duplex
+    return port
+
+
+def scan_network(root: str | os.PathLike[str] = "/") -> dict[str, Any]:
+    base = Path(root, "sys/class/net")
+    cards: dict[str, dict[str, Any]] = {}
+    try:
+        names = sorted(os.listdir(base))
+    except OSError:
+        names = []
+    for name in names:
+        d = base / name
+        device = d / "device"
+        if not device.exists():
+            continue
+        try:
+            device_path = device.resolve()
+        except OSError:
+            continue
+        key = str(device_path)
+        card = cards.get(key)
+        if card is None:
+            card = {}
+            driver_link = device / "driver"
+            if driver_link.exists():
+                driver = os.path.basename(os.readlink(driver_link))
+                card["driver"] = driver
+                version = _read(Path(root, "sys/module", driver, "version"))
+                if version:
+                    card["driver_version"] = version
+            card["ports"] = []
+            card["numa_node"] = max(_int(_read(device / "numa_node")), 0)
+            vendor, product = _read(device / "vendor"), _read(device / "device")
+            if (device / "subsystem").exists():
+                subsystem = os.path.basename(os.readlink(device / "subsystem"))
+                if subsystem == "pci":
+                    card["pci_address"] = device_path.name
+                if subsystem == "virtio":
+                    # virtio-net: the PCI function is the virtio device's parent.
+                    parent = device_path.parent
+                    card["pci_address"] = parent.name
+                    vendor, product = _read(parent / "vendor"), _read(parent / "device")
+            if vendor and product:
+                card["vendor_id"] = vendor.removeprefix("0x")
+                card["product_id"] = product.removeprefix("0x")
+            total_vfs = _read(device / "sriov_totalvfs")
+            if total_vfs is not None:
+                card["sriov"] = {
+                    "current_vfs": _int(_read(device / "sriov_numvfs")),
+                    "maximum_vfs": _int(total_vfs),
+                    "vfs": [],
+                }
+            cards[key] = card
+        card["ports"].append(_port(d, name))
+    ordered = [cards[k] for k in sorted(cards)]
+    return {"cards": ordered, "total": len(ordered)}
