@@ -17,9 +17,9 @@ import tomli_w
 
 from .decode import decode
 from .errors import ConfigError, FieldError
-from .migrate import migrate
 from .model import CURRENT_VERSION, Config
 from .validate import validate
+from .versions import migrate
 
 __all__ = [
     "CURRENT_VERSION",

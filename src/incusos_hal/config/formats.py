@@ -165,10 +165,10 @@ def is_ip(value: str) -> bool:
 
 def check_nameserver(value: str) -> str | None:
     """An IP address, optionally `#server-name` for DNS-over-TLS (as networkd's DNS=)."""
-    address, _, server_name = value.partition("#")
+    address, hash_sign, server_name = value.partition("#")
     if not is_ip(address):
         return f"{_show(value)} must be an IP address (networkd's DNS= takes no host names)"
-    if server_name and not is_dns_name(server_name):
+    if hash_sign and not is_dns_name(server_name):
         return f"{_show(value)} has an invalid TLS server name after '#'"
     return None
 

@@ -19,7 +19,9 @@ MIGRATIONS: dict[int, Callable[[Document], Document]] = {}
 
 
 def migrate(raw: Document) -> tuple[Document, list[FieldError]]:
-    version = raw.get("version", model.CURRENT_VERSION)
+    version = raw.get("version")
+    if version is None:
+        version = model.CURRENT_VERSION
     if isinstance(version, str) and version.isdigit():
         version = int(version)  # IncusOS writes its seed versions as strings
     if not isinstance(version, int) or isinstance(version, bool):

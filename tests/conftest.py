@@ -1,0 +1,77 @@
+"""Shared test helpers. The checkout's src/ comes first on the path: the suite tests the
+code as it is in the tree, not whatever version is installed."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "src"))
+
+
+def require_tool(*names: str) -> None:
+    """A test needing a missing tool fails, saying which: CI installs them (ci/setup)."""
+    missing = [n for n in names if shutil.which(n) is None]
+    if missing:
+        pytest.fail(f"needs {', '.join(missing)} on PATH; run ci/setup as root to install")
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        pytest.fail("needs root (network namespaces, systemd-nspawn, loop devices)")
+
+
+def build_sysfs(root: Path, nics: list[dict[str, Any]]) -> Path:
+    """A /sys/class/net tree shaped as the kernel lays it out, from a list of NICs.
+
+    Each NIC: name, hwaddr, and optionally physical (bool, default true: gets a PCI
+    `device` link), wireless, type (ARPHRD, default 1), devtype, master, perm_hwaddr.
+    """
+    classdir = root / "sys/class/net"
+    classdir.mkdir(parents=True, exist_ok=True)
+    for index, nic in enumerate(nics, start=2):
+        name = nic["name"]
+        if nic.get("physical", True):
+            pci = f"0000:00:{index:02x}.0"
+            devdir = root / "sys/devices/pci0000:00" / pci
+            (devdir / "net" / name).mkdir(parents=True)
+            (devdir / "vendor").write_text("0x8086\n")
+            (devdir / "device").write_text("0x10d3\n")
+            (devdir / "numa_node").write_text("-1\n")
+            netdir = devdir / "net" / name
+            (netdir / "device").symlink_to(os.path.relpath(devdir, netdir))
+        else:
+            netdir = root / "sys/devices/virtual/net" / name
+            netdir.mkdir(parents=True)
+        (classdir / name).symlink_to(os.path.relpath(netdir, classdir))
+        (netdir / "address").write_text(nic["hwaddr"] + "\n")
+        (netdir / "type").write_text(f"{nic.get('type', 1)}\n")
+        (netdir / "addr_assign_type").write_text("0\n")
+        (netdir / "ifindex").write_text(f"{index}\n")
+        (netdir / "flags").write_text("0x1002\n")
+        uevent = f"INTERFACE={name}\nIFINDEX={index}\n"
+        if nic.get("devtype"):
+            uevent = f"DEVTYPE={nic['devtype']}\n" + uevent
+        (netdir / "uevent").write_text(uevent)
+        if nic.get("wireless"):
+            (netdir / "wireless").mkdir()
+        if nic.get("perm_hwaddr"):
+            (netdir / "bonding_slave").mkdir()
+            (netdir / "bonding_slave" / "perm_hwaddr").write_text(nic["perm_hwaddr"] + "\n")
+        if nic.get("master"):
+            # Only the link's last component is read; the kernel's target is the
+            # master's device directory.
+            (netdir / "master").symlink_to(f"../../../virtual/net/{nic['master']}")
+    return root
+
+
+def load_nics(path: Path) -> list[dict[str, Any]]:
+    data: list[dict[str, Any]] = json.loads(path.read_text())
+    return data
