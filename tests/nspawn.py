@@ -1,0 +1,277 @@
+"""Boot a real Debian root with systemd-nspawn, with this project installed in it.
+
+- `rootfs()` debootstraps Debian 13 (12 if the mirror has no 13) once and caches it under
+  $INCUSOS_HAL_CACHE/rootfs, keyed by everything that goes into it; an interrupted build
+  never leaves a usable-looking cache behind.
+- `install_layer()` installs the checkout into an overlay on top of it with the root's own
+  meson (`meson setup --prefix=/usr && meson install`), as a distribution would.
+- `Lan` is the machine's network: a namespace holding the far ends of veth pairs handed
+  to the container, with addresses, a DHCP/RA server (dnsmasq) and a syslog listener.
+- `boot()` boots the root to multi-user; a probe unit inside collects what the tests assert
+  on into /probe/result.json and powers the container off. A hung boot is killed after a
+  timeout, and the console log is kept for the failure message.
+
+Needs root, systemd-nspawn, debootstrap, overlayfs, iproute2 and dnsmasq (ci/setup).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("INCUSOS_HAL_CACHE") or "/var/cache/incusos-hal")
+MIRROR = os.environ.get("INCUSOS_HAL_MIRROR") or "http://deb.debian.org/debian"
+SUITES = ("trixie", "bookworm")
+PACKAGES = (
+    "systemd", "systemd-sysv", "dbus", "iproute2", "iputils-ping", "python3",
+    "systemd-resolved", "systemd-timesyncd", "systemd-netlogd", "python3-pyroute2",
+    "python3-tomli-w", "meson", "ninja-build", "pkgconf", "systemd-dev", "tzdata",
+)
+# Bump when the way the root is built changes, so caches from before are not reused.
+ROOTFS_RECIPE = 2
+
+
+def _run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, check=True, text=True, **kw)
+
+
+def _log(message: str) -> None:
+    print(f"[nspawn] {message}", file=sys.stderr, flush=True)
+
+
+def rootfs() -> Path:
+    """The cached Debian root, built on first use."""
+    base = CACHE / "rootfs"
+    base.mkdir(parents=True, exist_ok=True)
+    with open(base / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for suite in SUITES:
+            key = hashlib.sha256(
+                json.dumps([ROOTFS_RECIPE, suite, MIRROR, PACKAGES]).encode()
+            ).hexdigest()[:12]
+            dest = base / f"{suite}-{key}"
+            if (dest / ".complete").exists():
+                return dest
+            tmp = base / f".{dest.name}.partial"
+            shutil.rmtree(tmp, ignore_errors=True)
+            _log(f"debootstrapping Debian {suite} into {dest} (cached for later runs)")
+            started = time.monotonic()
+            proc = subprocess.run(
+                ["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}",
+                 suite, str(tmp), MIRROR],
+                capture_output=True, text=True, check=False,
+            )
+            if proc.returncode != 0:
+                _log(f"debootstrap {suite} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+                shutil.rmtree(tmp, ignore_errors=True)
+                continue
+            # A machine-id is made at first boot of each container, as on real hardware.
+            (tmp / "etc/machine-id").write_text("uninitialized\n")
+            (tmp / ".complete").write_text(f"{suite} {time.monotonic() - started:.0f}s\n")
+            tmp.rename(dest)
+            for old in base.glob(f"{suite}-*"):
+                if old != dest:
+                    shutil.rmtree(old, ignore_errors=True)
+            return dest
+    raise RuntimeError(f"debootstrap failed for every suite of {SUITES} from {MIRROR}")
+
+
+def suite_of(root: Path) -> str:
+    return root.name.split("-")[0]
+
+
+@contextlib.contextmanager
+def overlay(lowers: list[Path], work: Path) -> Iterator[Path]:
+    """`lowers` (first on top) overlaid with a writable upper dir in `work`."""
+    for d in ("upper", "work", "merged"):
+        (work / d).mkdir(parents=True, exist_ok=True)
+    merged = work / "merged"
+    options = (f"lowerdir={':'.join(map(str, lowers))},upperdir={work / 'upper'},"
+               f"workdir={work / 'work'}")
+    _run(["mount", "-t", "overlay", "overlay", "-o", options, str(merged)])
+    try:
+        yield merged
+    finally:
+        subprocess.run(["umount", "-l", str(merged)], check=False)
+
+
+def nspawn_run(root: Path, script: str, *, binds: tuple[str, ...] = ()) -> str:
+    """Run a shell script in `root` (no boot, no network of its own); return its output."""
+    cmd = ["systemd-nspawn", "-q", "--register=no", "--keep-unit", "--private-network",
+           "--timezone=off", "--resolv-conf=off", "-D", str(root)]
+    cmd += [f"--bind-ro={b}" for b in binds]
+    proc = subprocess.run([*cmd, "/bin/sh", "-ec", script], capture_output=True, text=True,
+                          check=False, stdin=subprocess.DEVNULL, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"in {root}: {script!r} failed ({proc.returncode}):\n"
+                           f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+def install_layer(root: Path, work: Path) -> Path:
+    """An overlay upper dir holding this checkout, installed by the root's own meson."""
+    with overlay([root], work) as merged:
+        nspawn_run(merged, "meson setup --prefix=/usr /var/tmp/ihal-build /src >/dev/null\n"
+                           "meson install -C /var/tmp/ihal-build >/dev/null\n"
+                           "rm -rf /var/tmp/ihal-build",
+                   binds=(f"{REPO}:/src",))
+    return work / "upper"
+
+
+@dataclass
+class Veth:
+    inside: str
+    outside: str
+    mac: str
+    addresses: tuple[str, ...]
+
+
+@dataclass
+class Lan:
+    """The far side of the container's NICs, in a network namespace of its own."""
+
+    veths: list[Veth]
+    dhcp_on: str = ""
+    syslog_port: int = 0
+    name: str = field(default_factory=lambda: f"ihal-{secrets.token_hex(3)}")
+    work: Path = Path("/tmp")
+    _procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def ip(self, *args: str) -> None:
+        _run(["ip", "-n", self.name, *args])
+
+    def up(self) -> None:
+        _run(["ip", "netns", "add", self.name])
+        self.ip("link", "set", "lo", "up")
+        for v in self.veths:
+            self.ip("link", "add", v.inside, "address", v.mac, "type", "veth",
+                    "peer", "name", v.outside)
+            for a in v.addresses:
+                self.ip("addr", "add", a, "dev", v.outside, *(["nodad"] if ":" in a else []))
+            self.ip("link", "set", v.outside, "up")
+        if self.dhcp_on:
+            v = next(v for v in self.veths if v.outside == self.dhcp_on)
+            v4 = next(a for a in v.addresses if ":" not in a).split("/")[0]
+            net = v4.rsplit(".", 1)[0]
+            v6 = next(a for a in v.addresses if ":" in a).split("/")[0]
+            prefix6 = v6.rsplit("::", 1)[0] + "::"
+            self._spawn(["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null",
+                         f"--interface={v.outside}", "--bind-interfaces", "--port=0",
+                         f"--dhcp-range={net}.100,{net}.150,255.255.255.0,1h",
+                         f"--dhcp-range={prefix6},ra-only,64", "--enable-ra",
+                         f"--dhcp-leasefile={self.work / 'leases'}",
+                         f"--pid-file={self.work / 'dnsmasq.pid'}", "--log-facility=-"],
+                        self.work / "dnsmasq.log")
+        if self.syslog_port:
+            v4 = next(a for a in self.veths[0].addresses if ":" not in a).split("/")[0]
+            listener = (
+                "import socket,sys\n"
+                "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+                f"s.bind(({v4!r},{self.syslog_port}))\n"
+                "out=open(sys.argv[1],'ab',buffering=0)\n"
+                "while True:\n"
+                "    out.write(s.recv(65536)+b'\\n')\n"
+            )
+            self._spawn([sys.executable, "-c", listener, str(self.work / "syslog.txt")],
+                        self.work / "syslog.log")
+
+    def _spawn(self, cmd: list[str], log: Path) -> None:
+        out = open(log, "wb")
+        self._procs.append(subprocess.Popen(["ip", "netns", "exec", self.name, *cmd],
+                                            stdout=out, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL))
+
+    def syslog(self) -> str:
+        path = self.work / "syslog.txt"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def down(self) -> None:
+        for p in self._procs:
+            p.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(5)
+            if p.poll() is None:
+                p.kill()
+        self._procs.clear()
+        subprocess.run(["ip", "netns", "del", self.name], check=False)
+
+
+@contextlib.contextmanager
+def lan(lan: Lan) -> Iterator[Lan]:
+    lan.work.mkdir(parents=True, exist_ok=True)
+    lan.up()
+    try:
+        yield lan
+    finally:
+        lan.down()
+
+
+PROBE_UNIT = """[Unit]
+Description=Test probe: record the booted state, then power off
+After=multi-user.target network-online.target
+Wants=network-online.target
+
+[Service]
+Type=oneshot
+ExecStart=/usr/bin/python3 /probe/probe.py
+ExecStopPost=/bin/systemctl poweroff --no-block
+StandardOutput=journal+console
+"""
+
+
+@dataclass
+class Boot:
+    result: dict[str, Any]
+    console: str
+
+
+def boot(root: Path, lan_: Lan, probe_dir: Path, *, timeout: int = 240) -> Boot:
+    """Boot `root` with the LAN's inner veth ends as its NICs; return the probe's result."""
+    units = root / "etc/systemd/system"
+    (units / "ihal-probe.service").write_text(PROBE_UNIT)
+    wants = units / "multi-user.target.wants"
+    wants.mkdir(parents=True, exist_ok=True)
+    link = wants / "ihal-probe.service"
+    if not link.is_symlink():
+        link.symlink_to("/etc/systemd/system/ihal-probe.service")
+    result_file = probe_dir / "result.json"
+    result_file.unlink(missing_ok=True)
+    nspawn = ["systemd-nspawn", "-q", "--register=no", "--keep-unit", "--boot",
+              "--timezone=off", "--resolv-conf=off", f"--machine=ihal-{secrets.token_hex(3)}",
+              "-D", str(root), f"--bind={probe_dir}:/probe"]
+    nspawn += [f"--network-interface={v.inside}" for v in lan_.veths]
+    # nspawn only hands over interfaces udev has initialised, unless /sys is read-only
+    # (its sign that no udev runs, as in a container). No udevd runs on this host, so
+    # /sys is remounted read-only in a mount namespace of nspawn's own, and the cgroup2
+    # hierarchy (hidden by the sysfs `ip netns exec` mounts) is mounted back on it.
+    cmd = ["ip", "netns", "exec", lan_.name, "unshare", "-m", "--propagation", "private",
+           "/bin/sh", "-c", 'mount -o remount,ro /sys && mount -t cgroup2 cgroup2 /sys/fs/cgroup && exec "$@"', "sh", *nspawn]
+    env = dict(os.environ, SYSTEMD_NSPAWN_UNIFIED_HIERARCHY="1")
+    console_path = probe_dir / "console.log"
+    with open(console_path, "wb") as console:
+        proc = subprocess.Popen(cmd, stdout=console, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    console_text = console_path.read_text(errors="replace")
+    if not result_file.exists():
+        raise AssertionError(f"the probe wrote no result (nspawn exit {proc.returncode});"
+                             f" console:\n{console_text[-6000:]}")
+    return Boot(json.loads(result_file.read_text()), console_text)
