@@ -32,8 +32,9 @@ GOLDEN = HERE / "golden"
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
-from conftest import build_sysfs, load_nics  # noqa: E402
 from incusos_hal import cli  # noqa: E402
+
+from conftest import build_sysfs, load_nics  # noqa: E402
 
 STATE_DIR = "/var/lib/incusos-hal"
 
@@ -80,10 +81,19 @@ def manifest(tree: Path) -> tuple[list[str], dict[str, bytes]]:
 def render_case(case: Path, work: Path) -> tuple[int, list[str], dict[str, bytes], str, str]:
     root = build_sysfs(work / "root", load_nics(case / "nics.json"))
     out = work / "out"
-    code, stdout, stderr = run_cli([
-        "render", "--config", str(config_file(case)), "--root", str(root),
-        "--out", str(out), "--state-dir", STATE_DIR,
-    ])
+    code, stdout, stderr = run_cli(
+        [
+            "render",
+            "--config",
+            str(config_file(case)),
+            "--root",
+            str(root),
+            "--out",
+            str(out),
+            "--state-dir",
+            STATE_DIR,
+        ]
+    )
     lines, files = manifest(out) if out.exists() else ([], {})
     return code, lines, files, stdout, stderr
 

@@ -37,9 +37,22 @@ CACHE = Path(os.environ.get("INCUSOS_HAL_CACHE") or "/var/cache/incusos-hal")
 MIRROR = os.environ.get("INCUSOS_HAL_MIRROR") or "http://deb.debian.org/debian"
 SUITES = ("trixie", "bookworm")
 PACKAGES = (
-    "systemd", "systemd-sysv", "dbus", "iproute2", "iputils-ping", "python3",
-    "systemd-resolved", "systemd-timesyncd", "systemd-netlogd", "python3-pyroute2",
-    "python3-tomli-w", "meson", "ninja-build", "pkgconf", "systemd-dev", "tzdata",
+    "systemd",
+    "systemd-sysv",
+    "dbus",
+    "iproute2",
+    "iputils-ping",
+    "python3",
+    "systemd-resolved",
+    "systemd-timesyncd",
+    "systemd-netlogd",
+    "python3-pyroute2",
+    "python3-tomli-w",
+    "meson",
+    "ninja-build",
+    "pkgconf",
+    "systemd-dev",
+    "tzdata",
 )
 # Bump when the way the root is built changes, so caches from before are not reused.
 ROOTFS_RECIPE = 2
@@ -71,9 +84,17 @@ def rootfs() -> Path:
             _log(f"debootstrapping Debian {suite} into {dest} (cached for later runs)")
             started = time.monotonic()
             proc = subprocess.run(
-                ["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}",
-                 suite, str(tmp), MIRROR],
-                capture_output=True, text=True, check=False,
+                [
+                    "debootstrap",
+                    "--variant=minbase",
+                    f"--include={','.join(PACKAGES)}",
+                    suite,
+                    str(tmp),
+                    MIRROR,
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
             )
             if proc.returncode != 0:
                 _log(f"debootstrap {suite} failed ({proc.returncode}): {proc.stderr[-2000:]}")
@@ -100,8 +121,9 @@ def overlay(lowers: list[Path], work: Path) -> Iterator[Path]:
     for d in ("upper", "work", "merged"):
         (work / d).mkdir(parents=True, exist_ok=True)
     merged = work / "merged"
-    options = (f"lowerdir={':'.join(map(str, lowers))},upperdir={work / 'upper'},"
-               f"workdir={work / 'work'}")
+    options = (
+        f"lowerdir={':'.join(map(str, lowers))},upperdir={work / 'upper'},workdir={work / 'work'}"
+    )
     _run(["mount", "-t", "overlay", "overlay", "-o", options, str(merged)])
     try:
         yield merged
@@ -111,24 +133,44 @@ def overlay(lowers: list[Path], work: Path) -> Iterator[Path]:
 
 def nspawn_run(root: Path, script: str, *, binds: tuple[str, ...] = ()) -> str:
     """Run a shell script in `root` (no boot, no network of its own); return its output."""
-    cmd = ["systemd-nspawn", "-q", "--register=no", "--keep-unit", "--private-network",
-           "--timezone=off", "--resolv-conf=off", "-D", str(root)]
+    cmd = [
+        "systemd-nspawn",
+        "-q",
+        "--register=no",
+        "--keep-unit",
+        "--private-network",
+        "--timezone=off",
+        "--resolv-conf=off",
+        "-D",
+        str(root),
+    ]
     cmd += [f"--bind-ro={b}" for b in binds]
-    proc = subprocess.run([*cmd, "/bin/sh", "-ec", script], capture_output=True, text=True,
-                          check=False, stdin=subprocess.DEVNULL, timeout=600)
+    proc = subprocess.run(
+        [*cmd, "/bin/sh", "-ec", script],
+        capture_output=True,
+        text=True,
+        check=False,
+        stdin=subprocess.DEVNULL,
+        timeout=600,
+    )
     if proc.returncode != 0:
-        raise RuntimeError(f"in {root}: {script!r} failed ({proc.returncode}):\n"
-                           f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise RuntimeError(
+            f"in {root}: {script!r} failed ({proc.returncode}):\n"
+            f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
     return proc.stdout
 
 
 def install_layer(root: Path, work: Path) -> Path:
     """An overlay upper dir holding this checkout, installed by the root's own meson."""
     with overlay([root], work) as merged:
-        nspawn_run(merged, "meson setup --prefix=/usr /var/tmp/ihal-build /src >/dev/null\n"
-                           "meson install -C /var/tmp/ihal-build >/dev/null\n"
-                           "rm -rf /var/tmp/ihal-build",
-                   binds=(f"{REPO}:/src",))
+        nspawn_run(
+            merged,
+            "meson setup --prefix=/usr /var/tmp/ihal-build /src >/dev/null\n"
+            "meson install -C /var/tmp/ihal-build >/dev/null\n"
+            "rm -rf /var/tmp/ihal-build",
+            binds=(f"{REPO}:/src",),
+        )
     return work / "upper"
 
 
@@ -158,8 +200,9 @@ class Lan:
         _run(["ip", "netns", "add", self.name])
         self.ip("link", "set", "lo", "up")
         for v in self.veths:
-            self.ip("link", "add", v.inside, "address", v.mac, "type", "veth",
-                    "peer", "name", v.outside)
+            self.ip(
+                "link", "add", v.inside, "address", v.mac, "type", "veth", "peer", "name", v.outside
+            )
             for a in v.addresses:
                 self.ip("addr", "add", a, "dev", v.outside, *(["nodad"] if ":" in a else []))
             self.ip("link", "set", v.outside, "up")
@@ -169,13 +212,23 @@ class Lan:
             net = v4.rsplit(".", 1)[0]
             v6 = next(a for a in v.addresses if ":" in a).split("/")[0]
             prefix6 = v6.rsplit("::", 1)[0] + "::"
-            self._spawn(["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null",
-                         f"--interface={v.outside}", "--bind-interfaces", "--port=0",
-                         f"--dhcp-range={net}.100,{net}.150,255.255.255.0,1h",
-                         f"--dhcp-range={prefix6},ra-only,64", "--enable-ra",
-                         f"--dhcp-leasefile={self.work / 'leases'}",
-                         f"--pid-file={self.work / 'dnsmasq.pid'}", "--log-facility=-"],
-                        self.work / "dnsmasq.log")
+            self._spawn(
+                [
+                    "dnsmasq",
+                    "--keep-in-foreground",
+                    "--conf-file=/dev/null",
+                    f"--interface={v.outside}",
+                    "--bind-interfaces",
+                    "--port=0",
+                    f"--dhcp-range={net}.100,{net}.150,255.255.255.0,1h",
+                    f"--dhcp-range={prefix6},ra-only,64",
+                    "--enable-ra",
+                    f"--dhcp-leasefile={self.work / 'leases'}",
+                    f"--pid-file={self.work / 'dnsmasq.pid'}",
+                    "--log-facility=-",
+                ],
+                self.work / "dnsmasq.log",
+            )
         if self.syslog_port:
             v4 = next(a for a in self.veths[0].addresses if ":" not in a).split("/")[0]
             listener = (
@@ -186,14 +239,21 @@ class Lan:
                 "while True:\n"
                 "    out.write(s.recv(65536)+b'\\n')\n"
             )
-            self._spawn([sys.executable, "-c", listener, str(self.work / "syslog.txt")],
-                        self.work / "syslog.log")
+            self._spawn(
+                [sys.executable, "-c", listener, str(self.work / "syslog.txt")],
+                self.work / "syslog.log",
+            )
 
     def _spawn(self, cmd: list[str], log: Path) -> None:
-        out = open(log, "wb")
-        self._procs.append(subprocess.Popen(["ip", "netns", "exec", self.name, *cmd],
-                                            stdout=out, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL))
+        with open(log, "wb") as out:  # the child keeps its own copy of the descriptor
+            self._procs.append(
+                subprocess.Popen(
+                    ["ip", "netns", "exec", self.name, *cmd],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                )
+            )
 
     def syslog(self) -> str:
         path = self.work / "syslog.txt"
@@ -250,21 +310,51 @@ def boot(root: Path, lan_: Lan, probe_dir: Path, *, timeout: int = 240) -> Boot:
         link.symlink_to("/etc/systemd/system/ihal-probe.service")
     result_file = probe_dir / "result.json"
     result_file.unlink(missing_ok=True)
-    nspawn = ["systemd-nspawn", "-q", "--register=no", "--keep-unit", "--boot",
-              "--timezone=off", "--resolv-conf=off", f"--machine=ihal-{secrets.token_hex(3)}",
-              "-D", str(root), f"--bind={probe_dir}:/probe"]
+    nspawn = [
+        "systemd-nspawn",
+        "-q",
+        "--register=no",
+        "--keep-unit",
+        "--boot",
+        "--timezone=off",
+        "--resolv-conf=off",
+        f"--machine=ihal-{secrets.token_hex(3)}",
+        "-D",
+        str(root),
+        f"--bind={probe_dir}:/probe",
+    ]
     nspawn += [f"--network-interface={v.inside}" for v in lan_.veths]
     # nspawn only hands over interfaces udev has initialised, unless /sys is read-only
     # (its sign that no udev runs, as in a container). No udevd runs on this host, so
     # /sys is remounted read-only in a mount namespace of nspawn's own, and the cgroup2
     # hierarchy (hidden by the sysfs `ip netns exec` mounts) is mounted back on it.
-    cmd = ["ip", "netns", "exec", lan_.name, "unshare", "-m", "--propagation", "private",
-           "/bin/sh", "-c", 'mount -o remount,ro /sys && mount -t cgroup2 cgroup2 /sys/fs/cgroup && exec "$@"', "sh", *nspawn]
+    script = 'mount -o remount,ro /sys && mount -t cgroup2 cgroup2 /sys/fs/cgroup && exec "$@"'
+    cmd = [
+        "ip",
+        "netns",
+        "exec",
+        lan_.name,
+        "unshare",
+        "-m",
+        "--propagation",
+        "private",
+        "/bin/sh",
+        "-c",
+        script,
+        "sh",
+        *nspawn,
+    ]
     env = dict(os.environ, SYSTEMD_NSPAWN_UNIFIED_HIERARCHY="1")
     console_path = probe_dir / "console.log"
     with open(console_path, "wb") as console:
-        proc = subprocess.Popen(cmd, stdout=console, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            stdout=console,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -272,6 +362,8 @@ def boot(root: Path, lan_: Lan, probe_dir: Path, *, timeout: int = 240) -> Boot:
             proc.wait()
     console_text = console_path.read_text(errors="replace")
     if not result_file.exists():
-        raise AssertionError(f"the probe wrote no result (nspawn exit {proc.returncode});"
-                             f" console:\n{console_text[-6000:]}")
+        raise AssertionError(
+            f"the probe wrote no result (nspawn exit {proc.returncode});"
+            f" console:\n{console_text[-6000:]}"
+        )
     return Boot(json.loads(result_file.read_text()), console_text)

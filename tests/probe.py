@@ -37,11 +37,17 @@ expect = json.loads(Path("/probe/expect.json").read_text())
 deadline = time.monotonic() + 60
 while time.monotonic() < deadline:
     links = networkd_links()
-    busy = [x["Name"] for x in links
-            if x.get("AdministrativeState") in ("pending", "initialized", "configuring")]
+    busy = [
+        x["Name"]
+        for x in links
+        if x.get("AdministrativeState") in ("pending", "initialized", "configuring")
+    ]
     addrs = addresses()
-    missing = [name for name, prefix in expect.get("wait_addresses", {}).items()
-               if not any(a.startswith(prefix) for a in addrs.get(name, []))]
+    missing = [
+        name
+        for name, prefix in expect.get("wait_addresses", {}).items()
+        if not any(a.startswith(prefix) for a in addrs.get(name, []))
+    ]
     if links and not busy and not missing:
         break
     time.sleep(0.5)
@@ -59,32 +65,46 @@ result = {
     "networkd": networkd_links(),
     "routes": json.loads(sh("ip", "-j", "route", "show", "table", "main")["out"] or "[]"),
     "ping": sh("ping", "-c", "1", "-W", "3", *expect.get("ping", ["127.0.0.1"])),
-    "active": {u: sh("systemctl", "is-active", u)["out"].strip()
-               for u in expect.get("active_units", [])},
+    "active": {
+        u: sh("systemctl", "is-active", u)["out"].strip() for u in expect.get("active_units", [])
+    },
     "localtime": os.readlink("/etc/localtime") if os.path.islink("/etc/localtime") else None,
     "verify": sh("systemd-analyze", "verify", "--man=no", *expect.get("verify_units", [])),
     "generator_files": sorted(
-        str(p) for p in Path("/run/systemd/generator").rglob("*") if not p.is_dir()),
-    "network_files": {p.name: p.read_text() for p in sorted(Path("/run/systemd/network").glob("*"))},
-    "journal_generator": sh("journalctl", "-b", "-o", "cat", "--no-pager",
-                            "-t", "incusos-hal-generator")["out"],
-    "journal_configure": sh("journalctl", "-b", "-o", "cat", "--no-pager",
-                            "-u", "incusos-hal-configure.service")["out"],
-    "journal_networkd": sh("journalctl", "-b", "-o", "cat", "--no-pager",
-                           "-u", "systemd-networkd.service")["out"],
+        str(p) for p in Path("/run/systemd/generator").rglob("*") if not p.is_dir()
+    ),
+    "network_files": {
+        p.name: p.read_text() for p in sorted(Path("/run/systemd/network").glob("*"))
+    },
+    "journal_generator": sh(
+        "journalctl", "-b", "-o", "cat", "--no-pager", "-t", "incusos-hal-generator"
+    )["out"],
+    "journal_configure": sh(
+        "journalctl", "-b", "-o", "cat", "--no-pager", "-u", "incusos-hal-configure.service"
+    )["out"],
+    "journal_networkd": sh(
+        "journalctl", "-b", "-o", "cat", "--no-pager", "-u", "systemd-networkd.service"
+    )["out"],
     "failed_units": sh("systemctl", "list-units", "--failed", "--plain", "--no-legend")["out"],
 }
 # Run the installed generator again, as systemd does on daemon-reload, recording what it
 # imports (-X importtime): with the cache current, nothing of the slow path.
 generator = "/usr/lib/systemd/system-generators/incusos-hal-generator"
-rerun = sh("python3", "-I", "-X", "importtime", generator, "/tmp/g/normal", "/tmp/g/early",
-           "/tmp/g/late")
+rerun = sh(
+    "python3", "-I", "-X", "importtime", generator, "/tmp/g/normal", "/tmp/g/early", "/tmp/g/late"
+)
 result["generator_rerun"] = {
     "rc": rerun["rc"],
-    "imports": [line.rsplit("|", 1)[-1].strip() for line in rerun["err"].splitlines()
-                if line.startswith("import time:") and "|" in line],
-    "files": sorted(str(p.relative_to("/tmp/g/normal")) for p in Path("/tmp/g/normal").rglob("*")
-                    if not p.is_dir()),
+    "imports": [
+        line.rsplit("|", 1)[-1].strip()
+        for line in rerun["err"].splitlines()
+        if line.startswith("import time:") and "|" in line
+    ],
+    "files": sorted(
+        str(p.relative_to("/tmp/g/normal"))
+        for p in Path("/tmp/g/normal").rglob("*")
+        if not p.is_dir()
+    ),
 }
 
 if marker:

@@ -36,15 +36,19 @@ address = "192.0.2.99"
 JSON = {
     "version": 1,
     "network": {
-        "interfaces": [{
-            "name": "uplink",
-            "hwaddr": "52:54:00:0a:00:01",
-            "addresses": ["dhcp4", "192.0.2.10/24"],
-            "routes": [{"to": "0.0.0.0/0", "via": "192.0.2.1"}],
-            "mtu": 0, "lldp": False, "roles": None, "vlan_tags": [],
-        }],
-        "bonds": [{"name": "san", "mode": "802.3ad",
-                   "members": ["52:54:00:0a:00:02", "enp7s0"]}],
+        "interfaces": [
+            {
+                "name": "uplink",
+                "hwaddr": "52:54:00:0a:00:01",
+                "addresses": ["dhcp4", "192.0.2.10/24"],
+                "routes": [{"to": "0.0.0.0/0", "via": "192.0.2.1"}],
+                "mtu": 0,
+                "lldp": False,
+                "roles": None,
+                "vlan_tags": [],
+            }
+        ],
+        "bonds": [{"name": "san", "mode": "802.3ad", "members": ["52:54:00:0a:00:02", "enp7s0"]}],
         "vlans": None,
         "dns": None,
     },
@@ -130,19 +134,57 @@ def test_version_must_be_an_integer(bad: object) -> None:
 def test_booleans_are_not_integers_and_floats_are_not_integers() -> None:
     for raw in (True, 1500.0):
         with pytest.raises(ConfigError, match="mtu: expected an integer"):
-            from_dict({"network": {"interfaces": [
-                {"name": "a", "hwaddr": "52:54:00:0a:00:01", "mtu": raw}]}})
+            from_dict(
+                {
+                    "network": {
+                        "interfaces": [{"name": "a", "hwaddr": "52:54:00:0a:00:01", "mtu": raw}]
+                    }
+                }
+            )
 
 
 def test_secrets_never_appear_in_errors() -> None:
     secret = "hunter2-very-secret"
     docs = [
-        {"network": {"proxy": {"servers": {"p": {"host": f"http://u:{secret}@h", "auth": "basic",
-                                                   "username": "u", "password": "x"}}}}},
-        {"network": {"proxy": {"servers": {"p": {"host": "h", "auth": "basic", "username": "u",
-                                                   "password": secret + "\n"}}}}},
-        {"network": {"interfaces": [{"name": "a", "hwaddr": "52:54:00:0a:00:01",
-                                     "ethernet": {"wakeonlan_password": secret}}]}},
+        {
+            "network": {
+                "proxy": {
+                    "servers": {
+                        "p": {
+                            "host": f"http://u:{secret}@h",
+                            "auth": "basic",
+                            "username": "u",
+                            "password": "x",
+                        }
+                    }
+                }
+            }
+        },
+        {
+            "network": {
+                "proxy": {
+                    "servers": {
+                        "p": {
+                            "host": "h",
+                            "auth": "basic",
+                            "username": "u",
+                            "password": secret + "\n",
+                        }
+                    }
+                }
+            }
+        },
+        {
+            "network": {
+                "interfaces": [
+                    {
+                        "name": "a",
+                        "hwaddr": "52:54:00:0a:00:01",
+                        "ethernet": {"wakeonlan_password": secret},
+                    }
+                ]
+            }
+        },
     ]
     for doc in docs:
         with pytest.raises(ConfigError) as exc:

@@ -47,8 +47,11 @@ def test_apply_tree_writes_removes_stale_and_keeps_foreign(tmp_path: Path) -> No
     (d / "10-ours-same").write_text("same")
     (d / "90-theirs").write_text("theirs")
     same_mtime = (d / "10-ours-same").stat().st_mtime_ns
-    applied = apply_tree(tmp_path, {"/etc/net/10-ours-new": File(b"new"),
-                                    "/etc/net/10-ours-same": File(b"same")}, OWNED)
+    applied = apply_tree(
+        tmp_path,
+        {"/etc/net/10-ours-new": File(b"new"), "/etc/net/10-ours-same": File(b"same")},
+        OWNED,
+    )
     assert sorted(os.listdir(d)) == ["10-ours-new", "10-ours-same", "90-theirs"]
     assert (d / "10-ours-same").stat().st_mtime_ns == same_mtime, "unchanged file rewritten"
     assert applied.written == (str(d / "10-ours-new"),)
@@ -61,8 +64,11 @@ def test_apply_tree_rolls_back_on_failure(tmp_path: Path) -> None:
     (d / "10-ours-a").write_text("old a")
     (d / "10-ours-stale").write_text("stale")
     (tmp_path / "etc/blocked").write_text("a file where a directory is needed")
-    tree = {"/etc/net/10-ours-a": File(b"new a"), "/etc/net/10-ours-b": File(b"new b"),
-            "/etc/blocked/x": File(b"fails")}
+    tree = {
+        "/etc/net/10-ours-a": File(b"new a"),
+        "/etc/net/10-ours-b": File(b"new b"),
+        "/etc/blocked/x": File(b"fails"),
+    }
     with pytest.raises(OSError):
         apply_tree(tmp_path, tree, OWNED)
     assert sorted(os.listdir(d)) == ["10-ours-a", "10-ours-stale"]

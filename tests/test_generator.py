@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from golden import manifest
 from incusos_hal import __version__
 from incusos_hal.config import parse_toml, store
 from incusos_hal.generator import CACHE_FILE, refresh_cache
 from incusos_hal.render import render_units
+
+from golden import manifest
 
 SRC = str(Path(__file__).resolve().parent.parent / "src")
 UNIT_DIR = "/usr/lib/systemd/system"
@@ -37,12 +38,20 @@ sys.stdout.write(json.dumps({{"code": code, "modules": sorted(sys.modules)}}))
 
 
 def run_generator(state: Path, out: Path, log: Path, *args: str) -> tuple[int, list[str], str]:
-    env = {"PATH": os.environ.get("PATH", "/usr/bin"), "INCUSOS_HAL_STATE_DIR": str(state),
-           "INCUSOS_HAL_KMSG": str(log)}
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin"),
+        "INCUSOS_HAL_STATE_DIR": str(state),
+        "INCUSOS_HAL_KMSG": str(log),
+    }
     log.touch()  # like /dev/kmsg, it exists before anyone writes to it
     argv = [str(out), str(out) + ".early", str(out) + ".late"] if not args else list(args)
-    proc = subprocess.run([sys.executable, "-I", "-c", RUNNER, *argv], env=env,
-                          capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-I", "-c", RUNNER, *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert proc.stdout, proc.stderr
     result = json.loads(proc.stdout)
     text = log.read_text() if log.exists() else ""
@@ -54,8 +63,11 @@ def expected_tree(state: Path, config_bytes: bytes | None) -> list[str]:
     tree = render_units(config, source=str(state / store.CONFIG_FILE), unit_dir=UNIT_DIR)
     lines = []
     for path, entry in sorted(tree.items()):
-        lines.append(f"l /{path} -> {entry.target}" if hasattr(entry, "target")
-                     else f"f {entry.mode:04o} /{path}")
+        lines.append(
+            f"l /{path} -> {entry.target}"
+            if hasattr(entry, "target")
+            else f"f {entry.mode:04o} /{path}"
+        )
     return sorted(lines)
 
 
@@ -75,8 +87,9 @@ def test_slow_path_renders_the_stored_config(dirs: tuple[Path, Path, Path]) -> N
     assert "incusos_hal.config" in modules  # no cache: the slow path ran
 
 
-def test_cache_replays_identically_importing_only_os_and_sys(dirs: tuple[Path, Path, Path],
-                                                             tmp_path: Path) -> None:
+def test_cache_replays_identically_importing_only_os_and_sys(
+    dirs: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
     state, out, log = dirs
     (state / store.CONFIG_FILE).write_bytes(SYSLOG)
     run_generator(state, tmp_path / "slow", log)
@@ -86,12 +99,20 @@ def test_cache_replays_identically_importing_only_os_and_sys(dirs: tuple[Path, P
     assert code == 0
     assert manifest(out) == manifest(tmp_path / "slow")
     # Against what the bare interpreter loads on its own: only our two modules more.
-    bare = subprocess.run([sys.executable, "-I", "-c", "import sys, json; "
-                           "print(json.dumps(sorted(sys.modules)))"],
-                          env={"PATH": os.environ.get("PATH", "/usr/bin")},
-                          capture_output=True, text=True, check=True)
-    baseline = set(json.loads(bare.stdout)) | {"json", "json.decoder", "json.encoder",
-                                               "json.scanner", "_json"}
+    bare = subprocess.run(
+        [sys.executable, "-I", "-c", "import sys, json; print(json.dumps(sorted(sys.modules)))"],
+        env={"PATH": os.environ.get("PATH", "/usr/bin")},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    baseline = set(json.loads(bare.stdout)) | {
+        "json",
+        "json.decoder",
+        "json.encoder",
+        "json.scanner",
+        "_json",
+    }
     assert sorted(set(modules) - baseline) == ["incusos_hal", "incusos_hal.bootgen"]
 
 
@@ -105,15 +126,19 @@ def test_changed_config_misses_the_cache(dirs: tuple[Path, Path, Path]) -> None:
     assert manifest(out)[0] == expected_tree(state, SYSLOG)
 
 
-@pytest.mark.parametrize("damage", [
-    lambda b: b[: len(b) // 2],                              # truncated
-    lambda b: b.replace(b"\nL ", b"\nX ", 1),                # unknown entry type
-    lambda b: b.replace(b"L sysinit", b"L ../../etc/evil", 1),  # path traversal
-    lambda b: b"\x00" * 64,                                  # garbage
-    lambda b: b.replace(__version__.encode(), b"0.0.0-other", 1),  # other version
-])
-def test_damaged_cache_falls_back_to_the_slow_path(dirs: tuple[Path, Path, Path],
-                                                   damage: object) -> None:
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda b: b[: len(b) // 2],  # truncated
+        lambda b: b.replace(b"\nL ", b"\nX ", 1),  # unknown entry type
+        lambda b: b.replace(b"L sysinit", b"L ../../etc/evil", 1),  # path traversal
+        lambda b: b"\x00" * 64,  # garbage
+        lambda b: b.replace(__version__.encode(), b"0.0.0-other", 1),  # other version
+    ],
+)
+def test_damaged_cache_falls_back_to_the_slow_path(
+    dirs: tuple[Path, Path, Path], damage: object
+) -> None:
     state, out, log = dirs
     (state / store.CONFIG_FILE).write_bytes(SYSLOG)
     refresh_cache(state, UNIT_DIR)
@@ -159,7 +184,8 @@ def test_unwritable_output_logs_and_exits_zero(dirs: tuple[Path, Path, Path]) ->
 def test_missing_arguments_is_a_usage_error(dirs: tuple[Path, Path, Path]) -> None:
     state, _, log = dirs
     env = {"INCUSOS_HAL_STATE_DIR": str(state), "INCUSOS_HAL_KMSG": str(log)}
-    proc = subprocess.run([sys.executable, "-I", "-c", RUNNER], env=env,
-                          capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-I", "-c", RUNNER], env=env, capture_output=True, text=True, check=False
+    )
     assert json.loads(proc.stdout)["code"] == 2
     assert "usage" in proc.stderr

@@ -50,8 +50,11 @@ def test_every_case_has_expected_output() -> None:
         assert (case / "expected" / "manifest.txt").is_file(), case
         lines, _ = manifest(case / "expected" / "files")
         written = {line.split()[-1] for line in lines}
-        listed = {line.split()[2] for line in (case / "expected/manifest.txt").read_text()
-                  .splitlines() if line.startswith("f ")}
+        listed = {
+            line.split()[2]
+            for line in (case / "expected/manifest.txt").read_text().splitlines()
+            if line.startswith("f ")
+        }
         assert written == listed, f"{case.name}: files/ and manifest.txt disagree"
     for case in error_cases():
         assert (case / "expected-errors.txt").is_file(), case

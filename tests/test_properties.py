@@ -27,25 +27,38 @@ from incusos_hal.config import (
 from incusos_hal.hal.net import Nic
 from incusos_hal.render import render_files, render_units
 
-SETTINGS = settings(max_examples=150, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SETTINGS = settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
-macs = st.binary(min_size=6, max_size=6).filter(lambda b: any(b)).map(
-    lambda b: ":".join(f"{x:02x}" for x in bytes([b[0] & 0xFE]) + b[1:])
-).filter(lambda m: m != "00:00:00:00:00:00")
+macs = (
+    st.binary(min_size=6, max_size=6)
+    .filter(lambda b: any(b))
+    .map(lambda b: ":".join(f"{x:02x}" for x in bytes([b[0] & 0xFE]) + b[1:]))
+    .filter(lambda m: m != "00:00:00:00:00:00")
+)
 names = st.from_regex(r"[a-z][a-z0-9-]{0,12}", fullmatch=True).filter(
-    lambda n: n not in ("lo", "all", "default"))
-ipv4 = st.tuples(st.integers(1, 223).filter(lambda o: o != 127), st.integers(0, 255),
-                 st.integers(0, 255), st.integers(1, 254)).map(lambda t: ".".join(map(str, t)))
+    lambda n: n not in ("lo", "all", "default")
+)
+ipv4 = st.tuples(
+    st.integers(1, 223).filter(lambda o: o != 127),
+    st.integers(0, 255),
+    st.integers(0, 255),
+    st.integers(1, 254),
+).map(lambda t: ".".join(map(str, t)))
 ipv6 = st.integers(1, 0xFFFF).map(lambda x: f"2001:db8:{x:x}::1")
 v4_address = st.tuples(ipv4, st.integers(8, 30)).map(lambda t: f"{t[0]}/{t[1]}")
 v6_address = st.tuples(ipv6, st.integers(48, 128)).map(lambda t: f"{t[0]}/{t[1]}")
 address_lists = st.lists(
     st.one_of(st.sampled_from(["dhcp4", "dhcp6", "slaac"]), v4_address, v6_address),
-    max_size=4, unique=True,
+    max_size=4,
+    unique=True,
 )
-roles = st.lists(st.sampled_from(["management", "cluster", "instances", "storage"]),
-                 unique=True, max_size=4)
+roles = st.lists(
+    st.sampled_from(["management", "cluster", "instances", "storage"]), unique=True, max_size=4
+)
 online = st.sampled_from(["", "no", "any", "ipv4", "ipv6", "both"])
 dns_names = st.from_regex(r"[a-z]{1,10}(\.[a-z]{2,6}){0,2}", fullmatch=True)
 
@@ -86,9 +99,14 @@ def documents(draw: st.DrawFn) -> tuple[dict[str, Any], list[str]]:
         members = all_macs[6 + j : 7 + j] if j < 6 else []
         if not members:
             break
-        bond = {"name": name, "mode": draw(st.sampled_from(
-            ["802.3ad", "active-backup", "balance-xor", "balance-alb"])),
-            "members": members, **draw(link_fields())}
+        bond = {
+            "name": name,
+            "mode": draw(
+                st.sampled_from(["802.3ad", "active-backup", "balance-xor", "balance-alb"])
+            ),
+            "members": members,
+            **draw(link_fields()),
+        }
         bonds.append(bond)
         mtus[name] = bond.get("mtu", 1500)
     vlans = []
@@ -111,30 +129,49 @@ def documents(draw: st.DrawFn) -> tuple[dict[str, Any], list[str]]:
     network: dict[str, Any] = {"interfaces": interfaces, "bonds": bonds, "vlans": vlans}
     if draw(st.booleans()):
         hostname = draw(st.from_regex(r"[a-z][a-z0-9]{0,20}", fullmatch=True))
-        network["dns"] = {"hostname": hostname,
-                          "domain": draw(dns_names),
-                          "nameservers": draw(st.lists(ipv4, max_size=2)),
-                          "search_domains": draw(st.lists(dns_names, max_size=2)),
-                          "dns_over_tls": draw(st.booleans())}
+        network["dns"] = {
+            "hostname": hostname,
+            "domain": draw(dns_names),
+            "nameservers": draw(st.lists(ipv4, max_size=2)),
+            "search_domains": draw(st.lists(dns_names, max_size=2)),
+            "dns_over_tls": draw(st.booleans()),
+        }
     if draw(st.booleans()):
-        network["time"] = {"ntp_servers": draw(st.lists(dns_names, max_size=3)),
-                           "timezone": draw(st.sampled_from(["UTC", "Europe/Berlin", ""]))}
+        network["time"] = {
+            "ntp_servers": draw(st.lists(dns_names, max_size=3)),
+            "timezone": draw(st.sampled_from(["UTC", "Europe/Berlin", ""])),
+        }
     if draw(st.booleans()):
         network["proxy"] = {
-            "servers": {"corp": {"host": draw(dns_names) + ":3128",
-                                 "auth": draw(st.sampled_from(["anonymous", "basic"])),
-                                 "username": "u", "password": draw(st.text(
-                                     st.characters(blacklist_characters="\r\n\0",
-                                                   blacklist_categories=["Cs"]), min_size=1))}},
-            "rules": [{"destination": "*." + draw(dns_names), "target": "direct"},
-                      {"destination": "*", "target": "corp"}],
+            "servers": {
+                "corp": {
+                    "host": draw(dns_names) + ":3128",
+                    "auth": draw(st.sampled_from(["anonymous", "basic"])),
+                    "username": "u",
+                    "password": draw(
+                        st.text(
+                            st.characters(
+                                blacklist_characters="\r\n\0", blacklist_categories=["Cs"]
+                            ),
+                            min_size=1,
+                        )
+                    ),
+                }
+            },
+            "rules": [
+                {"destination": "*." + draw(dns_names), "target": "direct"},
+                {"destination": "*", "target": "corp"},
+            ],
         }
     doc: dict[str, Any] = {"version": 1, "network": network}
     if draw(st.booleans()):
-        doc["logging"] = {"syslog": {
-            "address": draw(st.one_of(ipv4, dns_names, ipv6.map(lambda a: f"[{a}]:514"))),
-            "protocol": draw(st.sampled_from(["", "udp", "tcp", "tls", "dtls"])),
-            "log_format": draw(st.sampled_from(["", "rfc5424", "rfc3339"]))}}
+        doc["logging"] = {
+            "syslog": {
+                "address": draw(st.one_of(ipv4, dns_names, ipv6.map(lambda a: f"[{a}]:514"))),
+                "protocol": draw(st.sampled_from(["", "udp", "tcp", "tls", "dtls"])),
+                "log_format": draw(st.sampled_from(["", "rfc5424", "rfc3339"])),
+            }
+        }
     mentioned = [i["hwaddr"] for i in interfaces] + [m for b in bonds for m in b["members"]]
     return doc, mentioned
 
@@ -174,8 +211,9 @@ def test_valid_configs_round_trip(doc_and_macs: tuple[dict[str, Any], list[str]]
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(
-        st.text(max_size=12), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4)
+    ),
     max_leaves=30,
 )
 

@@ -20,8 +20,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-import nspawn
 import pytest
+
+import nspawn
 from conftest import build_sysfs, require_root, require_tool
 from golden import manifest, run_cli
 
@@ -77,19 +78,31 @@ EXPECT = {
     "wait_addresses": {"lan0": "10.99.0.2/", "lan1": "10.99.1.1"},
     "ping": ["10.99.0.1"],
     "syslog_marker": MARKER,
-    "active_units": ["incusos-hal-configure.service", "systemd-networkd.service",
-                     "systemd-resolved.service", "systemd-netlogd.service"],
-    "verify_units": ["incusos-hal-configure.service", "systemd-networkd.service",
-                     "systemd-resolved.service", "systemd-netlogd.service",
-                     "systemd-timesyncd.service"],
+    "active_units": [
+        "incusos-hal-configure.service",
+        "systemd-networkd.service",
+        "systemd-resolved.service",
+        "systemd-netlogd.service",
+    ],
+    "verify_units": [
+        "incusos-hal-configure.service",
+        "systemd-networkd.service",
+        "systemd-resolved.service",
+        "systemd-netlogd.service",
+        "systemd-timesyncd.service",
+    ],
 }
 
 
 def new_lan(work: Path) -> nspawn.Lan:
     return nspawn.Lan(
-        veths=[nspawn.Veth("vc0", "vh0", LAN0_MAC, ("10.99.0.1/24", "fd00:99::1/64")),
-               nspawn.Veth("vc1", "vh1", LAN1_MAC, ("10.99.1.1/24", "fd00:99:1::1/64"))],
-        dhcp_on="vh1", syslog_port=5514, work=work,
+        veths=[
+            nspawn.Veth("vc0", "vh0", LAN0_MAC, ("10.99.0.1/24", "fd00:99::1/64")),
+            nspawn.Veth("vc1", "vh1", LAN1_MAC, ("10.99.1.1/24", "fd00:99:1::1/64")),
+        ],
+        dhcp_on="vh1",
+        syslog_port=5514,
+        work=work,
     )
 
 
@@ -112,8 +125,9 @@ def machine(tmp_path_factory: pytest.TempPathFactory) -> Any:
 @pytest.fixture(scope="module")
 def first_boot(machine: Any) -> nspawn.Boot:
     merged, probe, work = machine
-    nspawn.nspawn_run(merged, "incusos-hal save --config /probe/config.toml",
-                      binds=(f"{probe}:/probe",))
+    nspawn.nspawn_run(
+        merged, "incusos-hal save --config /probe/config.toml", binds=(f"{probe}:/probe",)
+    )
     with nspawn.lan(new_lan(work / "lan1")) as lan:
         result = nspawn.boot(merged, lan, probe)
         result.result["syslog_received"] = lan.syslog()
@@ -141,19 +155,23 @@ def _link(result: dict[str, Any], name: str) -> dict[str, Any]:
 
 def expected_network_files(tmp_path: Path) -> dict[str, str]:
     """What `incusos-hal render` writes for this config and the container's NICs."""
-    root = build_sysfs(tmp_path / "root", [
-        {"name": "vc0", "hwaddr": LAN0_MAC, "physical": False},
-        {"name": "vc1", "hwaddr": LAN1_MAC, "physical": False},
-    ])
+    root = build_sysfs(
+        tmp_path / "root",
+        [
+            {"name": "vc0", "hwaddr": LAN0_MAC, "physical": False},
+            {"name": "vc1", "hwaddr": LAN1_MAC, "physical": False},
+        ],
+    )
     config = tmp_path / "config.toml"
     config.write_text(CONFIG)
     out = tmp_path / "out"
-    code, _, err = run_cli(["render", "--config", str(config), "--root", str(root),
-                            "--out", str(out)])
+    code, _, err = run_cli(
+        ["render", "--config", str(config), "--root", str(root), "--out", str(out)]
+    )
     assert code == 0, err
     _, files = manifest(out)
     prefix = "/run/systemd/network/"
-    return {k[len(prefix):]: v.decode() for k, v in files.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v.decode() for k, v in files.items() if k.startswith(prefix)}
 
 
 def test_boot_settles(first_boot: nspawn.Boot) -> None:
@@ -180,7 +198,9 @@ def test_installed_generator_replays_its_cache(first_boot: nspawn.Boot) -> None:
     ours = [m for m in rerun["imports"] if m.startswith("incusos_hal")]
     assert ours == ["incusos_hal", "incusos_hal.bootgen"], rerun["imports"]
     assert not {"tomllib", "dataclasses", "ipaddress"} & set(rerun["imports"])
-    booted = {f.removeprefix("/run/systemd/generator/") for f in first_boot.result["generator_files"]}
+    booted = {
+        f.removeprefix("/run/systemd/generator/") for f in first_boot.result["generator_files"]
+    }
     assert rerun["files"] and set(rerun["files"]) <= booted
 
 
@@ -230,8 +250,9 @@ def test_units_verify_with_debians_systemd(first_boot: nspawn.Boot) -> None:
     assert verify["rc"] == 0, verify["out"] + verify["err"]
 
 
-def test_broken_config_boots_with_the_last_good_one(first_boot: nspawn.Boot,
-                                                    second_boot: nspawn.Boot) -> None:
+def test_broken_config_boots_with_the_last_good_one(
+    first_boot: nspawn.Boot, second_boot: nspawn.Boot
+) -> None:
     r = second_boot.result
     assert r["waited_for"] == {"busy": [], "missing": []}, r["journal_networkd"]
     assert {"10.99.0.2/24", "fd00:99::2/64"} <= set(r["addresses"]["lan0"])
