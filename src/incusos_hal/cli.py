@@ -110,7 +110,13 @@ def cmd_configure(args: argparse.Namespace) -> int:
 
     state = store.state_dir(args.state_dir)
     try:
-        result = configure(state=state, sys_root=_root(None), unit_dir=args.unit_dir)
+        root = _root(None)
+        # A re-rooted run, or one writing elsewhere, must not rename this machine's links
+        # or set its hostname.
+        live = root == "/" and args.target == "/"
+        result = configure(
+            state=state, sys_root=root, target=args.target, live=live, unit_dir=args.unit_dir
+        )
     except Exception as e:
         if not args.boot:
             raise
@@ -198,6 +204,7 @@ def parser() -> argparse.ArgumentParser:
     c = sub.add_parser("configure", help="apply the stored config to this machine")
     c.add_argument("--boot", action="store_true", help="boot mode: log problems, exit 0")
     c.add_argument("--state-dir")
+    c.add_argument("--target", default="/", help="write under this root instead of /")
     c.add_argument("--unit-dir", default=DEFAULT_UNIT_DIR, help=argparse.SUPPRESS)
     c.set_defaults(func=cmd_configure)
 

@@ -70,8 +70,9 @@ def scan_network(root: str | os.PathLike[str] = "/") -> dict[str, Any]:
         card = cards.get(key)
         if card is None:
             card = {}
+            # driver and subsystem are links into /sys/bus; only their names matter.
             driver_link = device / "driver"
-            if driver_link.exists():
+            if driver_link.is_symlink():
                 driver = os.path.basename(os.readlink(driver_link))
                 card["driver"] = driver
                 version = _read(Path(root, "sys/module", driver, "version"))
@@ -80,7 +81,7 @@ def scan_network(root: str | os.PathLike[str] = "/") -> dict[str, Any]:
             card["ports"] = []
             card["numa_node"] = max(_int(_read(device / "numa_node")), 0)
             vendor, product = _read(device / "vendor"), _read(device / "device")
-            if (device / "subsystem").exists():
+            if (device / "subsystem").is_symlink():
                 subsystem = os.path.basename(os.readlink(device / "subsystem"))
                 if subsystem == "pci":
                     card["pci_address"] = device_path.name
