@@ -87,17 +87,18 @@ result = {
     )["out"],
     "failed_units": sh("systemctl", "list-units", "--failed", "--plain", "--no-legend")["out"],
 }
-# Run the installed generator again, as systemd does on daemon-reload, recording what it
-# imports (-X importtime): with the cache current, nothing of the slow path.
+# Run the installed generator again, as systemd does on daemon-reload: directly, through
+# its #! line, for its output; and under -X importtime for what it imports (with the
+# cache current, nothing of the slow path).
 generator = "/usr/lib/systemd/system-generators/incusos-hal-generator"
-rerun = sh(
-    "python3", "-I", "-X", "importtime", generator, "/tmp/g/normal", "/tmp/g/early", "/tmp/g/late"
-)
+direct = sh(generator, "/tmp/g/normal", "/tmp/g/early", "/tmp/g/late")
+traced = sh("python3", "-IS", "-X", "importtime", generator, "/tmp/t/n", "/tmp/t/e", "/tmp/t/l")
 result["generator_rerun"] = {
-    "rc": rerun["rc"],
+    "rc": direct["rc"],
+    "err": direct["err"],
     "imports": [
         line.rsplit("|", 1)[-1].strip()
-        for line in rerun["err"].splitlines()
+        for line in traced["err"].splitlines()
         if line.startswith("import time:") and "|" in line
     ],
     "files": sorted(

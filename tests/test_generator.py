@@ -6,6 +6,7 @@ file ($INCUSOS_HAL_KMSG) instead of this machine's kernel log.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -29,11 +30,13 @@ SYSLOG = GOOD + b'[logging.syslog]\naddress = "192.0.2.9"\n'
 # Runs the generator's entry point as the installed script does, then reports which
 # modules it loaded, so the fast path's import set is checked, not assumed.
 RUNNER = f"""
-import json, sys
+import sys
 sys.path.insert(0, {SRC!r})
 from incusos_hal.bootgen import main
 code = main(sys.argv, unit_dir={UNIT_DIR!r}, version={__version__!r})
-sys.stdout.write(json.dumps({{"code": code, "modules": sorted(sys.modules)}}))
+modules = sorted(sys.modules)  # before json below adds its own
+import json
+sys.stdout.write(json.dumps({{"code": code, "modules": modules}}))
 """
 
 
@@ -45,8 +48,9 @@ def run_generator(state: Path, out: Path, log: Path, *args: str) -> tuple[int, l
     }
     log.touch()  # like /dev/kmsg, it exists before anyone writes to it
     argv = [str(out), str(out) + ".early", str(out) + ".late"] if not args else list(args)
+    # -I -S: as the installed script's #! line runs it.
     proc = subprocess.run(
-        [sys.executable, "-I", "-c", RUNNER, *argv],
+        [sys.executable, "-I", "-S", "-c", RUNNER, *argv],
         env=env,
         capture_output=True,
         text=True,
@@ -98,22 +102,18 @@ def test_cache_replays_identically_importing_only_os_and_sys(
     code, modules, _ = run_generator(state, out, log)
     assert code == 0
     assert manifest(out) == manifest(tmp_path / "slow")
-    # Against what the bare interpreter loads on its own: only our two modules more.
+    # Against what the bare interpreter (-I -S, as the script's #! line) loads: only the
+    # os module family and our two modules more.
     bare = subprocess.run(
-        [sys.executable, "-I", "-c", "import sys, json; print(json.dumps(sorted(sys.modules)))"],
+        [sys.executable, "-I", "-S", "-c", "import sys; print(repr(sorted(sys.modules)))"],
         env={"PATH": os.environ.get("PATH", "/usr/bin")},
         capture_output=True,
         text=True,
         check=True,
     )
-    baseline = set(json.loads(bare.stdout)) | {
-        "json",
-        "json.decoder",
-        "json.encoder",
-        "json.scanner",
-        "_json",
-    }
-    assert sorted(set(modules) - baseline) == ["incusos_hal", "incusos_hal.bootgen"]
+    baseline = set(ast.literal_eval(bare.stdout))
+    os_family = {"os", "os.path", "posixpath", "genericpath", "stat", "_stat", "_collections_abc"}
+    assert sorted(set(modules) - baseline - os_family) == ["incusos_hal", "incusos_hal.bootgen"]
 
 
 def test_changed_config_misses_the_cache(dirs: tuple[Path, Path, Path]) -> None:
@@ -185,7 +185,11 @@ def test_missing_arguments_is_a_usage_error(dirs: tuple[Path, Path, Path]) -> No
     state, _, log = dirs
     env = {"INCUSOS_HAL_STATE_DIR": str(state), "INCUSOS_HAL_KMSG": str(log)}
     proc = subprocess.run(
-        [sys.executable, "-I", "-c", RUNNER], env=env, capture_output=True, text=True, check=False
+        [sys.executable, "-I", "-S", "-c", RUNNER],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert json.loads(proc.stdout)["code"] == 2
     assert "usage" in proc.stderr

@@ -194,7 +194,7 @@ def test_installed_generator_replays_its_cache(first_boot: nspawn.Boot) -> None:
     """The installed script, run again as on daemon-reload, takes the cache path (primed
     at boot) and produces what the boot's generator did, importing none of the slow path."""
     rerun = first_boot.result["generator_rerun"]
-    assert rerun["rc"] == 0
+    assert rerun["rc"] == 0, rerun["err"]
     ours = [m for m in rerun["imports"] if m.startswith("incusos_hal")]
     assert ours == ["incusos_hal", "incusos_hal.bootgen"], rerun["imports"]
     assert not {"tomllib", "dataclasses", "ipaddress"} & set(rerun["imports"])

@@ -105,6 +105,12 @@ def main(argv: list[str], *, unit_dir: str, version: str) -> int:
                 return 0
         except Exception:  # noqa: S110 - a damaged cache only costs the slow path
             pass
+    # The installed script runs with -S: bring in site-packages (and .pth files) now, for
+    # the slow path's dependencies, wherever they were installed.
+    if "site" not in sys.modules:
+        import site
+
+        site.main()
     from incusos_hal.generator import main as slow_main
 
     return slow_main(argv, unit_dir=unit_dir)

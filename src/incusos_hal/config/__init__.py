@@ -13,8 +13,6 @@ import tomllib
 from collections.abc import Mapping
 from typing import Any
 
-import tomli_w
-
 from .decode import decode
 from .errors import ConfigError, FieldError
 from .model import CURRENT_VERSION, Config
@@ -126,6 +124,9 @@ def _is_default(f: dataclasses.Field[Any], value: Any) -> bool:
 
 
 def dumps_toml(config: Config) -> bytes:
+    # Imported here: reading a config (the generator's slow path) does not need it.
+    import tomli_w
+
     return tomli_w.dumps(to_dict(config)).encode()
 
 
