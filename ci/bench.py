@@ -1,0 +1,149 @@
+"""ci/bench: each hot path against the tool a user would otherwise use, in one run.
+
+Generator (boot critical path): incusos-hal-generator, with its cache (every boot after a
+config change has been applied once) and without (the first boot after a hand edit),
+against netplan's C generator (Debian's netplan.io) on the same network described both
+ways: N NICs, each a bridge with DHCPv4 and SLAAC, matched by MAC. `incusos-hal render`
+(the configure step's work: every networkd file) is listed too, since netplan's generator
+writes the networkd files itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(HERE / "tests"))
+from conftest import build_sysfs  # noqa: E402
+
+VENV = Path(sys.prefix)
+GENERATOR = VENV / "incusos-hal/systemd/system-generators/incusos-hal-generator"
+IHAL = VENV / "bin/incusos-hal"
+NETPLAN = Path("/usr/libexec/netplan/generate")
+RUNS = int(os.environ.get("BENCH_RUNS", "40"))
+
+
+def mac(i: int) -> str:
+    return f"52:54:00:be:{i >> 8:02x}:{i & 0xFF:02x}"
+
+
+def write_inputs(work: Path, n: int) -> None:
+    yaml = ["network:", "  version: 2", "  renderer: networkd", "  ethernets:"]
+    for i in range(n):
+        yaml += [
+            f"    eth{i}:",
+            f'      match: {{macaddress: "{mac(i)}"}}',
+            f"      set-name: p{i}",
+            "      dhcp4: false",
+        ]
+    yaml.append("  bridges:")
+    for i in range(n):
+        yaml += [
+            f"    br{i}:",
+            f"      interfaces: [eth{i}]",
+            "      dhcp4: true",
+            "      accept-ra: true",
+            f'      macaddress: "{mac(i)}"',
+        ]
+    netplan = work / "netplan/etc/netplan/50-bench.yaml"
+    netplan.parent.mkdir(parents=True)
+    netplan.write_text("\n".join(yaml) + "\n")
+    netplan.chmod(0o600)
+
+    toml = ["version = 1"]
+    for i in range(n):
+        toml += [
+            "[[network.interfaces]]",
+            f'name = "br{i}"',
+            f'hwaddr = "{mac(i)}"',
+            'addresses = ["dhcp4", "slaac"]',
+            "",
+        ]
+    config = work / "config.toml"
+    config.write_text("\n".join(toml))
+    unit_dir = re.search(r'unit_dir="([^"]+)"', GENERATOR.read_text())
+    assert unit_dir, GENERATOR
+    for state, cached in (("state-cached", True), ("state-uncached", False)):
+        subprocess.run(
+            [
+                str(IHAL),
+                "save",
+                "--config",
+                str(config),
+                "--state-dir",
+                str(work / state),
+                "--unit-dir",
+                unit_dir.group(1),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        if not cached:
+            (work / state / "generator.cache").unlink()
+    build_sysfs(work / "sys", [{"name": f"eth{i}", "hwaddr": mac(i)} for i in range(n)])
+
+
+def hyperfine(work: Path, commands: dict[str, tuple[str, str]]) -> dict[str, tuple[float, float]]:
+    """name -> (command, prepare); returns name -> (median ms, stddev ms).
+
+    Medians: on a shared VM a burst of noise moves a mean more than a median."""
+    out = work / "hyperfine.json"
+    args = ["hyperfine", "-N", "--warmup", "5", "--runs", str(RUNS), "--export-json", str(out)]
+    for _, (_, prepare) in commands.items():
+        args += ["--prepare", prepare]
+    args += [cmd for cmd, _ in commands.values()]
+    proc = subprocess.run(args, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"ci/bench: hyperfine failed:\n{proc.stderr[-3000:]}")
+    results = json.loads(out.read_text())["results"]
+    return {
+        name: (r["median"] * 1000, r["stddev"] * 1000)
+        for name, r in zip(commands, results, strict=True)
+    }
+
+
+def main() -> None:
+    for tool in (NETPLAN, GENERATOR, IHAL):
+        if not tool.exists():
+            raise SystemExit(f"ci/bench: {tool} is missing; run ci/setup as root")
+    print(f"Generator wall time, hyperfine median +/- sd of {RUNS} runs; ratio to netplan's")
+    for n in (4, 64):
+        with tempfile.TemporaryDirectory(prefix="ihal-bench-") as tmp:
+            work = Path(tmp)
+            write_inputs(work, n)
+            g = f"{work}/g"
+            commands = {
+                "netplan generate (C)": (
+                    f"env {NETPLAN} --root-dir {work}/netplan",
+                    f"rm -rf {work}/netplan/run",
+                ),
+                "incusos-hal-generator, cached": (
+                    f"env INCUSOS_HAL_STATE_DIR={work}/state-cached {GENERATOR} {g}/n {g}/e {g}/l",
+                    f"rm -rf {g}",
+                ),
+                "incusos-hal-generator, uncached": (
+                    f"env INCUSOS_HAL_STATE_DIR={work}/state-uncached {GENERATOR} "
+                    f"{g}/n {g}/e {g}/l",
+                    f"rm -rf {g}",
+                ),
+                "incusos-hal render (all networkd files)": (
+                    f"env INCUSOS_HAL_ROOT={work}/sys {IHAL} render --config {work}/config.toml "
+                    f"--out {work}/r",
+                    f"rm -rf {work}/r",
+                ),
+            }
+            times = hyperfine(work, commands)
+        base = times["netplan generate (C)"][0]
+        print(f"\n{n} NICs")
+        for name, (median, sd) in times.items():
+            print(f"  {name:42} {median:7.1f} ± {sd:4.1f} ms   {median / base:5.2f}x")
+
+
+if __name__ == "__main__":
+    main()
