@@ -106,3 +106,10 @@ def test_configure_boot_mode_never_fails(tmp_path: Path) -> None:
     assert "writing the configuration failed" in boot.stderr
     runtime = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
     assert runtime.returncode == 1
+
+
+def test_documented_examples_are_valid() -> None:
+    examples = sorted((Path(__file__).parent.parent / "docs/examples").glob("*.toml"))
+    assert examples
+    for example in examples:
+        assert run_cli(["validate", "--config", str(example)]) == (0, "", ""), example

@@ -97,5 +97,42 @@ def test_pip_install_in_a_fresh_venv(tmp_path: Path) -> None:
     )
     assert bad.returncode == 2 and "network.interfaces[0].hwaddr" in bad.stderr
     # In a wheel the generator and unit are data under the environment's prefix.
-    assert (venv / "incusos-hal/systemd/system-generators/incusos-hal-generator").is_file()
+    generator = venv / "incusos-hal/systemd/system-generators/incusos-hal-generator"
     assert (venv / "incusos-hal/systemd/system/incusos-hal-configure.service").is_file()
+    # ... and the generator finds the package without `site`, taking its cache path.
+    state = tmp_path / "state"
+    config.write_text('[[network.interfaces]]\nname = "up"\nhwaddr = "52:54:00:0a:00:01"\n')
+    unit_dir = "/usr/lib/systemd/system"
+    subprocess.run(
+        [
+            str(venv / "bin/incusos-hal"),
+            "save",
+            "--config",
+            str(config),
+            "--state-dir",
+            str(state),
+            "--unit-dir",
+            unit_dir,
+        ],
+        check=True,
+    )
+    traced = subprocess.run(
+        [
+            str(venv / "bin/python"),
+            "-IS",
+            "-X",
+            "importtime",
+            str(generator),
+            str(tmp_path / "n"),
+            str(tmp_path / "e"),
+            str(tmp_path / "l"),
+        ],
+        env={"INCUSOS_HAL_STATE_DIR": str(state)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    imported = {line.rsplit("|", 1)[-1].strip() for line in traced.stderr.splitlines()}
+    assert "incusos_hal.bootgen" in imported
+    assert not {"site", "incusos_hal.generator"} & imported
+    assert (tmp_path / "n/sysinit.target.wants/incusos-hal-configure.service").is_symlink()
