@@ -34,10 +34,6 @@ def is_mac(value: str) -> bool:
     return bool(_MAC.match(value))
 
 
-def normalize_mac(value: str) -> str:
-    return value.lower()
-
-
 def is_ifname(value: str) -> bool:
     return bool(_IFNAME.match(value)) and value not in (".", "..")
 
@@ -53,12 +49,6 @@ def check_hwaddr(value: str) -> str | None:
     if is_ifname(value) and ":" not in value:
         return None
     return f"{_show(value)} is not a MAC address or an interface name"
-
-
-def check_mac(value: str) -> str | None:
-    if not is_mac(value):
-        return f"{_show(value)} is not a MAC address (expected xx:xx:xx:xx:xx:xx)"
-    return None
 
 
 def check_device_name(value: str) -> str | None:

@@ -58,7 +58,7 @@ class Ethernet:
     disable_ipv6_tso: bool = False
     wakeonlan: bool = False
     wakeonlan_modes: tuple[str, ...] = ()
-    # A SecureOn password: a secret, never logged (see SECRET_FIELDS).
+    # A SecureOn password: a secret, never repeated in errors or logs.
     wakeonlan_password: str = ""
 
 
@@ -216,7 +216,3 @@ class Config:
     storage: Storage = Storage()
     security: Security = Security()
     services: Services = Services()
-
-
-# Field names whose values are secrets: they never appear in logs or error messages.
-SECRET_FIELDS = frozenset({"password", "wakeonlan_password"})
