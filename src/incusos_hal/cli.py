@@ -82,7 +82,7 @@ def cmd_render(args: argparse.Namespace) -> int:
         print(f"warning: {w}", file=sys.stderr)
     tree = dict(plan.files)
     tree.update({f"/{GENERATOR_DIR}/{k}": v for k, v in units.items()})
-    write_tree(args.out, tree)
+    write_tree(args.out, tree, durable=False)
     for old, new in plan.renames:
         print(f"rename {old} -> {new}")
     for path in sorted(tree):

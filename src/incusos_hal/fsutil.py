@@ -28,7 +28,10 @@ def _temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
 
 
-def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -> None:
+def atomic_write(
+    path: str | os.PathLike[str], data: bytes, mode: int = 0o644, *, durable: bool = True
+) -> None:
+    """Replace `path` atomically; `durable` also waits for the disk (fsync), for state."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_name(target)
@@ -40,17 +43,19 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -
             while view:
                 view = view[os.write(fd, view) :]
             os.fchmod(fd, mode)  # the umask may have narrowed it
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(target.parent)
+    if durable:
+        _fsync_dir(target.parent)
 
 
-def atomic_symlink(path: str | os.PathLike[str], target: str) -> None:
+def atomic_symlink(path: str | os.PathLike[str], target: str, *, durable: bool = True) -> None:
     link = Path(path)
     link.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_name(link)
@@ -60,7 +65,8 @@ def atomic_symlink(path: str | os.PathLike[str], target: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(link.parent)
+    if durable:
+        _fsync_dir(link.parent)
 
 
 def read_entry(path: Path) -> File | Symlink | None:
@@ -74,11 +80,11 @@ def read_entry(path: Path) -> File | Symlink | None:
         return None
 
 
-def _put(path: Path, entry: File | Symlink) -> None:
+def _put(path: Path, entry: File | Symlink, *, durable: bool = True) -> None:
     if isinstance(entry, Symlink):
-        atomic_symlink(path, entry.target)
+        atomic_symlink(path, entry.target, durable=durable)
     else:
-        atomic_write(path, entry.content, entry.mode)
+        atomic_write(path, entry.content, entry.mode, durable=durable)
 
 
 def _join(root: Path, key: str) -> Path:
@@ -88,14 +94,16 @@ def _join(root: Path, key: str) -> Path:
     return root / rel
 
 
-def write_tree(root: str | os.PathLike[str], tree: Tree) -> None:
-    """Write every entry of `tree` under `root`; on failure remove what was written."""
+def write_tree(root: str | os.PathLike[str], tree: Tree, *, durable: bool = True) -> None:
+    """Write every entry of `tree` under `root`; on failure remove what was written.
+
+    `durable=False` skips the fsyncs: for exports (`render --out`), not for state."""
     base = Path(root)
     written: list[Path] = []
     try:
         for key, entry in tree.items():
             path = _join(base, key)
-            _put(path, entry)
+            _put(path, entry, durable=durable)
             written.append(path)
     except BaseException:
         for path in written:
