@@ -89,10 +89,13 @@ def write_inputs(work: Path, n: int) -> None:
     build_sysfs(work / "sys", [{"name": f"eth{i}", "hwaddr": mac(i)} for i in range(n)])
 
 
-def hyperfine(work: Path, commands: dict[str, tuple[str, str]]) -> dict[str, tuple[float, float]]:
-    """name -> (command, prepare); returns name -> (median ms, stddev ms).
+def hyperfine(
+    work: Path, commands: dict[str, tuple[str, str]]
+) -> dict[str, tuple[float, float, float]]:
+    """name -> (command, prepare); returns name -> (median ms, stddev ms, CPU ms).
 
-    Medians: on a shared VM a burst of noise moves a mean more than a median."""
+    Medians: on a shared VM a burst of noise moves a mean more than a median. CPU time
+    (user + system) is what the process itself spent, less sensitive to the neighbours."""
     out = work / "hyperfine.json"
     args = ["hyperfine", "-N", "--warmup", "5", "--runs", str(RUNS), "--export-json", str(out)]
     for _, (_, prepare) in commands.items():
@@ -103,7 +106,7 @@ def hyperfine(work: Path, commands: dict[str, tuple[str, str]]) -> dict[str, tup
         raise SystemExit(f"ci/bench: hyperfine failed:\n{proc.stderr[-3000:]}")
     results = json.loads(out.read_text())["results"]
     return {
-        name: (r["median"] * 1000, r["stddev"] * 1000)
+        name: (r["median"] * 1000, r["stddev"] * 1000, (r["user"] + r["system"]) * 1000)
         for name, r in zip(commands, results, strict=True)
     }
 
@@ -139,10 +142,13 @@ def main() -> None:
                 ),
             }
             times = hyperfine(work, commands)
-        base = times["netplan generate (C)"][0]
-        print(f"\n{n} NICs")
-        for name, (median, sd) in times.items():
-            print(f"  {name:42} {median:7.1f} ± {sd:4.1f} ms   {median / base:5.2f}x")
+        base, _, base_cpu = times["netplan generate (C)"]
+        print(f"\n{n} NICs{'':37} wall (median +/- sd)   ratio    CPU (user+sys)   ratio")
+        for name, (median, sd, cpu) in times.items():
+            print(
+                f"  {name:42} {median:7.1f} +/- {sd:4.1f} ms  {median / base:5.2f}x"
+                f"   {cpu:7.1f} ms  {cpu / base_cpu:5.2f}x"
+            )
 
 
 if __name__ == "__main__":
