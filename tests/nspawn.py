@@ -58,7 +58,7 @@ PACKAGES = (
 ROOTFS_RECIPE = 2
 
 
-def _run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+def run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, check=True, text=True, **kw)
 
 
@@ -66,17 +66,17 @@ def _log(message: str) -> None:
     print(f"[nspawn] {message}", file=sys.stderr, flush=True)
 
 
-def rootfs() -> Path:
-    """The cached Debian root, built on first use."""
+def rootfs(flavor: str = "container", packages: tuple[str, ...] = PACKAGES) -> Path:
+    """The cached Debian root of this flavor (its package set), built on first use."""
     base = CACHE / "rootfs"
     base.mkdir(parents=True, exist_ok=True)
     with open(base / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         for suite in SUITES:
             key = hashlib.sha256(
-                json.dumps([ROOTFS_RECIPE, suite, MIRROR, PACKAGES]).encode()
+                json.dumps([ROOTFS_RECIPE, suite, MIRROR, packages]).encode()
             ).hexdigest()[:12]
-            dest = base / f"{suite}-{key}"
+            dest = base / f"{flavor}-{suite}-{key}"
             if (dest / ".complete").exists():
                 return dest
             tmp = base / f".{dest.name}.partial"
@@ -87,7 +87,7 @@ def rootfs() -> Path:
                 [
                     "debootstrap",
                     "--variant=minbase",
-                    f"--include={','.join(PACKAGES)}",
+                    f"--include={','.join(packages)}",
                     suite,
                     str(tmp),
                     MIRROR,
@@ -104,15 +104,11 @@ def rootfs() -> Path:
             (tmp / "etc/machine-id").write_text("uninitialized\n")
             (tmp / ".complete").write_text(f"{suite} {time.monotonic() - started:.0f}s\n")
             tmp.rename(dest)
-            for old in base.glob(f"{suite}-*"):
+            for old in base.glob(f"{flavor}-{suite}-*"):
                 if old != dest:
                     shutil.rmtree(old, ignore_errors=True)
             return dest
     raise RuntimeError(f"debootstrap failed for every suite of {SUITES} from {MIRROR}")
-
-
-def suite_of(root: Path) -> str:
-    return root.name.split("-")[0]
 
 
 @contextlib.contextmanager
@@ -124,7 +120,7 @@ def overlay(lowers: list[Path], work: Path) -> Iterator[Path]:
     options = (
         f"lowerdir={':'.join(map(str, lowers))},upperdir={work / 'upper'},workdir={work / 'work'}"
     )
-    _run(["mount", "-t", "overlay", "overlay", "-o", options, str(merged)])
+    run(["mount", "-t", "overlay", "overlay", "-o", options, str(merged)])
     try:
         yield merged
     finally:
@@ -194,10 +190,10 @@ class Lan:
     _procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def ip(self, *args: str) -> None:
-        _run(["ip", "-n", self.name, *args])
+        run(["ip", "-n", self.name, *args])
 
     def up(self) -> None:
-        _run(["ip", "netns", "add", self.name])
+        run(["ip", "netns", "add", self.name])
         self.ip("link", "set", "lo", "up")
         for v in self.veths:
             self.ip(
