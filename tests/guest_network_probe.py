@@ -11,19 +11,12 @@ import json
 import os
 import socket
 import struct
-import subprocess
 import time
 from pathlib import Path
 
+from guest_lib import journal, networkd_links, sh
+
 ETH_P_LLDP = 0x88CC
-
-
-def sh(*cmd: str) -> dict:
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return {"rc": -1, "out": "", "err": str(e)}
-    return {"rc": r.returncode, "out": r.stdout, "err": r.stderr}
 
 
 def must(*cmd: str) -> str:
@@ -167,20 +160,14 @@ result = {
     "vlan_filtering": Path(f"/sys/class/net/{expect['bridge']}/bridge/vlan_filtering")
     .read_text()
     .strip(),
-    "networkd": json.loads(sh("networkctl", "--json=short", "list")["out"] or "{}").get(
-        "Interfaces", []
-    ),
+    "networkd": networkd_links(),
     "failed_units": sh("systemctl", "list-units", "--failed", "--plain", "--no-legend")["out"],
     "active": {
         u: sh("systemctl", "is-active", u)["out"].strip()
         for u in ("incusos-hal-configure.service", "systemd-networkd.service")
     },
-    "journal_generator": sh(
-        "journalctl", "-b", "-o", "cat", "--no-pager", "-t", "incusos-hal-generator"
-    )["out"],
-    "journal_configure": sh(
-        "journalctl", "-b", "-o", "cat", "--no-pager", "-u", "incusos-hal-configure.service"
-    )["out"],
+    "journal_generator": journal("-t", "incusos-hal-generator"),
+    "journal_configure": journal("-u", "incusos-hal-configure.service"),
     "uptime": float(Path("/proc/uptime").read_text().split()[0]),
 }
 tmp = Path("/probe/result.json.tmp")

@@ -295,15 +295,23 @@ class Boot:
     console: str
 
 
-def boot(root: Path, lan_: Lan, probe_dir: Path, *, timeout: int = 240) -> Boot:
-    """Boot `root` with the LAN's inner veth ends as its NICs; return the probe's result."""
+def install_probe(root: Path, unit: str, probe_dir: Path, probe: str) -> None:
+    """Enable the probe unit in `root`; put the probe and its helpers in `probe_dir`."""
     units = root / "etc/systemd/system"
-    (units / "ihal-probe.service").write_text(PROBE_UNIT)
+    (units / "ihal-probe.service").write_text(unit)
     wants = units / "multi-user.target.wants"
     wants.mkdir(parents=True, exist_ok=True)
     link = wants / "ihal-probe.service"
     if not link.is_symlink():
         link.symlink_to("/etc/systemd/system/ihal-probe.service")
+    probe_dir.mkdir(parents=True, exist_ok=True)
+    (probe_dir / "probe.py").write_text(probe)
+    shutil.copy(Path(__file__).parent / "guest_lib.py", probe_dir / "guest_lib.py")
+
+
+def boot(root: Path, lan_: Lan, probe_dir: Path, *, timeout: int = 240) -> Boot:
+    """Boot `root` with the LAN's inner veth ends as its NICs; return the probe's result."""
+    install_probe(root, PROBE_UNIT, probe_dir, (Path(__file__).parent / "probe.py").read_text())
     result_file = probe_dir / "result.json"
     result_file.unlink(missing_ok=True)
     nspawn = [

@@ -8,30 +8,10 @@ records everything the system tests assert on into /probe/result.json.
 import json
 import os
 import socket
-import subprocess
 import time
 from pathlib import Path
 
-
-def sh(*cmd: str) -> dict:
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return {"rc": -1, "out": "", "err": str(e)}
-    return {"rc": r.returncode, "out": r.stdout, "err": r.stderr}
-
-
-def addresses() -> dict:
-    out = {}
-    for link in json.loads(sh("ip", "-j", "addr")["out"] or "[]"):
-        out[link["ifname"]] = [f"{a['local']}/{a['prefixlen']}" for a in link.get("addr_info", [])]
-    return out
-
-
-def networkd_links() -> list:
-    data = json.loads(sh("networkctl", "--json=short", "list")["out"] or "{}")
-    return data.get("Interfaces", [])
-
+from guest_lib import addresses, journal, networkd_links, sh
 
 expect = json.loads(Path("/probe/expect.json").read_text())
 deadline = time.monotonic() + 60
@@ -76,15 +56,9 @@ result = {
     "network_files": {
         p.name: p.read_text() for p in sorted(Path("/run/systemd/network").glob("*"))
     },
-    "journal_generator": sh(
-        "journalctl", "-b", "-o", "cat", "--no-pager", "-t", "incusos-hal-generator"
-    )["out"],
-    "journal_configure": sh(
-        "journalctl", "-b", "-o", "cat", "--no-pager", "-u", "incusos-hal-configure.service"
-    )["out"],
-    "journal_networkd": sh(
-        "journalctl", "-b", "-o", "cat", "--no-pager", "-u", "systemd-networkd.service"
-    )["out"],
+    "journal_generator": journal("-t", "incusos-hal-generator"),
+    "journal_configure": journal("-u", "incusos-hal-configure.service"),
+    "journal_networkd": journal("-u", "systemd-networkd.service"),
     "failed_units": sh("systemctl", "list-units", "--failed", "--plain", "--no-legend")["out"],
 }
 # Run the installed generator again, as systemd does on daemon-reload: directly, through

@@ -115,7 +115,6 @@ def machine(tmp_path_factory: pytest.TempPathFactory) -> Any:
     package = nspawn.install_layer(root, work / "package")
     probe = work / "probe"
     probe.mkdir()
-    (probe / "probe.py").write_text((Path(__file__).parent / "probe.py").read_text())
     (probe / "expect.json").write_text(json.dumps(EXPECT))
     (probe / "config.toml").write_text(CONFIG)
     with nspawn.overlay([package, root], work / "machine") as merged:

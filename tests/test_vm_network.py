@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 
 import vm
-
 from conftest import require_root, require_tool
 
 pytestmark = pytest.mark.system
@@ -69,14 +68,14 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> vm.Guest:
         (root / "var/tmp/config.toml").write_text(CONFIG)
         vm.nspawn.nspawn_run(root, "incusos-hal save --config /var/tmp/config.toml")
 
-    g = vm.build(work, customize)
+    g = vm.build(work, PROBE, customize)
     g.nics = vm.cables([(MEMBERS[0], PARTNER[0]), (MEMBERS[1], PARTNER[1])])
     return g
 
 
 @pytest.fixture(scope="module")
 def first_boot(guest: vm.Guest) -> vm.Result:
-    return guest.boot(PROBE, EXPECT)
+    return guest.boot(EXPECT)
 
 
 def test_boot_is_clean(first_boot: vm.Result) -> None:
@@ -177,7 +176,7 @@ def broken_boot(guest: vm.Guest, first_boot: vm.Result) -> vm.Result:
         ],
         capture_output=True,
     )
-    return guest.boot(PROBE, EXPECT)
+    return guest.boot(EXPECT)
 
 
 def test_second_boot_survives_a_corrupted_config(broken_boot: vm.Result) -> None:

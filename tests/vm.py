@@ -207,9 +207,8 @@ class Guest:
             ]
         return cmd
 
-    def boot(self, probe: str, expect: dict[str, Any], *, timeout: int = 600) -> Result:
-        """Boot, run `probe` (Python source) in the guest, return what it recorded."""
-        (self.probe_dir / "probe.py").write_text(probe)
+    def boot(self, expect: dict[str, Any], *, timeout: int = 600) -> Result:
+        """Boot, let the probe run with `expect`, return what it recorded."""
         (self.probe_dir / "expect.json").write_text(json.dumps(expect))
         result_file = self.probe_dir / "result.json"
         result_file.unlink(missing_ok=True)
@@ -239,8 +238,9 @@ class Guest:
         return Result(json.loads(result_file.read_text()), console_text, seconds, accelerator)
 
 
-def build(work: Path, customize: Callable[[Path], None], *, size: str = "3G") -> Guest:
-    """A disk image: the cached guest root + this checkout installed + `customize(root)`."""
+def build(work: Path, probe: str, customize: Callable[[Path], None], *, size: str = "3G") -> Guest:
+    """A disk image: the cached guest root + this checkout installed + the probe (Python
+    source run after boot) + `customize(root)`."""
     root = guest_root()
     package = work / "package"
     if not (package / "upper").exists():
@@ -249,13 +249,7 @@ def build(work: Path, customize: Callable[[Path], None], *, size: str = "3G") ->
     probe_dir.mkdir(parents=True, exist_ok=True)
     image = work / "disk.raw"
     with nspawn.overlay([package / "upper", root], work / "image") as merged:
-        units = merged / "etc/systemd/system"
-        (units / "ihal-probe.service").write_text(PROBE_UNIT)
-        wants = units / "multi-user.target.wants"
-        wants.mkdir(parents=True, exist_ok=True)
-        link = wants / "ihal-probe.service"
-        if not link.is_symlink():
-            link.symlink_to("/etc/systemd/system/ihal-probe.service")
+        nspawn.install_probe(merged, PROBE_UNIT, probe_dir, probe)
         customize(merged)
         kernel, initrd = _boot_files(merged)
         shutil.copy(kernel, work / "vmlinuz")
