@@ -126,6 +126,11 @@ def main() -> None:
                     f"env {NETPLAN} --root-dir {work}/netplan",
                     f"rm -rf {work}/netplan/run",
                 ),
+                # The floor any Python generator stands on: the interpreter starting.
+                "python3 -IS -c pass (interpreter alone)": (
+                    f"env {sys.executable} -IS -c pass",
+                    "true",
+                ),
                 "incusos-hal-generator, cached": (
                     f"env INCUSOS_HAL_STATE_DIR={work}/state-cached {GENERATOR} {g}/n {g}/e {g}/l",
                     f"rm -rf {g}",

@@ -196,7 +196,7 @@ def test_installed_generator_replays_its_cache(first_boot: nspawn.Boot) -> None:
     assert rerun["rc"] == 0, rerun["err"]
     ours = [m for m in rerun["imports"] if m.startswith("incusos_hal")]
     assert ours == ["incusos_hal", "incusos_hal.bootgen"], rerun["imports"]
-    assert not {"tomllib", "dataclasses", "ipaddress"} & set(rerun["imports"])
+    assert not {"os", "tomllib", "dataclasses", "ipaddress"} & set(rerun["imports"])
     booted = {
         f.removeprefix("/run/systemd/generator/") for f in first_boot.result["generator_files"]
     }

@@ -1,11 +1,12 @@
-"""The generator's entry point and fast path. Imports nothing beyond `os` and `sys`.
+"""The generator's entry point and fast path. Imports no module the interpreter has not
+already loaded: `posix` (not `os`, whose import is a sixth of this path's cost) and `sys`.
 
 See `incusos_hal.generator` for why there is a cache and how it stays correct. Here: if
 `generator.cache` matches the config files byte for byte, replay it; otherwise (or on
 any surprise at all) hand over to the slow path, which is always right.
 """
 
-import os
+import posix
 import sys
 
 STATE_DIR_ENV = "INCUSOS_HAL_STATE_DIR"
@@ -44,18 +45,31 @@ def _read_or_none(path: str) -> bytes | None:
         return None
 
 
+def _makedirs(path: str) -> None:
+    parent = path.rpartition("/")[0]
+    if not parent or parent == path:
+        return
+    try:
+        posix.mkdir(path, 0o755)
+    except FileExistsError:
+        return
+    except FileNotFoundError:
+        _makedirs(parent)
+        posix.mkdir(path, 0o755)
+
+
 def replay(normal_dir: str, state: str, unit_dir: str, version: str) -> bool:
     """Write the cached tree if it is valid for the files on disk now; else False."""
-    cache = _read_or_none(os.path.join(state, "generator.cache"))
+    cache = _read_or_none(state + "/generator.cache")
     if cache is None or not cache.startswith(MAGIC):
         return False
     r = _Reader(cache)
     r.pos = len(MAGIC)
     if r.line().decode() != version or r.line().decode() != unit_dir or r.line().decode() != state:
         return False
-    if r.blob() != _read_or_none(os.path.join(state, "config.toml")):
+    if r.blob() != _read_or_none(state + "/config.toml"):
         return False
-    if r.blob() != _read_or_none(os.path.join(state, "config.last-good.toml")):
+    if r.blob() != _read_or_none(state + "/config.last-good.toml"):
         return False
     entries: list[tuple[str, str, int, bytes]] = []
     for _ in range(int(r.line())):
@@ -74,23 +88,24 @@ def replay(normal_dir: str, state: str, unit_dir: str, version: str) -> bool:
         for kind, rel, mode, data in entries:
             if rel.startswith("/") or ".." in rel.split("/"):
                 raise ValueError("path outside the output directory")
-            path = os.path.join(normal_dir, rel)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+            path = normal_dir.rstrip("/") + "/" + rel
+            _makedirs(path.rpartition("/")[0])
             if kind == "L":
-                os.symlink(data.decode(), path)
+                posix.symlink(data.decode(), path)
             else:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+                flags = posix.O_WRONLY | posix.O_CREAT | posix.O_EXCL | posix.O_CLOEXEC
+                fd = posix.open(path, flags, mode)
                 try:
                     view = memoryview(data)
                     while view:
-                        view = view[os.write(fd, view) :]
+                        view = view[posix.write(fd, view) :]
                 finally:
-                    os.close(fd)
+                    posix.close(fd)
             written.append(path)
     except BaseException:
         for path in written:
             try:  # noqa: SIM105 - contextlib is one import too many on this path
-                os.unlink(path)
+                posix.unlink(path)
             except OSError:
                 pass
         raise
@@ -99,7 +114,7 @@ def replay(normal_dir: str, state: str, unit_dir: str, version: str) -> bool:
 
 def main(argv: list[str], *, unit_dir: str, version: str) -> int:
     if len(argv) >= 2:
-        state = os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR
+        state = (posix.environ.get(STATE_DIR_ENV.encode()) or DEFAULT_STATE_DIR.encode()).decode()
         try:
             if replay(argv[1], state, unit_dir, version):
                 return 0

@@ -9,7 +9,7 @@ netplan's C generator does; parsing TOML costs twice that again. So the work is 
 - fast path (`incusos_hal.bootgen`): `generator.cache` in the state directory holds the
   exact bytes of both config files the output was computed from, plus that output.
   When the files on disk are byte-identical (and the version and unit directory match),
-  the cached tree is written out with nothing but `os` and `sys` imported.
+  the cached tree is written out with no module imported beyond the interpreter's own.
 
 The cache is written by whoever already ran the slow code: the configure step at boot,
 and `incusos-hal` when it stores a new config. It is computed by the same function the
