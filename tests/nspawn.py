@@ -295,6 +295,28 @@ class Boot:
     console: str
 
 
+def run_logged(
+    cmd: list[str], console_path: Path, timeout: float, *, env: dict[str, str] | None = None
+) -> tuple[int, str]:
+    """Run a machine (nspawn, qemu) with its console in `console_path`; kill its whole
+    session after `timeout`. Returns its exit status and the console text."""
+    with open(console_path, "wb") as console:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=console,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode, console_path.read_text(errors="replace")
+
+
 def install_probe(root: Path, unit: str, probe_dir: Path, probe: str) -> None:
     """Enable the probe unit in `root`; put the probe and its helpers in `probe_dir`."""
     units = root / "etc/systemd/system"
@@ -349,25 +371,10 @@ def boot(root: Path, lan_: Lan, probe_dir: Path, *, timeout: int = 240) -> Boot:
         *nspawn,
     ]
     env = dict(os.environ, SYSTEMD_NSPAWN_UNIFIED_HIERARCHY="1")
-    console_path = probe_dir / "console.log"
-    with open(console_path, "wb") as console:
-        proc = subprocess.Popen(
-            cmd,
-            stdout=console,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            start_new_session=True,
-        )
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    console_text = console_path.read_text(errors="replace")
+    returncode, console_text = run_logged(cmd, probe_dir / "console.log", timeout, env=env)
     if not result_file.exists():
         raise AssertionError(
-            f"the probe wrote no result (nspawn exit {proc.returncode});"
+            f"the probe wrote no result (nspawn exit {returncode});"
             f" console:\n{console_text[-6000:]}"
         )
     return Boot(json.loads(result_file.read_text()), console_text)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -213,26 +212,14 @@ class Guest:
         result_file = self.probe_dir / "result.json"
         result_file.unlink(missing_ok=True)
         accelerator, _ = accel(self.kernel, self.initrd)
-        console_path = self.probe_dir / "console.log"
         started = time.monotonic()
-        with open(console_path, "wb") as console:
-            proc = subprocess.Popen(
-                self.command(accelerator),
-                stdout=console,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        returncode, console_text = nspawn.run_logged(
+            self.command(accelerator), self.probe_dir / "console.log", timeout
+        )
         seconds = time.monotonic() - started
-        console_text = console_path.read_text(errors="replace")
         if not result_file.exists():
             raise AssertionError(
-                f"the guest probe wrote no result (qemu exit {proc.returncode}, "
+                f"the guest probe wrote no result (qemu exit {returncode}, "
                 f"{seconds:.0f}s, {accelerator}); console:\n{console_text[-8000:]}"
             )
         return Result(json.loads(result_file.read_text()), console_text, seconds, accelerator)
