@@ -6,6 +6,9 @@ against netplan's C generator (Debian's netplan.io) on the same network describe
 ways: N NICs, each a bridge with DHCPv4 and SLAAC, matched by MAC. `incusos-hal render`
 (the configure step's work: every networkd file) is listed too, since netplan's generator
 writes the networkd files itself.
+
+VM rung (`--vm`, or all): time from starting qemu to the first command in the guest
+(tests/vm.py), with KVM and with software emulation (TCG), same image and firmware.
 """
 
 from __future__ import annotations
@@ -111,7 +114,38 @@ def hyperfine(
     }
 
 
+def vm_first_command() -> None:
+    """Time to first guest command, KVM against TCG; a KVM that cannot run the guest is
+    reported with the error it gave."""
+    import vm
+
+    print("\nVM rung: qemu start to the first command in the guest (Debian 13, SeaBIOS)")
+    with tempfile.TemporaryDirectory(prefix="ihal-bench-vm-", dir="/var/tmp") as tmp:
+        guest = vm.build(Path(tmp), lambda root: None)
+        timings: dict[str, str] = {}
+        for accelerator, limit in (("kvm", 120), ("tcg", 900)):
+            guest.accelerator = accelerator
+            try:
+                result = guest.boot(["command"], {"command": {"argv": ["true"]}}, timeout=limit)
+            except AssertionError as e:
+                why = next(
+                    (line.strip() for line in str(e).splitlines() if "KVM" in line),
+                    f"no result within {limit}s",
+                )
+                timings[accelerator] = f"did not boot: {why}"
+                continue
+            timings[accelerator] = (
+                f"{result.first_command or float('nan'):6.1f} s to first command, "
+                f"{result.seconds:6.1f} s to power-off"
+            )
+        for accelerator, text in timings.items():
+            print(f"  {accelerator}: {text}")
+
+
 def main() -> None:
+    if sys.argv[1:] == ["--vm"]:
+        vm_first_command()
+        return
     for tool in (NETPLAN, GENERATOR, IHAL):
         if not tool.exists():
             raise SystemExit(f"ci/bench: {tool} is missing; run ci/setup as root")
@@ -154,6 +188,7 @@ def main() -> None:
                 f"  {name:42} {median:7.1f} +/- {sd:4.1f} ms  {median / base:5.2f}x"
                 f"   {cpu:7.1f} ms  {cpu / base_cpu:5.2f}x"
             )
+    vm_first_command()
 
 
 if __name__ == "__main__":

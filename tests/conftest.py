@@ -8,9 +8,12 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    import vm
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
@@ -75,3 +78,48 @@ def build_sysfs(root: Path, nics: list[dict[str, Any]]) -> Path:
 def load_nics(path: Path) -> list[dict[str, Any]]:
     data: list[dict[str, Any]] = json.loads(path.read_text())
     return data
+
+
+# The VM rung's machine (tests/appliance.py), shared by every VM test module: booting it
+# costs minutes under software emulation, so it boots twice per run and all checks read
+# those two boots.
+@pytest.fixture(scope="session")
+def appliance(tmp_path_factory: pytest.TempPathFactory) -> vm.Guest:
+    import appliance as machine
+
+    require_root()
+    require_tool(
+        "qemu-system-x86_64",
+        "debootstrap",
+        "systemd-nspawn",
+        "mkfs.ext4",
+        "debugfs",
+        "swtpm",
+        "sbsign",
+        "openssl",
+        "dnsmasq",
+    )
+    for firmware in (
+        "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd",
+        "/usr/share/ovmf/PkKek-1-snakeoil.key",
+    ):
+        if not Path(firmware).exists():
+            pytest.fail(f"needs {firmware} (Debian's ovmf package); run ci/setup as root")
+    return machine.build(tmp_path_factory.mktemp("appliance"))
+
+
+@pytest.fixture(scope="session")
+def secure_boot(appliance: vm.Guest) -> vm.Result:
+    """Boot 1: Secure Boot on (snakeoil keys enrolled, the kernel signed with them)."""
+    import appliance as machine
+
+    return machine.boot(appliance, "secureboot", "secureboot", syslog_marker=True)
+
+
+@pytest.fixture(scope="session")
+def setup_mode(appliance: vm.Guest, secure_boot: vm.Result) -> vm.Result:
+    """Boot 2 of the same disks and TPM: firmware without keys, config.toml corrupted."""
+    import appliance as machine
+
+    machine.corrupt_config(appliance)
+    return machine.boot(appliance, "uefi", "setup-mode", syslog_marker=False)

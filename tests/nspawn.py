@@ -66,15 +66,21 @@ def _log(message: str) -> None:
     print(f"[nspawn] {message}", file=sys.stderr, flush=True)
 
 
-def rootfs(flavor: str = "container", packages: tuple[str, ...] = PACKAGES) -> Path:
-    """The cached Debian root of this flavor (its package set), built on first use."""
+def rootfs(
+    flavor: str = "container", packages: tuple[str, ...] = PACKAGES, setup: str = ""
+) -> Path:
+    """The cached Debian root of this flavor (its package set), built on first use.
+    `setup` is a shell script run in it afterwards, with the host's network (for what
+    debootstrap cannot do: other components, building modules); it is part of the key."""
     base = CACHE / "rootfs"
     base.mkdir(parents=True, exist_ok=True)
     with open(base / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         for suite in SUITES:
             key = hashlib.sha256(
-                json.dumps([ROOTFS_RECIPE, suite, MIRROR, packages]).encode()
+                json.dumps(
+                    [ROOTFS_RECIPE, suite, MIRROR, packages, *([setup] if setup else [])]
+                ).encode()
             ).hexdigest()[:12]
             dest = base / f"{flavor}-{suite}-{key}"
             if (dest / ".complete").exists():
@@ -97,11 +103,21 @@ def rootfs(flavor: str = "container", packages: tuple[str, ...] = PACKAGES) -> P
                 check=False,
             )
             if proc.returncode != 0:
-                _log(f"debootstrap {suite} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+                _log(
+                    f"debootstrap {suite} failed ({proc.returncode}): "
+                    f"{(proc.stdout + proc.stderr)[-2000:]}"
+                )
                 shutil.rmtree(tmp, ignore_errors=True)
                 continue
             # A machine-id is made at first boot of each container, as on real hardware.
             (tmp / "etc/machine-id").write_text("uninitialized\n")
+            if setup:
+                _log(f"setting up {dest.name}")
+                try:
+                    nspawn_run(tmp, setup, network=True, timeout=3600)
+                except (RuntimeError, subprocess.TimeoutExpired):
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise
             (tmp / ".complete").write_text(f"{suite} {time.monotonic() - started:.0f}s\n")
             tmp.rename(dest)
             for old in base.glob(f"{flavor}-{suite}-*"):
@@ -127,16 +143,24 @@ def overlay(lowers: list[Path], work: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(merged)], check=False)
 
 
-def nspawn_run(root: Path, script: str, *, binds: tuple[str, ...] = ()) -> str:
-    """Run a shell script in `root` (no boot, no network of its own); return its output."""
+def nspawn_run(
+    root: Path,
+    script: str,
+    *,
+    binds: tuple[str, ...] = (),
+    network: bool = False,
+    timeout: float = 600,
+) -> str:
+    """Run a shell script in `root` (no boot; the host's network only if `network`);
+    return its output."""
     cmd = [
         "systemd-nspawn",
         "-q",
         "--register=no",
         "--keep-unit",
-        "--private-network",
+        *([] if network else ["--private-network"]),
         "--timezone=off",
-        "--resolv-conf=off",
+        f"--resolv-conf={'bind-host' if network else 'off'}",
         "-D",
         str(root),
     ]
@@ -147,7 +171,7 @@ def nspawn_run(root: Path, script: str, *, binds: tuple[str, ...] = ()) -> str:
         text=True,
         check=False,
         stdin=subprocess.DEVNULL,
-        timeout=600,
+        timeout=timeout,
     )
     if proc.returncode != 0:
         raise RuntimeError(
@@ -184,6 +208,9 @@ class Lan:
 
     veths: list[Veth]
     dhcp_on: str = ""
+    # "veth": pairs whose inside ends go to a container; "tap": tap devices (named by
+    # `outside`) that a qemu running in the namespace attaches its NICs to.
+    kind: str = "veth"
     syslog_port: int = 0
     name: str = field(default_factory=lambda: f"ihal-{secrets.token_hex(3)}")
     work: Path = Path("/tmp")
@@ -196,9 +223,21 @@ class Lan:
         run(["ip", "netns", "add", self.name])
         self.ip("link", "set", "lo", "up")
         for v in self.veths:
-            self.ip(
-                "link", "add", v.inside, "address", v.mac, "type", "veth", "peer", "name", v.outside
-            )
+            if self.kind == "tap":
+                self.ip("tuntap", "add", "dev", v.outside, "mode", "tap")
+            else:
+                self.ip(
+                    "link",
+                    "add",
+                    v.inside,
+                    "address",
+                    v.mac,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    v.outside,
+                )
             for a in v.addresses:
                 self.ip("addr", "add", a, "dev", v.outside, *(["nodad"] if ":" in a else []))
             self.ip("link", "set", v.outside, "up")
@@ -331,9 +370,15 @@ def install_probe(root: Path, unit: str, probe_dir: Path, probe: str) -> None:
     shutil.copy(Path(__file__).parent / "guest_lib.py", probe_dir / "guest_lib.py")
 
 
-def boot(root: Path, lan_: Lan, probe_dir: Path, *, timeout: int = 240) -> Boot:
-    """Boot `root` with the LAN's inner veth ends as its NICs; return the probe's result."""
-    install_probe(root, PROBE_UNIT, probe_dir, (Path(__file__).parent / "probe.py").read_text())
+def boot(
+    root: Path, lan_: Lan, probe_dir: Path, expect: dict[str, Any], *, timeout: int = 240
+) -> Boot:
+    """Boot `root` with the LAN's inner veth ends as its NICs; the probe part "system"
+    (tests/guest_system.py) runs with `expect`; return what it recorded."""
+    tests = Path(__file__).parent
+    install_probe(root, PROBE_UNIT, probe_dir, (tests / "guest_probe.py").read_text())
+    shutil.copy(tests / "guest_system.py", probe_dir / "guest_system.py")
+    (probe_dir / "expect.json").write_text(json.dumps({"system": expect, "parts": ["system"]}))
     result_file = probe_dir / "result.json"
     result_file.unlink(missing_ok=True)
     nspawn = [
@@ -377,4 +422,7 @@ def boot(root: Path, lan_: Lan, probe_dir: Path, *, timeout: int = 240) -> Boot:
             f"the probe wrote no result (nspawn exit {returncode});"
             f" console:\n{console_text[-6000:]}"
         )
-    return Boot(json.loads(result_file.read_text()), console_text)
+    system = json.loads(result_file.read_text())["system"]
+    if "error" in system:
+        raise AssertionError(f"the probe failed: {system['error']}")
+    return Boot(system, console_text)

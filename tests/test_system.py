@@ -16,94 +16,20 @@ not be enabled, and the bridges work without it.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import nspawn
+import vm
 from conftest import build_sysfs, require_root, require_tool
 from golden import manifest, run_cli
+from system_case import EXPECT, LAN0_MAC, LAN1_MAC, MARKER, config, new_lan
 
 pytestmark = pytest.mark.system
 
-LAN0_MAC, LAN1_MAC = "52:54:00:99:00:02", "52:54:00:99:01:02"
-CONFIG = f"""version = 1
-
-[network.dns]
-hostname = "ihal-node"
-nameservers = ["10.99.0.1"]
-search_domains = ["test.example"]
-
-[network.time]
-ntp_servers = ["10.99.0.1"]
-timezone = "Europe/Berlin"
-
-[network.proxy.servers.corp]
-host = "10.99.0.1:3128"
-auth = "basic"
-username = "svc"
-password = "pa:ss"
-
-[[network.proxy.rules]]
-destination = "*.test.example"
-target = "direct"
-
-[[network.proxy.rules]]
-destination = "*"
-target = "corp"
-
-[[network.interfaces]]
-name = "lan0"
-hwaddr = "{LAN0_MAC}"
-addresses = ["10.99.0.2/24", "fd00:99::2/64"]
-routes = [{{ to = "10.98.0.0/16", via = "10.99.0.1" }}]
-lldp = true
-roles = ["management"]
-
-[[network.interfaces]]
-name = "lan1"
-hwaddr = "vc1"
-addresses = ["dhcp4", "slaac"]
-mtu = 1400
-required_for_online = "ipv4"
-
-[logging.syslog]
-address = "10.99.0.1:5514"
-protocol = "udp"
-"""
-MARKER = "ihal-syslog-marker-5c1f"
-EXPECT = {
-    "wait_addresses": {"lan0": "10.99.0.2/", "lan1": "10.99.1.1"},
-    "ping": ["10.99.0.1"],
-    "syslog_marker": MARKER,
-    "active_units": [
-        "incusos-hal-configure.service",
-        "systemd-networkd.service",
-        "systemd-resolved.service",
-        "systemd-netlogd.service",
-    ],
-    "verify_units": [
-        "incusos-hal-configure.service",
-        "systemd-networkd.service",
-        "systemd-resolved.service",
-        "systemd-netlogd.service",
-        "systemd-timesyncd.service",
-    ],
-}
-
-
-def new_lan(work: Path) -> nspawn.Lan:
-    return nspawn.Lan(
-        veths=[
-            nspawn.Veth("vc0", "vh0", LAN0_MAC, ("10.99.0.1/24", "fd00:99::1/64")),
-            nspawn.Veth("vc1", "vh1", LAN1_MAC, ("10.99.1.1/24", "fd00:99:1::1/64")),
-        ],
-        dhcp_on="vh1",
-        syslog_port=5514,
-        work=work,
-    )
+CONFIG = config("vc1")
 
 
 @pytest.fixture(scope="module")
@@ -115,34 +41,61 @@ def machine(tmp_path_factory: pytest.TempPathFactory) -> Any:
     package = nspawn.install_layer(root, work / "package")
     probe = work / "probe"
     probe.mkdir()
-    (probe / "expect.json").write_text(json.dumps(EXPECT))
     (probe / "config.toml").write_text(CONFIG)
     with nspawn.overlay([package, root], work / "machine") as merged:
         yield merged, probe, work
 
 
 @pytest.fixture(scope="module")
-def first_boot(machine: Any) -> nspawn.Boot:
+def container_first_boot(machine: Any) -> nspawn.Boot:
     merged, probe, work = machine
     nspawn.nspawn_run(
         merged, "incusos-hal save --config /probe/config.toml", binds=(f"{probe}:/probe",)
     )
     with nspawn.lan(new_lan(work / "lan1")) as lan:
-        result = nspawn.boot(merged, lan, probe)
+        result = nspawn.boot(merged, lan, probe, EXPECT)
         result.result["syslog_received"] = lan.syslog()
     return result
 
 
 @pytest.fixture(scope="module")
-def second_boot(machine: Any, first_boot: nspawn.Boot) -> nspawn.Boot:
+def container_second_boot(machine: Any, container_first_boot: nspawn.Boot) -> nspawn.Boot:
     merged, probe, work = machine
     state = merged / "var/lib/incusos-hal"
     assert (state / "config.last-good.toml").is_file(), "boot 1 recorded no last good config"
     (state / "config.toml").write_bytes(b"version = 1\n[[network.interfaces]\nbroken")
-    expect = dict(EXPECT, syslog_marker=None)
-    (probe / "expect.json").write_text(json.dumps(expect))
     with nspawn.lan(new_lan(work / "lan2")) as lan:
-        return nspawn.boot(merged, lan, probe)
+        return nspawn.boot(merged, lan, probe, dict(EXPECT, syslog_marker=None))
+
+
+def _from_guest(boot: vm.Result) -> nspawn.Boot:
+    system: dict[str, Any] = boot.result["system"]
+    assert "error" not in system, system["error"]
+    return nspawn.Boot(system, boot.console)
+
+
+# Every check runs on both rungs: the container (this module's machine) and the VM guest
+# (tests/appliance.py, booted once for all VM checks), which has the same LAN and config
+# plus a bond, and boots with Secure Boot on and then in setup mode.
+@pytest.fixture(scope="module", params=["container", "vm"])
+def rung(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(scope="module")
+def first_boot(rung: str, request: pytest.FixtureRequest) -> nspawn.Boot:
+    if rung == "vm":
+        return _from_guest(request.getfixturevalue("secure_boot"))
+    boot: nspawn.Boot = request.getfixturevalue("container_first_boot")
+    return boot
+
+
+@pytest.fixture(scope="module")
+def second_boot(rung: str, first_boot: nspawn.Boot, request: pytest.FixtureRequest) -> nspawn.Boot:
+    if rung == "vm":
+        return _from_guest(request.getfixturevalue("setup_mode"))
+    boot: nspawn.Boot = request.getfixturevalue("container_second_boot")
+    return boot
 
 
 def _link(result: dict[str, Any], name: str) -> dict[str, Any]:
@@ -203,8 +156,18 @@ def test_installed_generator_replays_its_cache(first_boot: nspawn.Boot) -> None:
     assert rerun["files"] and set(rerun["files"]) <= booted
 
 
-def test_configure_wrote_what_render_writes(first_boot: nspawn.Boot, tmp_path: Path) -> None:
-    assert first_boot.result["network_files"] == expected_network_files(tmp_path)
+def test_configure_wrote_what_render_writes(
+    rung: str, first_boot: nspawn.Boot, tmp_path: Path
+) -> None:
+    files = first_boot.result["network_files"]
+    if rung == "container":
+        assert files == expected_network_files(tmp_path)
+    else:
+        # The guest's NICs are qemu's: render ran there too, after boot, on the same /sys.
+        rendered = first_boot.result["render_here"]
+        assert rendered["rc"] == 0, rendered["err"]
+        assert files == rendered["files"]
+        assert {"10-incusos-bridge-lan0.network", "10-incusos-bond-uplink.netdev"} <= set(files)
 
 
 def test_networkd_built_the_bridges(first_boot: nspawn.Boot) -> None:
@@ -212,7 +175,10 @@ def test_networkd_built_the_bridges(first_boot: nspawn.Boot) -> None:
     port0, port1 = "_p" + LAN0_MAC.replace(":", ""), "_p" + LAN1_MAC.replace(":", "")
     names = {x["ifname"] for x in r["links"]}
     assert {"lan0", "lan1", port0, port1} <= names
-    assert not {"vc0", "vc1"} & names, "NICs were not renamed"
+    # Renamed: each NIC's MAC is on its port and its bridge only, not a kernel name.
+    for mac, bridge, port in ((LAN0_MAC, "lan0", port0), (LAN1_MAC, "lan1", port1)):
+        holders = {x["ifname"] for x in r["links"] if x.get("address") == mac}
+        assert holders == {bridge, port}, holders
     lan0, lan1 = _link(r, "lan0"), _link(r, "lan1")
     assert lan0["linkinfo"]["info_kind"] == "bridge"
     assert lan0["address"] == LAN0_MAC, "bridge MAC is not its NIC's"

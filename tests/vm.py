@@ -1,31 +1,46 @@
 """Boot a real Debian 13 guest under qemu, with this project installed, and run checks in it.
 
-This host's kernel has no bonding, VLAN, bridge VLAN filtering, device-mapper, NVMe or
-TPM, and loads no modules; a guest with Debian's own kernel has them all.
+This host's kernel has no bonding, VLAN, bridge VLAN filtering, device-mapper, NVMe, TPM
+or EFI, and loads no modules; a guest with Debian's own kernel has them all.
 
-- `guest_root()`: a Debian 13 root with Debian's kernel, debootstrapped once and cached
-  under $INCUSOS_HAL_CACHE/rootfs (nspawn.rootfs, flavor "vm").
+- `guest_root()`: a Debian 13 root with Debian's kernel and the tools the HAL is checked
+  against, debootstrapped once and cached under $INCUSOS_HAL_CACHE/rootfs, keyed by its
+  package list (nspawn.rootfs, flavor "vm").
 - `build()`: an overlay on it with the checkout meson-installed (by the root's own meson,
   through systemd-nspawn), then whatever the test adds; packed into an ext4 disk image
   with `mkfs.ext4 -d` (no loop device or mount needed). The guest boots its own kernel
   and initrd directly (`-kernel`/`-initrd`), root on a virtio disk.
-- `Guest.boot()`: qemu with KVM when it really runs guests here, else TCG (software
-  emulation, slower, same results); NICs with fixed MACs on qemu socket netdevs (two NICs
-  whose netdevs point at each other are a cable); a 9p share mounted at /probe. A probe
-  unit runs /probe/probe.py after boot, writes /probe/result.json and powers off. A hung
-  guest is killed after the timeout and its console log is kept for the message. The
-  same disk can be booted again (state that must survive a reboot).
+- `Guest`: the machine around the disk. Firmware: SeaBIOS ("bios", the fastest), OVMF
+  with Secure Boot available but no keys ("uefi": setup mode, Secure Boot off), or OVMF
+  with the snakeoil test keys enrolled and the kernel signed with them ("secureboot").
+  A TPM 2.0 from swtpm whose state lives in the guest's work directory, so PCRs, keys and
+  sealed secrets are real across boots. NVMe controllers with namespaces, a SCSI disk
+  reachable through two HBAs (two paths to one WWN, for multipath), NICs with fixed MACs
+  on qemu socket netdevs (two whose netdevs point at each other are a cable).
+- `Guest.boot()`: KVM when it really runs guests here, else TCG (software emulation,
+  slower, same results). A probe unit mounts the work directory's probe/ over 9p at
+  /probe and runs the probe parts asked for (tests/guest_probe.py); their results come
+  back in /probe/result.json and the guest powers off. A hung guest is killed after the
+  timeout and its console log is kept for the message. The same disk boots again with
+  its state (config, LUKS volumes on the NVMe disks, TPM) intact.
+
+`ci/vm` is the command line to it: `ci/vm run -- CMD` boots a guest and runs CMD there.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import os
 import shutil
 import socket
 import subprocess
+import sys
+import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,29 +53,85 @@ GUEST_PACKAGES = (
     "initramfs-tools",
     "udev",
     "kmod",
+    # the hardware the HAL drives, and the reference tools its results are checked against
+    "cryptsetup",
+    "systemd-cryptsetup",
+    "multipath-tools",
+    "open-iscsi",
+    "nvme-cli",
+    "tpm2-tools",
+    "lldpd",
+    "targetcli-fb",
+    "sg3-utils",
+    "ethtool",
+    "pciutils",
+    "mokutil",
+    # the HAL's own dependencies as Debian ships them, and what builds its cffi parts
+    "python3-cffi",
+    "python3-ply",  # debootstrap resolves no virtual packages: pycparser's python3-ply-lex
+    "python3-pyudev",
+    "python3-tpm2-pytss",
+    "python3-aiohttp",
+    "python3-sdbus",
+    "gcc",
+    "libc6-dev",
+    "python3-dev",
+    "libcryptsetup-dev",
 )
 KERNEL_CMDLINE = "root=/dev/vda rw console=ttyS0 systemd.show_status=auto"
+OVMF = Path("/usr/share/OVMF")
+OVMF_CODE = OVMF / "OVMF_CODE_4M.secboot.fd"
+FIRMWARE_VARS = {
+    "uefi": OVMF / "OVMF_VARS_4M.fd",  # no keys: setup mode, Secure Boot off
+    "secureboot": OVMF / "OVMF_VARS_4M.snakeoil.fd",  # PK, KEK, db: Debian's test key
+}
+FIRMWARES = ("bios", *FIRMWARE_VARS)
+# Debian's ovmf package ships the snakeoil key that signs what those variables trust;
+# its passphrase is published (README.Debian): it is test material, not a secret.
+SNAKEOIL_KEY = Path("/usr/share/ovmf/PkKek-1-snakeoil.key")
+SNAKEOIL_CERT = Path("/usr/share/ovmf/PkKek-1-snakeoil.pem")
+SNAKEOIL_PASSPHRASE = "snakeoil"  # published with the test key
 
 PROBE_UNIT = """[Unit]
-Description=Test probe: run /probe/probe.py, then power off
-After=multi-user.target network-online.target
-Wants=network-online.target
+Description=Test probe: run the probe parts in /probe, then power off
+After=multi-user.target
 
 [Service]
 Type=oneshot
+Environment=PYTHONDONTWRITEBYTECODE=1
 ExecStartPre=/bin/mkdir -p /probe
 ExecStartPre=/bin/mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 probe /probe
 ExecStart=/usr/bin/python3 /probe/probe.py
 ExecStopPost=/bin/systemctl poweroff --no-block
 StandardOutput=journal+console
 StandardError=journal+console
-TimeoutStartSec=600
+TimeoutStartSec=900
 """
+TESTS = Path(__file__).resolve().parent
 
 _ACCEL: tuple[str, str] | None = None
 
 
-def guest_root() -> Path:
+# OpenZFS is in Debian's contrib (its licence keeps it out of the kernel package): the
+# module is built by DKMS against the guest kernel's headers, in the cached root.
+ZFS_SETUP = """
+sed -i 's/^\\(deb .*\\) main$/\\1 main contrib/' /etc/apt/sources.list
+grep -q contrib /etc/apt/sources.list
+apt-get update -q
+export DEBIAN_FRONTEND=noninteractive
+apt-get install -y -q --no-install-recommends linux-headers-amd64 zfs-dkms zfsutils-linux \\
+    python3-pyzfs
+kernel=$(ls /lib/modules | sort -V | tail -n 1)
+dkms status
+ls /lib/modules/$kernel/updates/dkms/zfs.ko*
+apt-get clean
+"""
+
+
+def guest_root(*, zfs: bool = False) -> Path:
+    """The cached guest root; with `zfs`, a flavor with OpenZFS built for its kernel."""
+    if zfs:
+        return nspawn.rootfs("vm-zfs", GUEST_PACKAGES, setup=ZFS_SETUP)
     return nspawn.rootfs("vm", GUEST_PACKAGES)
 
 
@@ -149,29 +220,98 @@ def cables(macs: list[tuple[str, str]]) -> list[Nic]:
     return nics
 
 
+@dataclass(frozen=True)
+class NvmeController:
+    serial: str
+    namespaces_mib: tuple[int, ...]  # one namespace per size, nsid 1, 2, ...
+
+
+@dataclass(frozen=True)
+class MultipathDisk:
+    """One SCSI disk behind two virtio-scsi HBAs: two paths with one serial and WWN."""
+
+    serial: str
+    wwn: int  # NAA 5 identifier, 64 bits
+    size_mib: int = 64
+
+
 @dataclass
 class Result:
     result: dict[str, Any]
     console: str
-    seconds: float
+    seconds: float  # qemu start to power-off
+    first_command: float | None  # qemu start to the probe's first step
     accel: str
 
 
 @dataclass
 class Guest:
+    work: Path
     image: Path
     kernel: Path
     initrd: Path
-    probe_dir: Path
     nics: list[Nic] = field(default_factory=list)
+    # NICs on tap devices (MAC, tap name) in the network namespace `netns`, where qemu
+    # then runs: the far side of a LAN the harness builds (nspawn.Lan, kind "tap").
+    taps: list[tuple[str, str]] = field(default_factory=list)
+    netns: str | None = None
+    firmware: str = "bios"
+    tpm: bool = False
+    nvme: list[NvmeController] = field(default_factory=list)
+    multipath: MultipathDisk | None = None
     memory_mb: int = 2048
     cpus: int = 2
+    accelerator: str | None = None  # None: KVM if it runs guests here, else TCG
 
-    def command(self, accelerator: str) -> list[str]:
+    @property
+    def probe_dir(self) -> Path:
+        return self.work / "probe"
+
+    @property
+    def tpm_state(self) -> Path:
+        return self.work / "tpm"
+
+    def _disk(self, name: str, mib: int) -> Path:
+        """A sparse raw disk in the work directory, made once: it keeps its data across boots."""
+        path = self.work / f"{name}.raw"
+        if not path.exists():
+            with open(path, "wb") as f:
+                f.truncate(mib * 1024 * 1024)
+        return path
+
+    def _firmware_args(self) -> list[str]:
+        if self.firmware == "bios":
+            return ["-machine", "q35"]
+        if self.firmware not in FIRMWARE_VARS:
+            raise ValueError(f"firmware: one of {', '.join(FIRMWARES)}, not {self.firmware!r}")
+        # Each firmware keeps its own variable store across boots, as a machine's NVRAM.
+        variables = self.work / f"efivars-{self.firmware}.fd"
+        if not variables.exists():
+            shutil.copy(FIRMWARE_VARS[self.firmware], variables)
+        return [
+            # The Secure Boot capable build keeps its variables in SMM.
+            "-machine",
+            "q35,smm=on",
+            "-global",
+            "driver=cfi.pflash01,property=secure,value=on",
+            "-drive",
+            f"if=pflash,format=raw,unit=0,file={OVMF_CODE},readonly=on",
+            "-drive",
+            f"if=pflash,format=raw,unit=1,file={variables}",
+        ]
+
+    def _kernel(self) -> Path:
+        if self.firmware != "secureboot":
+            return self.kernel
+        signed = self.work / "vmlinuz.snakeoil"
+        if not signed.exists() or signed.stat().st_mtime < self.kernel.stat().st_mtime:
+            sign_efi(self.kernel, signed)
+        return signed
+
+    def command(self, accelerator: str, tpm_socket: Path | None = None) -> list[str]:
         cmd = [
             "qemu-system-x86_64",
-            "-machine",
-            "q35",
+            *self._firmware_args(),
             "-accel",
             accelerator,
             "-cpu",
@@ -183,7 +323,7 @@ class Guest:
             "-nographic",
             "-no-reboot",
             "-kernel",
-            str(self.kernel),
+            str(self._kernel()),
             "-initrd",
             str(self.initrd),
             "-append",
@@ -195,6 +335,46 @@ class Guest:
             "-nic",
             "none",
         ]
+        if tpm_socket is not None:
+            cmd += [
+                "-chardev",
+                f"socket,id=tpmchr,path={tpm_socket}",
+                "-tpmdev",
+                "emulator,id=tpm0,chardev=tpmchr",
+                "-device",
+                "tpm-crb,tpmdev=tpm0",
+            ]
+        for c, ctrl in enumerate(self.nvme):
+            cmd += ["-device", f"nvme,id=nvme{c},serial={ctrl.serial}"]
+            for n, mib in enumerate(ctrl.namespaces_mib, start=1):
+                disk = self._disk(f"nvme{c}n{n}", mib)
+                cmd += [
+                    "-drive",
+                    f"file={disk},if=none,id=nvme{c}n{n},format=raw,cache=unsafe",
+                    "-device",
+                    f"nvme-ns,drive=nvme{c}n{n},bus=nvme{c},nsid={n}",
+                ]
+        if self.multipath is not None:
+            mp = self.multipath
+            disk = self._disk("multipath", mp.size_mib)
+            for path in (0, 1):
+                # Two HBAs open one file: qemu's image locking would refuse the second.
+                cmd += [
+                    "-device",
+                    f"virtio-scsi-pci,id=hba{path}",
+                    "-drive",
+                    f"file={disk},if=none,id=mp{path},format=raw,cache=none,file.locking=off",
+                    "-device",
+                    f"scsi-hd,drive=mp{path},bus=hba{path}.0,serial={mp.serial},"
+                    f"wwn={mp.wwn:#x},share-rw=on",
+                ]
+        for i, (mac, tap) in enumerate(self.taps):
+            cmd += [
+                "-netdev",
+                f"tap,id=t{i},ifname={tap},script=no,downscript=no",
+                "-device",
+                f"virtio-net-pci,netdev=t{i},mac={mac}",
+            ]
         for i, nic in enumerate(self.nics):
             # virtio-net reports no speed or duplex unless told, and 802.3ad aggregates
             # only full-duplex ports of one speed: give it a NIC's.
@@ -206,28 +386,127 @@ class Guest:
             ]
         return cmd
 
-    def boot(self, expect: dict[str, Any], *, timeout: int = 600) -> Result:
-        """Boot, let the probe run with `expect`, return what it recorded."""
-        (self.probe_dir / "expect.json").write_text(json.dumps(expect))
-        result_file = self.probe_dir / "result.json"
-        result_file.unlink(missing_ok=True)
-        accelerator, _ = accel(self.kernel, self.initrd)
-        started = time.monotonic()
-        returncode, console_text = nspawn.run_logged(
-            self.command(accelerator), self.probe_dir / "console.log", timeout
-        )
-        seconds = time.monotonic() - started
+    def boot(self, parts: Sequence[str], expect: dict[str, Any], *, timeout: int = 900) -> Result:
+        """Boot; in the guest, run the probe parts (tests/guest_<part>.py) with `expect`;
+        return what they recorded. `result[part]` is each part's result."""
+        probe = self.probe_dir
+        for part in parts:
+            shutil.copy(TESTS / f"guest_{part}.py", probe / f"guest_{part}.py")
+        (probe / "expect.json").write_text(json.dumps({**expect, "parts": list(parts)}))
+        for stale in ("result.json", "started"):
+            (probe / stale).unlink(missing_ok=True)
+        accelerator = self.accelerator or accel(self.kernel, self.initrd)[0]
+        with contextlib.ExitStack() as stack:
+            tpm_socket = stack.enter_context(swtpm(self.tpm_state, self.work)) if self.tpm else None
+            cmd = self.command(accelerator, tpm_socket)
+            if self.netns:
+                cmd = ["ip", "netns", "exec", self.netns, *cmd]
+            started = time.monotonic()
+            first: list[float] = []
+            watcher = threading.Thread(
+                target=_watch_for, args=(probe / "started", started, first), daemon=True
+            )
+            watcher.start()
+            returncode, console_text = nspawn.run_logged(cmd, probe / "console.log", timeout)
+            seconds = time.monotonic() - started
+        result_file = probe / "result.json"
         if not result_file.exists():
             raise AssertionError(
                 f"the guest probe wrote no result (qemu exit {returncode}, "
                 f"{seconds:.0f}s, {accelerator}); console:\n{console_text[-8000:]}"
             )
-        return Result(json.loads(result_file.read_text()), console_text, seconds, accelerator)
+        return Result(
+            json.loads(result_file.read_text()),
+            console_text,
+            seconds,
+            first[0] if first else None,
+            accelerator,
+        )
 
 
-def build(work: Path, probe: str, customize: Callable[[Path], None], *, size: str = "3G") -> Guest:
-    """A disk image: the cached guest root + this checkout installed + the probe (Python
-    source run after boot) + `customize(root)`."""
+def _watch_for(path: Path, started: float, out: list[float], limit: float = 1800) -> None:
+    while time.monotonic() - started < limit:
+        if path.exists():
+            out.append(time.monotonic() - started)
+            return
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def swtpm(state: Path, work: Path) -> Iterator[Path]:
+    """A TPM 2.0 for one boot, on a unix socket; its state stays in `state`."""
+    state.mkdir(exist_ok=True)
+    sock = work / "swtpm.sock"
+    sock.unlink(missing_ok=True)
+    proc = subprocess.Popen(
+        [
+            "swtpm",
+            "socket",
+            "--tpm2",
+            "--tpmstate",
+            f"dir={state}",
+            "--ctrl",
+            f"type=unixio,path={sock}",
+            "--log",
+            f"file={work / 'swtpm.log'},level=1",
+            "--terminate",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log = (work / "swtpm.log").read_text(errors="replace")
+                raise RuntimeError(f"swtpm did not start (exit {proc.poll()}): {log[-2000:]}")
+            time.sleep(0.02)
+        yield sock
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def sign_efi(binary: Path, out: Path) -> None:
+    """Sign an EFI binary (the kernel's EFI stub) with the snakeoil key."""
+    with tempfile.TemporaryDirectory() as tmp:
+        key = Path(tmp) / "snakeoil.key"
+        nspawn.run(
+            [
+                "openssl",
+                "pkey",
+                "-in",
+                str(SNAKEOIL_KEY),
+                "-passin",
+                f"pass:{SNAKEOIL_PASSPHRASE}",
+                "-out",
+                str(key),
+            ],
+            capture_output=True,
+        )
+        nspawn.run(
+            [
+                "sbsign",
+                "--key",
+                str(key),
+                "--cert",
+                str(SNAKEOIL_CERT),
+                "--output",
+                str(out),
+                str(binary),
+            ],
+            capture_output=True,
+        )
+
+
+def build(work: Path, customize: Callable[[Path], None], *, size: str = "3G") -> Guest:
+    """A guest in `work`: its disk image is the cached guest root + this checkout
+    installed + the probe unit + `customize(root)`."""
     root = guest_root()
     package = work / "package"
     if not (package / "upper").exists():
@@ -236,7 +515,7 @@ def build(work: Path, probe: str, customize: Callable[[Path], None], *, size: st
     probe_dir.mkdir(parents=True, exist_ok=True)
     image = work / "disk.raw"
     with nspawn.overlay([package / "upper", root], work / "image") as merged:
-        nspawn.install_probe(merged, PROBE_UNIT, probe_dir, probe)
+        nspawn.install_probe(merged, PROBE_UNIT, probe_dir, (TESTS / "guest_probe.py").read_text())
         customize(merged)
         kernel, initrd = _boot_files(merged)
         shutil.copy(kernel, work / "vmlinuz")
@@ -247,4 +526,70 @@ def build(work: Path, probe: str, customize: Callable[[Path], None], *, size: st
             capture_output=True,
         )
     shutil.rmtree(work / "image", ignore_errors=True)
-    return Guest(image, work / "vmlinuz", work / "initrd.img", probe_dir)
+    return Guest(work, image, work / "vmlinuz", work / "initrd.img")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """ci/vm: boot a guest with the devices asked for, run a command in it, print what it
+    printed, exit with its status."""
+    parser = argparse.ArgumentParser(prog="ci/vm", description=main.__doc__)
+    sub = parser.add_subparsers(dest="verb", required=True)
+    sub.add_parser("build", help="build (or find cached) the guest root; print its path")
+    run = sub.add_parser("run", help="boot a guest, run COMMAND in it (cwd /probe)")
+    run.add_argument("--firmware", choices=FIRMWARES, default="bios")
+    run.add_argument("--tpm", action="store_true", help="a TPM 2.0 from swtpm")
+    run.add_argument("--nvme", action="store_true", help="two NVMe controllers")
+    run.add_argument("--multipath", action="store_true", help="a disk with two paths")
+    run.add_argument("--file", action="append", default=[], help="copy into /probe")
+    run.add_argument("--work", type=Path, help="keep the guest here (boot it again later)")
+    run.add_argument("--timeout", type=int, default=900)
+    run.add_argument("command", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    if args.verb == "build":
+        print(guest_root())
+        return 0
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("run: give a COMMAND (after --)")
+    work = args.work or Path(tempfile.mkdtemp(prefix="ihal-vm-", dir="/var/tmp"))
+    work.mkdir(parents=True, exist_ok=True)
+    guest = (
+        build(work, lambda root: None)
+        if not (work / "disk.raw").exists()
+        else Guest(work, work / "disk.raw", work / "vmlinuz", work / "initrd.img")
+    )
+    guest.firmware, guest.tpm = args.firmware, args.tpm
+    if args.nvme:
+        guest.nvme = DEFAULT_NVME
+    if args.multipath:
+        guest.multipath = DEFAULT_MULTIPATH
+    for name in args.file:
+        shutil.copy(name, guest.probe_dir / Path(name).name)
+    try:
+        result = guest.boot(
+            ["command"],
+            {"command": {"argv": command, "timeout": args.timeout}},
+            timeout=args.timeout + 300,
+        )
+    finally:
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+    ran = result.result["command"]
+    sys.stdout.write(ran.get("out", ""))
+    sys.stderr.write(ran.get("err", "") or ran.get("error", ""))
+    print(
+        f"ci/vm: {result.accel}, first command at {result.first_command or 0:.1f}s, "
+        f"power-off at {result.seconds:.1f}s",
+        file=sys.stderr,
+    )
+    return int(ran.get("rc", 1))
+
+
+DEFAULT_NVME = [
+    NvmeController("IHALNVME0001", (64, 32)),
+    NvmeController("IHALNVME0002", (64,)),
+]
+DEFAULT_MULTIPATH = MultipathDisk("IHALMPATH01", 0x5000C50015EA71AC)
+
+if __name__ == "__main__":
+    raise SystemExit(main())

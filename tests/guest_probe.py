@@ -1,0 +1,29 @@
+"""Runs in the VM guest after boot (stdlib only), started by the probe unit.
+
+Marks /probe/started (the host times the first guest command by it), then runs each part
+named in /probe/expect.json's "parts": module guest_<part>.py beside this file, whose
+`run(expect)` returns a dict. Results go to /probe/result.json keyed by part, written
+atomically; a part that raises is recorded as {"error": traceback} and the rest still run.
+"""
+
+import importlib
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+PROBE = Path("/probe")
+(PROBE / "started").write_text(f"{time.monotonic()}\n")
+sys.path.insert(0, str(PROBE))
+expect = json.loads((PROBE / "expect.json").read_text())
+result = {"uptime_at_start": float(Path("/proc/uptime").read_text().split()[0])}
+for part in expect.get("parts", []):
+    try:
+        result[part] = importlib.import_module(f"guest_{part}").run(expect)
+    except Exception:
+        result[part] = {"error": traceback.format_exc()}
+result["uptime"] = float(Path("/proc/uptime").read_text().split()[0])
+tmp = PROBE / "result.json.tmp"
+tmp.write_text(json.dumps(result, indent=1))
+tmp.rename(PROBE / "result.json")
