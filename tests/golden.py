@@ -12,6 +12,9 @@ zram-generator's test suites do.
     tests/golden/errors/<case>/config.toml | .json   an invalid document
     tests/golden/errors/<case>/expected-errors.txt   the exact lines `validate` prints
 
+    tests/fixtures/<tree>/                           a recorded or built machine
+    tests/fixtures/<tree>/inventory.json             what `inventory.scan` gives for it
+
 `python tests/golden.py --regen` (ci/regen-golden) rewrites every expected output from
 the current code, for review with `git diff`.
 """
@@ -32,11 +35,26 @@ GOLDEN = HERE / "golden"
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
-from incusos_hal import cli  # noqa: E402
+from incusos_hal import cli, inventory  # noqa: E402
 
 from conftest import build_sysfs, load_nics  # noqa: E402
 
 STATE_DIR = "/var/lib/incusos-hal"
+
+
+FIXTURES = HERE / "fixtures"
+# Incus's sections and this project's additions: everything a tree is scanned for.
+SECTIONS = (*inventory.INCUS_SECTIONS, "nvme", "tpm", "secure_boot", "fibre_channel", "multipath")
+
+
+def fixture_trees() -> list[Path]:
+    return sorted(p for p in FIXTURES.iterdir() if (p / "NOTE.md").exists())
+
+
+def scan_tree(tree: Path) -> str:
+    import json
+
+    return json.dumps(inventory.scan(tree, SECTIONS), indent=1, sort_keys=False) + "\n"
 
 
 def render_cases() -> list[Path]:
@@ -121,6 +139,9 @@ def regen() -> None:
             raise SystemExit(f"{case.name}: validate exited {code}, expected 2")
         (case / "expected-errors.txt").write_text(stderr)
         print(f"regenerated {case.relative_to(HERE.parent)}")
+    for tree in fixture_trees():
+        (tree / "inventory.json").write_text(scan_tree(tree))
+        print(f"regenerated {tree.relative_to(HERE.parent)}/inventory.json")
 
 
 if __name__ == "__main__":

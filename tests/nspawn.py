@@ -113,11 +113,18 @@ def rootfs(
             (tmp / "etc/machine-id").write_text("uninitialized\n")
             if setup:
                 _log(f"setting up {dest.name}")
+                # nspawn copies the host's resolv.conf over the root's (resolved's stub
+                # link) for the downloads; the link is put back for the booted system.
+                resolv = tmp / "etc/resolv.conf"
+                link = os.readlink(resolv) if resolv.is_symlink() else None
                 try:
                     nspawn_run(tmp, setup, network=True, timeout=3600)
                 except (RuntimeError, subprocess.TimeoutExpired):
                     shutil.rmtree(tmp, ignore_errors=True)
                     raise
+                if link is not None:
+                    resolv.unlink(missing_ok=True)
+                    resolv.symlink_to(link)
             (tmp / ".complete").write_text(f"{suite} {time.monotonic() - started:.0f}s\n")
             tmp.rename(dest)
             for old in base.glob(f"{flavor}-{suite}-*"):
@@ -160,7 +167,7 @@ def nspawn_run(
         "--keep-unit",
         *([] if network else ["--private-network"]),
         "--timezone=off",
-        f"--resolv-conf={'bind-host' if network else 'off'}",
+        f"--resolv-conf={'replace-host' if network else 'off'}",
         "-D",
         str(root),
     ]

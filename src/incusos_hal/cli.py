@@ -4,7 +4,8 @@
     render [--config PATH] [--root DIR] --out DIR   what configure + generator would write
     save --config PATH [--state-dir DIR]       validate, then store atomically
     configure [--boot] [--state-dir DIR]       apply the stored config to this machine
-    inventory [--root DIR] [--format F] [SECTION...]
+    inventory [--root DIR] [--format F] [SECTION...]   Incus's GET /1.0/resources, and more
+    record DIR [--root DIR]                    capture what inventory reads, to replay it
 
 Environment: INCUSOS_HAL_STATE_DIR (default /var/lib/incusos-hal), INCUSOS_HAL_ROOT
 (re-roots reads of /sys, /proc, /dev and /run/udev).
@@ -17,7 +18,6 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 from . import __version__
 from .config import Config, ConfigError, FieldError, parse, store
@@ -131,36 +131,11 @@ def cmd_configure(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
-def _table(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
-    )
-
-
-def _network_table(section: dict[str, Any]) -> str:
-    rows = [["PORT", "MAC", "DRIVER", "PCI", "LINK", "SPEED"]]
-    for card in section["cards"]:
-        for port in card.get("ports", []):
-            speed = port.get("link_speed")
-            rows.append(
-                [
-                    port["id"],
-                    port.get("address", ""),
-                    card.get("driver", ""),
-                    card.get("pci_address", card.get("usb_address", "")),
-                    "up" if port["link_detected"] else "down",
-                    f"{speed} Mb/s" if speed else "",
-                ]
-            )
-    return _table(rows)
-
-
 def cmd_inventory(args: argparse.Namespace) -> int:
     from .inventory import UnknownSection, scan
 
     try:
-        doc = scan(_root(args.root), args.sections)
+        doc = scan(_root(args.root), args.sections, load_snake_case=args.load_snake_case)
     except UnknownSection as e:
         print(e, file=sys.stderr)
         return EXIT_INVALID
@@ -172,9 +147,24 @@ def cmd_inventory(args: argparse.Namespace) -> int:
 
         sys.stdout.write(dumps(doc))
     else:
+        from .inventory.table import table
+
         for name, section in doc.items():
             print(f"{name}:")
-            print(_network_table(section) if name == "network" else json.dumps(section, indent=2))
+            print(table(name, section))
+            print()
+    return 0
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    from .inventory.record import record
+
+    try:
+        manifest = record(args.dir, _root(args.root))
+    except (FileExistsError, OSError) as e:
+        print(f"record: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    print(f"recorded {len(manifest.entries)} entries into {args.dir} (MANIFEST.json)")
     return 0
 
 
@@ -209,10 +199,20 @@ def parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_configure)
 
     i = sub.add_parser("inventory", help="the Incus-shaped resources document")
-    i.add_argument("--root")
-    i.add_argument("--format", choices=("json", "yaml", "table"))
-    i.add_argument("sections", nargs="*", metavar="SECTION")
+    i.add_argument("--root", help="read a recorded tree (or a mounted root) instead of /")
+    i.add_argument("--format", choices=("json", "yaml", "table"), help="default: table on a tty")
+    i.add_argument(
+        "--load-snake-case",
+        action="store_true",
+        help="`load` with snake_case keys (Incus writes Go's field names)",
+    )
+    i.add_argument("sections", nargs="*", metavar="SECTION", help="default: Incus's sections")
     i.set_defaults(func=cmd_inventory)
+
+    rec = sub.add_parser("record", help="copy what inventory reads into DIR, to replay it")
+    rec.add_argument("dir", metavar="DIR")
+    rec.add_argument("--root", help="record from this root instead of /")
+    rec.set_defaults(func=cmd_record)
     return p
 
 

@@ -1,7 +1,12 @@
 """The machine's inventory in the shape of Incus's resources API (GET /1.0/resources).
 
-Sections land one by one (the inventory HAL's issue); asking for one that has not landed
-yet is an error naming it, never an empty answer that looks like "no hardware".
+`scan(root, sections)` gives JSON-ready data, section by section, field for field as
+Incus writes it; the per-section scanners (`scan_cpu`, `scan_storage`, ...) give the
+typed dataclasses behind it (inventory.model) for programs importing the HAL. Additions
+in the same style: `nvme` (subsystems, controllers, transports, namespaces),
+`tpm`, `secure_boot`, `fibre_channel`, `multipath` (inventory.extra). Everything
+reads under `root`, so a recorded tree replays a machine. Asking for a section that does
+not exist is an error naming it, never an empty answer that looks like "no hardware".
 """
 
 from __future__ import annotations
@@ -10,12 +15,39 @@ import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from .cpu import scan_cpu
+from .extra import scan_fibre_channel, scan_multipath, scan_secure_boot, scan_tpm
+from .gpu import scan_gpu
+from .load import scan_load, snake_case
+from .memory import scan_memory
+from .model import to_json
 from .network import scan_network
+from .pci import scan_pci
+from .serial import scan_serial
+from .storage import scan_nvme, scan_storage
+from .system import scan_system
+from .usb import scan_usb
 
-SCANNERS: dict[str, Callable[[str | os.PathLike[str]], dict[str, Any]]] = {
+Root = str | os.PathLike[str]
+SCANNERS: dict[str, Callable[[Root], Any]] = {
+    "cpu": scan_cpu,
+    "memory": scan_memory,
+    "gpu": scan_gpu,
     "network": scan_network,
+    "storage": scan_storage,
+    "usb": scan_usb,
+    "pci": scan_pci,
+    "system": scan_system,
+    "load": scan_load,
+    "serial": scan_serial,
+    # additions, not in Incus's resources
+    "nvme": scan_nvme,
+    "tpm": scan_tpm,
+    "secure_boot": scan_secure_boot,
+    "fibre_channel": scan_fibre_channel,
+    "multipath": scan_multipath,
 }
-# Incus's sections, in its order; those without a scanner are not built yet.
+# Incus's sections, in its order: what `scan()` returns when not told otherwise.
 INCUS_SECTIONS = (
     "cpu",
     "memory",
@@ -29,16 +61,43 @@ INCUS_SECTIONS = (
     "serial",
 )
 
+__all__ = [
+    "INCUS_SECTIONS",
+    "SCANNERS",
+    "UnknownSection",
+    "scan",
+    "scan_cpu",
+    "scan_fibre_channel",
+    "scan_gpu",
+    "scan_load",
+    "scan_memory",
+    "scan_multipath",
+    "scan_network",
+    "scan_nvme",
+    "scan_pci",
+    "scan_secure_boot",
+    "scan_serial",
+    "scan_storage",
+    "scan_system",
+    "scan_tpm",
+    "scan_usb",
+]
+
 
 class UnknownSection(ValueError):
     pass
 
 
-def scan(root: str | os.PathLike[str] = "/", sections: Iterable[str] = ()) -> dict[str, Any]:
-    wanted = list(sections) or list(SCANNERS)
+def scan(
+    root: Root = "/", sections: Iterable[str] = (), *, load_snake_case: bool = False
+) -> dict[str, Any]:
+    """Sections (default: Incus's) as JSON data. `load_snake_case` is the compatibility
+    switch for the `load` section's keys (see inventory.load)."""
+    wanted = list(sections) or list(INCUS_SECTIONS)
     for name in wanted:
         if name not in SCANNERS:
-            if name in INCUS_SECTIONS:
-                raise UnknownSection(f"inventory section {name!r} is not implemented yet")
-            raise UnknownSection(f"no inventory section {name!r}")
-    return {name: SCANNERS[name](root) for name in wanted}
+            raise UnknownSection(f"no inventory section {name!r} (known: {', '.join(SCANNERS)})")
+    out = {name: to_json(SCANNERS[name](root)) for name in wanted}
+    if load_snake_case and "load" in out:
+        out["load"] = snake_case(out["load"])
+    return out

@@ -36,7 +36,7 @@ def _port(d: Path, name: str) -> dict[str, Any]:
     address = _read(d / "address")
     if address:
         port["address"] = address.lower()
-    port["port"] = _int(_read(d / "dev_port"))
+    port["port"] = max(_int(_read(d / "dev_port")), 0)
     port["protocol"] = "ethernet" if _int(_read(d / "type")) == ARPHRD_ETHER else "infiniband"
     port["auto_negotiation"] = False
     # Reading carrier/speed of a down link fails with EINVAL: that is "no link".
