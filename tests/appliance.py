@@ -11,7 +11,7 @@ bond of the first two cabled NICs under a VLAN-filtering bridge, with host VLANs
 Boot 1: snakeoil keys enrolled, Secure Boot on; a LUKS2 volume is formatted on an NVMe
 namespace and a persistent key made in the TPM. Boot 2, the same disks and TPM state:
 firmware in setup mode (Secure Boot off), config.toml corrupted behind the store's back.
-Each boot runs the system, network and hardware probe parts; every check reads their
+Each boot runs the system, network, hardware and native probe parts; every check reads their
 results: test_system.py's against the container and this guest alike.
 Software emulation makes a boot cost minutes, so the suite boots this machine twice and
 checks everything on those two boots.
@@ -78,7 +78,7 @@ NETWORK_EXPECT = {
     "bond": "_buplink",
     "bridge": "uplink",
 }
-PARTS = ("system", "network", "hardware")
+PARTS = ("system", "network", "hardware", "native")
 
 
 def expect(label: str, *, syslog_marker: bool) -> dict[str, object]:
@@ -87,6 +87,14 @@ def expect(label: str, *, syslog_marker: bool) -> dict[str, object]:
             system_case.EXPECT, syslog_marker=system_case.MARKER if syslog_marker else None
         ),
         "network": NETWORK_EXPECT,
+        "native": {
+            "label": label,
+            "nvme": "/dev/nvme0",
+            "scsi": "/dev/sda",
+            # A virtio NIC on the LAN: its port keeps the kernel's link settings.
+            "nic": "_p" + system_case.LAN0_MAC.replace(":", ""),
+            "time": True,
+        },
         "hardware": {
             "label": label,
             "tpm_handle": TPM_HANDLE,

@@ -9,7 +9,9 @@ inventory.json (ci/regen-golden rewrites them).
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import jsonschema
@@ -24,8 +26,9 @@ from incusos_hal.inventory.hwdata import parse_ids
 from incusos_hal.inventory.memory import parse_meminfo
 from incusos_hal.inventory.pci import parse_vpd
 from incusos_hal.inventory.record import record
+from incusos_hal.inventory.survey import survey
 
-from conftest import build_sysfs
+from conftest import build_sysfs, require_root, require_tool
 from golden import SECTIONS, fixture_trees, run_cli, scan_tree
 
 HERE = Path(__file__).parent
@@ -276,3 +279,63 @@ def test_ids_and_lists() -> None:
         "MemTotal": 10240,
         "HugePages_Total": 3,
     }
+
+
+# The host survey for migration tools.
+
+
+def test_survey_live_and_recorded() -> None:
+    live = survey("/")
+    assert live["source"] == "live" and live["cpus"] >= 1 and live["memory"] > 0
+    assert live["firmware"] in ("uefi", "bios") and live["os"]["id"]
+    recorded = survey(FIXTURES / "ci-host")
+    assert recorded["source"] == "recorded"
+    assert recorded["nics"] == [{"id": "eth0", "mac": "02:fc:00:00:00:01", "driver": "virtio_net"}]
+    assert [d["id"] for d in recorded["disks"]] == ["vda"]
+    assert (recorded["firmware"], recorded["secure_boot"], recorded["tpm"]) == (
+        "bios",
+        False,
+        False,
+    )
+
+
+def test_survey_of_a_mounted_disk_image(tmp_path: Path) -> None:
+    """Another machine's root filesystem, as an ext4 image mounted read-only: what its
+    files tell is reported, what only the running machine could tell is unknown."""
+    require_root()
+    require_tool("mkfs.ext4", "mount", "umount")
+    content = tmp_path / "content"
+    (content / "etc").mkdir(parents=True)
+    (content / "usr/bin").mkdir(parents=True)
+    (content / "etc/os-release").write_text(
+        'NAME="Rocky Linux"\nVERSION="9.4 (Blue Onyx)"\nID="rocky"\nVERSION_ID="9.4"\n'
+        'PRETTY_NAME="Rocky Linux 9.4 (Blue Onyx)"\n'
+    )
+    (content / "etc/hostname").write_text("db01\n")
+    (content / "etc/fstab").write_text(
+        "UUID=1 / xfs defaults 0 0\nUUID=2 /boot/efi vfat umask=077 0 2\n"
+    )
+    shutil.copy(os.path.realpath("/bin/sh"), content / "usr/bin/sh")
+    (content / "bin").symlink_to("usr/bin")
+    image, mnt = tmp_path / "root.img", tmp_path / "mnt"
+    mnt.mkdir()
+    subprocess.run(["mkfs.ext4", "-q", "-d", str(content), str(image), "16M"], check=True)
+    subprocess.run(["mount", "-o", "loop,ro", str(image), str(mnt)], check=True)
+    try:
+        doc = survey(mnt)
+        code, out, _ = run_cli(["survey", "--root", str(mnt)])
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+    assert doc["source"] == "image"
+    assert doc["os"] == {
+        "name": "Rocky Linux",
+        "id": "rocky",
+        "version": "9.4 (Blue Onyx)",
+        "version_id": "9.4",
+        "pretty_name": "Rocky Linux 9.4 (Blue Onyx)",
+    }
+    assert doc["hostname"] == "db01" and doc["architecture"] == os.uname().machine
+    for key in ("firmware", "secure_boot", "tpm", "cpus", "memory", "disks", "nics"):
+        assert doc[key] is None and "no sysfs" in doc["unknown"][key]
+    assert doc["hints"]["firmware"].startswith("uefi")
+    assert code == 0 and json.loads(out) == doc

@@ -504,10 +504,12 @@ def sign_efi(binary: Path, out: Path) -> None:
         )
 
 
-def build(work: Path, customize: Callable[[Path], None], *, size: str = "3G") -> Guest:
-    """A guest in `work`: its disk image is the cached guest root + this checkout
-    installed + the probe unit + `customize(root)`."""
-    root = guest_root()
+def build(
+    work: Path, customize: Callable[[Path], None], *, size: str = "3G", zfs: bool = False
+) -> Guest:
+    """A guest in `work`: its disk image is the cached guest root (with OpenZFS if
+    `zfs`) + this checkout installed + the probe unit + `customize(root)`."""
+    root = guest_root(zfs=zfs)
     package = work / "package"
     if not (package / "upper").exists():
         nspawn.install_layer(root, package)
@@ -534,19 +536,21 @@ def main(argv: list[str] | None = None) -> int:
     printed, exit with its status."""
     parser = argparse.ArgumentParser(prog="ci/vm", description=main.__doc__)
     sub = parser.add_subparsers(dest="verb", required=True)
-    sub.add_parser("build", help="build (or find cached) the guest root; print its path")
+    b = sub.add_parser("build", help="build (or find cached) the guest root; print its path")
+    b.add_argument("--zfs", action="store_true", help="the flavor with OpenZFS (DKMS)")
     run = sub.add_parser("run", help="boot a guest, run COMMAND in it (cwd /probe)")
     run.add_argument("--firmware", choices=FIRMWARES, default="bios")
     run.add_argument("--tpm", action="store_true", help="a TPM 2.0 from swtpm")
     run.add_argument("--nvme", action="store_true", help="two NVMe controllers")
     run.add_argument("--multipath", action="store_true", help="a disk with two paths")
+    run.add_argument("--zfs", action="store_true", help="the root flavor with OpenZFS built")
     run.add_argument("--file", action="append", default=[], help="copy into /probe")
     run.add_argument("--work", type=Path, help="keep the guest here (boot it again later)")
     run.add_argument("--timeout", type=int, default=900)
     run.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     if args.verb == "build":
-        print(guest_root())
+        print(guest_root(zfs=args.zfs))
         return 0
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
@@ -554,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="ihal-vm-", dir="/var/tmp"))
     work.mkdir(parents=True, exist_ok=True)
     guest = (
-        build(work, lambda root: None)
+        build(work, lambda root: None, size="4G" if args.zfs else "3G", zfs=args.zfs)
         if not (work / "disk.raw").exists()
         else Guest(work, work / "disk.raw", work / "vmlinuz", work / "initrd.img")
     )
@@ -586,8 +590,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 DEFAULT_NVME = [
-    NvmeController("IHALNVME0001", (64, 32)),
-    NvmeController("IHALNVME0002", (64,)),
+    NvmeController("IHALNVME0001", (256, 64)),
+    NvmeController("IHALNVME0002", (256,)),
 ]
 DEFAULT_MULTIPATH = MultipathDisk("IHALMPATH01", 0x5000C50015EA71AC)
 

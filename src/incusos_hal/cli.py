@@ -6,6 +6,7 @@
     configure [--boot] [--state-dir DIR]       apply the stored config to this machine
     inventory [--root DIR] [--format F] [SECTION...]   Incus's GET /1.0/resources, and more
     record DIR [--root DIR]                    capture what inventory reads, to replay it
+    survey [--root DIR] [--format F]           a migration tool's view: firmware, TPM, disks, OS
 
 Environment: INCUSOS_HAL_STATE_DIR (default /var/lib/incusos-hal), INCUSOS_HAL_ROOT
 (re-roots reads of /sys, /proc, /dev and /run/udev).
@@ -156,6 +157,19 @@ def cmd_inventory(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_survey(args: argparse.Namespace) -> int:
+    from .inventory.survey import survey
+
+    doc = survey(_root(args.root))
+    if args.format == "yaml":
+        from .yamlout import dumps
+
+        sys.stdout.write(dumps(doc))
+    else:
+        print(json.dumps(doc, indent=2))
+    return 0
+
+
 def cmd_record(args: argparse.Namespace) -> int:
     from .inventory.record import record
 
@@ -208,6 +222,11 @@ def parser() -> argparse.ArgumentParser:
     )
     i.add_argument("sections", nargs="*", metavar="SECTION", help="default: Incus's sections")
     i.set_defaults(func=cmd_inventory)
+
+    sv = sub.add_parser("survey", help="what a migration needs to know about a machine")
+    sv.add_argument("--root", help="a recorded tree or a mounted disk image instead of /")
+    sv.add_argument("--format", choices=("json", "yaml"), default="json")
+    sv.set_defaults(func=cmd_survey)
 
     rec = sub.add_parser("record", help="copy what inventory reads into DIR, to replay it")
     rec.add_argument("dir", metavar="DIR")

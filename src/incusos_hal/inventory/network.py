@@ -3,9 +3,9 @@
 Field names and shapes are lxc/incus `shared/api/resource.go` (ResourcesNetwork,
 ResourcesNetworkCard, ResourcesNetworkCardPort). Cards are the hardware devices (PCI or
 USB) behind wired interfaces; software links (bridges, bonds, veths) are not cards.
-What only ethtool can tell (supported modes, auto-negotiation, port type) and PCI/USB
-names from hwdata come with the inventory HAL's fast paths; until then those keys are
-left out or false, never guessed.
+What only ethtool can tell (supported modes and ports, auto-negotiation, port and
+transceiver type, firmware version) comes from SIOCETHTOOL through inventory.probe, live
+or recorded; where it cannot be had those keys are left out or false, never guessed.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from ..hal.net import ARPHRD_ETHER
+from . import probe
+from .hwdata import pci_names
 
 
 def _read(path: Path) -> str | None:
@@ -31,14 +33,24 @@ def _int(text: str | None, default: int = 0) -> int:
         return default
 
 
-def _port(d: Path, name: str) -> dict[str, Any]:
+def _port(d: Path, name: str, src: probe.Source) -> dict[str, Any]:
     port: dict[str, Any] = {"id": name}
     address = _read(d / "address")
     if address:
         port["address"] = address.lower()
     port["port"] = max(_int(_read(d / "dev_port")), 0)
     port["protocol"] = "ethernet" if _int(_read(d / "type")) == ARPHRD_ETHER else "infiniband"
-    port["auto_negotiation"] = False
+    settings = probe.link_settings(src, name)
+    if settings is not None:
+        if settings.supported_modes:
+            port["supported_modes"] = settings.supported_modes
+        if settings.supported_ports:
+            port["supported_ports"] = settings.supported_ports
+        if settings.port_type:
+            port["port_type"] = settings.port_type
+        if settings.transceiver_type:
+            port["transceiver_type"] = settings.transceiver_type
+    port["auto_negotiation"] = settings.auto_negotiation if settings is not None else False
     # Reading carrier/speed of a down link fails with EINVAL: that is "no link".
     port["link_detected"] = _read(d / "carrier") == "1"
     speed = _int(_read(d / "speed"), -1)
@@ -52,6 +64,7 @@ def _port(d: Path, name: str) -> dict[str, Any]:
 
 def scan_network(root: str | os.PathLike[str] = "/") -> dict[str, Any]:
     base = Path(root, "sys/class/net")
+    src = probe.source(root)
     cards: dict[str, dict[str, Any]] = {}
     try:
         names = sorted(os.listdir(base))
@@ -93,6 +106,13 @@ def scan_network(root: str | os.PathLike[str] = "/") -> dict[str, Any]:
             if vendor and product:
                 card["vendor_id"] = vendor.removeprefix("0x")
                 card["product_id"] = product.removeprefix("0x")
+                vendor_name, product_name = pci_names(
+                    Path(root), card["vendor_id"], card["product_id"]
+                )
+                if vendor_name:
+                    card["vendor"] = vendor_name
+                if product_name:
+                    card["product"] = product_name
             total_vfs = _read(device / "sriov_totalvfs")
             if total_vfs is not None:
                 card["sriov"] = {
@@ -101,6 +121,10 @@ def scan_network(root: str | os.PathLike[str] = "/") -> dict[str, Any]:
                     "vfs": [],
                 }
             cards[key] = card
-        card["ports"].append(_port(d, name))
+        if "firmware_version" not in card:
+            info = probe.driver_info(src, name)
+            if info is not None and info.firmware_version:
+                card["firmware_version"] = info.firmware_version
+        card["ports"].append(_port(d, name, src))
     ordered = [cards[k] for k in sorted(cards)]
     return {"cards": ordered, "total": len(ordered)}

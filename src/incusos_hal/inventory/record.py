@@ -4,7 +4,9 @@ that `scan(DIR)` replays, with a manifest of where each entry came from.
 Users send such a tree as a reproducer; tests replay real machines from them. Only
 readable attribute files (up to 64 KiB), and the symlinks that give the device graph
 its shape, are copied; device nodes, write-only and unreadable attributes are skipped.
-Nothing secret is read: no efivars but the Secure Boot state bytes, no keys.
+Nothing secret is read: no efivars but the Secure Boot state bytes, no keys. Recording
+the live machine also keeps the raw replies of the ioctls the inventory makes (ethtool,
+NVMe identify and SMART, SCSI VPD) under ioctl/, which scans of the tree replay.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import __version__
-from . import hwdata
+from . import hwdata, probe
 from .sysfs import read_hex_id
 
 FILES = (
@@ -224,7 +226,35 @@ class Recorder:
         if (self.root / "sys/firmware/efi").is_dir():
             (self.dest / "sys/firmware/efi").mkdir(parents=True, exist_ok=True)
         self.copy_names()
+        if self.root == Path("/"):
+            self.copy_ioctls()
         return self.manifest
+
+    def copy_ioctls(self) -> None:
+        """The raw replies of the ioctls the inventory makes, for the tree to replay."""
+        live = probe.Live()
+        wanted: list[tuple[tuple[str, ...], bytes | None]] = []
+        for name in sorted(os.listdir("/sys/class/net")):
+            if os.path.exists(f"/sys/class/net/{name}/device"):
+                wanted.append((("ethtool", name, "drvinfo"), live.ethtool_drvinfo(name)))
+                wanted.append((("ethtool", name, "link-settings"), live.ethtool_link(name)))
+        for name in (
+            sorted(os.listdir("/sys/class/nvme")) if os.path.isdir("/sys/class/nvme") else []
+        ):
+            wanted.append((("nvme", name, "id-ctrl"), live.nvme_id_ctrl(name)))
+            wanted.append((("nvme", name, "smart-log"), live.nvme_smart(name)))
+        for name in sorted(os.listdir("/sys/class/block")):
+            if name.startswith("sd") and not os.path.exists(f"/sys/class/block/{name}/partition"):
+                for page in (0x80, 0x83):
+                    wanted.append((("scsi", name, f"vpd-{page:02x}"), live.scsi_vpd(name, page)))
+        for parts, data in wanted:
+            if data is None:
+                continue
+            rel = "/".join((probe.IOCTL_DIR, *parts))
+            out = self.dest / rel
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_bytes(data)
+            self.manifest.add("ioctl", rel, bytes=len(data))
 
     def copy_names(self) -> None:
         """pci.ids and usb.ids cut down to the devices recorded, so the tree replays the

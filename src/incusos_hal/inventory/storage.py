@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..hal import nvme
+from . import probe
 from .model import Disk, Partition, Storage
 from .sysfs import (
     by_links,
@@ -68,7 +70,7 @@ def _partitions(block: Path, name: str) -> list[Partition]:
     return out
 
 
-def _disk(root: Path, name: str) -> Disk | None:
+def _disk(root: Path, name: str, src: probe.Source) -> Disk | None:
     block = root / "sys/class/block" / name
     if (block / "partition").exists() or not (block / "device").exists():
         return None
@@ -92,6 +94,9 @@ def _disk(root: Path, name: str) -> Disk | None:
         disk.numa_node = numa_node_of(device)
         disk.pci_address = pci_address_of(device) or ""
         disk.usb_address = usb_address_of(root, device) or ""
+    if not disk.serial and disk.type in ("scsi", "sata", "usb"):
+        # No udev database (a container, an early boot): ask the device itself.
+        disk.serial = probe.vpd_serial(src, name) or ""
     wwid = read(block / "wwid") or read(block / "device/wwid")
     disk.wwn = props.get("ID_WWN_WITH_EXTENSION") or props.get("ID_WWN") or wwid or ""
     disk.read_only = read(block / "ro") == "1"
@@ -113,11 +118,12 @@ def _disk(root: Path, name: str) -> Disk | None:
 
 def scan_storage(root: str | os.PathLike[str] = "/") -> Storage:
     base = Path(root)
+    src = probe.source(root)
     disks = []
     for name in listdir(base / "sys/class/block"):
         if name.startswith(("loop", "ram", "zram", "dm-", "md", "sr", "nbd")):
             continue
-        disk = _disk(base, name)
+        disk = _disk(base, name, src)
         if disk is not None:
             disks.append(disk)
     return Storage(disks=disks, total=len(disks))
@@ -139,6 +145,36 @@ class NVMeNamespace:
 
 
 @dataclass
+class SmartSummary:
+    """A drive's health as IncusOS's storage state gives it (enabled, passed), with the
+    NVMe health log's main counters. Temperature in degrees Celsius."""
+
+    enabled: bool
+    passed: bool
+    temperature: int
+    power_on_hours: int
+    power_cycles: int
+    unsafe_shutdowns: int
+    media_errors: int
+    percent_used: int
+    available_spare: int
+
+
+def smart_summary(log: nvme.SmartLog) -> SmartSummary:
+    return SmartSummary(
+        enabled=True,
+        passed=log.critical_warning == 0,
+        temperature=log.temperature - 273 if log.temperature else 0,
+        power_on_hours=log.power_on_hours,
+        power_cycles=log.power_cycles,
+        unsafe_shutdowns=log.unsafe_shutdowns,
+        media_errors=log.media_errors,
+        percent_used=log.percent_used,
+        available_spare=log.avail_spare,
+    )
+
+
+@dataclass
 class NVMeController:
     id: str  # nvme0
     serial: str
@@ -150,6 +186,8 @@ class NVMeController:
     cntlid: int
     numa_node: int
     namespaces: list[NVMeNamespace] = field(default_factory=list)
+    subsystem_nqn: str = ""  # from Identify Controller, when the device could be asked
+    smart: SmartSummary | None = None
 
 
 @dataclass
@@ -183,7 +221,7 @@ def _namespace(block: Path, name: str) -> NVMeNamespace:
 PATH_DEVICE = re.compile(r"^nvme\d+c(\d+)n(\d+)$")
 
 
-def _controller(root: Path, name: str) -> NVMeController:
+def _controller(root: Path, name: str, src: probe.Source) -> NVMeController:
     ctrl = root / "sys/class/nvme" / name
     device = resolve(ctrl / "device")
     transport = read(ctrl / "transport") or ""
@@ -201,6 +239,12 @@ def _controller(root: Path, name: str) -> NVMeController:
         cntlid=read_int(ctrl / "cntlid", 0) or 0,
         numa_node=numa_node_of(device) if device is not None else 0,
     )
+    identified = probe.id_ctrl(src, name)
+    if identified is not None:
+        controller.subsystem_nqn = identified.subnqn
+    log = probe.smart(src, name)
+    if log is not None:
+        controller.smart = smart_summary(log)
     for child in listdir(ctrl):
         # Private namespaces (nvme0n1) live under their controller.
         if re.fullmatch(rf"{name}n\d+", child) and (ctrl / child / "nsid").exists():
@@ -213,6 +257,7 @@ def scan_nvme(root: str | os.PathLike[str] = "/") -> NVMe:
     (native NVMe multipath: fabrics, dual-port drives) is the head device under the
     subsystem; each controller holds a path device nvme<S>c<C>n<N> to it."""
     base = Path(root)
+    src = probe.source(root)
     subsystems: list[NVMeSubsystem] = []
     controllers = 0
     subsys_dir = base / "sys/class/nvme-subsystem"
@@ -239,7 +284,7 @@ def scan_nvme(root: str | os.PathLike[str] = "/") -> NVMe:
                 or not (base / "sys/class/nvme" / cname).exists()
             ):
                 continue
-            controller = _controller(base, cname)
+            controller = _controller(base, cname, src)
             for child in listdir(base / "sys/class/nvme" / cname):
                 match = PATH_DEVICE.match(child)
                 head = heads.get(int(match.group(2))) if match else None
