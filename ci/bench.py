@@ -7,8 +7,13 @@ ways: N NICs, each a bridge with DHCPv4 and SLAAC, matched by MAC. `incusos-hal 
 (the configure step's work: every networkd file) is listed too, since netplan's generator
 writes the networkd files itself.
 
+Inventory (`--inventory`, or all): `incusos-hal inventory` against `lshw -json` (the
+whole machine) and its storage section against `lsblk -J -O`.
+
 VM rung (`--vm`, or all): time from starting qemu to the first command in the guest
-(tests/vm.py), with KVM and with software emulation (TCG), same image and firmware.
+(tests/vm.py), with KVM and with software emulation (TCG), same image and firmware; in
+the guest, NVMe Identify Controller through the HAL (cffi, pure Python) against
+`nvme id-ctrl -o json`.
 """
 
 from __future__ import annotations
@@ -16,13 +21,16 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(HERE / "tests"))
+sys.path.insert(0, str(HERE / "src"))
 from conftest import build_sysfs  # noqa: E402
 
 VENV = Path(sys.prefix)
@@ -114,37 +122,90 @@ def hyperfine(
     }
 
 
-def vm_first_command() -> None:
-    """Time to first guest command, KVM against TCG; a KVM that cannot run the guest is
-    reported with the error it gave."""
+def vm_rung() -> None:
+    """Time to first guest command, KVM against TCG (a KVM that cannot run the guest is
+    reported with the error it gave); and, in the guest, NVMe identify through the HAL
+    against nvme-cli."""
+    import json as _json
+
     import vm
 
     print("\nVM rung: qemu start to the first command in the guest (Debian 13, SeaBIOS)")
     with tempfile.TemporaryDirectory(prefix="ihal-bench-vm-", dir="/var/tmp") as tmp:
         guest = vm.build(Path(tmp), lambda root: None)
-        timings: dict[str, str] = {}
+        guest.nvme = vm.DEFAULT_NVME
+        shutil.copy(HERE / "ci/bench_guest.py", guest.probe_dir / "bench_guest.py")
+        command = {"command": {"argv": ["python3", "/probe/bench_guest.py"]}}
+        nvme_result = None
         for accelerator, limit in (("kvm", 120), ("tcg", 900)):
             guest.accelerator = accelerator
             try:
-                result = guest.boot(["command"], {"command": {"argv": ["true"]}}, timeout=limit)
+                result = guest.boot(["command"], command, timeout=limit)
             except AssertionError as e:
                 why = next(
                     (line.strip() for line in str(e).splitlines() if "KVM" in line),
                     f"no result within {limit}s",
                 )
-                timings[accelerator] = f"did not boot: {why}"
+                print(f"  {accelerator}: did not boot: {why}")
                 continue
-            timings[accelerator] = (
-                f"{result.first_command or float('nan'):6.1f} s to first command, "
-                f"{result.seconds:6.1f} s to power-off"
+            print(
+                f"  {accelerator}: {result.first_command or float('nan'):6.1f} s to first command,"
+                f" {result.seconds:6.1f} s to power-off"
             )
-        for accelerator, text in timings.items():
-            print(f"  {accelerator}: {text}")
+            ran = result.result["command"]
+            if ran.get("rc") == 0 and nvme_result is None:
+                nvme_result = _json.loads(ran["out"].strip().splitlines()[-1])
+            elif ran.get("rc") != 0:
+                print(f"  guest benchmark failed: {ran.get('err', '')[-500:]}")
+    if nvme_result:
+        tool = nvme_result["nvme-cli"]
+        print("\nNVMe Identify Controller in the guest (software-emulated CPU), per call")
+        for name in ("cffi", "python"):
+            speedup = tool / nvme_result[name]
+            print(f"  {name:10} {nvme_result[name] * 1e6:10.1f} us   {speedup:7.1f}x faster")
+        print(f"  {'nvme-cli':10} {tool * 1e6:10.1f} us   (the reference)")
+
+
+def inventory_vs_tools() -> None:
+    """The whole inventory against lshw, the storage section against lsblk."""
+    print("\nInventory on this machine, hyperfine median of runs; ratio to the reference")
+    with tempfile.TemporaryDirectory(prefix="ihal-bench-inv-") as tmp:
+        work = Path(tmp)
+        pairs = {
+            "full inventory": (
+                f"{IHAL} inventory --format json",
+                "lshw -json -quiet",
+            ),
+            "storage section": (
+                f"{IHAL} inventory --format json storage",
+                "lsblk -J -O",
+            ),
+        }
+        for title, (ours, theirs) in pairs.items():
+            times = hyperfine(work, {"ours": (ours, "true"), "reference": (theirs, "true")})
+            (m_ours, _, c_ours), (m_ref, _, c_ref) = times["ours"], times["reference"]
+            print(
+                f"  {title:16} incusos-hal {m_ours:7.1f} ms   {theirs.split()[0]:6} {m_ref:7.1f} ms"
+                f"   ratio {m_ours / m_ref:5.2f}x wall, {c_ours / c_ref:5.2f}x CPU"
+            )
+        from incusos_hal import inventory
+
+        started = time.perf_counter()
+        for _ in range(20):
+            inventory.scan("/")
+        print(
+            f"  in-process scan (a library user, no interpreter start): "
+            f"{(time.perf_counter() - started) / 20 * 1000:.1f} ms"
+        )
 
 
 def main() -> None:
-    if sys.argv[1:] == ["--vm"]:
-        vm_first_command()
+    only = sys.argv[1:]
+    if only == ["--vm"]:
+        vm_rung()
+        return
+    if only == ["--inventory"]:
+        inventory_vs_tools()
         return
     for tool in (NETPLAN, GENERATOR, IHAL):
         if not tool.exists():
@@ -188,7 +249,8 @@ def main() -> None:
                 f"  {name:42} {median:7.1f} +/- {sd:4.1f} ms  {median / base:5.2f}x"
                 f"   {cpu:7.1f} ms  {cpu / base_cpu:5.2f}x"
             )
-    vm_first_command()
+    inventory_vs_tools()
+    vm_rung()
 
 
 if __name__ == "__main__":

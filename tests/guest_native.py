@@ -64,8 +64,15 @@ def run(expect_all: dict) -> dict:
         "ethtool_i": sh("ethtool", "-i", spec["nic"])["out"],
     }
     tree = Path("/probe/artifacts") / spec.get("label", "boot") / "tree"
-    recorded = sh("incusos-hal", "record", str(tree))
-    out["record"] = {"rc": recorded["rc"], "err": recorded["err"][-2000:]}
+    started = time.monotonic()
+    try:
+        proc = subprocess.run(
+            ["incusos-hal", "record", str(tree)], capture_output=True, text=True, timeout=600
+        )
+        recorded = {"rc": proc.returncode, "err": proc.stderr}
+    except subprocess.TimeoutExpired as e:
+        recorded = {"rc": -1, "err": f"timed out: {e}"}
+    out["record"] = {**recorded, "seconds": time.monotonic() - started}
     out["inventory_live"] = tool_json(
         "incusos-hal",
         "inventory",

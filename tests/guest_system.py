@@ -1,7 +1,7 @@
 """Probe part, in a booted container or VM guest (stdlib only): waits for the network to
 settle, then records everything the system tests assert on.
 
-expect["system"] may hold {"wait_addresses": {"ifname": "prefix", ...},
+expect["system"] may hold {"wait_addresses": {"ifname": "prefix" or [prefixes], ...},
 "syslog_marker": "text", "verify_units": [...], "active_units": [...], "ping": [...]}.
 """
 
@@ -25,9 +25,11 @@ def run(expect_all: dict) -> dict:
             if x.get("AdministrativeState") in ("pending", "initialized", "configuring")
         ]
         addrs = addresses()
+        # Each interface: one address prefix, or a list of them that must all be there.
         missing = [
-            name
-            for name, prefix in expect.get("wait_addresses", {}).items()
+            f"{name}:{prefix}"
+            for name, wanted in expect.get("wait_addresses", {}).items()
+            for prefix in ([wanted] if isinstance(wanted, str) else wanted)
             if not any(a.startswith(prefix) for a in addrs.get(name, []))
         ]
         if links and not busy and not missing:

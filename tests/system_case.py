@@ -64,7 +64,8 @@ def config(lan1: str) -> str:
 
 MARKER = "ihal-syslog-marker-5c1f"
 EXPECT = {
-    "wait_addresses": {"lan0": "10.99.0.2/", "lan1": "10.99.1.1"},
+    # DHCPv4 and SLAAC (from dnsmasq's router advertisements) on lan1.
+    "wait_addresses": {"lan0": "10.99.0.2/", "lan1": ["10.99.1.1", "fd00:99:1:0:"]},
     "ping": ["10.99.0.1"],
     "syslog_marker": MARKER,
     "active_units": [

@@ -339,3 +339,16 @@ def test_survey_of_a_mounted_disk_image(tmp_path: Path) -> None:
         assert doc[key] is None and "no sysfs" in doc["unknown"][key]
     assert doc["hints"]["firmware"].startswith("uefi")
     assert code == 0 and json.loads(out) == doc
+
+
+def test_a_kernel_reply_with_a_bad_length_is_left_out_with_a_warning(tmp_path: Path) -> None:
+    root = tmp_path / "t"
+    shutil.copytree(FIXTURES / "ci-host", root, symlinks=True)
+    reply = root / "ioctl/ethtool/eth0/link-settings"
+    reply.write_bytes(reply.read_bytes()[:-5])
+    doc, warnings = inventory.scan_with_warnings(root, ["network"])
+    (port,) = doc["network"]["cards"][0]["ports"]
+    assert port["id"] == "eth0" and "port_type" not in port and "transceiver_type" not in port
+    assert warnings == ["eth0: ethtool: a link settings reply of 91 bytes; left out"]
+    code, _, err = run_cli(["inventory", "--root", str(root), "network"])
+    assert code == 0 and "warning: eth0: ethtool" in err

@@ -83,7 +83,7 @@ def test_scsi_vpd_equals_sg3_utils_and_udev(native: dict[str, Any], backend: str
     assert f"Product identification: {inquiry['product']}" in sg_inq, sg_inq
     serial = ours(native, backend, "serial")
     assert serial == MULTIPATH.serial
-    assert f"Unit serial number: {serial}" in native["tools"]["sg_vpd_80"]
+    assert f"serial number: {serial}" in native["tools"]["sg_vpd_80"]
     wwid = ours(native, backend, "wwid")
     assert wwid == f"naa.{MULTIPATH.wwn:016x}"
     udev = dict(line.split("=", 1) for line in native["tools"]["udev"].splitlines() if "=" in line)

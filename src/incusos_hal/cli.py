@@ -133,13 +133,17 @@ def cmd_configure(args: argparse.Namespace) -> int:
 
 
 def cmd_inventory(args: argparse.Namespace) -> int:
-    from .inventory import UnknownSection, scan
+    from .inventory import UnknownSection, scan_with_warnings
 
     try:
-        doc = scan(_root(args.root), args.sections, load_snake_case=args.load_snake_case)
+        doc, warnings = scan_with_warnings(
+            _root(args.root), args.sections, load_snake_case=args.load_snake_case
+        )
     except UnknownSection as e:
         print(e, file=sys.stderr)
         return EXIT_INVALID
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     fmt = args.format or ("table" if sys.stdout.isatty() else "json")
     if fmt == "json":
         print(json.dumps(doc, indent=2))

@@ -15,6 +15,7 @@ import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from . import probe
 from .cpu import scan_cpu
 from .extra import scan_fibre_channel, scan_multipath, scan_secure_boot, scan_tpm
 from .gpu import scan_gpu
@@ -81,6 +82,7 @@ __all__ = [
     "scan_system",
     "scan_tpm",
     "scan_usb",
+    "scan_with_warnings",
 ]
 
 
@@ -101,3 +103,15 @@ def scan(
     if load_snake_case and "load" in out:
         out["load"] = snake_case(out["load"])
     return out
+
+
+def scan_with_warnings(
+    root: Root = "/", sections: Iterable[str] = (), *, load_snake_case: bool = False
+) -> tuple[dict[str, Any], list[str]]:
+    """scan(), and what it had to leave out and why (a device reply that failed its
+    checks, say): the document stays Incus-shaped, the warnings go to the operator."""
+    collected, token = probe.collecting()
+    try:
+        return scan(root, sections, load_snake_case=load_snake_case), collected
+    finally:
+        probe.stop_collecting(token)

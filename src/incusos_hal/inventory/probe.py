@@ -12,14 +12,35 @@ they give None, and the field is left out rather than guessed.
 
 from __future__ import annotations
 
+import contextvars
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 from ..hal import ethtool, nvme, scsi
 
 IOCTL_DIR = "ioctl"
 MAX_REPLY = 1 << 16
+# Where scan() collects what it had to leave out and why (inventory.scan_with_warnings).
+_warnings: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
+    "inventory_warnings", default=None
+)
+
+
+def warn(message: str) -> None:
+    collected = _warnings.get()
+    if collected is not None:
+        collected.append(message)
+
+
+def collecting() -> tuple[list[str], contextvars.Token[list[str] | None]]:
+    collected: list[str] = []
+    return collected, _warnings.set(collected)
+
+
+def stop_collecting(token: contextvars.Token[list[str] | None]) -> None:
+    _warnings.reset(token)
 
 
 class Source:
@@ -85,9 +106,9 @@ class Recorded(Source):
         return self._read("scsi", disk, f"vpd-{page:02x}")
 
 
-def _try(call: object) -> bytes | None:
+def _try(call: Callable[[], bytes]) -> bytes | None:
     try:
-        return call()  # type: ignore[operator,no-any-return]
+        return call()
     except (OSError, ValueError, struct.error):
         return None
 
@@ -101,52 +122,54 @@ def source(root: str | os.PathLike[str]) -> Source:
     return Source()
 
 
-def link_settings(src: Source, ifname: str) -> ethtool.LinkSettings | None:
-    raw = src.ethtool_link(ifname)
-    header = struct.calcsize(ethtool.LINK_HEADER)
-    if raw is None or len(raw) < header or (len(raw) - header) % 12:
+def _parse(what: str, raw: bytes | None, parse: Callable[[bytes], object]) -> object | None:
+    """A reply through its parser; a reply that fails its checks is left out, with a
+    warning naming the device and what was wrong."""
+    if raw is None:
         return None
     try:
-        return ethtool.parse_link_settings(raw, (len(raw) - header) // 12)
-    except (ValueError, struct.error):
+        return parse(raw)
+    except (ValueError, struct.error) as e:
+        warn(f"{what}: {e}; left out")
         return None
+
+
+def link_settings(src: Source, ifname: str) -> ethtool.LinkSettings | None:
+    header = struct.calcsize(ethtool.LINK_HEADER)
+
+    def parse(raw: bytes) -> ethtool.LinkSettings:
+        if len(raw) < header or (len(raw) - header) % 12:
+            raise ValueError(f"a link settings reply of {len(raw)} bytes")
+        return ethtool.parse_link_settings(raw, (len(raw) - header) // 12)
+
+    result = _parse(f"{ifname}: ethtool", src.ethtool_link(ifname), parse)
+    return result if isinstance(result, ethtool.LinkSettings) else None
 
 
 def driver_info(src: Source, ifname: str) -> ethtool.DriverInfo | None:
-    raw = src.ethtool_drvinfo(ifname)
-    try:
-        return ethtool.parse_drvinfo(raw) if raw is not None else None
-    except (ValueError, struct.error):
-        return None
+    result = _parse(f"{ifname}: ethtool", src.ethtool_drvinfo(ifname), ethtool.parse_drvinfo)
+    return result if isinstance(result, ethtool.DriverInfo) else None
 
 
 def id_ctrl(src: Source, ctrl: str) -> nvme.IdController | None:
-    raw = src.nvme_id_ctrl(ctrl)
-    try:
-        return nvme.parse_id_ctrl(raw) if raw is not None else None
-    except ValueError:
-        return None
+    result = _parse(f"{ctrl}: identify controller", src.nvme_id_ctrl(ctrl), nvme.parse_id_ctrl)
+    return result if isinstance(result, nvme.IdController) else None
 
 
 def smart(src: Source, ctrl: str) -> nvme.SmartLog | None:
-    raw = src.nvme_smart(ctrl)
-    try:
-        return nvme.parse_smart_log(raw) if raw is not None else None
-    except ValueError:
-        return None
+    result = _parse(f"{ctrl}: SMART log", src.nvme_smart(ctrl), nvme.parse_smart_log)
+    return result if isinstance(result, nvme.SmartLog) else None
 
 
 def vpd_serial(src: Source, disk: str) -> str | None:
-    raw = src.scsi_vpd(disk, scsi.VPD_SERIAL)
-    try:
-        return scsi.parse_serial(raw) or None if raw is not None else None
-    except ValueError:
-        return None
+    result = _parse(f"{disk}: VPD 0x80", src.scsi_vpd(disk, scsi.VPD_SERIAL), scsi.parse_serial)
+    return result if isinstance(result, str) and result else None
 
 
 def vpd_wwid(src: Source, disk: str) -> str | None:
-    raw = src.scsi_vpd(disk, scsi.VPD_DEVICE_ID)
-    try:
-        return scsi.parse_device_identification(raw).wwid or None if raw is not None else None
-    except ValueError:
-        return None
+    result = _parse(
+        f"{disk}: VPD 0x83",
+        src.scsi_vpd(disk, scsi.VPD_DEVICE_ID),
+        lambda raw: scsi.parse_device_identification(raw).wwid,
+    )
+    return result if isinstance(result, str) and result else None

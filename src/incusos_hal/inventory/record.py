@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import stat
 import time
 from dataclasses import dataclass, field
@@ -84,6 +85,10 @@ SKIP_DIRS = {
     "brport",
     "brif",
 }
+# Attribute files never read: reading a PCI BAR's resource file does I/O on the device
+# (port reads, slow under emulation and not side-effect free), rom/eeprom/nvmem dump
+# device memory, config is the raw config space; none of it is inventory.
+SKIP_FILES = re.compile(r"^(resource\d*(_wc)?|rom|config|eeprom|nvmem|reset|remove|rescan)$")
 # Links kept as links inside device directories: the scanners read their names.
 KEEP_LINKS = {"driver", "subsystem", "iommu_group", "module", "device", "master", "lower"}
 MAX_FILE = 64 * 1024
@@ -166,7 +171,7 @@ class Recorder:
             if entry.is_symlink():
                 if entry.name in KEEP_LINKS:
                     self.copy_link(child)
-            elif entry.is_file(follow_symlinks=False):
+            elif entry.is_file(follow_symlinks=False) and not SKIP_FILES.match(entry.name):
                 self.copy_file(child)
             elif recurse and entry.is_dir(follow_symlinks=False) and entry.name not in SKIP_DIRS:
                 self.copy_dir(child, depth + 1)
