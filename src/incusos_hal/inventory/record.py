@@ -47,6 +47,7 @@ LINK_DIRS = (
     "sys/class/nvme-subsystem",
     "sys/class/tty",
     "sys/class/tpm",
+    "sys/class/tpmrm",
     "sys/class/drm",
     "sys/class/fc_host",
     "sys/class/fc_remote_ports",
@@ -158,8 +159,10 @@ class Recorder:
     def copy_dir(self, path: Path, depth: int = 0, *, recurse: bool = True) -> None:
         """A device directory: its attribute files, kept links, and (if `recurse`)
         its subdirectories."""
-        key = self.rel(path) + "/"
-        if key in self.done or depth > MAX_DEPTH:
+        # A directory first met as some device's parent (files only) is walked again
+        # when met as a device itself (with its subdirectories).
+        key = self.rel(path) + ("/" if recurse else "/.")
+        if key in self.done or self.rel(path) + "/" in self.done or depth > MAX_DEPTH:
             return
         self.done.add(key)
         try:
@@ -208,7 +211,11 @@ class Recorder:
                 except (OSError, RuntimeError):
                     continue
                 virtual = self.root / "sys/devices/virtual"
-                if rel in ("sys/class/tty", "sys/class/block") and virtual in device.parents:
+                if (
+                    rel in ("sys/class/tty", "sys/class/block")
+                    and virtual in device.parents
+                    and not name.startswith("dm-")  # multipath maps are virtual devices
+                ):
                     continue  # ptys, consoles, loop and zram devices: not hardware
                 if self.root / "sys" in device.parents:
                     self.copy_device(device)

@@ -278,12 +278,20 @@ def scan_nvme(root: str | os.PathLike[str] = "/") -> NVMe:
                 if re.fullmatch(r"nvme\d+n\d+", child) and (sub / child / "nsid").exists()
             )
         }
-        for cname in listdir(sub):
-            if (
-                not re.fullmatch(r"nvme\d+", cname)
-                or not (base / "sys/class/nvme" / cname).exists()
-            ):
-                continue
+        members = [
+            c
+            for c in listdir(sub)
+            if re.fullmatch(r"nvme\d+", c) and (base / "sys/class/nvme" / c).exists()
+        ]
+        if not members and subsystem.nqn:
+            # A tree without the subsystem's links to its controllers: the NQN names the
+            # subsystem uniquely, and each controller states its own.
+            members = [
+                c
+                for c in listdir(base / "sys/class/nvme")
+                if read(base / "sys/class/nvme" / c / "subsysnqn") == subsystem.nqn
+            ]
+        for cname in members:
             controller = _controller(base, cname, src)
             for child in listdir(base / "sys/class/nvme" / cname):
                 match = PATH_DEVICE.match(child)
