@@ -43,7 +43,7 @@ def incus_valid(doc: dict[str, object]) -> None:
 
 
 def test_fixture_trees_exist() -> None:
-    assert {"ci-host", "fc-host", "nvme-tcp-host"} <= set(TREES)
+    assert {"ci-host", "fc-host", "nvme-tcp-host", "vm-guest"} <= set(TREES)
 
 
 @pytest.mark.parametrize("tree", TREES)
@@ -352,3 +352,26 @@ def test_a_kernel_reply_with_a_bad_length_is_left_out_with_a_warning(tmp_path: P
     assert warnings == ["eth0: ethtool: a link settings reply of 91 bytes; left out"]
     code, _, err = run_cli(["inventory", "--root", str(root), "network"])
     assert code == 0 and "warning: eth0: ethtool" in err
+
+
+def test_vm_guest_tree() -> None:
+    """The guest of the VM rung, recorded inside it (tests/fixtures/vm-guest/NOTE.md)."""
+    doc, warnings = inventory.scan_with_warnings(FIXTURES / "vm-guest", SECTIONS)
+    assert warnings == []
+    controllers = [c for s in doc["nvme"]["subsystems"] for c in s["controllers"]]
+    assert sorted(c["serial"] for c in controllers) == ["IHALNVME0001", "IHALNVME0002"]
+    assert all(c["transport"] == "pcie" and c["smart"]["passed"] for c in controllers)
+    assert sorted(len(c["namespaces"]) for c in controllers) == [1, 2]
+    (mp,) = doc["multipath"]["maps"]
+    assert mp["wwid"] == "35000c50015ea71ac"
+    assert sorted(p["id"] for p in mp["paths"]) == ["sda", "sdb"]
+    disks = {d["id"]: d for d in doc["storage"]["disks"]}
+    assert disks["sda"]["serial"] == disks["sdb"]["serial"] == "IHALMPATH01"
+    assert disks["sda"]["wwn"] == "0x5000c50015ea71ac"
+    assert disks["nvme0n1"]["type"] == "nvme" and disks["sda"]["device_id"]
+    (tpm,) = doc["tpm"]["devices"]
+    assert (tpm["version"], tpm["resource_manager"], tpm["event_log"]) == ("2.0", "tpmrm0", True)
+    assert doc["secure_boot"]["enabled"] and doc["secure_boot"]["firmware"] == "uefi"
+    assert doc["system"]["type"] == "virtual-machine"
+    ports = [p for c in doc["network"]["cards"] for p in c["ports"]]
+    assert ports and all(p.get("transceiver_type") == "internal" for p in ports)

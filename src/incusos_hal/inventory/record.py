@@ -80,7 +80,6 @@ SKIP_DIRS = {
     "wakeup",
     "hwmon",
     "iommu",
-    "slaves",
     "ptp",
     "batman_adv",
     "brport",
