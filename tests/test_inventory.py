@@ -375,3 +375,11 @@ def test_vm_guest_tree() -> None:
     assert doc["system"]["type"] == "virtual-machine"
     ports = [p for c in doc["network"]["cards"] for p in c["ports"]]
     assert ports and all(p.get("transceiver_type") == "internal" for p in ports)
+
+
+@pytest.mark.parametrize("tree", ["fc-host", "nvme-tcp-host"])
+def test_record_of_a_tree_replays_it(tmp_path: Path, tree: str) -> None:
+    """Recording walks the device graph: dm slaves, FC hosts and remote ports, NVMe
+    subsystems and their controllers survive a recording of a recording."""
+    record(tmp_path / "again", FIXTURES / tree)
+    assert scan(tmp_path / "again", SECTIONS) == scan(FIXTURES / tree, SECTIONS)

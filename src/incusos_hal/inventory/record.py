@@ -91,6 +91,8 @@ SKIP_DIRS = {
 SKIP_FILES = re.compile(r"^(resource\d*(_wc)?|rom|config|eeprom|nvmem|reset|remove|rescan)$")
 # Links kept as links inside device directories: the scanners read their names.
 KEEP_LINKS = {"driver", "subsystem", "iommu_group", "module", "device", "master", "lower"}
+# An NVMe subsystem links to its controllers by their names.
+KEEP_LINK_NAMES = re.compile(r"^nvme\d+$")
 MAX_FILE = 64 * 1024
 MAX_DEPTH = 6
 
@@ -171,7 +173,13 @@ class Recorder:
         for entry in children:
             child = Path(entry.path)
             if entry.is_symlink():
-                if entry.name in KEEP_LINKS:
+                # slaves/: a device-mapper map's paths, links named after the devices;
+                # drm/: a GPU's minors, some of them links to the others.
+                if (
+                    entry.name in KEEP_LINKS
+                    or KEEP_LINK_NAMES.match(entry.name)
+                    or path.name in ("slaves", "drm")
+                ):
                     self.copy_link(child)
             elif entry.is_file(follow_symlinks=False) and not SKIP_FILES.match(entry.name):
                 self.copy_file(child)
