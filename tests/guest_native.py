@@ -73,46 +73,13 @@ def run(expect_all: dict) -> dict:
     except subprocess.TimeoutExpired as e:
         recorded = {"rc": -1, "err": f"timed out: {e}"}
     out["record"] = {**recorded, "seconds": time.monotonic() - started}
-    out["inventory_live"] = tool_json(
-        "incusos-hal",
-        "inventory",
-        "--format",
-        "json",
-        "cpu",
-        "memory",
-        "gpu",
-        "network",
-        "storage",
-        "usb",
-        "pci",
-        "system",
-        "serial",
-        "nvme",
-        "tpm",
-        "secure_boot",
-        "fibre_channel",
-        "multipath",
-    )
+    # Every section but those that move between two reads (memory, load).
+    from incusos_hal.inventory import SCANNERS
+
+    sections = [name for name in SCANNERS if name not in ("memory", "load")]
+    out["inventory_live"] = tool_json("incusos-hal", "inventory", "--format", "json", *sections)
     out["inventory_tree"] = tool_json(
-        "incusos-hal",
-        "inventory",
-        "--root",
-        str(tree),
-        "--format",
-        "json",
-        "cpu",
-        "gpu",
-        "network",
-        "storage",
-        "usb",
-        "pci",
-        "system",
-        "serial",
-        "nvme",
-        "tpm",
-        "secure_boot",
-        "fibre_channel",
-        "multipath",
+        "incusos-hal", "inventory", "--root", str(tree), "--format", "json", *sections
     )
     if spec.get("time"):
         _native.use("cffi")

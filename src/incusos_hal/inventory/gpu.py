@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .hwdata import pci_names
 from .model import GPU, GPUDRM, GPUCard
-from .sysfs import dev_number, driver_of, listdir, numa_node_of, read_hex_id, read_int
+from .pci import scan_pci
+from .sysfs import dev_number, listdir, read_int
 
 
 def _drm(device: Path) -> GPUDRM | None:
@@ -26,29 +26,24 @@ def _drm(device: Path) -> GPUDRM | None:
 
 
 def scan_gpu(root: str | os.PathLike[str] = "/") -> GPU:
-    base = Path(root)
-    bus = base / "sys/bus/pci/devices"
+    bus = Path(root, "sys/bus/pci/devices")
     cards = []
-    for address in listdir(bus):
-        device = bus / address
+    for pci in scan_pci(root).devices:
+        device = bus / pci.pci_address
         pci_class = read_int(device / "class", base=16)
         if pci_class is None or pci_class >> 16 != 0x03:
             continue
-        vendor_id = read_hex_id(device / "vendor") or ""
-        product_id = read_hex_id(device / "device") or ""
-        vendor, product = pci_names(base, vendor_id, product_id)
-        driver, version = driver_of(base, device)
         cards.append(
             GPUCard(
-                driver=driver or "",
-                driver_version=version or "",
+                driver=pci.driver,
+                driver_version=pci.driver_version,
                 drm=_drm(device),
-                numa_node=numa_node_of(device),
-                pci_address=address,
-                vendor=vendor,
-                vendor_id=vendor_id,
-                product=product,
-                product_id=product_id,
+                numa_node=pci.numa_node,
+                pci_address=pci.pci_address,
+                vendor=pci.vendor,
+                vendor_id=pci.vendor_id,
+                product=pci.product,
+                product_id=pci.product_id,
             )
         )
     return GPU(cards=cards, total=len(cards))
