@@ -142,8 +142,9 @@ def vm_rung() -> None:
             try:
                 result = guest.boot(["command"], command, timeout=limit)
             except AssertionError as e:
+                console = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", str(e))  # terminal codes
                 why = next(
-                    (line.strip() for line in str(e).splitlines() if "KVM" in line),
+                    (line.strip() for line in console.splitlines() if "KVM" in line),
                     f"no result within {limit}s",
                 )
                 print(f"  {accelerator}: did not boot: {why}")

@@ -383,3 +383,19 @@ def test_record_of_a_tree_replays_it(tmp_path: Path, tree: str) -> None:
     subsystems and their controllers survive a recording of a recording."""
     record(tmp_path / "again", FIXTURES / tree)
     assert scan(tmp_path / "again", SECTIONS) == scan(FIXTURES / tree, SECTIONS)
+
+
+def test_name_lookup_agrees_with_the_full_parse() -> None:
+    """Names are looked up in the .ids text without parsing it whole; every vendor and
+    device of the system's files must come out as the full parse has them."""
+    from incusos_hal.inventory import hwdata
+
+    for candidates, lookup in (
+        (hwdata.PCI_IDS, hwdata.pci_names),
+        (hwdata.USB_IDS, hwdata.usb_names),
+    ):
+        vendors, devices = hwdata.load("/", candidates)
+        assert len(devices) > 1000, f"{candidates[0]} missing: ci/setup installs pci.ids/usb.ids"
+        for (vendor, device), name in list(devices.items())[::7]:
+            assert lookup(Path("/"), vendor, device) == (vendors[vendor], name)
+        assert lookup(Path("/"), "zzzz", "0000") == ("", "")

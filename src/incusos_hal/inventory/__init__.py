@@ -11,43 +11,66 @@ not exist is an error naming it, never an empty answer that looks like "no hardw
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import probe
-from .cpu import scan_cpu
-from .extra import scan_fibre_channel, scan_multipath, scan_secure_boot, scan_tpm
-from .gpu import scan_gpu
-from .load import scan_load, snake_case
-from .memory import scan_memory
+from .load import snake_case
 from .model import to_json
-from .network import scan_network
-from .pci import scan_pci
-from .serial import scan_serial
-from .storage import scan_nvme, scan_storage
-from .system import scan_system
-from .usb import scan_usb
+
+if TYPE_CHECKING:
+    from .cpu import scan_cpu
+    from .extra import scan_fibre_channel, scan_multipath, scan_secure_boot, scan_tpm
+    from .gpu import scan_gpu
+    from .load import scan_load
+    from .memory import scan_memory
+    from .network import scan_network
+    from .pci import scan_pci
+    from .serial import scan_serial
+    from .storage import scan_nvme, scan_storage
+    from .system import scan_system
+    from .usb import scan_usb
 
 Root = str | os.PathLike[str]
-SCANNERS: dict[str, Callable[[Root], Any]] = {
-    "cpu": scan_cpu,
-    "memory": scan_memory,
-    "gpu": scan_gpu,
-    "network": scan_network,
-    "storage": scan_storage,
-    "usb": scan_usb,
-    "pci": scan_pci,
-    "system": scan_system,
-    "load": scan_load,
-    "serial": scan_serial,
+# Section -> (module, scanner). Modules load when their section is asked for: a command
+# that wants one section does not pay for the others' imports.
+SCANNERS: dict[str, tuple[str, str]] = {
+    "cpu": ("cpu", "scan_cpu"),
+    "memory": ("memory", "scan_memory"),
+    "gpu": ("gpu", "scan_gpu"),
+    "network": ("network", "scan_network"),
+    "storage": ("storage", "scan_storage"),
+    "usb": ("usb", "scan_usb"),
+    "pci": ("pci", "scan_pci"),
+    "system": ("system", "scan_system"),
+    "load": ("load", "scan_load"),
+    "serial": ("serial", "scan_serial"),
     # additions, not in Incus's resources
-    "nvme": scan_nvme,
-    "tpm": scan_tpm,
-    "secure_boot": scan_secure_boot,
-    "fibre_channel": scan_fibre_channel,
-    "multipath": scan_multipath,
+    "nvme": ("storage", "scan_nvme"),
+    "tpm": ("extra", "scan_tpm"),
+    "secure_boot": ("extra", "scan_secure_boot"),
+    "fibre_channel": ("extra", "scan_fibre_channel"),
+    "multipath": ("extra", "scan_multipath"),
 }
+
+
+def scanner(section: str) -> Callable[[Root], Any]:
+    module, function = SCANNERS[section]
+    found: Callable[[Root], Any] = getattr(
+        importlib.import_module(f".{module}", __name__), function
+    )
+    return found
+
+
+def __getattr__(name: str) -> Any:
+    for module, function in SCANNERS.values():
+        if function == name:
+            return getattr(importlib.import_module(f".{module}", __name__), function)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 # Incus's sections, in its order: what `scan()` returns when not told otherwise.
 INCUS_SECTIONS = (
     "cpu",
@@ -83,6 +106,7 @@ __all__ = [
     "scan_tpm",
     "scan_usb",
     "scan_with_warnings",
+    "scanner",
 ]
 
 
@@ -99,7 +123,7 @@ def scan(
     for name in wanted:
         if name not in SCANNERS:
             raise UnknownSection(f"no inventory section {name!r} (known: {', '.join(SCANNERS)})")
-    out = {name: to_json(SCANNERS[name](root)) for name in wanted}
+    out = {name: to_json(scanner(name)(root)) for name in wanted}
     if load_snake_case and "load" in out:
         out["load"] = snake_case(out["load"])
     return out

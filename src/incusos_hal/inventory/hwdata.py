@@ -37,21 +37,48 @@ def parse_ids(text: str) -> Names:
 
 
 @functools.lru_cache(maxsize=8)
-def load(root: str, candidates: tuple[str, ...]) -> Names:
+def _text(root: str, candidates: tuple[str, ...]) -> str:
     for candidate in candidates:
         try:
-            text = Path(root, candidate).read_text(encoding="utf-8", errors="replace")
+            return Path(root, candidate).read_text(encoding="utf-8", errors="replace")
         except OSError:
             continue
-        return parse_ids(text)
-    return {}, {}
+    return ""
+
+
+def load(root: str, candidates: tuple[str, ...]) -> Names:
+    """The whole file parsed (for `record`, which cuts it down)."""
+    return parse_ids(_text(root, candidates))
+
+
+@functools.lru_cache(maxsize=4096)
+def _lookup(root: str, candidates: tuple[str, ...], vendor: str, device: str) -> tuple[str, str]:
+    """One vendor's and device's names, found with str.find in the file's text rather than
+    by parsing all of it: a cold `incusos-hal inventory` looks up a dozen ids, and
+    parsing pci.ids whole costs more than the rest of the scan."""
+    text = _text(root, candidates)
+    if len(vendor) != 4 or len(device) != 4:
+        return "", ""
+    start = 0 if text.startswith(vendor + "  ") else text.find("\n" + vendor + "  ")
+    if start < 0:
+        return "", ""
+    line_end = text.find("\n", start + 1)
+    vendor_name = text[start : line_end if line_end >= 0 else None].split("  ", 1)[1].strip()
+    # The vendor's block ends at the next line that is not indented.
+    block_end = line_end
+    while block_end >= 0 and block_end + 1 < len(text) and text[block_end + 1] in "\t#\n":
+        block_end = text.find("\n", block_end + 1)
+    block = text[line_end : block_end if block_end >= 0 else None]
+    at = block.find("\n\t" + device + "  ")
+    if at < 0:
+        return vendor_name, ""
+    end = block.find("\n", at + 1)
+    return vendor_name, block[at + 2 + 4 : end if end >= 0 else None].strip()
 
 
 def pci_names(root: Path, vendor_id: str, product_id: str) -> tuple[str, str]:
-    vendors, devices = load(str(root), PCI_IDS)
-    return vendors.get(vendor_id, ""), devices.get((vendor_id, product_id), "")
+    return _lookup(str(root), PCI_IDS, vendor_id.lower(), product_id.lower())
 
 
 def usb_names(root: Path, vendor_id: str, product_id: str) -> tuple[str, str]:
-    vendors, devices = load(str(root), USB_IDS)
-    return vendors.get(vendor_id, ""), devices.get((vendor_id, product_id), "")
+    return _lookup(str(root), USB_IDS, vendor_id.lower(), product_id.lower())

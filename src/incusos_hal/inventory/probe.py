@@ -17,8 +17,12 @@ import os
 import struct
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..hal import ethtool, nvme, scsi
+# The HAL's device modules load at first use: a scan of one section, or of a recorded
+# tree with nothing to ask, does not pay for them.
+if TYPE_CHECKING:
+    from ..hal import ethtool, nvme
 
 IOCTL_DIR = "ioctl"
 MAX_REPLY = 1 << 16
@@ -64,18 +68,28 @@ class Source:
 
 class Live(Source):
     def ethtool_drvinfo(self, ifname: str) -> bytes | None:
+        from ..hal import ethtool
+
         return _try(lambda: ethtool.raw_drvinfo(ifname))
 
     def ethtool_link(self, ifname: str) -> bytes | None:
+        from ..hal import ethtool
+
         return _try(lambda: ethtool.raw_link_settings(ifname))
 
     def nvme_id_ctrl(self, ctrl: str) -> bytes | None:
+        from ..hal import nvme
+
         return _try(lambda: nvme.raw_identify_controller(f"/dev/{ctrl}"))
 
     def nvme_smart(self, ctrl: str) -> bytes | None:
+        from ..hal import nvme
+
         return _try(lambda: nvme.raw_smart_log(f"/dev/{ctrl}"))
 
     def scsi_vpd(self, disk: str, page: int) -> bytes | None:
+        from ..hal import scsi
+
         return _try(lambda: scsi.raw_vpd(f"/dev/{disk}", page))
 
 
@@ -135,6 +149,8 @@ def _parse(what: str, raw: bytes | None, parse: Callable[[bytes], object]) -> ob
 
 
 def link_settings(src: Source, ifname: str) -> ethtool.LinkSettings | None:
+    from ..hal import ethtool
+
     header = struct.calcsize(ethtool.LINK_HEADER)
 
     def parse(raw: bytes) -> ethtool.LinkSettings:
@@ -147,26 +163,36 @@ def link_settings(src: Source, ifname: str) -> ethtool.LinkSettings | None:
 
 
 def driver_info(src: Source, ifname: str) -> ethtool.DriverInfo | None:
+    from ..hal import ethtool
+
     result = _parse(f"{ifname}: ethtool", src.ethtool_drvinfo(ifname), ethtool.parse_drvinfo)
     return result if isinstance(result, ethtool.DriverInfo) else None
 
 
 def id_ctrl(src: Source, ctrl: str) -> nvme.IdController | None:
+    from ..hal import nvme
+
     result = _parse(f"{ctrl}: identify controller", src.nvme_id_ctrl(ctrl), nvme.parse_id_ctrl)
     return result if isinstance(result, nvme.IdController) else None
 
 
 def smart(src: Source, ctrl: str) -> nvme.SmartLog | None:
+    from ..hal import nvme
+
     result = _parse(f"{ctrl}: SMART log", src.nvme_smart(ctrl), nvme.parse_smart_log)
     return result if isinstance(result, nvme.SmartLog) else None
 
 
 def vpd_serial(src: Source, disk: str) -> str | None:
+    from ..hal import scsi
+
     result = _parse(f"{disk}: VPD 0x80", src.scsi_vpd(disk, scsi.VPD_SERIAL), scsi.parse_serial)
     return result if isinstance(result, str) and result else None
 
 
 def vpd_wwid(src: Source, disk: str) -> str | None:
+    from ..hal import scsi
+
     result = _parse(
         f"{disk}: VPD 0x83",
         src.scsi_vpd(disk, scsi.VPD_DEVICE_ID),
