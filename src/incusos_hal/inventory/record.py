@@ -181,10 +181,25 @@ class Recorder:
                     or path.name in ("slaves", "drm")
                 ):
                     self.copy_link(child)
+                    if entry.name == "driver":
+                        self.copy_driver(child)
             elif entry.is_file(follow_symlinks=False) and not SKIP_FILES.match(entry.name):
                 self.copy_file(child)
             elif recurse and entry.is_dir(follow_symlinks=False) and entry.name not in SKIP_DIRS:
                 self.copy_dir(child, depth + 1)
+
+    def copy_driver(self, link: Path) -> None:
+        """A driver's module link (its name differs from the driver's: virtio-pci is
+        module virtio_pci) and the module's version, which the inventory reports."""
+        try:
+            driver = link.resolve(strict=True)
+        except (OSError, RuntimeError):
+            return
+        module = driver / "module"
+        if self.root not in driver.parents or not module.is_symlink():
+            return
+        self.copy_link(module)
+        self.copy_file(self.root / "sys/module" / os.path.basename(os.readlink(module)) / "version")
 
     def copy_device(self, device: Path) -> None:
         """A device and, for the attributes scanners read off parents (numa_node,
@@ -226,10 +241,6 @@ class Recorder:
                     continue  # ptys, consoles, loop and zram devices: not hardware
                 if self.root / "sys" in device.parents:
                     self.copy_device(device)
-                    driver = device / "driver" / "module"
-                    if driver.is_symlink():
-                        module = os.path.basename(os.readlink(driver))
-                        self.copy_file(self.root / "sys/module" / module / "version")
         for rel in DEV_LINK_DIRS:
             base = self.root / rel
             for name in sorted(os.listdir(base)) if base.is_dir() else []:
