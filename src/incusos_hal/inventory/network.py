@@ -17,29 +17,21 @@ from typing import Any
 from ..hal.net import ARPHRD_ETHER
 from . import probe
 from .hwdata import pci_names
+from .sysfs import driver_of, read, read_int
 
 
-def _read(path: Path) -> str | None:
-    try:
-        return path.read_text(errors="replace").strip()
-    except OSError:
-        return None
-
-
-def _int(text: str | None, default: int = 0) -> int:
-    try:
-        return int(text, 0) if text is not None else default
-    except ValueError:
-        return default
+def _int(path: Path, default: int = 0) -> int:
+    value = read_int(path, default, 0)
+    return default if value is None else value
 
 
 def _port(d: Path, name: str, src: probe.Source) -> dict[str, Any]:
     port: dict[str, Any] = {"id": name}
-    address = _read(d / "address")
+    address = read(d / "address")
     if address:
         port["address"] = address.lower()
-    port["port"] = max(_int(_read(d / "dev_port")), 0)
-    port["protocol"] = "ethernet" if _int(_read(d / "type")) == ARPHRD_ETHER else "infiniband"
+    port["port"] = max(_int(d / "dev_port"), 0)
+    port["protocol"] = "ethernet" if _int(d / "type") == ARPHRD_ETHER else "infiniband"
     settings = probe.link_settings(src, name)
     if settings is not None:
         if settings.supported_modes:
@@ -52,11 +44,11 @@ def _port(d: Path, name: str, src: probe.Source) -> dict[str, Any]:
             port["transceiver_type"] = settings.transceiver_type
     port["auto_negotiation"] = settings.auto_negotiation if settings is not None else False
     # Reading carrier/speed of a down link fails with EINVAL: that is "no link".
-    port["link_detected"] = _read(d / "carrier") == "1"
-    speed = _int(_read(d / "speed"), -1)
+    port["link_detected"] = read(d / "carrier") == "1"
+    speed = _int(d / "speed", -1)
     if port["link_detected"] and speed > 0:
         port["link_speed"] = speed
-        duplex = _read(d / "duplex")
+        duplex = read(d / "duplex")
         if duplex in ("full", "half"):
             port["link_duplex"] = duplex
     return port
@@ -83,17 +75,14 @@ def scan_network(root: str | os.PathLike[str] = "/") -> dict[str, Any]:
         card = cards.get(key)
         if card is None:
             card = {}
-            # driver and subsystem are links into /sys/bus; only their names matter.
-            driver_link = device / "driver"
-            if driver_link.is_symlink():
-                driver = os.path.basename(os.readlink(driver_link))
+            driver, version = driver_of(Path(root), device)
+            if driver:
                 card["driver"] = driver
-                version = _read(Path(root, "sys/module", driver, "version"))
-                if version:
-                    card["driver_version"] = version
+            if version:
+                card["driver_version"] = version
             card["ports"] = []
-            card["numa_node"] = max(_int(_read(device / "numa_node")), 0)
-            vendor, product = _read(device / "vendor"), _read(device / "device")
+            card["numa_node"] = max(_int(device / "numa_node"), 0)
+            vendor, product = read(device / "vendor"), read(device / "device")
             if (device / "subsystem").is_symlink():
                 subsystem = os.path.basename(os.readlink(device / "subsystem"))
                 if subsystem == "pci":
@@ -102,7 +91,7 @@ def scan_network(root: str | os.PathLike[str] = "/") -> dict[str, Any]:
                     # virtio-net: the PCI function is the virtio device's parent.
                     parent = device_path.parent
                     card["pci_address"] = parent.name
-                    vendor, product = _read(parent / "vendor"), _read(parent / "device")
+                    vendor, product = read(parent / "vendor"), read(parent / "device")
             if vendor and product:
                 card["vendor_id"] = vendor.removeprefix("0x")
                 card["product_id"] = product.removeprefix("0x")
@@ -113,11 +102,11 @@ def scan_network(root: str | os.PathLike[str] = "/") -> dict[str, Any]:
                     card["vendor"] = vendor_name
                 if product_name:
                     card["product"] = product_name
-            total_vfs = _read(device / "sriov_totalvfs")
+            total_vfs = read(device / "sriov_totalvfs")
             if total_vfs is not None:
                 card["sriov"] = {
-                    "current_vfs": _int(_read(device / "sriov_numvfs")),
-                    "maximum_vfs": _int(total_vfs),
+                    "current_vfs": _int(device / "sriov_numvfs"),
+                    "maximum_vfs": _int(device / "sriov_totalvfs"),
                     "vfs": [],
                 }
             cards[key] = card
