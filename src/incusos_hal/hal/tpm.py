@@ -1,0 +1,565 @@
+"""The TPM 2.0, through tpm2-pytss (the TSS's ESAPI): PCRs, randomness, secrets sealed
+under a PCR policy, the storage root key shared with systemd, and the machine's identity
+key.
+
+Sealing follows systemd (src/shared/tpm2-util.c) so that what we seal, systemd-cryptsetup
+unseals and the other way round: the secret is a keyed-hash object under the SRK at the
+reserved handle 0x81000001 (TCG Provisioning Guidance; created with the EK Credential
+Profile's ECC template "L-2" if the TPM has none), with only fixedTPM and fixedParent set so
+that nothing but its policy can release it; the policy is TPM2_PolicyPCR over a selection of
+3 bytes (24 PCRs) of one bank. The policy digest is computed here rather than in a trial
+session, which is what lets a secret be bound to PCR values this boot does not have: the
+predicted PCR 7 after a Secure Boot update, or PCR 15 still all zeros after the initrd.
+
+Parameter encryption: sealing and unsealing run in a session salted with the SRK, so the
+secret never crosses the bus (or swtpm's socket) in the clear.
+
+Every transient object and session is flushed before a method returns: a TPM (and swtpm
+even more, having no resource manager) has room for three of each.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from incusos_hal.hal.eventlog import ALGORITHM_IDS, ALGORITHMS
+
+SRK_HANDLE = 0x81000001
+# The identity key: an ECC P-256 signing key derived from the endorsement seed, persisted
+# here so every reader sees the same public key (IncusOS's `tpm_public_key`).
+IDENTITY_HANDLE = 0x81000100
+DEFAULT_TCTI = "device:/dev/tpmrm0"
+PCR_SELECT_BYTES = 3  # 24 PCRs, as systemd marshals every selection
+MAX_SEALED_DATA = 128  # TPM 2.0 part 2, TPMU_SENSITIVE_CREATE: "for interoperability"
+
+# TPM_PT properties (TPM 2.0 part 2, 6.13): the fixed group.
+PT_FIXED = 0x100
+PT_REVISION = 0x102
+PT_MANUFACTURER = 0x105
+PT_VENDOR_STRING_1 = 0x106  # to _4 = 0x109
+PT_FIRMWARE_VERSION_1 = 0x10B
+PT_FIRMWARE_VERSION_2 = 0x10C
+
+TPM_CC_POLICY_PCR = 0x0000017F
+TPM_CC_POLICY_AUTHORIZE = 0x0000016A
+
+# TPMA_OBJECT bits (TPM 2.0 part 2, 8.3).
+FIXED_TPM = 0x00000002
+FIXED_PARENT = 0x00000010
+SENSITIVE_DATA_ORIGIN = 0x00000020
+USER_WITH_AUTH = 0x00000040
+NO_DA = 0x00000400
+RESTRICTED = 0x00010000
+DECRYPT = 0x00020000
+SIGN = 0x00040000
+SEALED_OBJECT_ATTRIBUTES = FIXED_TPM | FIXED_PARENT
+
+
+class TPMError(RuntimeError):
+    """A TPM operation failed; the message names the operation, never a secret."""
+
+
+class PolicyError(TPMError):
+    """The TPM refused the policy: the PCRs are not what the secret was sealed to."""
+
+
+@dataclass(frozen=True, slots=True)
+class PCRPolicy:
+    """A PCR policy: `values` maps each bound PCR to the value it must have (sealing against
+    the current value is just reading it first, see Tpm.current_policy)."""
+
+    bank: str
+    values: Mapping[int, bytes]
+
+    def __post_init__(self) -> None:
+        if self.bank not in ALGORITHM_IDS:
+            raise ValueError(f"bank: unknown PCR bank {self.bank!r}")
+        size = dict(ALGORITHMS.values())[self.bank]
+        for pcr, value in self.values.items():
+            if not 0 <= pcr < 8 * PCR_SELECT_BYTES:
+                raise ValueError(f"pcrs: PCR {pcr} out of range 0-23")
+            if len(value) != size:
+                raise ValueError(f"pcrs: PCR {pcr} value is {len(value)} bytes, not {size}")
+
+    @property
+    def pcrs(self) -> tuple[int, ...]:
+        return tuple(sorted(self.values))
+
+
+def pcr_selection(bank: str, pcrs: Sequence[int]) -> bytes:
+    """TPML_PCR_SELECTION with one bank, marshalled (count, hash, sizeofSelect, bitmap)."""
+    bitmap = bytearray(PCR_SELECT_BYTES)
+    for pcr in pcrs:
+        bitmap[pcr // 8] |= 1 << (pcr % 8)
+    return struct.pack(">IHB", 1, ALGORITHM_IDS[bank], PCR_SELECT_BYTES) + bytes(bitmap)
+
+
+def policy_pcr_digest(policy: PCRPolicy, start: bytes | None = None) -> bytes:
+    """The session digest after TPM2_PolicyPCR (TPM 2.0 part 3, 23.7), from `start` (zeros
+    for a fresh session). The name algorithm of the policy is SHA-256, as systemd's."""
+    digest = start if start is not None else bytes(32)
+    # pcrDigest is hashed with the session's algorithm over the bank's values in PCR order.
+    pcr_digest = hashlib.sha256(b"".join(policy.values[p] for p in policy.pcrs)).digest()
+    return hashlib.sha256(
+        digest
+        + struct.pack(">I", TPM_CC_POLICY_PCR)
+        + pcr_selection(policy.bank, policy.pcrs)
+        + pcr_digest
+    ).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class Sealed:
+    """A sealed secret as it is stored: the TPM2B_PRIVATE and TPM2B_PUBLIC of the object
+    (marshalled, size first), and what unsealing needs to know."""
+
+    private: bytes
+    public: bytes
+    policy: PCRPolicy
+    policy_hash: bytes
+    srk: bytes  # the SRK's serialized ESYS_TR (systemd's tpm2_srk)
+
+    @property
+    def blob(self) -> bytes:
+        """systemd's tpm2-blob: TPM2B_PRIVATE then TPM2B_PUBLIC."""
+        return self.private + self.public
+
+
+def split_blob(blob: bytes) -> tuple[bytes, bytes]:
+    """The TPM2B_PRIVATE and TPM2B_PUBLIC of a tpm2-blob, each with its size prefix."""
+    if len(blob) < 4:
+        raise ValueError("tpm2-blob: too short")
+    (private_size,) = struct.unpack_from(">H", blob)
+    if 2 + private_size + 2 > len(blob):
+        raise ValueError("tpm2-blob: private part overruns the blob")
+    (public_size,) = struct.unpack_from(">H", blob, 2 + private_size)
+    end = 2 + private_size + 2 + public_size
+    if end > len(blob):
+        raise ValueError("tpm2-blob: public part overruns the blob")
+    return blob[: 2 + private_size], blob[2 + private_size : end]
+
+
+@dataclass(frozen=True, slots=True)
+class TPMInfo:
+    manufacturer: str
+    vendor: str
+    firmware_version: str
+    spec_revision: str
+    banks: tuple[str, ...]  # PCR banks with at least one PCR allocated
+
+    @property
+    def is_swtpm(self) -> bool:
+        # swtpm (libtpms) reports the IBM reference implementation's manufacturer and
+        # "SW   TPM" as its vendor string.
+        return self.vendor.replace(" ", "").upper().startswith("SWTPM")
+
+
+def _tss() -> Any:
+    """tpm2_pytss, imported on first use: the inventory and the generator never need it."""
+    try:
+        import tpm2_pytss
+    except ImportError as e:  # pragma: no cover - a broken install
+        raise TPMError(f"tpm2-pytss is not usable: {e}") from None
+    return tpm2_pytss
+
+
+def default_tcti() -> str:
+    return os.environ.get("TPM2TOOLS_TCTI") or os.environ.get("TSS2_TCTI") or DEFAULT_TCTI
+
+
+def _error(what: str, e: Exception) -> TPMError:
+    tss = _tss()
+    if isinstance(e, tss.TSS2_Exception):
+        rc = int(e.rc) & 0xFFFF
+        # Format-one codes carry the failing handle/session in bits 8-11: mask them off.
+        # TPM_RC_POLICY_FAIL (0x9D) and TPM_RC_VALUE on PolicyPCR (0x84): the PCRs changed.
+        code = rc & 0xBF if rc & 0x80 else rc
+        if code in (0x9D, 0x84):
+            return PolicyError(f"{what}: the PCR policy is not satisfied")
+        return TPMError(f"{what}: {e}")
+    return TPMError(f"{what}: {e}")
+
+
+def _u32_str(value: int) -> str:
+    return value.to_bytes(4, "big").rstrip(b"\0").decode("ascii", "replace").strip()
+
+
+class Tpm:
+    """An open TPM. Use `open_tpm()` as a context manager."""
+
+    def __init__(self, esapi: Any) -> None:
+        self.esapi = esapi
+        self.tss = _tss()
+
+    # -- reading ------------------------------------------------------------------------
+
+    def info(self) -> TPMInfo:
+        tss = self.tss
+        props: dict[int, int] = {}
+        _, data = self.esapi.get_capability(tss.TPM2_CAP.TPM_PROPERTIES, PT_FIXED, 64)
+        for prop in data.data.tpmProperties:
+            props[int(prop.property)] = int(prop.value)
+        vendor = "".join(_u32_str(props.get(PT_VENDOR_STRING_1 + i, 0)) for i in range(4))
+        fw1, fw2 = props.get(PT_FIRMWARE_VERSION_1, 0), props.get(PT_FIRMWARE_VERSION_2, 0)
+        revision = props.get(PT_REVISION, 0)
+        return TPMInfo(
+            manufacturer=_u32_str(props.get(PT_MANUFACTURER, 0)),
+            vendor=vendor,
+            firmware_version=f"{fw1 >> 16}.{fw1 & 0xFFFF}.{fw2 >> 16}.{fw2 & 0xFFFF}",
+            spec_revision=f"{revision // 100}.{revision % 100}",
+            banks=self.banks(),
+        )
+
+    def banks(self) -> tuple[str, ...]:
+        tss = self.tss
+        _, data = self.esapi.get_capability(tss.TPM2_CAP.PCRS, 0, 1)
+        out = []
+        for sel in data.data.assignedPCR:
+            alg = int(sel.hash)
+            if alg in ALGORITHMS and any(bytes(sel.pcrSelect)[: sel.sizeofSelect]):
+                out.append(ALGORITHMS[alg][0])
+        return tuple(out)
+
+    def pcr_read(self, bank: str, pcrs: Sequence[int] = tuple(range(24))) -> dict[int, bytes]:
+        """PCR values of one bank. TPM2_PCR_Read returns at most 8 digests per call, and
+        may return fewer than asked: ask again for what is still missing."""
+        tss = self.tss
+        wanted = sorted(set(pcrs))
+        out: dict[int, bytes] = {}
+        while wanted:
+            sel = tss.TPML_PCR_SELECTION.parse(f"{bank}:{','.join(map(str, wanted[:8]))}")
+            try:
+                _, got_sel, values = self.esapi.pcr_read(sel)
+            except Exception as e:
+                raise _error("PCR read", e) from None
+            got: list[int] = []
+            for s in got_sel.pcrSelections[: got_sel.count]:
+                bitmap = bytes(s.pcrSelect)[: s.sizeofSelect]
+                got += [i for i in range(8 * len(bitmap)) if bitmap[i // 8] >> (i % 8) & 1]
+            if not got:
+                raise TPMError(f"PCR read: the TPM has no {bank} bank")
+            for pcr, value in zip(got, values.digests[: values.count], strict=False):
+                out[pcr] = bytes(value)
+            wanted = [p for p in wanted if p not in out]
+        return out
+
+    def get_random(self, size: int) -> bytes:
+        out = b""
+        while len(out) < size:
+            try:
+                out += bytes(self.esapi.get_random(min(32, size - len(out))))
+            except Exception as e:
+                raise _error("GetRandom", e) from None
+        return out
+
+    def extend(self, pcr: int, digests: Mapping[str, bytes]) -> None:
+        """TPM2_PCR_Extend with one digest per bank (how a test replays a recorded log)."""
+        tss = self.tss
+        values = tss.TPML_DIGEST_VALUES(
+            [
+                tss.TPMT_HA(hashAlg=ALGORITHM_IDS[bank], digest=tss.TPMU_HA(**{bank: digest}))
+                for bank, digest in digests.items()
+            ]
+        )
+        try:
+            self.esapi.pcr_extend(tss.ESYS_TR.parse(f"pcr{pcr}"), values)
+        except Exception as e:
+            raise _error(f"PCR {pcr} extend", e) from None
+
+    def current_policy(self, bank: str, pcrs: Sequence[int], **expected: bytes) -> PCRPolicy:
+        """A policy on `pcrs` at their current values, except those given as `pcrN=value`."""
+        values = self.pcr_read(bank, [p for p in pcrs if f"pcr{p}" not in expected])
+        for key, value in expected.items():
+            values[int(key.removeprefix("pcr"))] = value
+        return PCRPolicy(bank, {p: values[p] for p in pcrs})
+
+    # -- keys -----------------------------------------------------------------------------
+
+    def _persistent(self, handle: int) -> Any | None:
+        tss = self.tss
+        _, data = self.esapi.get_capability(tss.TPM2_CAP.HANDLES, handle, 1)
+        handles = list(data.data.handles)
+        if not handles or int(handles[0]) != handle:
+            return None
+        return self.esapi.tr_from_tpmpublic(handle)
+
+    def srk(self) -> Any:
+        """The shared SRK (ESYS_TR), created and persisted if the TPM has none yet."""
+        tss = self.tss
+        existing = self._persistent(SRK_HANDLE)
+        if existing is not None:
+            return existing
+        template = _storage_template(
+            tss,
+            FIXED_TPM
+            | FIXED_PARENT
+            | SENSITIVE_DATA_ORIGIN
+            | USER_WITH_AUTH
+            | NO_DA
+            | RESTRICTED
+            | DECRYPT,
+        )
+        try:
+            transient, *_ = self.esapi.create_primary(None, template, tss.ESYS_TR.OWNER)
+        except Exception as e:
+            raise _error("SRK create", e) from None
+        try:
+            return self.esapi.evict_control(tss.ESYS_TR.OWNER, transient, SRK_HANDLE)
+        except Exception as e:
+            raise _error("SRK persist", e) from None
+        finally:
+            self.esapi.flush_context(transient)
+
+    def identity_public_key_pem(self) -> str:
+        """The machine's identity key (created and persisted on first use) as a PEM public
+        key: an ECC P-256 signing key derived from the endorsement hierarchy."""
+        tss = self.tss
+        handle = self._persistent(IDENTITY_HANDLE)
+        if handle is None:
+            template = tss.TPM2B_PUBLIC(
+                tss.TPMT_PUBLIC(
+                    type=tss.TPM2_ALG.ECC,
+                    nameAlg=tss.TPM2_ALG.SHA256,
+                    objectAttributes=FIXED_TPM
+                    | FIXED_PARENT
+                    | SENSITIVE_DATA_ORIGIN
+                    | USER_WITH_AUTH
+                    | SIGN,
+                    parameters=tss.TPMU_PUBLIC_PARMS(
+                        eccDetail=tss.TPMS_ECC_PARMS(
+                            symmetric=tss.TPMT_SYM_DEF_OBJECT(algorithm=tss.TPM2_ALG.NULL),
+                            scheme=tss.TPMT_ECC_SCHEME(
+                                scheme=tss.TPM2_ALG.ECDSA,
+                                details=tss.TPMU_ASYM_SCHEME(
+                                    ecdsa=tss.TPMS_SIG_SCHEME_ECDSA(hashAlg=tss.TPM2_ALG.SHA256)
+                                ),
+                            ),
+                            curveID=tss.TPM2_ECC.NIST_P256,
+                            kdf=tss.TPMT_KDF_SCHEME(scheme=tss.TPM2_ALG.NULL),
+                        )
+                    ),
+                )
+            )
+            try:
+                transient, *_ = self.esapi.create_primary(None, template, tss.ESYS_TR.ENDORSEMENT)
+                try:
+                    handle = self.esapi.evict_control(tss.ESYS_TR.OWNER, transient, IDENTITY_HANDLE)
+                finally:
+                    self.esapi.flush_context(transient)
+            except TPMError:
+                raise
+            except Exception as e:
+                raise _error("identity key create", e) from None
+        public, _, _ = self.esapi.read_public(handle)
+        return ecc_public_pem(
+            bytes(public.publicArea.unique.ecc.x), bytes(public.publicArea.unique.ecc.y)
+        )
+
+    # -- sealing ----------------------------------------------------------------------------
+
+    @contextmanager
+    def _session(self, kind: str, srk: Any) -> Iterator[Any]:
+        """A session salted with the SRK, encrypting the first parameter both ways."""
+        tss = self.tss
+        session = self.esapi.start_auth_session(
+            tpm_key=srk,
+            bind=tss.ESYS_TR.NONE,
+            session_type=tss.TPM2_SE.POLICY if kind == "policy" else tss.TPM2_SE.HMAC,
+            symmetric=tss.TPMT_SYM_DEF(
+                algorithm=tss.TPM2_ALG.AES,
+                keyBits=tss.TPMU_SYM_KEY_BITS(aes=128),
+                mode=tss.TPMU_SYM_MODE(aes=tss.TPM2_ALG.CFB),
+            ),
+            auth_hash=tss.TPM2_ALG.SHA256,
+        )
+        try:
+            self.esapi.trsess_set_attributes(
+                session,
+                tss.TPMA_SESSION.CONTINUESESSION
+                | tss.TPMA_SESSION.DECRYPT
+                | tss.TPMA_SESSION.ENCRYPT,
+            )
+            yield session
+        finally:
+            self.esapi.flush_context(session)
+
+    def seal(self, secret: bytes, policy: PCRPolicy) -> Sealed:
+        """Seal `secret` (1-128 bytes) so that only `policy` releases it."""
+        if not 0 < len(secret) <= MAX_SEALED_DATA:
+            raise ValueError(f"secret: 1 to {MAX_SEALED_DATA} bytes")
+        tss = self.tss
+        digest = policy_pcr_digest(policy)
+        srk = self.srk()
+        public = tss.TPM2B_PUBLIC(
+            tss.TPMT_PUBLIC(
+                type=tss.TPM2_ALG.KEYEDHASH,
+                nameAlg=tss.TPM2_ALG.SHA256,
+                objectAttributes=SEALED_OBJECT_ATTRIBUTES,
+                authPolicy=digest,
+                parameters=tss.TPMU_PUBLIC_PARMS(
+                    keyedHashDetail=tss.TPMS_KEYEDHASH_PARMS(
+                        scheme=tss.TPMT_KEYEDHASH_SCHEME(scheme=tss.TPM2_ALG.NULL)
+                    )
+                ),
+            )
+        )
+        sensitive = tss.TPM2B_SENSITIVE_CREATE(tss.TPMS_SENSITIVE_CREATE(data=secret))
+        try:
+            with self._session("hmac", srk) as session:
+                private, out_public, *_ = self.esapi.create(
+                    srk, sensitive, public, session1=session
+                )
+        except Exception as e:
+            raise _error("seal", e) from None
+        return Sealed(
+            private=private.marshal(),
+            public=out_public.marshal(),
+            policy=policy,
+            policy_hash=digest,
+            srk=self.esapi.tr_serialize(srk),
+        )
+
+    def unseal(
+        self,
+        private: bytes,
+        public: bytes,
+        bank: str,
+        pcrs: Sequence[int],
+        srk: bytes | None = None,
+    ) -> bytes:
+        """The secret of a sealed object, if the PCRs satisfy its policy now; PolicyError
+        if not. `srk` is a serialized SRK handle (systemd's tpm2_srk) when the token has one."""
+        tss = self.tss
+        try:
+            priv, _ = tss.TPM2B_PRIVATE.unmarshal(private)
+            pub, _ = tss.TPM2B_PUBLIC.unmarshal(public)
+        except Exception as e:
+            raise TPMError(f"unseal: malformed sealed object ({type(e).__name__})") from None
+        transient = None
+        if srk:
+            parent = self.esapi.tr_deserialize(srk)
+        else:
+            # Sealed before systemd 255: under a transient primary from a fixed template.
+            transient = parent = self._legacy_primary()
+        try:
+            obj = self.esapi.load(parent, priv, pub)
+        except Exception as e:
+            if transient is not None:
+                self.esapi.flush_context(transient)
+            raise _error("unseal: load", e) from None
+        try:
+            with self._session("policy", parent) as session:
+                try:
+                    self.esapi.policy_pcr(
+                        session,
+                        b"",
+                        tss.TPML_PCR_SELECTION.parse(f"{bank}:{','.join(map(str, pcrs))}"),
+                    )
+                    return bytes(self.esapi.unseal(obj, session1=session))
+                except Exception as e:
+                    raise _error("unseal", e) from None
+        finally:
+            self.esapi.flush_context(obj)
+            if transient is not None:
+                self.esapi.flush_context(transient)
+
+    def _legacy_primary(self) -> Any:
+        """systemd's pre-SRK primary: ECC P-256 storage key, no noDA (its "legacy" ECC
+        template, which it keeps unchanged so old tokens still unseal)."""
+        tss = self.tss
+        template = _storage_template(
+            tss,
+            FIXED_TPM
+            | FIXED_PARENT
+            | SENSITIVE_DATA_ORIGIN
+            | USER_WITH_AUTH
+            | RESTRICTED
+            | DECRYPT,
+        )
+        try:
+            handle, *_ = self.esapi.create_primary(None, template, tss.ESYS_TR.OWNER)
+        except Exception as e:
+            raise _error("legacy primary", e) from None
+        return handle
+
+    def unseal_sealed(self, sealed: Sealed) -> bytes:
+        return self.unseal(
+            sealed.private, sealed.public, sealed.policy.bank, sealed.policy.pcrs, sealed.srk
+        )
+
+
+def _storage_template(tss: Any, attributes: int) -> Any:
+    """An ECC P-256 storage key, AES-128-CFB: the EK Credential Profile's template L-2."""
+    return tss.TPM2B_PUBLIC(
+        tss.TPMT_PUBLIC(
+            type=tss.TPM2_ALG.ECC,
+            nameAlg=tss.TPM2_ALG.SHA256,
+            objectAttributes=attributes,
+            parameters=tss.TPMU_PUBLIC_PARMS(
+                eccDetail=tss.TPMS_ECC_PARMS(
+                    symmetric=tss.TPMT_SYM_DEF_OBJECT(
+                        algorithm=tss.TPM2_ALG.AES,
+                        keyBits=tss.TPMU_SYM_KEY_BITS(aes=128),
+                        mode=tss.TPMU_SYM_MODE(aes=tss.TPM2_ALG.CFB),
+                    ),
+                    scheme=tss.TPMT_ECC_SCHEME(scheme=tss.TPM2_ALG.NULL),
+                    curveID=tss.TPM2_ECC.NIST_P256,
+                    kdf=tss.TPMT_KDF_SCHEME(scheme=tss.TPM2_ALG.NULL),
+                )
+            ),
+        )
+    )
+
+
+def ecc_public_pem(x: bytes, y: bytes) -> str:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.EllipticCurvePublicNumbers(
+        int.from_bytes(x, "big"), int.from_bytes(y, "big"), ec.SECP256R1()
+    ).public_key()
+    pem: bytes = key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return pem.decode()
+
+
+@contextmanager
+def open_tpm(tcti: str | None = None) -> Iterator[Tpm]:
+    """Open the TPM named by a TCTI string ("device:/dev/tpmrm0", "swtpm:host=H,port=P";
+    default: $TPM2TOOLS_TCTI, else the kernel's resource manager)."""
+    tss = _tss()
+    spec = tcti or default_tcti()
+    name, _, conf = spec.partition(":")
+    try:
+        ctx = tss.TCTILdr(name, conf or None)
+    except Exception as e:
+        raise TPMError(f"cannot open TPM {spec}: {e}") from None
+    try:
+        esapi = tss.ESAPI(ctx)
+    except Exception as e:
+        ctx.close()
+        raise TPMError(f"cannot open TPM {spec}: {e}") from None
+    try:
+        yield Tpm(esapi)
+    finally:
+        esapi.close()
+
+
+def device_present(root: Path | str = "/") -> bool:
+    """A TPM 2.0 the kernel drives (sysfs), without opening it."""
+    base = Path(root) / "sys/class/tpm"
+    for dev in sorted(base.glob("tpm[0-9]*")):
+        try:
+            if (dev / "tpm_version_major").read_text().strip() == "2":
+                return True
+        except OSError:
+            continue
+    return False
