@@ -10,6 +10,11 @@ writes the networkd files itself.
 Inventory (`--inventory`, or all): `incusos-hal inventory` against `lshw -json` (the
 whole machine) and its storage section against `lsblk -J -O`.
 
+Security (`--security`, or all), on one swtpm: seal + unseal of a secret under a PCR 7
+policy through the HAL (in process, and in a fresh interpreter) against the tpm2-tools
+pipeline (tpm2_createprimary, tpm2_create, tpm2_load, tpm2_unseal); the TCG event log
+parsed and replayed, `incusos-hal eventlog --pcrs` against `tpm2_eventlog`.
+
 VM rung (`--vm`, or all): time from starting qemu to the first command in the guest
 (tests/vm.py), with KVM and with software emulation (TCG), same image and firmware; in
 the guest, NVMe Identify Controller through the HAL (cffi, pure Python) against
@@ -207,8 +212,99 @@ def inventory_vs_tools() -> None:
             print(f"  in-process {title:16} {ms:7.1f} ms   ratio {ms / ref:5.2f}x {reference}")
 
 
+TOOLS_SEAL = """set -e
+cd "$1"
+tpm2_createprimary -Q -C o -G ecc -c primary.ctx
+tpm2_create -Q -C primary.ctx -L policy.bin -i secret -u sealed.pub -r sealed.priv
+tpm2_load -Q -C primary.ctx -u sealed.pub -r sealed.priv -c sealed.ctx
+tpm2_unseal -c sealed.ctx -p pcr:sha256:7 > unsealed
+cmp -s secret unsealed
+"""
+
+
+def security_vs_tools() -> None:
+    from incusos_hal.hal import eventlog, tpm
+
+    from conftest import _free_port
+
+    for tool in ("swtpm", "tpm2_createprimary", "tpm2_eventlog"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"ci/bench: {tool} is missing; run ci/setup as root")
+    with tempfile.TemporaryDirectory(prefix="ihal-bench-tpm-") as tmp:
+        work = Path(tmp)
+        port = _free_port()
+        swtpm = subprocess.Popen(
+            ["swtpm", "socket", "--tpm2", "--server", f"type=tcp,port={port},bindaddr=127.0.0.1",
+             "--ctrl", f"type=tcp,port={port + 1},bindaddr=127.0.0.1",
+             "--tpmstate", f"dir={work}", "--flags", "startup-clear"],
+        )
+        tcti = f"swtpm:host=127.0.0.1,port={port}"
+        env = dict(os.environ, TPM2TOOLS_TCTI=tcti)
+        try:
+            time.sleep(0.5)
+            (work / "secret").write_bytes(os.urandom(32))
+            subprocess.run(["tpm2_createpolicy", "-Q", "--policy-pcr", "-l", "sha256:7", "-L",
+                            str(work / "policy.bin")], env=env, check=True)
+            (work / "seal.sh").write_text(TOOLS_SEAL)
+            secret = (work / "secret").read_bytes()
+            n = 30
+            with tpm.open_tpm(tcti) as t:
+                policy = t.current_policy("sha256", [7])
+                t.unseal_sealed(t.seal(secret, policy))  # warm: the SRK exists
+                started = time.perf_counter()
+                for _ in range(n):
+                    assert t.unseal_sealed(t.seal(secret, policy)) == secret
+                ours = (time.perf_counter() - started) / n * 1000
+            fresh = (
+                f"{sys.executable} -c \"from incusos_hal.hal import tpm\n"
+                f"with tpm.open_tpm('{tcti}') as t:\n"
+                f"    p = t.current_policy('sha256', [7])\n"
+                f"    t.unseal_sealed(t.seal(b'x' * 32, p))\""
+            )
+            times = hyperfine(work, {
+                "tools": (f"bash {work}/seal.sh {work}", "true"),
+                "fresh": (fresh, "true"),
+            })
+        finally:
+            swtpm.terminate()
+            swtpm.wait()
+    tools_ms, fresh_ms = times["tools"][0], times["fresh"][0]
+    print("\nTPM seal + unseal under a PCR 7 policy, swtpm over TCP; ratio to tpm2-tools")
+    print(f"  {'tpm2-tools pipeline (4 commands)':40} {tools_ms:8.1f} ms   (the reference)")
+    print(f"  {'HAL, in process':40} {ours:8.2f} ms   {tools_ms / ours:6.1f}x faster")
+    print(f"  {'HAL, fresh interpreter per seal':40} {fresh_ms:8.1f} ms   "
+          f"{tools_ms / fresh_ms:6.1f}x faster")
+
+    print("\nEvent log parse + replay of every bank; ratio to tpm2_eventlog")
+    logs = [HERE / "tests/fixtures/security/secureboot/binary_bios_measurements",
+            HERE / "tests/fixtures/eventlogs/ubuntu_2104_shielded_vm_no_secure_boot_eventlog"]
+    with tempfile.TemporaryDirectory(prefix="ihal-bench-log-") as tmp:
+        for log in logs:
+            raw = log.read_bytes()
+            started = time.perf_counter()
+            for _ in range(200):
+                parsed = eventlog.parse(raw)
+                for bank in parsed.banks:
+                    eventlog.replay(parsed, bank)
+            in_process = (time.perf_counter() - started) / 200 * 1000
+            times = hyperfine(Path(tmp), {
+                "tool": (f"tpm2_eventlog {log}", "true"),
+                "cli": (f"{IHAL} eventlog --pcrs {log}", "true"),
+            })
+            tool_ms, cli_ms = times["tool"][0], times["cli"][0]
+            print(f"  {log.name[:40]:40} ({len(raw) // 1024} KiB)")
+            print(f"    {'tpm2_eventlog':36} {tool_ms:8.2f} ms   (the reference)")
+            print(f"    {'incusos-hal eventlog --pcrs':36} {cli_ms:8.2f} ms   "
+                  f"{tool_ms / cli_ms:6.2f}x faster")
+            print(f"    {'HAL in process':36} {in_process:8.2f} ms   "
+                  f"{tool_ms / in_process:6.1f}x faster")
+
+
 def main() -> None:
     only = sys.argv[1:]
+    if only == ["--security"]:
+        security_vs_tools()
+        return
     if only == ["--vm"]:
         vm_rung()
         return
@@ -258,6 +354,7 @@ def main() -> None:
                 f"   {cpu:7.1f} ms  {cpu / base_cpu:5.2f}x"
             )
     inventory_vs_tools()
+    security_vs_tools()
     vm_rung()
 
 

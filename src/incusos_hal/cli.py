@@ -7,6 +7,8 @@
     inventory [--root DIR] [--format F] [SECTION...]   Incus's GET /1.0/resources, and more
     record DIR [--root DIR]                    capture what inventory reads, to replay it
     survey [--root DIR] [--format F]           a migration tool's view: firmware, TPM, disks, OS
+    eventlog [FILE | --root DIR] [--pcrs]      the TCG event log, or the PCRs it replays to
+    security [--root DIR] [--tcti T]           GET /1.0/system/security's state (no secrets)
 
 Environment: INCUSOS_HAL_STATE_DIR (default /var/lib/incusos-hal), INCUSOS_HAL_ROOT
 (re-roots reads of /sys, /proc, /dev and /run/udev).
@@ -199,6 +201,51 @@ def cmd_record(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eventlog(args: argparse.Namespace) -> int:
+    from .hal import eventlog
+
+    path = Path(args.file) if args.file else Path(_root(args.root)) / eventlog.LOG_PATH
+    try:
+        log = eventlog.parse(path.read_bytes())
+        pcrs = {
+            bank: {str(i): v.hex() for i, v in sorted(eventlog.replay(log, bank).items())}
+            for bank in log.banks
+            if bank in ("sha1", "sha256", "sha384", "sha512")
+        }
+    except OSError as e:
+        print(f"eventlog: {path}: {e.strerror}", file=sys.stderr)
+        return EXIT_INVALID
+    except eventlog.EventLogError as e:
+        print(f"eventlog: {path}: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    doc: dict[str, object] = {"pcrs": pcrs}
+    if not args.pcrs:
+        doc = {"banks": list(log.banks), "events": eventlog.summary(log), **doc}
+    print(json.dumps(doc, indent=2))
+    return 0
+
+
+def cmd_security(args: argparse.Namespace) -> int:
+    import logging
+    from contextlib import ExitStack
+
+    from .hal import tpm
+    from .security import security_state
+
+    # The TSS logs each failed step through Python's logging; the one line below says it.
+    for name in ("tcti", "esys"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    root = _root(args.root)
+    with ExitStack() as stack:
+        handle = None
+        try:
+            handle = stack.enter_context(tpm.open_tpm(args.tcti))
+        except tpm.TPMError as e:
+            print(f"warning: {e}", file=sys.stderr)
+        print(json.dumps(security_state(root, handle), indent=2))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="incusos-hal", description=__doc__.split("\n")[0])
     p.add_argument("--version", action="version", version=__version__)
@@ -244,6 +291,17 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument("--root", help="a recorded tree or a mounted disk image instead of /")
     sv.add_argument("--format", choices=("json", "yaml"), default="json")
     sv.set_defaults(func=cmd_survey)
+
+    ev = sub.add_parser("eventlog", help="the TCG event log, parsed and replayed")
+    ev.add_argument("file", nargs="?", metavar="FILE", help="default: the running machine's")
+    ev.add_argument("--root", help="read the log under this root")
+    ev.add_argument("--pcrs", action="store_true", help="only the replayed PCR values")
+    ev.set_defaults(func=cmd_eventlog)
+
+    se = sub.add_parser("security", help="Secure Boot, TPM and encrypted volumes")
+    se.add_argument("--root", help="read efivarfs, the event log and crypttab under this root")
+    se.add_argument("--tcti", help="the TPM (default: $TPM2TOOLS_TCTI or device:/dev/tpmrm0)")
+    se.set_defaults(func=cmd_security)
 
     rec = sub.add_parser("record", help="copy what inventory reads into DIR, to replay it")
     rec.add_argument("dir", metavar="DIR")

@@ -236,3 +236,50 @@ def _show(value: str) -> str:
     """A value quoted for an error message, shortened so a huge input stays one line."""
     text = value if len(value) <= 64 else value[:61] + "..."
     return repr(text)
+
+
+def check_recovery_key(key: str) -> str | None:
+    """IncusOS's rules for an encryption recovery key (a passphrase): at least 15
+    characters, one that is neither a letter nor a digit, and at least 5 different ones.
+    systemd's generated recovery keys pass. The message never repeats the key."""
+    if len(key) < 15:
+        return "must be at least 15 characters long"
+    if len(key) > 512:
+        return "must be at most 512 characters long"
+    if not any(not ch.isascii() or not ch.isalnum() for ch in key):
+        return "must contain at least one special character"
+    if len(set(key)) < 5:
+        return "must contain at least 5 unique characters"
+    if any(ch in "\r\n\0" for ch in key):
+        return "must not contain line breaks or NUL"
+    return None
+
+
+PEM_CERTIFICATE = re.compile(
+    r"\s*-----BEGIN CERTIFICATE-----\r?\n[A-Za-z0-9+/=\r\n]+-----END CERTIFICATE-----\s*"
+)
+
+
+def check_ca_certificate(pem: str) -> str | None:
+    """One PEM certificate that can act as a CA."""
+    if len(pem) > 64 * 1024:
+        return "is larger than 64 KiB"
+    if PEM_CERTIFICATE.fullmatch(pem) is None:
+        return "is not one PEM certificate (-----BEGIN CERTIFICATE----- ... -----END ...)"
+    # Imported here: validating a config without custom CAs (the generator at boot) does
+    # not pay for loading an X.509 library.
+    from cryptography import x509
+
+    try:
+        cert = x509.load_pem_x509_certificate(pem.encode())
+    except ValueError:
+        return "is not a valid X.509 certificate"
+    try:
+        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        return None  # version 1 and many private CAs carry no extensions
+    except ValueError:
+        return "has malformed extensions"
+    if not constraints.ca:
+        return "is not a CA certificate (basicConstraints CA:FALSE)"
+    return None

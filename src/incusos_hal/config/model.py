@@ -190,7 +190,7 @@ class Update:
     maintenance_windows: tuple[MaintenanceWindow, ...] = ()
 
 
-# Sections whose schema lands with their own issues (storage, security, services).
+# Sections whose schema lands with their own issues (storage, services).
 # They exist so that the document's shape is stable; any key in them is rejected.
 @dataclass(frozen=True, slots=True)
 class Storage:
@@ -199,7 +199,12 @@ class Storage:
 
 @dataclass(frozen=True, slots=True)
 class Security:
-    pass
+    """IncusOS's SystemSecurityConfig. The recovery keys are secrets: the stored document
+    is mode 0600, and no error or log line repeats one."""
+
+    encryption_recovery_keys: tuple[str, ...] = ()
+    # PEM certificates the machine trusts beyond the system's CA bundle.
+    custom_ca_certs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,6 +28,7 @@ from .model import (
     Network,
     Proxy,
     Route,
+    Security,
     Update,
 )
 
@@ -53,6 +54,7 @@ def validate(config: Config) -> list[FieldError]:
     _network(c, config.network, "network")
     _logging(c, config.logging, "logging")
     _update(c, config.update, "update")
+    _security(c, config.security, "security")
     return c.errors
 
 
@@ -370,3 +372,16 @@ def _update(c: _Collector, update: Update, path: str) -> None:
             and (w.end_hour, w.end_minute) < (w.start_hour, w.start_minute)
         ):
             c.check(p, "ends before it starts on the same day")
+
+
+def _security(c: _Collector, security: Security, path: str) -> None:
+    keys = child(path, "encryption_recovery_keys")
+    seen: set[str] = set()
+    for i, key in enumerate(security.encryption_recovery_keys):
+        # A secret: say what is wrong with it without repeating it.
+        if key in seen:
+            c.check(child(keys, i), "is the same as an earlier key")
+        seen.add(key)
+        c.check(child(keys, i), fmt.check_recovery_key(key))
+    for i, pem in enumerate(security.custom_ca_certs):
+        c.check(child(child(path, "custom_ca_certs"), i), fmt.check_ca_certificate(pem))

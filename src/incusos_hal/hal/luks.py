@@ -318,7 +318,9 @@ def _header(ctx: _Context) -> Header:
     ffi, lib = cs.ffi, cs.lib()
     out = ffi.new("const char **")
     ctx.check(lib.crypt_dump_json(ctx.cd, out, 0), "read header")
-    return parse_header(ffi.string(out[0]).decode())
+    # The UUID lives in the binary header, not in the JSON metadata.
+    uuid = lib.crypt_get_uuid(ctx.cd)
+    return parse_header(ffi.string(out[0]).decode(), ffi.string(uuid).decode() if uuid else "")
 
 
 def header(device: str | os.PathLike[str]) -> Header:
@@ -334,7 +336,7 @@ def _int(value: Any, what: str) -> int:
     raise LuksError(f"header: {what} is not a number", errno.EINVAL)
 
 
-def parse_header(text: str) -> Header:
+def parse_header(text: str, uuid: str = "") -> Header:
     """The LUKS2 JSON metadata (as `cryptsetup luksDump --dump-json-metadata` prints it)."""
     try:
         doc = json.loads(text)
@@ -371,7 +373,7 @@ def parse_header(text: str) -> Header:
             encryption=str(seg.get("encryption", "")),
             sector_size=_int(seg.get("sector_size", 512), "sector_size"),
         )
-    return Header(str(doc.get("uuid", "")), keyslots, tokens, segments)
+    return Header(uuid, keyslots, tokens, segments)
 
 
 def _token_set(ctx: _Context, token_id: int, token: Mapping[str, Any] | None) -> int:
@@ -411,22 +413,6 @@ def make_recovery_key(raw: bytes | None = None) -> str:
 
 def is_recovery_key(text: str) -> bool:
     return RECOVERY_KEY_RE.fullmatch(text) is not None
-
-
-SPECIAL = re.compile(r"[^A-Za-z0-9]")
-
-
-def check_passphrase(key: str) -> str | None:
-    """Why an operator-chosen recovery passphrase is refused (IncusOS's rules: at least 15
-    characters, one of them not a letter or digit, at least 5 different), or None. The
-    reason never repeats the passphrase."""
-    if len(key) < 15:
-        return "must be at least 15 characters long"
-    if not SPECIAL.search(key):
-        return "must contain at least one special character"
-    if len(set(key)) < 5:
-        return "must contain at least 5 unique characters"
-    return None
 
 
 def enroll_recovery_key(

@@ -338,7 +338,7 @@ class Tpm:
                             scheme=tss.TPMT_ECC_SCHEME(
                                 scheme=tss.TPM2_ALG.ECDSA,
                                 details=tss.TPMU_ASYM_SCHEME(
-                                    ecdsa=tss.TPMS_SIG_SCHEME_ECDSA(hashAlg=tss.TPM2_ALG.SHA256)
+                                    ecdsa=tss.TPMS_SCHEME_HASH(hashAlg=tss.TPM2_ALG.SHA256)
                                 ),
                             ),
                             curveID=tss.TPM2_ECC.NIST_P256,
