@@ -123,3 +123,57 @@ def setup_mode(appliance: vm.Guest, secure_boot: vm.Result) -> vm.Result:
 
     machine.corrupt_config(appliance)
     return machine.boot(appliance, "uefi", "setup-mode", syslog_marker=False)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def swtpm(tmp_path: Path) -> Any:
+    """A fresh TPM 2.0 (swtpm, TCP) for one test: its TCTI string. Every PCR starts at
+    zero and no key exists yet, as on a machine just out of a TPM clear."""
+    import subprocess
+    import time
+
+    require_tool("swtpm")
+    state = tmp_path / "swtpm"
+    state.mkdir()
+    for _ in range(5):
+        # The swtpm TCTI talks to the control channel on the command port + 1.
+        server = _free_port()
+        ctrl = server + 1
+        proc = subprocess.Popen(
+            [
+                "swtpm", "socket", "--tpm2",
+                "--server", f"type=tcp,port={server},bindaddr=127.0.0.1",
+                "--ctrl", f"type=tcp,port={ctrl},bindaddr=127.0.0.1",
+                "--tpmstate", f"dir={state}",
+                "--flags", "startup-clear",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 10
+        import socket
+
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                socket.create_connection(("127.0.0.1", server), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.02)
+        if proc.poll() is None:
+            break
+    else:
+        pytest.fail(f"swtpm did not start: {proc.stderr.read().decode() if proc.stderr else ''}")
+    try:
+        yield f"swtpm:host=127.0.0.1,port={server}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -1,0 +1,255 @@
+"""The API-shaped security view (incusos_hal.security), its configuration (recovery keys,
+custom CAs) and crypttab rendering, on recorded firmware trees and a real TPM (swtpm)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from incusos_hal import security
+from incusos_hal.config import ConfigError, formats, parse_toml
+from incusos_hal.config.model import Security
+from incusos_hal.hal import eventlog, luks, tpm
+from incusos_hal.render import crypttab
+
+from conftest import REPO, require_tool
+
+FIXTURES = REPO / "tests/fixtures/security"
+FAST = luks.Pbkdf(type="pbkdf2", hash="sha256", iterations=1000)
+
+
+def machine_root(tmp_path: Path, firmware: str) -> Path:
+    """A root with the guest's recorded event log and Secure Boot variables."""
+    root = tmp_path / "root"
+    shutil.copytree(FIXTURES / firmware / "efivars", root / "sys/firmware/efi/efivars")
+    log = root / eventlog.LOG_PATH
+    log.parent.mkdir(parents=True)
+    shutil.copy(FIXTURES / firmware / "binary_bios_measurements", log)
+    return root
+
+
+def measure(t: tpm.Tpm, root: Path) -> None:
+    """Extend the root's event log into the TPM, as the firmware did at boot."""
+    for event in eventlog.read(root).events:
+        if event.type != eventlog.EV_NO_ACTION:
+            t.extend(event.pcr, {"sha256": event.digests["sha256"]})
+
+
+def test_state_of_a_trusted_machine(tmp_path: Path, swtpm: str) -> None:
+    root = machine_root(tmp_path, "secureboot")
+    with tpm.open_tpm(swtpm) as t:
+        measure(t, root)
+        view = security.security(Security(encryption_recovery_keys=("k" * 20 + "!",)), root, t)
+    state = view["state"]
+    assert state["tpm_status"] == "ok"
+    assert state["secure_boot_enabled"] is True
+    assert state["system_state_is_trusted"] is True
+    assert state["system_state_status"] == "system state is fully trusted"
+    assert state["tpm_public_key"].startswith("-----BEGIN PUBLIC KEY-----")
+    assert {c["type"] for c in state["secure_boot_certificates"]} == {"PK", "KEK", "db"}
+    assert state["encrypted_volumes"] == []
+    assert view["config"] == {"encryption_recovery_keys": ["k" * 20 + "!"]}
+
+
+def test_pcr_mismatch_and_secure_boot_off(tmp_path: Path, swtpm: str) -> None:
+    root = machine_root(tmp_path, "uefi")
+    with tpm.open_tpm(swtpm) as t:
+        measure(t, root)
+        t.extend(7, {"sha256": bytes(32)})  # measured, but not in the log
+        state = security.security_state(root, t)
+    assert state["tpm_status"] == "pcr mismatch"
+    assert state["secure_boot_enabled"] is False
+    assert state["system_state_is_trusted"] is False
+    assert "Secure Boot is disabled" in state["system_state_status"]
+
+
+def test_swtpm_and_no_tpm(tmp_path: Path, swtpm: str) -> None:
+    root = machine_root(tmp_path, "secureboot")
+    (root / eventlog.LOG_PATH).unlink()
+    (root / "boot/swtpm").mkdir(parents=True)
+    with tpm.open_tpm(swtpm) as t:
+        assert security.tpm_status(root, t) == "swtpm"
+    assert security.tpm_status(root, None) == "unavailable"
+    trusted, why = security.trust("swtpm", True)
+    assert not trusted and why == "using swtpm"
+
+
+def test_encrypted_volumes_from_crypttab(tmp_path: Path, swtpm: str) -> None:
+    root = machine_root(tmp_path, "secureboot")
+    image = root / "dev/disk/by-uuid"
+    image.mkdir(parents=True)
+    volume = tmp_path / "data.img"
+    with open(volume, "wb") as f:
+        f.truncate(32 << 20)
+    uuid = luks.format_volume(volume, b"first passphrase", pbkdf=FAST)
+    (image / uuid).symlink_to(volume)
+    (root / "etc").mkdir()
+    (root / "etc/crypttab").write_text(
+        crypttab.render(
+            [
+                crypttab.CryptVolume("data", f"UUID={uuid}"),
+                crypttab.CryptVolume("gone", "/dev/disk/by-uuid/nothing"),
+            ]
+        )
+    )
+    dm = root / "sys/block/dm-0/dm"
+    dm.mkdir(parents=True)
+    (dm / "name").write_text("data\n")
+    with tpm.open_tpm(swtpm) as t:
+        measure(t, root)
+        status = security.tpm_status(root, t)
+        before = security.encrypted_volumes(root, t, status)
+        luks.enroll_tpm2(volume, b"first passphrase", t, t.current_policy("sha256", [7]))
+        after = security.encrypted_volumes(root, t, status)
+        t.extend(7, {"sha256": bytes(32)})
+        pending = security.encrypted_volumes(root, t, "pcr mismatch")
+    assert before == [
+        {"volume": "data", "state": "unlocked (recovery passphrase)"},
+        {"volume": "gone", "state": "locked"},
+    ]
+    assert after[0] == {"volume": "data", "state": "unlocked (TPM)"}
+    assert pending[0] == {"volume": "data", "state": "unlocked (TPM; PCR update pending)"}
+
+
+def test_crypttab_lines_systemd_reads() -> None:
+    text = crypttab.render(
+        [
+            crypttab.CryptVolume("root", "PARTLABEL=root-x86-64"),
+            crypttab.CryptVolume(
+                "data",
+                "UUID=0b4c1a2e-1111-4222-8333-444455556666",
+                key_file="/var/lib/incusos-hal/keys/data.key",
+                nofail=True,
+                discard=True,
+                timeout_s=30,
+            ),
+        ]
+    )
+    lines = text.splitlines()
+    assert lines[0].startswith("#")
+    assert lines[1] == "root PARTLABEL=root-x86-64 none luks,tpm2-device=auto,headless=true"
+    assert lines[2] == (
+        "data UUID=0b4c1a2e-1111-4222-8333-444455556666 /var/lib/incusos-hal/keys/data.key "
+        "luks,tpm2-device=auto,headless=true,nofail,discard,x-systemd.device-timeout=30s"
+    )
+    parsed = security.parse_crypttab(text)
+    assert [(e.name, e.device, e.key_file) for e in parsed] == [
+        ("root", "PARTLABEL=root-x86-64", ""),
+        ("data", "UUID=0b4c1a2e-1111-4222-8333-444455556666", "/var/lib/incusos-hal/keys/data.key"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("volume", "field"),
+    [
+        (crypttab.CryptVolume("my vol", "/dev/sda1"), "name"),
+        (crypttab.CryptVolume("../x", "/dev/sda1"), "name"),
+        (crypttab.CryptVolume("v", "/dev/sda1 nofail"), "device"),
+        (crypttab.CryptVolume("v", "/dev/../etc/passwd"), "device"),
+        (crypttab.CryptVolume("v", "sda1"), "device"),
+        (crypttab.CryptVolume("v", "/dev/sda1", key_file="relative.key"), "key_file"),
+        (crypttab.CryptVolume("v", "/dev/sda1", timeout_s=-1), "timeout_s"),
+        (crypttab.CryptVolume("v", "/dev/sda1", tpm2=False), "cannot unlock"),
+    ],
+)
+def test_crypttab_refuses_what_would_change_its_meaning(
+    volume: crypttab.CryptVolume, field: str
+) -> None:
+    with pytest.raises(crypttab.CrypttabError, match=field):
+        crypttab.line(volume)
+
+
+def test_crypttab_names_are_unique() -> None:
+    with pytest.raises(crypttab.CrypttabError, match="twice"):
+        crypttab.render(
+            [crypttab.CryptVolume("a", "/dev/sda1"), crypttab.CryptVolume("a", "/dev/sdb1")]
+        )
+
+
+# -- configuration -------------------------------------------------------------------------
+
+
+def errors_for(toml: str) -> list[tuple[str, str]]:
+    try:
+        parse_toml(toml)
+    except ConfigError as e:
+        return [(f.path, f.message) for f in e.errors]
+    return []
+
+
+def test_recovery_key_rules() -> None:
+    secret = "short!"
+    keys = [
+        secret,
+        "aaaaaaaaaaaaaaaaaaaa",
+        "abcdefghijklmnopqrst",
+        "aaaa!!!!aaaa!!!!",
+        "good-key-with-dash-1",
+        "good-key-with-dash-1",
+    ]
+    listed = ", ".join(f'"{k}"' for k in keys)
+    toml = f"version = 1\n[security]\nencryption_recovery_keys = [{listed}]\n"
+    errors = errors_for(toml)
+    assert errors == [
+        ("security.encryption_recovery_keys[0]", "must be at least 15 characters long"),
+        ("security.encryption_recovery_keys[1]", "must contain at least one special character"),
+        ("security.encryption_recovery_keys[2]", "must contain at least one special character"),
+        ("security.encryption_recovery_keys[3]", "must contain at least 5 unique characters"),
+        ("security.encryption_recovery_keys[5]", "is the same as an earlier key"),
+    ]
+    assert not any(secret in m or "good-key" in m for _, m in errors)
+    assert formats.check_recovery_key(luks.make_recovery_key()) is None
+    assert security.check_recovery_keys([]) is not None
+
+
+def test_unknown_security_keys_are_refused() -> None:
+    errors = errors_for('version = 1\n[security]\nrecovery_keys = ["x"]\n')
+    assert errors and errors[0][0] == "security.recovery_keys"
+
+
+def test_custom_ca_certificates(tmp_path: Path) -> None:
+    require_tool("openssl")
+
+    def make(name: str, *ext: str) -> str:
+        subprocess.run(
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                str(tmp_path / f"{name}.key"),
+                "-out",
+                str(tmp_path / f"{name}.pem"),
+                "-days",
+                "3",
+                "-subj",
+                f"/CN={name}",
+                *ext,
+            ],
+            check=True,
+            capture_output=True,
+        )
+        return (tmp_path / f"{name}.pem").read_text()
+
+    ca = make("ca", "-addext", "basicConstraints=critical,CA:TRUE")
+    leaf = make("leaf", "-addext", "basicConstraints=critical,CA:FALSE")
+    assert formats.check_ca_certificate(ca) is None
+    assert (
+        formats.check_ca_certificate(leaf) == "is not a CA certificate (basicConstraints CA:FALSE)"
+    )
+    assert formats.check_ca_certificate(ca + ca) is not None
+    broken = ca.replace(ca.splitlines()[3], "A" * len(ca.splitlines()[3]))
+    assert formats.check_ca_certificate(broken) == "is not a valid X.509 certificate"
+    assert [
+        p
+        for p, _ in errors_for('version = 1\n[security]\ncustom_ca_certs = ["""' + leaf + '"""]\n')
+    ] == ["security.custom_ca_certs[0]"]
+    assert errors_for('version = 1\n[security]\ncustom_ca_certs = ["""' + ca + '"""]\n') == []
