@@ -9,10 +9,12 @@ bond of the first two cabled NICs under a VLAN-filtering bridge, with host VLANs
 (tests/guest_network.py).
 
 Boot 1: snakeoil keys enrolled, Secure Boot on; a LUKS2 volume is formatted on an NVMe
-namespace and a persistent key made in the TPM. Boot 2, the same disks and TPM state:
-firmware in setup mode (Secure Boot off), config.toml corrupted behind the store's back.
-Each boot runs the system, network, hardware and native probe parts; every check reads their
-results: test_system.py's against the container and this guest alike.
+namespace and a persistent key made in the TPM; three more LUKS2 volumes get TPM tokens
+(the HAL's and systemd-cryptenroll's) and a crypttab (tests/guest_security.py). Boot 2, the
+same disks and TPM state: firmware in setup mode (Secure Boot off, so PCR 7 changes),
+config.toml corrupted behind the store's back.
+Each boot runs the system, network, hardware, native and security probe parts; every check
+reads their results: test_system.py's against the container and this guest alike.
 Software emulation makes a boot cost minutes, so the suite boots this machine twice and
 checks everything on those two boots.
 """
@@ -52,6 +54,8 @@ addresses = ["10.20.0.2/24"]
 NVME = [
     vm.NvmeController("IHALNVME0001", (64, 32)),
     vm.NvmeController("IHALNVME0002", (96,)),
+    # Three blank namespaces for the security part's LUKS2 volumes.
+    vm.NvmeController("IHALNVME0003", (32, 32, 32)),
 ]
 MULTIPATH = vm.MultipathDisk("IHALMPATH01", 0x5000C50015EA71AC)
 # What udev and multipath-tools call the disk: NAA designator type 3, then the WWN.
@@ -78,7 +82,11 @@ NETWORK_EXPECT = {
     "bond": "_buplink",
     "bridge": "uplink",
 }
-PARTS = ("system", "network", "hardware", "native")
+PARTS = ("system", "network", "hardware", "native", "security")
+SECURITY = {
+    "serial": "IHALNVME0003",
+    "key": "ihal-security-test-key",  # throwaway volumes in a test guest
+}
 
 
 def expect(label: str, *, syslog_marker: bool) -> dict[str, object]:
@@ -95,6 +103,7 @@ def expect(label: str, *, syslog_marker: bool) -> dict[str, object]:
             "nic": "_p" + system_case.LAN0_MAC.replace(":", ""),
             "time": True,
         },
+        "security": {**SECURITY, "label": label},
         "hardware": {
             "label": label,
             "tpm_handle": TPM_HANDLE,

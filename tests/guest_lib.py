@@ -5,10 +5,10 @@ import json
 import subprocess
 
 
-def sh(*cmd: str) -> dict:
+def sh(*cmd: str, timeout: int = 60) -> dict:
     """Run a command; its exit status and output, never an exception."""
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     except (OSError, subprocess.TimeoutExpired) as e:
         return {"rc": -1, "out": "", "err": str(e)}
     return {"rc": r.returncode, "out": r.stdout, "err": r.stderr}

@@ -197,6 +197,7 @@ class Tpm:
     def __init__(self, esapi: Any) -> None:
         self.esapi = esapi
         self.tss = _tss()
+        self._srk: Any = None  # the SRK's ESYS_TR, looked up once per open TPM
 
     # -- reading ------------------------------------------------------------------------
 
@@ -293,8 +294,11 @@ class Tpm:
     def srk(self) -> Any:
         """The shared SRK (ESYS_TR), created and persisted if the TPM has none yet."""
         tss = self.tss
+        if self._srk is not None:
+            return self._srk
         existing = self._persistent(SRK_HANDLE)
         if existing is not None:
+            self._srk = existing
             return existing
         template = _storage_template(
             tss,
@@ -311,11 +315,12 @@ class Tpm:
         except Exception as e:
             raise _error("SRK create", e) from None
         try:
-            return self.esapi.evict_control(tss.ESYS_TR.OWNER, transient, SRK_HANDLE)
+            self._srk = self.esapi.evict_control(tss.ESYS_TR.OWNER, transient, SRK_HANDLE)
         except Exception as e:
             raise _error("SRK persist", e) from None
         finally:
             self.esapi.flush_context(transient)
+        return self._srk
 
     def identity_public_key_pem(self) -> str:
         """The machine's identity key (created and persisted on first use) as a PEM public
@@ -444,7 +449,19 @@ class Tpm:
             raise TPMError(f"unseal: malformed sealed object ({type(e).__name__})") from None
         transient = None
         if srk:
-            parent = self.esapi.tr_deserialize(srk)
+            # The token's serialized SRK names the handle; its public part is not trusted
+            # (the header is outside input, and the session would be salted to that key):
+            # the TPM's own object at that handle is used.
+            if len(srk) < 4:
+                raise TPMError("unseal: malformed serialized SRK")
+            handle = int.from_bytes(srk[:4], "big")
+            if handle != SRK_HANDLE:
+                raise TPMError(f"unseal: sealed under 0x{handle:08x}, not the SRK")
+            if self._srk is None:
+                self._srk = self._persistent(SRK_HANDLE)
+            if self._srk is None:
+                raise TPMError("unseal: this TPM has no SRK (another TPM, or it was cleared)")
+            parent = self._srk
         else:
             # Sealed before systemd 255: under a transient primary from a fixed template.
             transient = parent = self._legacy_primary()

@@ -1,0 +1,189 @@
+"""Probe part, in the VM guest: the security HAL on a real kernel, TPM and systemd.
+
+expect["security"]: {"label": "secureboot" | "setup-mode", "serial": NVMe controller serial
+(three blank namespaces), "key": the volumes' first passphrase}.
+
+Boot 1 (Secure Boot on): three LUKS2 volumes, formatted by the HAL, each with a recovery key
+(the HAL's, systemd's modhex format):
+  seca: TPM token enrolled by the HAL, PCR 7 as now + PCR 15 zero;
+  secb: TPM token enrolled by systemd-cryptenroll, PCR 7;
+  secc: TPM token enrolled by the HAL, PCR 7 *predicted* from this boot's event log for the
+        firmware with its keys cleared (setup mode) + PCR 15 zero.
+crypttab (rendered by the HAL) names all three, `tpm2-device=auto,headless=true,nofail`.
+Then, this boot: systemd-cryptsetup (through crypttab units) unlocks seca; the HAL unlocks
+secb (systemd's token); cryptsetup's systemd token plugin reads seca; secc stays sealed.
+Boot 2 (setup mode, PCR 7 changed): systemd unlocked secc at boot with no passphrase; seca
+and secb stayed locked; the recovery key opens seca.
+"""
+
+import base64
+import json
+import os
+import subprocess
+import traceback
+from pathlib import Path
+
+from guest_lib import sh
+
+NAMES = ("seca", "secb", "secc")
+KEYS = Path("/var/lib/ihal-test")
+TCTI = "device:/dev/tpmrm0"
+
+
+def controller(serial: str) -> str:
+    for ctrl in sorted(Path("/sys/class/nvme").glob("nvme*")):
+        if (ctrl / "serial").read_text().strip() == serial:
+            return ctrl.name
+    raise RuntimeError(f"no NVMe controller {serial}")
+
+
+def devices(serial: str) -> dict:
+    ctrl = controller(serial)
+    return {name: f"/dev/{ctrl}n{i}" for i, name in enumerate(NAMES, 1)}
+
+
+def unit_state(name: str) -> dict:
+    unit = f"systemd-cryptsetup@{name}.service"
+    shown = sh("systemctl", "show", "-p", "ActiveState", "-p", "Result", "--value", unit)
+    state, _, result = shown["out"].strip().partition("\n")
+    return {
+        "active": state,
+        "result": result.strip(),
+        "mapped": Path(f"/dev/mapper/{name}").exists(),
+    }
+
+
+def token_of(device: str, kind: str) -> dict:
+    dumped = sh("cryptsetup", "luksDump", "--dump-json-metadata", device)
+    tokens = json.loads(dumped["out"]).get("tokens", {})
+    return next((t for t in tokens.values() if t["type"] == kind), {})
+
+
+def first_boot(spec: dict, devs: dict, out: dict) -> None:
+    from incusos_hal.hal import eventlog, luks, tpm
+    from incusos_hal.render import crypttab
+
+    key = spec["key"].encode()
+    fast = luks.Pbkdf(type="pbkdf2", hash="sha256", iterations=1000)
+    KEYS.mkdir(parents=True, exist_ok=True)
+    uuids = {}
+    for name, dev in devs.items():
+        uuids[name] = luks.format_volume(dev, key, pbkdf=fast)
+        recovery, _ = luks.enroll_recovery_key(dev, key)
+        luks.write_key_file(KEYS / f"{name}.recovery", recovery)
+    out["recovery_key_example"] = (KEYS / "seca.recovery").read_text()
+    out["recovery_key_mode"] = oct((KEYS / "seca.recovery").stat().st_mode & 0o777)
+    log = eventlog.read("/")
+    cleared = {"SecureBoot": b"\0", "PK": b"", "KEK": b"", "db": b"", "dbx": b""}
+    predicted = eventlog.predict_pcr7(log, "sha256", cleared, authorities=[])
+    out["predicted_setup_mode_pcr7"] = predicted.hex()
+    with tpm.open_tpm(TCTI) as t:
+        now = t.pcr_read("sha256", [7, 15])
+        out["pcr7"] = now[7].hex()
+        luks.enroll_tpm2(devs["seca"], key, t, tpm.PCRPolicy("sha256", {7: now[7], 15: bytes(32)}))
+        luks.enroll_tpm2(
+            devs["secc"], key, t, tpm.PCRPolicy("sha256", {7: predicted, 15: bytes(32)})
+        )
+    enrolled = subprocess.run(
+        ["systemd-cryptenroll", "--tpm2-device=auto", "--tpm2-pcrs=7", devs["secb"]],
+        env=dict(os.environ, PASSWORD=spec["key"]),
+        capture_output=True,
+        text=True,
+    )
+    out["cryptenroll"] = {"rc": enrolled.returncode, "err": enrolled.stderr[-2000:]}
+    out["tokens"] = {name: token_of(dev, "systemd-tpm2") for name, dev in devs.items()}
+    out["recovery_tokens"] = {name: token_of(dev, "systemd-recovery") for name, dev in devs.items()}
+
+    # Ours reads systemd's: the HAL unseals secb's token and the passphrase opens it.
+    with tpm.open_tpm(TCTI) as t:
+        try:
+            slot, _ = luks.unlock_tpm2(devs["secb"], t)
+            out["hal_unlocks_systemd_token"] = {"ok": True, "slot": slot}
+        except Exception as e:
+            out["hal_unlocks_systemd_token"] = {"ok": False, "error": str(e)}
+        try:
+            luks.unlock_tpm2(devs["secc"], t)
+            out["predicted_unlocks_now"] = True
+        except luks.WrongKeyError:
+            out["predicted_unlocks_now"] = False
+    # systemd's token plugin for libcryptsetup reads ours.
+    plugin = sh(
+        "cryptsetup",
+        "open",
+        "--test-passphrase",
+        "--token-only",
+        "--token-type",
+        "systemd-tpm2",
+        devs["seca"],
+    )
+    out["token_plugin_opens_ours"] = plugin["rc"] == 0
+    out["token_plugin"] = plugin
+
+    Path("/etc/crypttab").write_text(
+        crypttab.render(
+            [crypttab.CryptVolume(name, f"UUID={uuids[name]}", nofail=True) for name in NAMES]
+        )
+    )
+    out["crypttab"] = Path("/etc/crypttab").read_text()
+    # systemd itself, through the units systemd-cryptsetup-generator makes of crypttab.
+    sh("systemctl", "daemon-reload")
+    for name in ("seca", "secb"):
+        started = sh("systemctl", "start", f"systemd-cryptsetup@{name}.service", timeout=300)
+        out[f"start_{name}"] = {"rc": started["rc"], **unit_state(name)}
+        sh("systemctl", "stop", f"systemd-cryptsetup@{name}.service", timeout=120)
+    out["journal_seca"] = sh(
+        "journalctl", "-b", "-o", "cat", "-u", "systemd-cryptsetup@seca.service"
+    )["out"][-3000:]
+
+
+def second_boot(spec: dict, devs: dict, out: dict) -> None:
+    from incusos_hal.hal import luks, tpm
+
+    out["at_boot"] = {name: unit_state(name) for name in NAMES}
+    out["journal"] = {
+        name: sh("journalctl", "-b", "-o", "cat", "-u", f"systemd-cryptsetup@{name}.service")[
+            "out"
+        ][-2000:]
+        for name in NAMES
+    }
+    with tpm.open_tpm(TCTI) as t:
+        out["pcr7"] = t.pcr_read("sha256", [7])[7].hex()
+        try:
+            luks.unlock_tpm2(devs["seca"], t)
+            out["seca_tpm_unlocks"] = True
+        except luks.WrongKeyError:
+            out["seca_tpm_unlocks"] = False
+    recovery = (KEYS / "seca.recovery").read_text()
+    try:
+        out["recovery_slot"] = luks.open_volume(devs["seca"], "seca", recovery)
+        out["recovery_mapped"] = Path("/dev/mapper/seca").exists()
+    finally:
+        if Path("/dev/mapper/seca").exists():
+            luks.close_volume("seca")
+
+
+def run(expect: dict) -> dict:
+    spec = expect["security"]
+    out: dict = {"label": spec["label"]}
+    try:
+        from incusos_hal import security
+        from incusos_hal.hal import eventlog, tpm
+
+        devs = devices(spec["serial"])
+        if spec["label"] == "secureboot":
+            first_boot(spec, devs, out)
+        else:
+            second_boot(spec, devs, out)
+        log = eventlog.read("/")
+        with tpm.open_tpm(TCTI) as t:
+            out["replay"] = {
+                bank: [m.pcr for m in eventlog.compare(log, bank, t.pcr_read(bank))]
+                for bank in ("sha1", "sha256")
+            }
+            out["state"] = security.security_state("/", t)
+        out["eventlog_b64"] = base64.b64encode(
+            Path("/sys/kernel/security/tpm0/binary_bios_measurements").read_bytes()
+        ).decode()
+    except Exception:
+        out["error"] = traceback.format_exc()
+    return out
