@@ -48,7 +48,11 @@ SECTIONS = (*inventory.INCUS_SECTIONS, "nvme", "tpm", "secure_boot", "fibre_chan
 
 
 def fixture_trees() -> list[Path]:
-    return sorted(p for p in FIXTURES.iterdir() if (p / "NOTE.md").exists())
+    """Recorded machines: a directory with its note and a sysfs. (eventlogs/ and security/
+    hold TPM and efivarfs recordings, not whole machines.)"""
+    return sorted(
+        p for p in FIXTURES.iterdir() if (p / "NOTE.md").exists() and (p / "sys").is_dir()
+    )
 
 
 def scan_tree(tree: Path) -> str:

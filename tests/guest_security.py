@@ -44,11 +44,12 @@ def devices(serial: str) -> dict:
 
 def unit_state(name: str) -> dict:
     unit = f"systemd-cryptsetup@{name}.service"
-    shown = sh("systemctl", "show", "-p", "ActiveState", "-p", "Result", "--value", unit)
-    state, _, result = shown["out"].strip().partition("\n")
+    # Key=value, by name: systemctl prints properties in its own order, not the asked one.
+    shown = sh("systemctl", "show", "-p", "ActiveState", "-p", "Result", unit)
+    props = dict(line.partition("=")[::2] for line in shown["out"].splitlines())
     return {
-        "active": state,
-        "result": result.strip(),
+        "active": props.get("ActiveState", ""),
+        "result": props.get("Result", ""),
         "mapped": Path(f"/dev/mapper/{name}").exists(),
     }
 

@@ -136,6 +136,19 @@ apt-get clean
 """
 
 
+# The setup-mode boot changes PCR 7: the volumes sealed to Secure Boot's PCR 7 stay locked
+# and their systemd-cryptsetup units fail, as they must (tests/test_vm_security.py checks
+# that they did, and that the recovery key opens them).
+LOCKED_IN_SETUP_MODE = frozenset(
+    {"systemd-cryptsetup@seca.service", "systemd-cryptsetup@secb.service"}
+)
+
+
+def failed_units(listing: str) -> set[str]:
+    """Unit names from `systemctl list-units --failed --plain --no-legend`."""
+    return {line.split()[0] for line in listing.splitlines() if line.strip()}
+
+
 def guest_root(*, zfs: bool = False) -> Path:
     """The cached guest root; with `zfs`, a flavor with OpenZFS built for its kernel."""
     if zfs:
