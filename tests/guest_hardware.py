@@ -15,7 +15,7 @@ import time
 import traceback
 from pathlib import Path
 
-from guest_lib import sh
+from guest_lib import nvme_namespace, sh
 
 EFI_GLOBAL = "8be4df61-93ca-11d2-aa0d-00e098032b8c"
 EFI_IMAGE_SECURITY = "d719b2cb-3d3a-4596-a3bc-dad00e67656f"
@@ -125,22 +125,7 @@ def multipath(expect: dict) -> dict:
 def luks(spec: dict) -> dict:
     """A LUKS2 volume on an NVMe namespace: formatted on the first boot; opened on every
     boot, where a marker written through the mapping on the first must read back."""
-    ctrl = next(
-        p.name
-        for p in Path("/sys/class/nvme").glob("nvme*")
-        if (p / "serial").read_text().strip() == spec["serial"]
-    )
-    # Namespace N of that controller: its block device's parent is the controller.
-    candidates = [
-        p
-        for p in Path("/sys/block").glob("nvme*n*")
-        if (p / "device").resolve().name == ctrl or (p / "device" / ctrl).exists()
-    ]
-    dev = next(
-        f"/dev/{p.name}"
-        for p in candidates
-        if (p / "nsid").exists() and (p / "nsid").read_text().strip() == str(spec["nsid"])
-    )
+    dev = nvme_namespace(spec["serial"], spec["nsid"])
     out: dict = {"device": dev, "steps": {}}
     key = spec["key"].encode()
     steps = out["steps"]
