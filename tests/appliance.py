@@ -54,8 +54,8 @@ addresses = ["10.20.0.2/24"]
 NVME = [
     vm.NvmeController("IHALNVME0001", (64, 32)),
     vm.NvmeController("IHALNVME0002", (96,)),
-    # Three blank namespaces for the security part's LUKS2 volumes.
-    vm.NvmeController("IHALNVME0003", (32, 32, 32)),
+    # Four blank namespaces for the security part's LUKS2 volumes.
+    vm.NvmeController("IHALNVME0003", (32, 32, 32, 32)),
 ]
 MULTIPATH = vm.MultipathDisk("IHALMPATH01", 0x5000C50015EA71AC)
 # What udev and multipath-tools call the disk: NAA designator type 3, then the WWN.

@@ -150,11 +150,17 @@ def swtpm(tmp_path: Path) -> Any:
         ctrl = server + 1
         proc = subprocess.Popen(
             [
-                "swtpm", "socket", "--tpm2",
-                "--server", f"type=tcp,port={server},bindaddr=127.0.0.1",
-                "--ctrl", f"type=tcp,port={ctrl},bindaddr=127.0.0.1",
-                "--tpmstate", f"dir={state}",
-                "--flags", "startup-clear",
+                "swtpm",
+                "socket",
+                "--tpm2",
+                "--server",
+                f"type=tcp,port={server},bindaddr=127.0.0.1",
+                "--ctrl",
+                f"type=tcp,port={ctrl},bindaddr=127.0.0.1",
+                "--tpmstate",
+                f"dir={state}",
+                "--flags",
+                "startup-clear",
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -177,3 +183,38 @@ def swtpm(tmp_path: Path) -> Any:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+# -- LUKS2 images ----------------------------------------------------------------------------
+
+LUKS_KEY = b"first passphrase"  # the first keyslot's, on throwaway images
+
+
+@pytest.fixture
+def volume(tmp_path: Path) -> Path:
+    """A 32 MiB LUKS2 image file, keyslot 0 opening with LUKS_KEY (fast PBKDF2)."""
+    from incusos_hal.hal import luks
+
+    image = tmp_path / "volume.img"
+    with open(image, "wb") as f:
+        f.truncate(32 << 20)
+    luks.format_volume(
+        image, LUKS_KEY, pbkdf=luks.Pbkdf(type="pbkdf2", hash="sha256", iterations=1000)
+    )
+    return image
+
+
+def opens(device: Path, key: bytes | str) -> bool:
+    """cryptsetup's own answer: does this key open the volume?"""
+    import subprocess
+
+    require_tool("cryptsetup")
+    data = key.encode() if isinstance(key, str) else key
+    return (
+        subprocess.run(
+            ["cryptsetup", "open", "--test-passphrase", "--key-file", "-", str(device)],
+            input=data,
+            capture_output=True,
+        ).returncode
+        == 0
+    )

@@ -1,19 +1,22 @@
 """Probe part, in the VM guest: the security HAL on a real kernel, TPM and systemd.
 
 expect["security"]: {"label": "secureboot" | "setup-mode", "serial": NVMe controller serial
-(three blank namespaces), "key": the volumes' first passphrase}.
+(four blank namespaces), "key": the volumes' first passphrase}.
 
 Boot 1 (Secure Boot on): three LUKS2 volumes, formatted by the HAL, each with a recovery key
 (the HAL's, systemd's modhex format):
   seca: TPM token enrolled by the HAL, PCR 7 as now + PCR 15 zero;
   secb: TPM token enrolled by systemd-cryptenroll, PCR 7;
   secc: TPM token enrolled by the HAL, PCR 7 *predicted* from this boot's event log for the
-        firmware with its keys cleared (setup mode) + PCR 15 zero.
-crypttab (rendered by the HAL) names all three, `tpm2-device=auto,headless=true,nofail`.
+        firmware with its keys cleared (setup mode) + PCR 15 zero;
+  secd: bound to a signing key over PCR 11 (no PCR by value), by the HAL and by
+        systemd-cryptenroll --tpm2-public-key; the signature document (the HAL signs PCR 11
+        as it is) in /var/lib/ihal-test, named by crypttab's tpm2-signature=.
+crypttab (rendered by the HAL) names all four, `tpm2-device=auto,headless=true,nofail`.
 Then, this boot: systemd-cryptsetup (through crypttab units) unlocks seca; the HAL unlocks
 secb (systemd's token); cryptsetup's systemd token plugin reads seca; secc stays sealed.
-Boot 2 (setup mode, PCR 7 changed): systemd unlocked secc at boot with no passphrase; seca
-and secb stayed locked; the recovery key opens seca.
+Boot 2 (setup mode, PCR 7 changed): systemd unlocked secc and secd at boot with no
+passphrase; seca and secb stayed locked; the recovery key opens seca.
 """
 
 import base64
@@ -23,23 +26,16 @@ import subprocess
 import traceback
 from pathlib import Path
 
-from guest_lib import sh
+from guest_lib import nvme_namespace, sh
 
-NAMES = ("seca", "secb", "secc")
+NAMES = ("seca", "secb", "secc", "secd")
 KEYS = Path("/var/lib/ihal-test")
 TCTI = "device:/dev/tpmrm0"
-
-
-def controller(serial: str) -> str:
-    for ctrl in sorted(Path("/sys/class/nvme").glob("nvme*")):
-        if (ctrl / "serial").read_text().strip() == serial:
-            return ctrl.name
-    raise RuntimeError(f"no NVMe controller {serial}")
+SIGNATURE = KEYS / "pcr-signature.json"
 
 
 def devices(serial: str) -> dict:
-    ctrl = controller(serial)
-    return {name: f"/dev/{ctrl}n{i}" for i, name in enumerate(NAMES, 1)}
+    return {name: nvme_namespace(serial, i) for i, name in enumerate(NAMES, 1)}
 
 
 def unit_state(name: str) -> dict:
@@ -120,21 +116,108 @@ def first_boot(spec: dict, devs: dict, out: dict) -> None:
     out["token_plugin_opens_ours"] = plugin["rc"] == 0
     out["token_plugin"] = plugin
 
+    signed_boot(spec, devs, out)
+
     Path("/etc/crypttab").write_text(
         crypttab.render(
-            [crypttab.CryptVolume(name, f"UUID={uuids[name]}", nofail=True) for name in NAMES]
+            [
+                crypttab.CryptVolume(
+                    name,
+                    f"UUID={uuids[name]}",
+                    nofail=True,
+                    tpm2_signature=str(SIGNATURE) if name == "secd" else "",
+                )
+                for name in NAMES
+            ]
         )
     )
     out["crypttab"] = Path("/etc/crypttab").read_text()
     # systemd itself, through the units systemd-cryptsetup-generator makes of crypttab.
     sh("systemctl", "daemon-reload")
-    for name in ("seca", "secb"):
+    for name in ("seca", "secb", "secd"):
         started = sh("systemctl", "start", f"systemd-cryptsetup@{name}.service", timeout=300)
         out[f"start_{name}"] = {"rc": started["rc"], **unit_state(name)}
         sh("systemctl", "stop", f"systemd-cryptsetup@{name}.service", timeout=120)
     out["journal_seca"] = sh(
         "journalctl", "-b", "-o", "cat", "-u", "systemd-cryptsetup@seca.service"
     )["out"][-3000:]
+
+
+def signed_boot(spec: dict, devs: dict, out: dict) -> None:
+    """secd: the HAL's signed token and systemd-cryptenroll's, each unsealed by the other."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from incusos_hal.hal import luks, pcrsig, tpm
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    (KEYS / "pcr-public.pem").write_bytes(public)
+    signer = pcrsig.signer(public)
+    with tpm.open_tpm(TCTI) as t:
+        pcr11 = t.pcr_read("sha256", [11])[11]
+        policy = tpm.policy_pcr_digest(tpm.PCRPolicy("sha256", {11: pcr11}))
+        document = pcrsig.render_signatures([pcrsig.sign(private, "sha256", [11], policy)])
+    SIGNATURE.write_text(document)
+    # Where systemd-stub leaves it on a UKI boot: what the token plugin reads.
+    Path(pcrsig.SIGNATURE_PATH).write_text(document)
+    out["pcr11"] = pcr11.hex()
+    out["signed_policy_candidates"] = [
+        pcrsig.policy_authorize_digest(name).hex() for name in signer.names
+    ]
+    # systemd's first: enrolling a policy hash a token already has is a no-op for
+    # systemd-cryptenroll ("already enrolled"), and the HAL's is that same hash.
+    enrolled = subprocess.run(
+        [
+            "systemd-cryptenroll", "--tpm2-device=auto", "--tpm2-pcrs=",
+            f"--tpm2-public-key={KEYS / 'pcr-public.pem'}", "--tpm2-public-key-pcrs=11",
+            f"--tpm2-signature={SIGNATURE}", devs["secd"],
+        ],
+        env=dict(os.environ, PASSWORD=spec["key"]),
+        capture_output=True,
+        text=True,
+    )  # fmt: skip
+    out["cryptenroll_signed"] = {"rc": enrolled.returncode, "err": enrolled.stderr[-2000:]}
+    with tpm.open_tpm(TCTI) as t:
+        _, ours = luks.enroll_tpm2(
+            devs["secd"], spec["key"].encode(), t, tpm.PCRPolicy("sha256", {}), signer=signer
+        )
+    out["our_signed_token"] = ours
+    header = luks.header(devs["secd"])
+    out["signed_tokens"] = {
+        str(i): t for i, t in header.tokens.items() if t.get("type") == "systemd-tpm2"
+    }
+    with tpm.open_tpm(TCTI) as t:
+        signatures = pcrsig.load_signatures("/", str(SIGNATURE))
+        out["hal_unseals_signed"] = [
+            token.id for token, _ in luks.unseal_tpm2_tokens(header, t, signatures)
+        ]
+        out["hal_unseals_signed_unsigned"] = [
+            token.id for token, _ in luks.unseal_tpm2_tokens(header, t, [])
+        ]
+        # Why a token did not unseal, when one does not: the iterator above skips them.
+        errors = {}
+        for token_id, raw in header.tokens.items():
+            if raw.get("type") != "systemd-tpm2":
+                continue
+            token = luks.parse_tpm2_token(token_id, raw)
+            signed = tpm.SignedPolicy(token.signer, token.signer_pcrs, tuple(signatures))
+            try:
+                private, public_blob = tpm.split_blob(token.blob)
+                t.unseal(private, public_blob, token.bank, token.pcrs, token.srk, signed)
+            except Exception as e:
+                errors[str(token_id)] = f"{type(e).__name__}: {e}"
+        out["signed_unseal_errors"] = errors
+    plugin = sh(
+        "cryptsetup", "open", "--test-passphrase", "--token-only", "--token-id", str(ours),
+        devs["secd"],
+    )  # fmt: skip
+    out["token_plugin_opens_our_signed"] = plugin
 
 
 def second_boot(spec: dict, devs: dict, out: dict) -> None:
@@ -148,7 +231,8 @@ def second_boot(spec: dict, devs: dict, out: dict) -> None:
         for name in NAMES
     }
     with tpm.open_tpm(TCTI) as t:
-        out["pcr7"] = t.pcr_read("sha256", [7])[7].hex()
+        pcrs = t.pcr_read("sha256", [7, 11])
+        out["pcr7"], out["pcr11"] = pcrs[7].hex(), pcrs[11].hex()
         try:
             luks.unlock_tpm2(devs["seca"], t)
             out["seca_tpm_unlocks"] = True

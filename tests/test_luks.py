@@ -20,19 +20,10 @@ import pytest
 from incusos_hal._native import cryptsetup as cs
 from incusos_hal.hal import luks, tpm
 
-from conftest import require_root, require_tool
+from conftest import LUKS_KEY, opens, require_root, require_tool
 
 FAST = luks.Pbkdf(type="pbkdf2", hash="sha256", iterations=1000)
-KEY = b"first passphrase"
-
-
-@pytest.fixture
-def volume(tmp_path: Path) -> Path:
-    image = tmp_path / "volume.img"
-    with open(image, "wb") as f:
-        f.truncate(32 << 20)
-    luks.format_volume(image, KEY, pbkdf=FAST)
-    return image
+KEY = LUKS_KEY
 
 
 def dump(device: Path) -> dict:
@@ -44,19 +35,6 @@ def dump(device: Path) -> dict:
         check=True,
     ).stdout
     return json.loads(out)
-
-
-def opens(device: Path, key: bytes | str) -> bool:
-    """cryptsetup's own answer: does this key open the volume?"""
-    data = key.encode() if isinstance(key, str) else key
-    return (
-        subprocess.run(
-            ["cryptsetup", "open", "--test-passphrase", "--key-file", "-", str(device)],
-            input=data,
-            capture_output=True,
-        ).returncode
-        == 0
-    )
 
 
 def test_format_and_header_agree_with_cryptsetup(volume: Path) -> None:

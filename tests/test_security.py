@@ -77,16 +77,26 @@ def test_swtpm_and_no_tpm(tmp_path: Path, swtpm: str) -> None:
     assert not trusted and why == "using swtpm"
 
 
-def test_encrypted_volumes_from_crypttab(tmp_path: Path, swtpm: str) -> None:
+def volume_root(tmp_path: Path) -> tuple[Path, Path, str]:
+    """A Secure Boot machine root with one LUKS2 image linked as /dev/disk/by-uuid/UUID and
+    mapped (in sysfs) as "data": (root, image, UUID)."""
     root = machine_root(tmp_path, "secureboot")
-    image = root / "dev/disk/by-uuid"
-    image.mkdir(parents=True)
+    links = root / "dev/disk/by-uuid"
+    links.mkdir(parents=True)
     volume = tmp_path / "data.img"
     with open(volume, "wb") as f:
         f.truncate(32 << 20)
     uuid = luks.format_volume(volume, b"first passphrase", pbkdf=FAST)
-    (image / uuid).symlink_to(volume)
+    (links / uuid).symlink_to(volume)
     (root / "etc").mkdir()
+    dm = root / "sys/block/dm-0/dm"
+    dm.mkdir(parents=True)
+    (dm / "name").write_text("data\n")
+    return root, volume, uuid
+
+
+def test_encrypted_volumes_from_crypttab(tmp_path: Path, swtpm: str) -> None:
+    root, volume, uuid = volume_root(tmp_path)
     (root / "etc/crypttab").write_text(
         crypttab.render(
             [
@@ -95,9 +105,6 @@ def test_encrypted_volumes_from_crypttab(tmp_path: Path, swtpm: str) -> None:
             ]
         )
     )
-    dm = root / "sys/block/dm-0/dm"
-    dm.mkdir(parents=True)
-    (dm / "name").write_text("data\n")
     with tpm.open_tpm(swtpm) as t:
         measure(t, root)
         status = security.tpm_status(root, t)
@@ -114,6 +121,48 @@ def test_encrypted_volumes_from_crypttab(tmp_path: Path, swtpm: str) -> None:
     assert pending[0] == {"volume": "data", "state": "unlocked (TPM; PCR update pending)"}
 
 
+def test_signed_volume_state_follows_its_signature_document(tmp_path: Path, swtpm: str) -> None:
+    """A volume bound to a signer counts as TPM-unlocked only with a signature for the PCRs
+    as they are, read from the document its crypttab line names."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from incusos_hal.hal import pcrsig
+
+    root, volume, uuid = volume_root(tmp_path)
+    document = "/var/lib/incusos-hal/pcr-signature.json"
+    (root / "etc/crypttab").write_text(
+        crypttab.render([crypttab.CryptVolume("data", f"UUID={uuid}", tpm2_signature=document)])
+    )
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    with tpm.open_tpm(swtpm) as t:
+        measure(t, root)
+        luks.enroll_tpm2(
+            volume,
+            b"first passphrase",
+            t,
+            tpm.PCRPolicy("sha256", {}),
+            signer=pcrsig.signer(public),
+        )
+        unsigned = security.encrypted_volumes(root, t, "ok")
+        policy = tpm.policy_pcr_digest(t.current_policy("sha256", [11]))
+        path = root / document.lstrip("/")
+        path.parent.mkdir(parents=True)
+        path.write_text(pcrsig.render_signatures([pcrsig.sign(private, "sha256", [11], policy)]))
+        signed = security.encrypted_volumes(root, t, "ok")
+        path.write_text("{not json")
+        broken = security.encrypted_volumes(root, t, "ok")
+    assert unsigned == [{"volume": "data", "state": "unlocked (recovery passphrase)"}]
+    assert signed == [{"volume": "data", "state": "unlocked (TPM)"}]
+    assert broken == unsigned
+
+
 def test_crypttab_lines_systemd_reads() -> None:
     text = crypttab.render(
         [
@@ -126,6 +175,9 @@ def test_crypttab_lines_systemd_reads() -> None:
                 discard=True,
                 timeout_s=30,
             ),
+            crypttab.CryptVolume(
+                "signed", "PARTLABEL=data", tpm2_signature="/var/lib/incusos-hal/pcrsig.json"
+            ),
         ]
     )
     lines = text.splitlines()
@@ -135,11 +187,18 @@ def test_crypttab_lines_systemd_reads() -> None:
         "data UUID=0b4c1a2e-1111-4222-8333-444455556666 /var/lib/incusos-hal/keys/data.key "
         "luks,tpm2-device=auto,headless=true,nofail,discard,x-systemd.device-timeout=30s"
     )
+    assert lines[3] == (
+        "signed PARTLABEL=data none "
+        "luks,tpm2-device=auto,tpm2-signature=/var/lib/incusos-hal/pcrsig.json,headless=true"
+    )
     parsed = security.parse_crypttab(text)
     assert [(e.name, e.device, e.key_file) for e in parsed] == [
         ("root", "PARTLABEL=root-x86-64", ""),
         ("data", "UUID=0b4c1a2e-1111-4222-8333-444455556666", "/var/lib/incusos-hal/keys/data.key"),
+        ("signed", "PARTLABEL=data", ""),
     ]
+    assert security.signature_path(parsed[2]) == "/var/lib/incusos-hal/pcrsig.json"
+    assert security.signature_path(parsed[0]) == "/run/systemd/tpm2-pcr-signature.json"
 
 
 @pytest.mark.parametrize(
@@ -152,6 +211,7 @@ def test_crypttab_lines_systemd_reads() -> None:
         (crypttab.CryptVolume("v", "sda1"), "device"),
         (crypttab.CryptVolume("v", "/dev/sda1", key_file="relative.key"), "key_file"),
         (crypttab.CryptVolume("v", "/dev/sda1", timeout_s=-1), "timeout_s"),
+        (crypttab.CryptVolume("v", "/dev/sda1", tpm2_signature="a,b"), "tpm2_signature"),
         (crypttab.CryptVolume("v", "/dev/sda1", tpm2=False), "cannot unlock"),
     ],
 )

@@ -1,11 +1,12 @@
 """VM rung, security: the HAL's TPM tokens against systemd's own unlocking, on the
 appliance's two boots (tests/guest_security.py does the work in the guest).
 
-Boot 1, Secure Boot on: three LUKS2 volumes on NVMe, TPM-enrolled by the HAL (PCR 7 now,
-and PCR 7 predicted for the firmware's keys cleared) and by systemd-cryptenroll; systemd
-unlocks the HAL's through crypttab, the HAL unlocks systemd's. Boot 2, setup mode: systemd
-unlocked the volume bound to the predicted PCR 7 at boot, with no passphrase; the others
-stayed locked, and the recovery key opens them.
+Boot 1, Secure Boot on: four LUKS2 volumes on NVMe, TPM-enrolled by the HAL (PCR 7 now,
+PCR 7 predicted for the firmware's keys cleared, PCR 11 through a signed policy) and by
+systemd-cryptenroll; systemd unlocks the HAL's through crypttab, the HAL unlocks systemd's.
+Boot 2, setup mode: systemd unlocked at boot, with no passphrase, the volume bound to the
+predicted PCR 7 and the one bound to the signed PCR 11; the others stayed locked, and the
+recovery key opens them.
 """
 
 from __future__ import annotations
@@ -89,18 +90,46 @@ def test_each_unlocks_the_others_token(on: dict[str, Any]) -> None:
     assert on["predicted_unlocks_now"] is False
 
 
+def test_signed_policy_tokens_of_the_hal_and_systemd(on: dict[str, Any]) -> None:
+    """secd, bound to a signing key over PCR 11: the guest's systemd-cryptenroll writes the
+    policy hash the HAL seals with (systemd 257, as 252, names an RSA key with its exponent
+    written out), the HAL unseals both tokens given the signature document and neither
+    without, systemd's token plugin opens the HAL's, and crypttab's unit maps the volume."""
+    assert on["cryptenroll_signed"]["rc"] == 0, on["cryptenroll_signed"]["err"]
+    tokens = on["signed_tokens"]
+    ours = str(on["our_signed_token"])
+    assert len(tokens) == 2 and ours in tokens, tokens
+    systemd_name = on["signed_policy_candidates"][0]
+    for token in tokens.values():
+        assert token["tpm2-policy-hash"] == systemd_name, (token, on["signed_policy_candidates"])
+        assert token["tpm2_pubkey_pcrs"] == [11] and token["tpm2-pcrs"] == []
+    assert sorted(on["hal_unseals_signed"]) == sorted(int(k) for k in tokens), on[
+        "signed_unseal_errors"
+    ]
+    assert on["hal_unseals_signed_unsigned"] == []
+    assert on["token_plugin_opens_our_signed"]["rc"] == 0, on["token_plugin_opens_our_signed"]
+    started = on["start_secd"]
+    assert started["rc"] == 0 and started["active"] == "active" and started["mapped"], started
+
+
 def test_reboot_unlocks_with_no_passphrase_and_falls_back_to_recovery(
     off: dict[str, Any],
 ) -> None:
     at_boot = off["at_boot"]
-    assert at_boot["secc"]["active"] == "active" and at_boot["secc"]["mapped"], (
-        at_boot,
-        off["journal"]["secc"],
-    )
+    for name in ("secc", "secd"):  # predicted PCR 7; signed PCR 11 (Secure Boot-agnostic)
+        assert at_boot[name]["active"] == "active" and at_boot[name]["mapped"], (
+            at_boot,
+            off["journal"][name],
+        )
     for name in ("seca", "secb"):
         assert not at_boot[name]["mapped"], (at_boot, off["journal"][name])
         assert at_boot[name]["active"] == "failed", at_boot[name]
     assert off["seca_tpm_unlocks"] is False
     assert off["recovery_mapped"] is True
     volumes = {v["volume"]: v["state"] for v in off["state"]["encrypted_volumes"]}
-    assert volumes == {"seca": "locked", "secb": "locked", "secc": "unlocked (TPM)"}
+    assert volumes == {
+        "seca": "locked",
+        "secb": "locked",
+        "secc": "unlocked (TPM)",
+        "secd": "unlocked (TPM)",
+    }

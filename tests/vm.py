@@ -437,7 +437,6 @@ class Guest:
             accelerator,
         )
 
-
     def _run(self, accelerator: str, timeout: int) -> tuple[int, str, float, list[float]]:
         probe = self.probe_dir
         with contextlib.ExitStack() as stack:

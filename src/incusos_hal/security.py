@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .hal import eventlog, secureboot
+from .hal import eventlog, pcrsig, secureboot
 
 if TYPE_CHECKING:
     from .config.model import Security
@@ -56,6 +56,14 @@ def parse_crypttab(text: str) -> list[CrypttabEntry]:
         options = tuple(fields[3].split(",")) if len(fields) > 3 else ()
         out.append(CrypttabEntry(fields[0], fields[1], key, options))
     return out
+
+
+def signature_path(entry: CrypttabEntry) -> str:
+    """The PCR signature document systemd-cryptsetup reads for this volume."""
+    for option in entry.options:
+        if option.startswith("tpm2-signature="):
+            return option.partition("=")[2]
+    return pcrsig.SIGNATURE_PATH
 
 
 def resolve_device(root: Path | str, device: str) -> Path:
@@ -120,7 +128,12 @@ def encrypted_volumes(root: Path | str, tpm: Tpm | None, status: str) -> list[di
         tpm_unseals = False
         if tpm is not None:
             try:
-                tpm_unseals = any(True for _ in luks.unseal_tpm2_tokens(luks.header(device), tpm))
+                signatures = pcrsig.load_signatures(root, signature_path(entry))
+            except pcrsig.SignatureError:
+                signatures = []  # a signed token then cannot unseal: as at boot
+            try:
+                tokens = luks.unseal_tpm2_tokens(luks.header(device), tpm, signatures)
+                tpm_unseals = any(True for _ in tokens)
             except (luks.LuksError, OSError):
                 tpm_unseals = False
         mapped = luks.mapped(entry.name, root)

@@ -8,6 +8,11 @@ under a PCR policy (hal.tpm), and a keyslot whose passphrase is that secret in b
 key has 256 bits of entropy, so its keyslot uses PBKDF2 with the minimum of iterations, as
 systemd's do; a slow KDF would only slow every boot.
 
+A token may also bind the volume to a signer's key (systemd-cryptenroll --tpm2-public-key,
+hal.pcrsig): it unlocks wherever the PCRs match a policy that key signed, so an OS update
+brings a new signature rather than a re-enrollment. Unlocking then needs the signature
+document (/run/systemd/tpm2-pcr-signature.json on a booted UKI).
+
 Recovery keys are systemd's too: 32 random bytes in modhex (the YubiKey alphabet, which
 types the same on every keyboard layout), in eight dash-separated groups of eight.
 
@@ -31,6 +36,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from incusos_hal._native import cryptsetup as cs
+from incusos_hal.hal import pcrsig
+from incusos_hal.hal.pcrsig import PCRSignature, Signer
 
 if TYPE_CHECKING:
     from incusos_hal.hal.tpm import PCRPolicy, Tpm
@@ -435,9 +442,22 @@ def enroll_recovery_key(
 
 
 def tpm2_token(
-    sealed_blob: bytes, policy: PCRPolicy, policy_hash: bytes, srk: bytes, keyslot: int
+    sealed_blob: bytes,
+    policy: PCRPolicy,
+    policy_hash: bytes,
+    srk: bytes,
+    keyslot: int,
+    signer: Signer | None = None,
+    signer_pcrs: Sequence[int] = (),
 ) -> dict[str, Any]:
-    """The token systemd-cryptenroll --tpm2-device writes (systemd 255+, SRK-based)."""
+    """The token systemd-cryptenroll --tpm2-device writes (systemd 255+, SRK-based); with a
+    signer, as --tpm2-public-key with --tpm2-public-key-pcrs adds."""
+    signed: dict[str, Any] = {}
+    if signer is not None:
+        signed = {
+            "tpm2_pubkey_pcrs": sorted(set(signer_pcrs)),
+            "tpm2_pubkey": base64.b64encode(signer.pem).decode(),
+        }
     return {
         "type": TOKEN_TPM2,
         "keyslots": [str(keyslot)],
@@ -447,6 +467,7 @@ def tpm2_token(
         "tpm2-primary-alg": "ecc",
         "tpm2-policy-hash": policy_hash.hex(),
         "tpm2-pin": False,
+        **signed,
         "tpm2_pcrlock": False,
         "tpm2_srk": base64.b64encode(srk).decode(),
     }
@@ -462,7 +483,9 @@ class Tpm2Token:
     policy_hash: bytes
     srk: bytes | None
     pin: bool
-    signed: bool  # bound through a signed policy (tpm2_pubkey), not literal PCR values
+    pcrlock: bool  # bound through systemd-pcrlock's NV index policy (not supported here)
+    signer: Signer | None  # tpm2_pubkey: the key whose signatures release it
+    signer_pcrs: tuple[int, ...]  # tpm2_pubkey_pcrs: the PCRs those signatures cover
 
 
 def parse_tpm2_token(token_id: int, token: Mapping[str, Any]) -> Tpm2Token:
@@ -495,6 +518,20 @@ def parse_tpm2_token(token_id: int, token: Mapping[str, Any]) -> Tpm2Token:
             f"token {token_id}: tpm2-blob, tpm2-policy-hash or tpm2_srk is not valid base64/hex",
             errno.EINVAL,
         ) from None
+    signer: Signer | None = None
+    signer_pcrs = field("tpm2_pubkey_pcrs", list, [])
+    if not all(type(p) is int and 0 <= p < 24 for p in signer_pcrs):
+        raise LuksError(
+            f"token {token_id}: tpm2_pubkey_pcrs must be PCR numbers 0-23", errno.EINVAL
+        )
+    pubkey = token.get("tpm2_pubkey")
+    if pubkey:
+        try:
+            signer = pcrsig.signer(base64.b64decode(field("tpm2_pubkey", str), validate=True))
+        except (ValueError, pcrsig.SignatureError) as e:
+            raise LuksError(f"token {token_id}: tpm2_pubkey: {e}", errno.EINVAL) from None
+        if not signer_pcrs:
+            raise LuksError(f"token {token_id}: tpm2_pubkey without tpm2_pubkey_pcrs", errno.EINVAL)
     return Tpm2Token(
         id=token_id,
         keyslot=int(slots[0]),
@@ -504,7 +541,9 @@ def parse_tpm2_token(token_id: int, token: Mapping[str, Any]) -> Tpm2Token:
         policy_hash=policy_hash,
         srk=srk,
         pin=bool(token.get("tpm2-pin", False)),
-        signed=bool(token.get("tpm2_pubkey")) or bool(token.get("tpm2_pcrlock")),
+        pcrlock=bool(token.get("tpm2_pcrlock", False)),
+        signer=signer,
+        signer_pcrs=tuple(sorted(set(signer_pcrs))) if signer else (),
     )
 
 
@@ -519,14 +558,17 @@ def enroll_tpm2(
     tpm: Tpm,
     policy: PCRPolicy,
     *,
+    signer: Signer | None = None,
+    signer_pcrs: Sequence[int] = (11,),
     wipe_other_tpm2: bool = False,
 ) -> tuple[int, int]:
-    """Bind the volume to the TPM under `policy`: a new keyslot opening with a sealed secret
-    and a systemd-tpm2 token for it. Returns (keyslot, token id). `wipe_other_tpm2` then
-    removes the keyslots of older TPM tokens (systemd-cryptenroll --wipe-slot=tpm2).
+    """Bind the volume to the TPM under `policy` (and, with a `signer`, to that key's signed
+    policies over `signer_pcrs`): a new keyslot opening with a sealed secret and a
+    systemd-tpm2 token for it. Returns (keyslot, token id). `wipe_other_tpm2` then removes
+    the keyslots of older TPM tokens (systemd-cryptenroll --wipe-slot=tpm2).
     If anything fails, the header is as it was: the new keyslot is destroyed again."""
     secret = tpm.get_random(TPM2_SECRET_BYTES)
-    sealed = tpm.seal(secret, policy)
+    sealed = tpm.seal(secret, policy, signer)
     passphrase = tpm2_passphrase(secret)
     with _open(device) as ctx:
         before = _header(ctx)
@@ -535,7 +577,15 @@ def enroll_tpm2(
             token_id = _token_set(
                 ctx,
                 cs.CRYPT_ANY_TOKEN,
-                tpm2_token(sealed.blob, policy, sealed.policy_hash, sealed.srk, slot),
+                tpm2_token(
+                    sealed.blob,
+                    policy,
+                    sealed.policy_hash,
+                    sealed.srk,
+                    slot,
+                    signer,
+                    signer_pcrs,
+                ),
             )
         except BaseException:
             cs.lib().crypt_keyslot_destroy(ctx.cd, slot)
@@ -546,28 +596,39 @@ def enroll_tpm2(
     return slot, token_id
 
 
-def unseal_tpm2_tokens(header_: Header, tpm: Tpm) -> Iterator[tuple[Tpm2Token, bytes]]:
+def unseal_tpm2_tokens(
+    header_: Header, tpm: Tpm, signatures: Sequence[PCRSignature] = ()
+) -> Iterator[tuple[Tpm2Token, bytes]]:
     """(token, keyslot passphrase) for each systemd-tpm2 token this TPM unseals now; tokens
-    it cannot (PCRs changed, another TPM, a PIN or signed policy) are skipped."""
-    from incusos_hal.hal.tpm import TPMError, split_blob
+    it cannot (PCRs changed, another TPM, a PIN, a pcrlock policy, a signed policy with no
+    signature for the PCRs as they are) are skipped."""
+    from incusos_hal.hal.tpm import SignedPolicy, TPMError, split_blob
 
     for token_id, raw in sorted(header_.tokens.items()):
         if raw.get("type") != TOKEN_TPM2:
             continue
         token = parse_tpm2_token(token_id, raw)
-        if token.pin or token.signed:
+        if token.pin or token.pcrlock:
             continue
+        signed = None
+        if token.signer is not None:
+            if not signatures:
+                continue
+            signed = SignedPolicy(token.signer, token.signer_pcrs, tuple(signatures))
         try:
             private, public = split_blob(token.blob)
-            secret = tpm.unseal(private, public, token.bank, token.pcrs, token.srk)
+            secret = tpm.unseal(private, public, token.bank, token.pcrs, token.srk, signed)
         except (TPMError, ValueError):
             continue
         yield token, tpm2_passphrase(secret)
 
 
-def unlock_tpm2(device: str | os.PathLike[str], tpm: Tpm) -> tuple[int, bytes]:
-    """(keyslot, passphrase) of the first TPM token that unseals and opens the volume."""
-    for _token, passphrase in unseal_tpm2_tokens(header(device), tpm):
+def unlock_tpm2(
+    device: str | os.PathLike[str], tpm: Tpm, signatures: Sequence[PCRSignature] = ()
+) -> tuple[int, bytes]:
+    """(keyslot, passphrase) of the first TPM token that unseals and opens the volume.
+    `signatures`: the PCR signature document's entries, for tokens bound to a signer."""
+    for _token, passphrase in unseal_tpm2_tokens(header(device), tpm, signatures):
         try:
             return test_key(device, passphrase), passphrase
         except WrongKeyError:

@@ -11,6 +11,10 @@ that nothing but its policy can release it; the policy is TPM2_PolicyPCR over a 
 session, which is what lets a secret be bound to PCR values this boot does not have: the
 predicted PCR 7 after a Secure Boot update, or PCR 15 still all zeros after the initrd.
 
+A secret can instead (or also) be sealed to a signer: PolicyAuthorize by a public key whose
+signatures of PCR policies release it (hal.pcrsig; systemd's tpm2_pubkey, PCR 11 of a
+signed UKI).
+
 Parameter encryption: sealing and unsealing run in a session salted with the SRK, so the
 secret never crosses the bus (or swtpm's socket) in the clear.
 
@@ -29,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from incusos_hal.hal import pcrsig
 from incusos_hal.hal.eventlog import ALGORITHM_IDS, ALGORITHMS
 
 SRK_HANDLE = 0x81000001
@@ -48,7 +53,6 @@ PT_FIRMWARE_VERSION_1 = 0x10B
 PT_FIRMWARE_VERSION_2 = 0x10C
 
 TPM_CC_POLICY_PCR = 0x0000017F
-TPM_CC_POLICY_AUTHORIZE = 0x0000016A
 
 # TPMA_OBJECT bits (TPM 2.0 part 2, 8.3).
 FIXED_TPM = 0x00000002
@@ -105,6 +109,8 @@ def policy_pcr_digest(policy: PCRPolicy, start: bytes | None = None) -> bytes:
     """The session digest after TPM2_PolicyPCR (TPM 2.0 part 3, 23.7), from `start` (zeros
     for a fresh session). The name algorithm of the policy is SHA-256, as systemd's."""
     digest = start if start is not None else bytes(32)
+    if not policy.values:
+        return digest  # no PCR bound by value: systemd sends no PolicyPCR
     # pcrDigest is hashed with the session's algorithm over the bank's values in PCR order.
     pcr_digest = hashlib.sha256(b"".join(policy.values[p] for p in policy.pcrs)).digest()
     return hashlib.sha256(
@@ -113,6 +119,23 @@ def policy_pcr_digest(policy: PCRPolicy, start: bytes | None = None) -> bytes:
         + pcr_selection(policy.bank, policy.pcrs)
         + pcr_digest
     ).digest()
+
+
+def sealing_policy_digest(policy: PCRPolicy, signer: pcrsig.Signer | None = None) -> bytes:
+    """The policy a secret is sealed under, in systemd's order: PolicyAuthorize by the
+    signer's key (if any), then PolicyPCR over the PCRs bound by value."""
+    start = pcrsig.policy_authorize_digest(signer.names[0]) if signer else None
+    return policy_pcr_digest(policy, start)
+
+
+@dataclass(frozen=True, slots=True)
+class SignedPolicy:
+    """What unsealing a secret sealed to a signer needs: the key, the PCRs its signatures
+    cover (systemd's tpm2_pubkey_pcrs, usually 11) and the signature document's entries."""
+
+    signer: pcrsig.Signer
+    pcrs: tuple[int, ...]
+    signatures: tuple[pcrsig.PCRSignature, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +148,7 @@ class Sealed:
     policy: PCRPolicy
     policy_hash: bytes
     srk: bytes  # the SRK's serialized ESYS_TR (systemd's tpm2_srk)
+    signer: pcrsig.Signer | None = None
 
     @property
     def blob(self) -> bytes:
@@ -395,12 +419,15 @@ class Tpm:
         finally:
             self.esapi.flush_context(session)
 
-    def seal(self, secret: bytes, policy: PCRPolicy) -> Sealed:
-        """Seal `secret` (1-128 bytes) so that only `policy` releases it."""
+    def seal(self, secret: bytes, policy: PCRPolicy, signer: pcrsig.Signer | None = None) -> Sealed:
+        """Seal `secret` (1-128 bytes) so that only `policy` releases it, and, with a
+        `signer`, only where the signed PCRs match a policy that key signed."""
         if not 0 < len(secret) <= MAX_SEALED_DATA:
             raise ValueError(f"secret: 1 to {MAX_SEALED_DATA} bytes")
+        if not policy.values and signer is None:
+            raise ValueError("policy: bind at least one PCR, by value or by signature")
         tss = self.tss
-        digest = policy_pcr_digest(policy)
+        digest = sealing_policy_digest(policy, signer)
         srk = self.srk()
         public = tss.TPM2B_PUBLIC(
             tss.TPMT_PUBLIC(
@@ -429,6 +456,7 @@ class Tpm:
             policy=policy,
             policy_hash=digest,
             srk=self.esapi.tr_serialize(srk),
+            signer=signer,
         )
 
     def unseal(
@@ -438,9 +466,11 @@ class Tpm:
         bank: str,
         pcrs: Sequence[int],
         srk: bytes | None = None,
+        signed: SignedPolicy | None = None,
     ) -> bytes:
         """The secret of a sealed object, if the PCRs satisfy its policy now; PolicyError
-        if not. `srk` is a serialized SRK handle (systemd's tpm2_srk) when the token has one."""
+        if not. `srk` is a serialized SRK handle (systemd's tpm2_srk) when the token has one;
+        `signed` is required for an object sealed to a signer."""
         tss = self.tss
         try:
             priv, _ = tss.TPM2B_PRIVATE.unmarshal(private)
@@ -471,21 +501,71 @@ class Tpm:
             if transient is not None:
                 self.esapi.flush_context(transient)
             raise _error("unseal: load", e) from None
+        want = bytes(pub.publicArea.authPolicy)
         try:
-            with self._session("policy", parent) as session:
-                try:
-                    self.esapi.policy_pcr(
-                        session,
-                        b"",
-                        tss.TPML_PCR_SELECTION.parse(f"{bank}:{','.join(map(str, pcrs))}"),
-                    )
-                    return bytes(self.esapi.unseal(obj, session1=session))
-                except Exception as e:
-                    raise _error("unseal", e) from None
+            # The signer's key has two possible TPM names (see pcrsig): the policy is built
+            # with each until the session digest is the one the object was sealed under.
+            for public in signed.signer.publics if signed else (b"",):
+                with self._session("policy", parent) as session:
+                    try:
+                        if signed:
+                            self._authorize(session, signed, bank, public)
+                        if pcrs:
+                            self.esapi.policy_pcr(
+                                session,
+                                b"",
+                                tss.TPML_PCR_SELECTION.parse(f"{bank}:{','.join(map(str, pcrs))}"),
+                            )
+                        if signed and bytes(self.esapi.policy_get_digest(session)) != want:
+                            continue
+                        return bytes(self.esapi.unseal(obj, session1=session))
+                    except TPMError:
+                        raise
+                    except Exception as e:
+                        raise _error("unseal", e) from None
+            raise PolicyError("unseal: the object is not sealed to this signer's key")
         finally:
             self.esapi.flush_context(obj)
             if transient is not None:
                 self.esapi.flush_context(transient)
+
+    def _authorize(self, session: Any, signed: SignedPolicy, bank: str, public: bytes) -> None:
+        """PolicyPCR over the signed PCRs as they are now, then PolicyAuthorize with the
+        TPM's ticket for a signature of exactly that digest."""
+        tss = self.tss
+        selection = f"{bank}:{','.join(map(str, signed.pcrs))}"
+        self.esapi.policy_pcr(session, b"", tss.TPML_PCR_SELECTION.parse(selection))
+        approved = bytes(self.esapi.policy_get_digest(session))
+        found = pcrsig.find_signature(signed.signatures, signed.signer, bank, signed.pcrs, approved)
+        if found is None:
+            raise PolicyError(
+                f"unseal: no signature by this key for the current values of PCR "
+                f"{','.join(map(str, signed.pcrs))} ({bank})"
+            )
+        key_public, _ = tss.TPM2B_PUBLIC.unmarshal(struct.pack(">H", len(public)) + public)
+        signature, _ = tss.TPMT_SIGNATURE.unmarshal(
+            pcrsig.tpmt_signature(signed.signer, found.signature)
+        )
+        # The owner hierarchy: a ticket from a key in the null hierarchy is a null ticket,
+        # which PolicyAuthorize refuses.
+        key = self.esapi.load_external(key_public, hierarchy=tss.ESYS_TR.OWNER)
+        try:
+            try:
+                ticket = self.esapi.verify_signature(
+                    key, hashlib.sha256(approved).digest(), signature
+                )
+            except Exception as e:
+                raise PolicyError(f"unseal: the TPM rejects the PCR signature ({e})") from None
+            # By keyword: tpm2-pytss 2.x (Debian 13) and 3.x order these differently.
+            self.esapi.policy_authorize(
+                policy_session=session,
+                approved_policy=approved,
+                policy_ref=b"",
+                key_sign=pcrsig.tpm_name(public),
+                check_ticket=ticket,
+            )
+        finally:
+            self.esapi.flush_context(key)
 
     def _legacy_primary(self) -> Any:
         """systemd's pre-SRK primary: ECC P-256 storage key, no noDA (its "legacy" ECC
@@ -506,9 +586,14 @@ class Tpm:
             raise _error("legacy primary", e) from None
         return handle
 
-    def unseal_sealed(self, sealed: Sealed) -> bytes:
+    def unseal_sealed(self, sealed: Sealed, signed: SignedPolicy | None = None) -> bytes:
         return self.unseal(
-            sealed.private, sealed.public, sealed.policy.bank, sealed.policy.pcrs, sealed.srk
+            sealed.private,
+            sealed.public,
+            sealed.policy.bank,
+            sealed.policy.pcrs,
+            sealed.srk,
+            signed,
         )
 
 

@@ -38,6 +38,9 @@ class CryptVolume:
     nofail: bool = False  # boot on without it (a data volume, not root)
     discard: bool = False
     timeout_s: int = 0  # how long to wait for the device (0: systemd's default)
+    # The PCR signature document for a token bound to a signer (empty: systemd's default,
+    # /run/systemd/tpm2-pcr-signature.json, which systemd-stub leaves there).
+    tpm2_signature: str = ""
 
     def check(self) -> None:
         if not _NAME.fullmatch(self.name) or self.name in (".", ".."):
@@ -48,6 +51,10 @@ class CryptVolume:
             not _KEY_FILE.fullmatch(self.key_file) or ".." in self.key_file.split("/")
         ):
             raise CrypttabError(f"key_file: {self.key_file!r} is not an absolute path")
+        if self.tpm2_signature and (
+            not _KEY_FILE.fullmatch(self.tpm2_signature) or ".." in self.tpm2_signature.split("/")
+        ):
+            raise CrypttabError(f"tpm2_signature: {self.tpm2_signature!r} is not an absolute path")
         if not 0 <= self.timeout_s <= 86400:
             raise CrypttabError(f"timeout_s: {self.timeout_s} is out of range (0-86400)")
         if not self.tpm2 and not self.key_file and self.headless:
@@ -59,6 +66,8 @@ class CryptVolume:
         out = ["luks"]
         if self.tpm2:
             out.append("tpm2-device=auto")
+            if self.tpm2_signature:
+                out.append(f"tpm2-signature={self.tpm2_signature}")
         if self.headless:
             out.append("headless=true")
         if self.nofail:
