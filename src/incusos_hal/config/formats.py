@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import re
+from typing import Any
 
 _MAC = re.compile(r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$")
 # Kernel rule (dev_valid_name): 1-15 bytes, no '/', ':' or whitespace, not '.' or '..'.
@@ -171,6 +172,17 @@ def check_search_domain(value: str) -> str | None:
     return check_dns_name(name)
 
 
+def check_listen_address(value: str) -> str | None:
+    """host:port to listen on ([v6]:port for IPv6; a host of "" or "::" is every address)."""
+    parsed = split_host_port(value)
+    if parsed is None or parsed[1] is None:
+        return f"{_show(value)} is not host:port (e.g. 0.0.0.0:8443, [::]:8443)"
+    host = parsed[0]
+    if host and not is_ip(host) and check_host(host) is not None:
+        return f"{_show(value)}: {host!r} is not an IP address or host name"
+    return None
+
+
 def check_host(value: str) -> str | None:
     """A server given by IP address or DNS name (NTP servers)."""
     if is_ip(value) or is_dns_name(value):
@@ -260,20 +272,33 @@ PEM_CERTIFICATE = re.compile(
 )
 
 
-def check_ca_certificate(pem: str) -> str | None:
-    """One PEM certificate that can act as a CA."""
+def _load_certificate(pem: str) -> tuple[Any, str | None]:
     if len(pem) > 64 * 1024:
-        return "is larger than 64 KiB"
+        return None, "is larger than 64 KiB"
     if PEM_CERTIFICATE.fullmatch(pem) is None:
-        return "is not one PEM certificate (-----BEGIN CERTIFICATE----- ... -----END ...)"
-    # Imported here: validating a config without custom CAs (the generator at boot) does
-    # not pay for loading an X.509 library.
+        return None, "is not one PEM certificate (-----BEGIN CERTIFICATE----- ... -----END ...)"
+    # Imported here: validating a config without certificates (the generator at boot)
+    # does not pay for loading an X.509 library.
     from cryptography import x509
 
     try:
-        cert = x509.load_pem_x509_certificate(pem.encode())
+        return x509.load_pem_x509_certificate(pem.encode()), None
     except ValueError:
-        return "is not a valid X.509 certificate"
+        return None, "is not a valid X.509 certificate"
+
+
+def check_client_certificate(pem: str) -> str | None:
+    """One PEM X.509 certificate, as a TLS client presents it."""
+    return _load_certificate(pem)[1]
+
+
+def check_ca_certificate(pem: str) -> str | None:
+    """One PEM certificate that can act as a CA."""
+    from cryptography import x509
+
+    cert, problem = _load_certificate(pem)
+    if problem is not None:
+        return problem
     try:
         constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
     except x509.ExtensionNotFound:

@@ -213,6 +213,20 @@ class Services:
 
 
 @dataclass(frozen=True, slots=True)
+class Listener:
+    """Who may reach the API. IncusOS's SystemFallbackListenerConfig (listen_address,
+    trusted_client_certificates), plus the users the unix socket admits besides root."""
+
+    # host:port for HTTPS with client certificates; empty: the unix socket only.
+    listen_address: str = ""
+    # PEM client certificates; a client is trusted when its certificate's SHA-256
+    # fingerprint is one of these certificates' fingerprints.
+    trusted_client_certificates: tuple[str, ...] = ()
+    # uids (other than 0) whose processes may use the unix socket.
+    socket_uids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     version: int = CURRENT_VERSION
     network: Network = Network()
@@ -221,3 +235,4 @@ class Config:
     storage: Storage = Storage()
     security: Security = Security()
     services: Services = Services()
+    listener: Listener = Listener()

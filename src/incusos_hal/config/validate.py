@@ -24,6 +24,7 @@ from .model import (
     Config,
     Ethernet,
     Interface,
+    Listener,
     Logging,
     Network,
     Proxy,
@@ -55,6 +56,7 @@ def validate(config: Config) -> list[FieldError]:
     _logging(c, config.logging, "logging")
     _update(c, config.update, "update")
     _security(c, config.security, "security")
+    _listener(c, config.listener, "listener")
     return c.errors
 
 
@@ -385,3 +387,14 @@ def _security(c: _Collector, security: Security, path: str) -> None:
         c.check(child(keys, i), fmt.check_recovery_key(key))
     for i, pem in enumerate(security.custom_ca_certs):
         c.check(child(child(path, "custom_ca_certs"), i), fmt.check_ca_certificate(pem))
+
+
+def _listener(c: _Collector, listener: Listener, path: str) -> None:
+    if listener.listen_address:
+        c.check(child(path, "listen_address"), fmt.check_listen_address(listener.listen_address))
+    certs = child(path, "trusted_client_certificates")
+    c.each(certs, listener.trusted_client_certificates, fmt.check_client_certificate)
+    uids = child(path, "socket_uids")
+    for i, uid in enumerate(listener.socket_uids):
+        if not 0 < uid < 0xFFFFFFFF:
+            c.check(child(uids, i), f"{uid} is not a user id other than root (1..4294967294)")
