@@ -9,6 +9,9 @@
     survey [--root DIR] [--format F]           a migration tool's view: firmware, TPM, disks, OS
     eventlog [FILE | --root DIR] [--pcrs]      the TCG event log, or the PCRs it replays to
     security [--root DIR] [--tcti T]           GET /1.0/system/security's state (no secrets)
+    serve [--socket P] [--listen A:P] [--target DIR]   the API service
+    remote add NAME URL [--cert C --key K] | list | remove NAME   where the API is
+    get PATH | edit PATH [--file F] | confirm | backup FILE | restore FILE  [--remote NAME]
 
 Environment: INCUSOS_HAL_STATE_DIR (default /var/lib/incusos-hal), INCUSOS_HAL_ROOT
 (re-roots reads of /sys, /proc, /dev and /run/udev).
@@ -17,11 +20,12 @@ Environment: INCUSOS_HAL_STATE_DIR (default /var/lib/incusos-hal), INCUSOS_HAL_R
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 
@@ -246,6 +250,192 @@ def cmd_security(args: argparse.Namespace) -> int:
     return 0
 
 
+def _activated_sockets() -> list[Any]:
+    """Sockets systemd passed (LISTEN_FDS, sd_listen_fds(3)), if they are for us."""
+    import socket
+
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    count = int(os.environ.get("LISTEN_FDS", "0") or 0)
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)
+    return [socket.socket(fileno=3 + i) for i in range(count)]
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from .api.server import serve
+    from .api.service import Settings
+    from .config import store
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    scratch = args.target != "/"
+    settings = Settings(
+        state_dir=store.state_dir(args.state_dir),
+        root=_root(args.root),
+        target=args.target,
+        live=not scratch and _root(args.root) == "/",
+        tcti=args.tcti,
+        unit_dir=None if scratch else args.unit_dir,
+    )
+    systemd = None
+    if not scratch:
+        from .apply import SdbusSystemd
+
+        systemd = SdbusSystemd()
+
+    def ready() -> None:
+        print(f"serving on {args.socket}" + (f" and {args.listen}" if args.listen else ""))
+        sys.stdout.flush()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(
+            serve(
+                settings,
+                socket_path=args.socket,
+                listen=args.listen or "",
+                systemd=systemd,
+                ready=ready,
+                sockets=_activated_sockets(),
+            )
+        )
+    return 0
+
+
+def _remote(args: argparse.Namespace) -> dict[str, str]:
+    from .api.client import ClientError, load_remotes
+
+    remotes = load_remotes()
+    name = args.remote or os.environ.get("INCUSOS_HAL_REMOTE") or "local"
+    if name not in remotes:
+        raise ClientError(f"no remote {name!r} (incusos-hal remote list)")
+    return remotes[name]
+
+
+def _client(func: Any) -> Any:
+    """Run a client command; a ClientError is one line on stderr and exit 1."""
+
+    def run(args: argparse.Namespace) -> int:
+        from .api.client import ClientError
+
+        try:
+            code: int = func(args)
+        except ClientError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        return code
+
+    return run
+
+
+def cmd_remote(args: argparse.Namespace) -> int:
+    from .api.client import ClientError, fetch_server_fingerprint, load_remotes, save_remotes
+
+    remotes = load_remotes()
+    if args.action == "list":
+        for name, r in sorted(remotes.items()):
+            print(f"{name}\t{r['url']}")
+        return 0
+    if args.action == "remove":
+        if args.name not in remotes or args.name == "local":
+            raise ClientError(f"no remote {args.name!r} to remove")
+        del remotes[args.name]
+        save_remotes(remotes)
+        return 0
+    if not args.name or not args.url:
+        raise ClientError("remote add NAME URL")
+    entry = {"url": args.url}
+    if args.url.startswith("https://"):
+        if not args.cert:
+            raise ClientError("an https remote needs --cert (and --key): the client certificate")
+        entry.update(cert=os.path.abspath(args.cert), key=os.path.abspath(args.key or args.cert))
+        entry["server_fingerprint"] = fetch_server_fingerprint(args.url)
+        print(f"server certificate fingerprint: {entry['server_fingerprint']}")
+    remotes[args.name] = entry
+    save_remotes(remotes)
+    return 0
+
+
+def _print(data: Any, fmt: str) -> None:
+    if fmt == "json":
+        print(json.dumps(data, indent=2))
+        return
+    from .yamlout import dumps
+
+    sys.stdout.write(dumps(data))
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    from .api.client import request
+
+    reply = request(_remote(args), "GET", args.path)
+    _print(reply.envelope()["metadata"], args.format)
+    return 0
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    """GET the object, edit its config (a file, or $EDITOR), PUT it with If-Match."""
+    import subprocess
+    import tempfile
+
+    from .api.client import ClientError, request
+
+    remote = _remote(args)
+    reply = request(remote, "GET", args.path)
+    current = reply.envelope()["metadata"]
+    if args.file:
+        text = Path(args.file).read_text() if args.file != "-" else sys.stdin.read()
+    else:
+        with tempfile.NamedTemporaryFile("w+", suffix=".json", delete=False) as f:
+            json.dump({"config": current.get("config", {})}, f, indent=2)
+        editor = os.environ.get("EDITOR", "vi")
+        subprocess.run([editor, f.name], check=True)
+        text = Path(f.name).read_text()
+        os.unlink(f.name)
+    try:
+        body = json.loads(text)
+    except ValueError as e:
+        raise ClientError(f"not JSON: {e}") from None
+    headers = {"Content-Type": "application/json", "If-Match": reply.headers.get("etag", "*")}
+    request(remote, "PUT", args.path, json.dumps(body).encode(), headers).envelope()
+    return 0
+
+
+def cmd_confirm(args: argparse.Namespace) -> int:
+    from .api.client import request
+
+    request(_remote(args), "POST", "/1.0/system/network/:confirm").envelope()
+    return 0
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    from .api.client import request
+    from .fsutil import atomic_write
+
+    reply = request(_remote(args), "POST", "/1.0/system/:backup")
+    if reply.status != 200:
+        reply.envelope()
+    atomic_write(args.file, reply.body, 0o600)  # recovery keys and the server's key
+    print(f"wrote {args.file} ({len(reply.body)} bytes; it holds secrets)")
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from .api.client import ClientError, request
+
+    remote = _remote(args)
+    query = f"?skip={','.join(args.skip)}" if args.skip else ""
+    data = Path(args.file).read_bytes()
+    op = request(remote, "POST", f"/1.0/system/:restore{query}", data).envelope()
+    done = request(remote, "GET", f"{op['operation']}/wait?timeout=600").envelope()
+    if done["metadata"]["status"] != "Success":
+        raise ClientError(f"restore failed: {done['metadata']['err']}")
+    print("restored")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="incusos-hal", description=__doc__.split("\n")[0])
     p.add_argument("--version", action="version", version=__version__)
@@ -302,6 +492,43 @@ def parser() -> argparse.ArgumentParser:
     se.add_argument("--root", help="read efivarfs, the event log and crypttab under this root")
     se.add_argument("--tcti", help="the TPM (default: $TPM2TOOLS_TCTI or device:/dev/tpmrm0)")
     se.set_defaults(func=cmd_security)
+
+    sr = sub.add_parser("serve", help="the API service")
+    sr.add_argument("--state-dir")
+    sr.add_argument("--socket", default="/run/incusos-hal/unix.socket")
+    sr.add_argument("--listen", help="HTTPS on host:port (default: the config's listen_address)")
+    sr.add_argument("--root", help="read the machine under this root")
+    sr.add_argument(
+        "--target", default="/", help="write config under this root; not /: no systemd calls"
+    )
+    sr.add_argument("--tcti", help="the TPM (default: $TPM2TOOLS_TCTI or device:/dev/tpmrm0)")
+    sr.add_argument("--unit-dir", default=DEFAULT_UNIT_DIR, help=argparse.SUPPRESS)
+    sr.set_defaults(func=cmd_serve)
+
+    def client(name: str, help_text: str, func: Any) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help_text)
+        c.add_argument("--remote", help="a remote's name (default $INCUSOS_HAL_REMOTE or local)")
+        c.set_defaults(func=_client(func))
+        return c
+
+    rm = client("remote", "the API endpoints this client knows", cmd_remote)
+    rm.add_argument("action", choices=("add", "list", "remove"))
+    rm.add_argument("name", nargs="?")
+    rm.add_argument("url", nargs="?", help="unix:///path or https://host:port")
+    rm.add_argument("--cert", help="client certificate (PEM) for https")
+    rm.add_argument("--key", help="its key (default: in the certificate file)")
+    g = client("get", "GET an API path", cmd_get)
+    g.add_argument("path")
+    g.add_argument("--format", choices=("yaml", "json"), default="yaml")
+    ed = client("edit", "change a {config, state} object (If-Match guarded)", cmd_edit)
+    ed.add_argument("path")
+    ed.add_argument("--file", help="the new {config} as JSON (- for stdin); default: $EDITOR")
+    client("confirm", "keep a network change that waits for confirmation", cmd_confirm)
+    b = client("backup", "save the state directory (holds secrets)", cmd_backup)
+    b.add_argument("file")
+    rs = client("restore", "replace the state directory from a backup", cmd_restore)
+    rs.add_argument("file")
+    rs.add_argument("--skip", action="append", default=[], help="encryption-recovery-keys")
 
     rec = sub.add_parser("record", help="copy what inventory reads into DIR, to replay it")
     rec.add_argument("dir", metavar="DIR")

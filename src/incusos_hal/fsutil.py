@@ -16,7 +16,8 @@ from pathlib import Path
 from .render.tree import File, Symlink, Tree
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or unlink in `path` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -52,7 +53,7 @@ def atomic_write(
         tmp.unlink(missing_ok=True)
         raise
     if durable:
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
 
 
 def atomic_symlink(path: str | os.PathLike[str], target: str, *, durable: bool = True) -> None:
@@ -66,7 +67,7 @@ def atomic_symlink(path: str | os.PathLike[str], target: str, *, durable: bool =
         tmp.unlink(missing_ok=True)
         raise
     if durable:
-        _fsync_dir(link.parent)
+        fsync_dir(link.parent)
 
 
 def read_entry(path: Path) -> File | Symlink | None:

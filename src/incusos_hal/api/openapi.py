@@ -1,0 +1,225 @@
+"""The OpenAPI 3 description, generated from the route table and the typed config model
+(the same dataclasses that decode a PUT), so the description cannot drift from what the
+service accepts. Served at /1.0/openapi.json; docs/api.md is rendered from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from .. import __version__
+from ..config import model
+from .service import SECTIONS
+
+
+def schema_of(tp: Any) -> dict[str, Any]:
+    """JSON Schema for a model type: dataclasses are closed objects, as the decoder is."""
+    origin = typing.get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return schema_of(inner[0])
+    if tp is bool:
+        return {"type": "boolean"}
+    if tp is int:
+        return {"type": "integer"}
+    if tp is str:
+        return {"type": "string"}
+    if origin is tuple:
+        return {"type": "array", "items": schema_of(typing.get_args(tp)[0])}
+    if origin is Mapping:
+        return {"type": "object", "additionalProperties": schema_of(typing.get_args(tp)[1])}
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return {"$ref": f"#/components/schemas/{tp.__name__}"}
+    raise TypeError(f"no schema for {tp!r}")
+
+
+def _components() -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    pending: list[type] = [model.Config]
+    while pending:
+        cls = pending.pop()
+        if cls.__name__ in out:
+            continue
+        hints = typing.get_type_hints(cls, vars(model))
+        props, required = {}, []
+        for f in dataclasses.fields(cls):
+            props[f.name] = schema_of(hints[f.name])
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                required.append(f.name)
+            pending += _dataclasses_in(hints[f.name])
+        schema: dict[str, Any] = {
+            "type": "object",
+            "properties": props,
+            "additionalProperties": False,
+        }
+        if required:
+            schema["required"] = required
+        doc = (cls.__doc__ or "").strip()
+        if doc and not doc.startswith(cls.__name__ + "("):
+            schema["description"] = " ".join(doc.split())
+        out[cls.__name__] = schema
+    return out
+
+
+def _dataclasses_in(tp: Any) -> list[type]:
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return [tp]
+    return [c for a in typing.get_args(tp) for c in _dataclasses_in(a)]
+
+
+def _envelope(metadata: dict[str, Any], kind: str = "sync") -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": ["type", "status", "status_code", "metadata"],
+        "properties": {
+            "type": {"type": "string", "enum": [kind]},
+            "status": {"type": "string"},
+            "status_code": {"type": "integer"},
+            "operation": {"type": "string"},
+            "error_code": {"type": "integer"},
+            "error": {"type": "string"},
+            "metadata": metadata,
+        },
+    }
+
+
+ERROR = {
+    "type": "object",
+    "required": ["type", "error_code", "error"],
+    "properties": {
+        "type": {"type": "string", "enum": ["error"]},
+        "error_code": {"type": "integer"},
+        "error": {"type": "string"},
+    },
+}
+
+
+def _section_type(path: str) -> Any:
+    name = path.rsplit("/", 1)[-1]
+    section = SECTIONS.get(name)
+    if section is None:
+        return None
+    hints = typing.get_type_hints(model.Config, vars(model))
+    return hints[section.attribute]
+
+
+def spec(routes: Iterable[Any]) -> dict[str, Any]:
+    paths: dict[str, Any] = {}
+    for r in routes:
+        op: dict[str, Any] = {"summary": r.summary, "responses": {}}
+        section = _section_type(r.path) if r.built else None
+        metadata: dict[str, Any] = {}
+        if section is not None and r.method == "GET":
+            metadata = {
+                "type": "object",
+                "required": ["config", "state"],
+                "properties": {"config": schema_of(section), "state": {"type": "object"}},
+            }
+        if r.body == "section" and section is not None:
+            op["requestBody"] = {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "properties": {
+                                "config": schema_of(section),
+                                "state": {"type": "object"},
+                            },
+                            "additionalProperties": False,
+                        }
+                    }
+                },
+            }
+        elif r.body == "archive":
+            op["requestBody"] = {
+                "required": True,
+                "content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}},
+            }
+        params: list[dict[str, Any]] = []
+        if "{name}" in r.path:
+            name_schema: dict[str, Any] = {"type": "string"}
+            if r.names:
+                name_schema["enum"] = list(r.names)
+            params.append({"name": "name", "in": "path", "required": True, "schema": name_schema})
+        if "{id}" in r.path:
+            params.append(
+                {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+            )
+        if params:
+            op["parameters"] = params
+        if r.path == "/1.0/system/:backup":
+            ok = {
+                "content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}}
+            }
+        elif r.path == "/1.0/openapi.json":  # the description itself, not an envelope
+            ok = {"content": {"application/json": {"schema": {"type": "object"}}}}
+        elif r.path == "/1.0/events":
+            ok = {"content": {}}
+        else:
+            ok = {"content": {"application/json": {"schema": _envelope(metadata)}}}
+        if r.body == "archive":  # checked at once, then applied as an operation
+            async_ok = {"content": {"application/json": {"schema": _envelope({}, "async")}}}
+            op["responses"]["202"] = {"description": "operation started", **async_ok}
+        elif r.built:
+            op["responses"]["200"] = {"description": "success", **ok}
+        op["responses"]["default"] = {
+            "description": "an error (4xx: the request; 501: not built in this version)",
+            "content": {"application/json": {"schema": ERROR}},
+        }
+        if not r.built:
+            op["description"] = "Not built in this version: answers 501."
+        paths.setdefault(r.path, {})[r.method.lower()] = op
+    return {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "incusos-hal",
+            "version": __version__,
+            "description": "IncusOS-compatible system API (Incus's REST envelope).",
+        },
+        "paths": paths,
+        "components": {"schemas": _components()},
+    }
+
+
+def markdown(document: dict[str, Any]) -> str:
+    """docs/api.md: the routes as a table, from the same description."""
+    lines = [
+        "# The incusos-hal API",
+        "",
+        "Generated from the OpenAPI description the service serves at `/1.0/openapi.json`",
+        "(`python -m incusos_hal.api.openapi > docs/api.md`; a test keeps them equal).",
+        "",
+        "Every route needs authentication: on the unix socket (`/run/incusos-hal/unix.socket`)",
+        "a root peer or a uid listed in `listener.socket_uids`; over HTTPS (TLS 1.3) a client",
+        "certificate listed in `listener.trusted_client_certificates`. Responses use Incus's",
+        "envelope; `{config, state}` objects carry an ETag and PUT honours If-Match (412).",
+        "`POST /1.0/system/:backup` returns the whole state directory, including recovery",
+        "keys and the server's private key: treat the archive as a secret.",
+        "",
+        "| method | path | what | status |",
+        "| --- | --- | --- | --- |",
+    ]
+    for path, methods in document["paths"].items():
+        for method, op in methods.items():
+            status = (
+                "501: not built yet"
+                if "200" not in op["responses"] and "202" not in op["responses"]
+                else "built"
+            )
+            lines.append(f"| {method.upper()} | `{path}` | {op['summary']} | {status} |")
+    lines += ["", "## Config objects", ""]
+    for name, schema in document["components"]["schemas"].items():
+        fields = ", ".join(f"`{f}`" for f in schema["properties"])
+        lines.append(f"- **{name}**: {fields or '(no fields yet)'}")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    from .server import ROUTES
+
+    print(markdown(spec(ROUTES)), end="")

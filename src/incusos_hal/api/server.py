@@ -1,0 +1,642 @@
+"""The aiohttp application: routes, authentication, the envelope, listeners.
+
+Every route sits behind `authenticate`: a unix-socket peer must be root or a listed uid
+(SO_PEERCRED); an HTTPS peer must present a client certificate whose fingerprint is
+trusted. There is no anonymous route. Errors of every kind leave as Incus error
+envelopes; an unexpected exception is a 500 whose message is generic (the journal gets
+the trace, the client no internals).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from ..config import MAX_DOCUMENT_BYTES, Config
+from . import auth, backup
+from . import envelope as env
+from .operations import Events, Operations, Progress
+from .service import SECTIONS, ApiError, Service, Settings
+from .state import NetworkStateCache
+
+log = logging.getLogger("incusos_hal.api")
+
+DEFAULT_SOCKET = "/run/incusos-hal/unix.socket"
+PROXY_HEADER = "X-IncusOS-Proxy"
+# A path segment of the prefix: URL-safe, and not "." or "..".
+PROXY_SEGMENT = re.compile(r"(?!\.{1,2}$)[A-Za-z0-9._~-]{1,64}")
+SERVICES = (
+    "ceph",
+    "iscsi",
+    "linstor",
+    "lvm",
+    "multipath",
+    "netbird",
+    "nvme",
+    "ovn",
+    "tailscale",
+    "usbip",
+)
+EVENT_TYPES = frozenset({"operation", "logging"})
+UNIT_NAME = re.compile(r"[A-Za-z0-9:_.@\\-]{1,256}")
+JOURNAL_TIME = re.compile(r"[0-9: T.+-]{1,40}|-?[0-9]+[smhdw]? ?(ago)?|today|yesterday|now")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+SERVICE_KEY = web.AppKey("service", Service)
+OPERATIONS_KEY = web.AppKey("operations", Operations)
+EVENTS_KEY = web.AppKey("events", Events)
+TRUST_KEY = web.AppKey("trust", auth.TrustStore)
+NETWORK_KEY = web.AppKey("network", NetworkStateCache)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    body: str = ""  # "": none; "section": {config, state}; "archive": tar.gz
+    built: bool = True
+    names: tuple[str, ...] = ()  # the values {name} takes
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+def _respond(
+    data: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.json_response(data, status=status, headers=headers, dumps=_dumps)
+
+
+def _dumps(data: Any) -> str:
+    return json.dumps(data, separators=(",", ":"))
+
+
+def sync(metadata: Any, headers: dict[str, str] | None = None) -> web.Response:
+    return _respond(env.sync(metadata), headers=headers)
+
+
+def _prefix(request: web.Request) -> str:
+    # Honoured on the unix socket only: there, the peer is a local reverse proxy that
+    # the admin put in front (IncusOS's Incus forwarding /os/...).
+    if request.get("listener") == "unix":
+        value = request.headers.get(PROXY_HEADER, "")
+        segments = value.strip("/").split("/")
+        if value.startswith("/") and all(PROXY_SEGMENT.fullmatch(s) for s in segments):
+            return "/" + "/".join(segments)
+    return ""
+
+
+def url(request: web.Request, path: str) -> str:
+    return _prefix(request) + path
+
+
+async def _json_body(request: web.Request) -> Any:
+    data = await request.read()
+    if len(data) > MAX_DOCUMENT_BYTES:
+        raise ApiError(413, f"the request body is larger than {MAX_DOCUMENT_BYTES} bytes")
+    try:
+        return json.loads(data.decode("utf-8"), parse_constant=_no_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _not_built(what: str) -> ApiError:
+    return ApiError(501, f"{what} is not built in this version of incusos-hal")
+
+
+# -- authentication and errors ------------------------------------------------------------
+
+
+@web.middleware
+async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+    transport = request.transport
+    if transport is None:
+        raise web.HTTPForbidden()
+    ssl_object = transport.get_extra_info("ssl_object")
+    trust = request.app.get(TRUST_KEY)
+    if ssl_object is not None:
+        request["listener"] = "https"
+        der = ssl_object.getpeercert(binary_form=True)
+        if trust is None or not trust.allows(der):
+            return _respond(env.error(403, "not authorized: no trusted client certificate"), 403)
+    else:
+        sock = transport.get_extra_info("socket")
+        if sock is None or sock.family != socket.AF_UNIX:
+            return _respond(env.error(403, "not authorized"), 403)
+        request["listener"] = "unix"
+        peer = auth.peer_credentials(sock)
+        allowed = request.app[SERVICE_KEY].config().listener.socket_uids
+        if not auth.uid_allowed(peer.uid, allowed):
+            return _respond(
+                env.error(403, f"not authorized: uid {peer.uid} may not use this socket"), 403
+            )
+    return await handler(request)
+
+
+@web.middleware
+async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as e:
+        return _respond(env.error(e.status, e.message), e.status)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        message = e.text if e.text and not e.text.startswith(str(e.status)) else e.reason
+        return _respond(env.error(e.status, message), e.status)
+    except Exception:
+        log.exception("%s %s failed", request.method, request.path)
+        return _respond(env.error(500, "internal error (details in the service's journal)"), 500)
+
+
+# -- routes -------------------------------------------------------------------------------
+
+
+async def get_root(request: web.Request) -> web.Response:
+    return sync([url(request, "/1.0")])
+
+
+async def get_10(request: web.Request) -> web.Response:
+    return sync({"environment": request.app[SERVICE_KEY].environment()})
+
+
+async def get_system(request: web.Request) -> web.Response:
+    names = [*SECTIONS, "resources", "storage", "provider", "kernel"]
+    return sync([url(request, f"/1.0/system/{n}") for n in sorted(names)])
+
+
+def _section_state(request: web.Request, name: str, config: Config) -> Any:
+    svc = request.app[SERVICE_KEY]
+    if name == "network":
+        return request.app[NETWORK_KEY].read()
+    if name == "security":
+        from .state import security_state
+
+        return security_state(svc.settings.root, svc.settings.tcti, svc.flags())
+    if name == "update":
+        return {
+            "last_check": "",
+            "status": "update checks are not built in this version",
+            "needs_reboot": False,
+        }
+    if name == "fallback-listener":
+        return {"active": request.app.get(TRUST_KEY) is not None}
+    return {}
+
+
+async def _get_section(request: web.Request, name: str) -> web.Response:
+    svc = request.app[SERVICE_KEY]
+    config = svc.config()
+    section, tag = svc.section(name, config)
+    cached = request.app[NETWORK_KEY].fresh() if name == "network" else None
+    if cached is not None:
+        state = dict(cached)
+    else:
+        loop = asyncio.get_running_loop()
+        state = dict(await loop.run_in_executor(None, _section_state, request, name, config))
+    if name == "network":
+        pending = svc.pending_seconds()
+        state["configuration_in_process"] = pending is not None
+        if pending is not None:
+            state["confirmation_seconds_left"] = round(pending, 1)
+    return sync({"config": section, "state": state}, {"ETag": tag})
+
+
+async def _put_section(request: web.Request, name: str) -> web.Response:
+    svc = request.app[SERVICE_KEY]
+    body = await _json_body(request)
+    current = svc.section(name)[1]
+    if not env.if_match_ok(request.headers.get("If-Match"), current):
+        raise ApiError(
+            412, "the resource changed since it was read (If-Match does not match its ETag)"
+        )
+    await svc.put_section(name, body)
+    return sync({})
+
+
+def section_routes(name: str) -> list[Route]:
+    path = f"/1.0/system/{name}"
+
+    async def get(request: web.Request) -> web.Response:
+        return await _get_section(request, name)
+
+    async def put(request: web.Request) -> web.Response:
+        return await _put_section(request, name)
+
+    return [
+        Route("GET", path, get, f"the {name} configuration and state"),
+        Route("PUT", path, put, f"replace the {name} configuration", body="section"),
+    ]
+
+
+async def post_network_confirm(request: web.Request) -> web.Response:
+    await request.app[SERVICE_KEY].confirm()
+    return sync({})
+
+
+async def post_security_retrieved(request: web.Request) -> web.Response:
+    request.app[SERVICE_KEY].set_flag("encryption_recovery_keys_retrieved", True)
+    return sync({})
+
+
+async def get_resources(request: web.Request) -> web.Response:
+    from ..inventory import scan
+
+    root = request.app[SERVICE_KEY].settings.root
+    doc = await asyncio.get_running_loop().run_in_executor(None, scan, root)
+    return sync(doc)
+
+
+async def get_storage(request: web.Request) -> web.Response:
+    from ..inventory import scan
+
+    root = request.app[SERVICE_KEY].settings.root
+    doc = await asyncio.get_running_loop().run_in_executor(None, scan, root, ["storage"])
+    state = {"drives": doc.get("storage", {}).get("disks", [])}
+    return sync({"config": {}, "state": state}, {"ETag": env.etag({})})
+
+
+async def post_backup(request: web.Request) -> web.Response:
+    data = await asyncio.get_running_loop().run_in_executor(None, request.app[SERVICE_KEY].backup)
+    return web.Response(body=data, content_type="application/gzip")
+
+
+async def post_restore(request: web.Request) -> web.Response:
+    """Checked whole here (a bad archive is a 400 at once); swapped in and applied as
+    an operation, since applying can take a while."""
+    data = await request.read()
+    if not data:
+        raise ApiError(400, "no archive in the request body")
+    skip = tuple(s for s in request.query.get("skip", "").split(",") if s)
+    svc = request.app[SERVICE_KEY]
+    files = svc.check_restore(data, skip)
+    if svc.pending is not None:
+        raise ApiError(409, "a network change is waiting for its confirmation")
+
+    async def work(progress: Progress) -> None:
+        await svc.restore(files, progress)
+
+    op = request.app[OPERATIONS_KEY].start("Restoring the system state", work)
+    op_url = url(request, f"/1.0/operations/{op.id}")
+    return _respond(env.async_(op.to_dict(), op_url), 202, {"Location": op_url})
+
+
+async def post_power(request: web.Request) -> web.Response:
+    svc = request.app[SERVICE_KEY]
+    target = "reboot.target" if request.path.endswith(":reboot") else "poweroff.target"
+    if svc.systemd is None:
+        raise ApiError(503, "this service runs without systemd (a scratch target)")
+    # Answer first: the job takes this service down with the machine.
+    asyncio.get_running_loop().call_later(
+        0.5,
+        lambda: asyncio.ensure_future(svc.systemd.start(target, "replace-irreversibly")),  # type: ignore[union-attr]
+    )
+    return sync({})
+
+
+async def get_services(request: web.Request) -> web.Response:
+    return sync([url(request, f"/1.0/services/{n}") for n in SERVICES])
+
+
+async def get_service(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    if name not in SERVICES:
+        raise ApiError(404, f"no service {name!r}")
+    raise _not_built(f"the {name} service")
+
+
+async def get_debug_log(request: web.Request) -> web.Response:
+    args = ["journalctl", "--no-pager", "-o", "json"]
+    q = request.query
+    unknown = sorted(set(q) - {"unit", "boot", "entries", "since", "until"})
+    if unknown:
+        raise ApiError(400, f"{unknown[0]}: unknown parameter (unit, boot, entries, since, until)")
+    if "unit" in q:
+        if not UNIT_NAME.fullmatch(q["unit"]):
+            raise ApiError(400, "unit: not a unit name")
+        args += ["-u", q["unit"]]
+    if "boot" in q:
+        if not re.fullmatch(r"-?[0-9]{1,4}", q["boot"]):
+            raise ApiError(400, "boot: not a boot offset (0, -1, ...)")
+        args += ["-b", q["boot"]]
+    entries = q.get("entries", "100")
+    if not entries.isdigit() or not 0 < int(entries) <= 10000:
+        raise ApiError(400, "entries: must be 1..10000")
+    args += ["-n", entries]
+    for name in ("since", "until"):
+        if name in q:
+            if not JOURNAL_TIME.fullmatch(q[name]):
+                raise ApiError(400, f"{name}: not a journalctl time")
+            args += [f"--{name}={q[name]}"]
+    proc = await asyncio.create_subprocess_exec(
+        *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+    except TimeoutError:
+        proc.kill()
+        raise ApiError(504, "journalctl did not answer in 30s") from None
+    if proc.returncode != 0:
+        raise ApiError(400, f"journalctl: {err.decode(errors='replace').strip()[:500]}")
+    lines = []
+    for line in out.splitlines():
+        try:
+            lines.append(json.loads(line))
+        except ValueError:
+            continue  # journalctl emits one object per line; skip anything else
+    return sync(lines)
+
+
+async def get_operations(request: web.Request) -> web.Response:
+    ops = request.app[OPERATIONS_KEY].all()
+    running = [url(request, f"/1.0/operations/{o.id}") for o in ops if not o.done.is_set()]
+    ended = [url(request, f"/1.0/operations/{o.id}") for o in ops if o.done.is_set()]
+    out = {k: v for k, v in (("running", running), ("success", ended)) if v}
+    return sync(out)
+
+
+def _operation(request: web.Request) -> Any:
+    op = request.app[OPERATIONS_KEY].get(request.match_info["id"])
+    if op is None:
+        raise ApiError(404, "no such operation")
+    return op
+
+
+async def get_operation(request: web.Request) -> web.Response:
+    return sync(_operation(request).to_dict())
+
+
+async def get_operation_wait(request: web.Request) -> web.Response:
+    op = _operation(request)
+    timeout_text = request.query.get("timeout", "-1")
+    try:
+        timeout = float(timeout_text)
+    except ValueError:
+        raise ApiError(400, "timeout: not a number") from None
+    await request.app[OPERATIONS_KEY].wait(op, None if timeout < 0 else min(timeout, 3600))
+    return sync(op.to_dict())
+
+
+async def delete_operation(request: web.Request) -> web.Response:
+    op = _operation(request)
+    if not request.app[OPERATIONS_KEY].cancel(op):
+        raise ApiError(400, "this operation cannot be cancelled")
+    return sync({})
+
+
+async def get_events(request: web.Request) -> web.StreamResponse:
+    types = frozenset(t for t in request.query.get("type", "operation,logging").split(",") if t)
+    if not types <= EVENT_TYPES:
+        raise ApiError(400, f"type: one of {', '.join(sorted(EVENT_TYPES))}")
+    ws = web.WebSocketResponse(heartbeat=30)
+    await ws.prepare(request)
+    events = request.app[EVENTS_KEY]
+    queue = events.subscribe(types)
+
+    async def drain() -> None:
+        async for msg in ws:
+            if msg.type in (WSMsgType.CLOSE, WSMsgType.ERROR):
+                break
+
+    reader = asyncio.ensure_future(drain())
+    try:
+        while not ws.closed:
+            getter = asyncio.ensure_future(queue.get())
+            done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
+            if getter not in done:
+                getter.cancel()
+                break
+            await ws.send_str(_dumps(getter.result()))
+    finally:
+        events.unsubscribe(queue)
+        reader.cancel()
+    return ws
+
+
+async def get_openapi(request: web.Request) -> web.Response:
+    from .openapi import spec
+
+    return web.json_response(spec(ROUTES), dumps=_dumps)
+
+
+def _unbuilt(what: str) -> Handler:
+    async def handler(request: web.Request) -> web.Response:
+        raise _not_built(what)
+
+    return handler
+
+
+ROUTES: list[Route] = [
+    Route("GET", "/", get_root, "the API versions"),
+    Route("GET", "/1.0", get_10, "the server's environment"),
+    Route("GET", "/1.0/openapi.json", get_openapi, "this API's OpenAPI 3 description"),
+    Route("GET", "/1.0/system", get_system, "the system's sub-resources"),
+    *(r for name in SECTIONS for r in section_routes(name)),
+    Route("POST", "/1.0/system/network/:confirm", post_network_confirm, "keep a network change"),
+    Route(
+        "POST",
+        "/1.0/system/security/:retrieved",
+        post_security_retrieved,
+        "mark the recovery keys as retrieved",
+    ),
+    Route(
+        "POST",
+        "/1.0/system/security/:tpm-rebind",
+        _unbuilt("TPM rebinding"),
+        "re-seal the volumes to this boot's PCRs",
+        built=False,
+    ),
+    Route(
+        "GET",
+        "/1.0/system/resources",
+        get_resources,
+        "the hardware inventory (Incus's resources API)",
+    ),
+    Route("GET", "/1.0/system/storage", get_storage, "drives and pools"),
+    Route(
+        "PUT",
+        "/1.0/system/storage",
+        _unbuilt("storage configuration"),
+        "replace the storage configuration",
+        body="section",
+        built=False,
+    ),
+    Route(
+        "POST",
+        "/1.0/system/update/:check",
+        _unbuilt("the update check"),
+        "check for updates now",
+        built=False,
+    ),
+    Route(
+        "GET",
+        "/1.0/system/provider",
+        _unbuilt("the provider"),
+        "the update and configuration provider",
+        built=False,
+    ),
+    Route(
+        "PUT",
+        "/1.0/system/provider",
+        _unbuilt("the provider"),
+        "replace the provider configuration",
+        body="section",
+        built=False,
+    ),
+    Route(
+        "GET",
+        "/1.0/system/kernel",
+        _unbuilt("kernel configuration"),
+        "the kernel configuration",
+        built=False,
+    ),
+    Route(
+        "PUT",
+        "/1.0/system/kernel",
+        _unbuilt("kernel configuration"),
+        "replace the kernel configuration",
+        body="section",
+        built=False,
+    ),
+    Route("POST", "/1.0/system/:reboot", post_power, "reboot"),
+    Route("POST", "/1.0/system/:poweroff", post_power, "power off"),
+    Route(
+        "POST", "/1.0/system/:backup", post_backup, "the state directory as a tar.gz (sensitive)"
+    ),
+    Route(
+        "POST",
+        "/1.0/system/:restore",
+        post_restore,
+        "replace the state directory from a backup",
+        body="archive",
+    ),
+    Route(
+        "POST",
+        "/1.0/system/:factory-reset",
+        _unbuilt("factory reset"),
+        "wipe and reinstall",
+        built=False,
+    ),
+    Route("GET", "/1.0/services", get_services, "the services"),
+    Route(
+        "GET",
+        "/1.0/services/{name}",
+        get_service,
+        "one service's configuration and state",
+        built=False,
+        names=SERVICES,
+    ),
+    Route("GET", "/1.0/debug/log", get_debug_log, "journal entries as JSON"),
+    Route("GET", "/1.0/operations", get_operations, "the operations"),
+    Route("GET", "/1.0/operations/{id}", get_operation, "one operation"),
+    Route("GET", "/1.0/operations/{id}/wait", get_operation_wait, "wait for an operation to end"),
+    Route("DELETE", "/1.0/operations/{id}", delete_operation, "cancel an operation"),
+    Route("GET", "/1.0/events", get_events, "operation and logging events (websocket)"),
+]
+
+
+# -- the application and its listeners -----------------------------------------------------
+
+
+def make_app(service: Service, trust: auth.TrustStore | None = None) -> web.Application:
+    app = web.Application(
+        middlewares=[errors, authenticate], client_max_size=backup.MAX_ARCHIVE_BYTES
+    )
+    app[SERVICE_KEY] = service
+    app[NETWORK_KEY] = NetworkStateCache(service.settings.root)
+    events = Events()
+    app[EVENTS_KEY] = events
+    app[OPERATIONS_KEY] = Operations(events)
+    if trust is not None:
+        app[TRUST_KEY] = trust
+    for r in ROUTES:
+        app.router.add_route(r.method, r.path, r.handler)
+
+    def emit(level: str, message: str) -> None:
+        getattr(log, level if level != "warning" else "warning")(message)
+        events.send("logging", {"message": message, "level": level, "context": {}})
+
+    service.log = emit
+    if trust is not None:
+        service.on_config = lambda config: trust.update(config.listener.trusted_client_certificates)
+    return app
+
+
+def unix_socket(path: str) -> socket.socket:
+    """A listening socket at `path`, created 0600 (bound under a 0077 umask, so there is
+    no moment where another user could connect)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    with _suppress_missing():
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    sock.listen(128)
+    return sock
+
+
+class _suppress_missing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> bool:
+        return kind is FileNotFoundError
+
+
+async def serve(
+    settings: Settings,
+    *,
+    socket_path: str = DEFAULT_SOCKET,
+    listen: str = "",
+    systemd: Any = None,
+    ready: Callable[[], None] = lambda: None,
+    sockets: list[socket.socket] | None = None,
+) -> None:
+    from ..config.formats import split_host_port
+    from .service import ensure_state_dir
+
+    ensure_state_dir(settings.state_dir)
+    service = Service(settings, systemd)
+    config = service.config()
+    listen = listen or config.listener.listen_address
+    trust = None
+    if listen:
+        cert, key = auth.ensure_server_certificate(settings.state_dir)
+        trust = auth.TrustStore(cert, key, config.listener.trusted_client_certificates)
+    app = make_app(service, trust)
+    runner = web.AppRunner(app, access_log=None, handle_signals=True)
+    await runner.setup()
+    # The unix socket: handed over by systemd (socket activation), or made here.
+    for sock in sockets or [unix_socket(socket_path)]:
+        await web.SockSite(runner, sock).start()
+    if listen and trust is not None:
+        parsed = split_host_port(listen)
+        if parsed is None or parsed[1] is None:
+            raise ValueError(f"listen address {listen!r}: not host:port")
+        site = web.TCPSite(runner, parsed[0] or None, parsed[1], ssl_context=trust.listener)
+        await site.start()
+    ready()
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()

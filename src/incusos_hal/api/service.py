@@ -1,0 +1,370 @@
+"""What the API does, apart from HTTP: read `{config, state}` objects, take a new
+section through validate -> store -> apply, hold a network change until confirmed,
+back up and restore the state dir.
+
+A PUT is all-or-nothing. The new document is the stored one with the section replaced;
+a document that does not validate is refused with every error, its field paths written
+as the client sent them (`config.interfaces[0].hwaddr`), and nothing changes. A valid
+one is stored atomically and applied; if applying fails, the previous document is
+stored and applied again and the client gets the error. One change at a time: writes
+hold a lock, and while a network change waits for its confirmation every other write
+is refused with 409.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..apply import ApplyError, Systemd, changes
+from ..config import Config, ConfigError, FieldError, from_dict, store, to_dict
+from ..config.formats import parse_go_duration
+from ..fsutil import atomic_write
+from . import backup
+from . import envelope as env
+
+FLAGS_FILE = "state.json"
+# How long a network change may take to apply before it counts as failed (IncusOS: 30s).
+APPLY_TIMEOUT_SECONDS = 30.0
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class Section:
+    """An API object backed by one config section."""
+
+    attribute: str  # the Config field
+    putable: bool = True
+
+
+# API name (/1.0/system/<name>) -> the config section it edits.
+SECTIONS: dict[str, Section] = {
+    "network": Section("network"),
+    "logging": Section("logging"),
+    "update": Section("update"),
+    "security": Section("security"),
+    "fallback-listener": Section("listener"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    state_dir: Path
+    root: str = "/"  # where the HAL reads /sys, /proc, /dev, efivarfs
+    target: str = "/"  # where the configure step writes
+    live: bool = True  # may rename links and set the hostname
+    tcti: str | None = None
+    unit_dir: str | None = None
+
+
+@dataclass
+class Pending:
+    """A network change applied but not yet confirmed."""
+
+    previous: bytes | None
+    deadline: float
+    timer: asyncio.TimerHandle | None = None
+
+
+@dataclass
+class Service:
+    settings: Settings
+    systemd: Systemd | None
+    log: Callable[[str, str], None] = lambda level, message: None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    pending: Pending | None = None
+    on_config: Callable[[Config], None] = lambda config: None
+    _config: tuple[tuple[Any, ...], Config] | None = None
+    _machine_id: str | None = None
+    _sections: dict[str, tuple[Config, Any, str]] = field(default_factory=dict)
+
+    # -- reading ------------------------------------------------------------------------
+
+    def config(self) -> Config:
+        """The stored document (with the store's fallbacks), parsed once per version of
+        the files: every request reads it (the peer check needs socket_uids), and a stat
+        of two files costs far less than parsing TOML."""
+        key = _files_key(self.settings.state_dir)
+        if self._config is None or key != self._config[0]:
+            self._config = (key, store.load(self.settings.state_dir).config)
+        return self._config[1]
+
+    def flags(self) -> dict[str, Any]:
+        try:
+            raw = json.loads(Path(self.settings.state_dir, FLAGS_FILE).read_bytes())
+        except (OSError, ValueError):
+            return {}
+        return raw if isinstance(raw, dict) else {}
+
+    def set_flag(self, name: str, value: Any) -> None:
+        flags = {**self.flags(), name: value}
+        data = json.dumps(flags, indent=2, sort_keys=True).encode() + b"\n"
+        atomic_write(Path(self.settings.state_dir, FLAGS_FILE), data, 0o600)
+
+    def section_config(self, name: str, config: Config | None = None) -> Any:
+        return self.section(name, config)[0]
+
+    def section(self, name: str, config: Config | None = None) -> tuple[Any, str]:
+        """A section as API data and its ETag, computed once per stored document."""
+        config = config or self.config()
+        cached = self._sections.get(name)
+        if cached is None or cached[0] is not config:
+            data = to_dict(getattr(config, SECTIONS[name].attribute))
+            cached = (config, data, env.etag(data))
+            self._sections[name] = cached
+        return cached[1], cached[2]
+
+    # -- writing ------------------------------------------------------------------------
+
+    def _check_writable(self) -> None:
+        if self.pending is not None:
+            raise ApiError(409, "a network change is waiting for its confirmation")
+
+    def candidate(self, name: str, body: Any) -> Config:
+        """The document a PUT of `body` to section `name` would store, validated."""
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        unknown = sorted(set(body) - {"config", "state"})
+        if unknown:
+            raise ApiError(400, f"{unknown[0]}: unknown field (expected config, state)")
+        section_raw = body.get("config", {})
+        if not isinstance(section_raw, dict):
+            raise ApiError(400, "config: must be an object")
+        attribute = SECTIONS[name].attribute
+        raw = to_dict(self.config())
+        raw[attribute] = section_raw
+        try:
+            return from_dict(raw)
+        except ConfigError as e:
+            raise ApiError(400, _client_paths(e.errors, attribute)) from None
+
+    async def put_section(self, name: str, body: Any) -> None:
+        async with self.lock:
+            self._check_writable()
+            config = self.candidate(name, body)
+            if name == "security" and not config.security.encryption_recovery_keys:
+                raise ApiError(400, "config.encryption_recovery_keys: at least one key is required")
+            previous = _read_current(self.settings.state_dir)
+            timeout = 0.0
+            if name == "network" and config.network.confirmation_timeout:
+                timeout = parse_go_duration(config.network.confirmation_timeout) or 0.0
+            await self._store_and_apply(config, previous, network=name == "network")
+            if timeout > 0:
+                self._hold(previous, timeout)
+
+    async def _store_and_apply(
+        self, config: Config, previous: bytes | None, *, network: bool
+    ) -> None:
+        store.save(self.settings.state_dir, config)
+        try:
+            await asyncio.wait_for(self.apply(), APPLY_TIMEOUT_SECONDS if network else None)
+        except (ApplyError, OSError, TimeoutError) as e:
+            self.log("error", f"applying the new configuration failed, rolling back: {e}")
+            _restore_current(self.settings.state_dir, previous)
+            await self._reapply("the previous configuration")
+            raise ApiError(
+                500, f"applying the configuration failed, previous one restored: {e}"
+            ) from None
+        self.on_config(config)
+
+    async def _reapply(self, what: str) -> None:
+        """Apply what was just put back; a failure here is logged, the first one reported."""
+        try:
+            await self.apply()
+        except (ApplyError, OSError) as e:
+            self.log("error", f"re-applying {what} failed: {e}")
+
+    async def apply(self) -> None:
+        """The configure step on the stored document, then systemd."""
+        from ..configure import configure
+
+        s = self.settings
+        result = await asyncio.get_running_loop().run_in_executor(
+            None,
+            lambda: configure(
+                state=s.state_dir,
+                sys_root=s.root,
+                target=s.target,
+                live=s.live,
+                unit_dir=s.unit_dir,
+            ),
+        )
+        if result.applied is None:
+            raise ApplyError("; ".join(result.problems[-1:]) or "the configure step failed")
+        if self.systemd is None:
+            return
+        todo = changes((*result.applied.written, *result.applied.removed))
+        await self.systemd.daemon_reload()
+        if todo.reload_networkd:
+            await self.systemd.reload_networkd()
+        for unit in todo.restart:
+            await self.systemd.restart(unit)
+
+    # -- confirmation of a network change ----------------------------------------------
+
+    def _hold(self, previous: bytes | None, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        self.pending = Pending(previous, loop.time() + timeout)
+        self.pending.timer = loop.call_later(timeout, lambda: loop.create_task(self._expire()))
+        self.log(
+            "info", f"network change applied; rolled back unless confirmed within {timeout:g}s"
+        )
+
+    async def confirm(self) -> None:
+        async with self.lock:
+            if self.pending is None:
+                raise ApiError(400, "no network change is waiting for confirmation")
+            if self.pending.timer is not None:
+                self.pending.timer.cancel()
+            self.pending = None
+            self.log("info", "network change confirmed")
+
+    async def _expire(self) -> None:
+        async with self.lock:
+            pending = self.pending
+            if pending is None:
+                return
+            self.log("warning", "network change not confirmed in time; restoring the previous one")
+            _restore_current(self.settings.state_dir, pending.previous)
+            await self._reapply("the previous network configuration")
+            # Only now: a client that sees no change in process sees the previous network.
+            self.pending = None
+            self.on_config(self.config())
+
+    def pending_seconds(self) -> float | None:
+        if self.pending is None:
+            return None
+        return max(0.0, self.pending.deadline - asyncio.get_running_loop().time())
+
+    # -- backup and restore -------------------------------------------------------------
+
+    def backup(self) -> bytes:
+        return backup.create(self.settings.state_dir)
+
+    def check_restore(self, data: bytes, skip: tuple[str, ...]) -> dict[str, bytes]:
+        """The files a restore would write, checked whole; raises ApiError (400)."""
+        unknown = sorted(set(skip) - set(backup.SKIP_OPTIONS))
+        if unknown:
+            known = ", ".join(backup.SKIP_OPTIONS)
+            raise ApiError(400, f"skip: {unknown[0]!r} is not supported (known: {known})")
+        try:
+            archive = backup.read_archive(data)
+        except backup.ArchiveError as e:
+            raise ApiError(400, f"archive: {e}") from None
+        files = dict(archive.files)
+        if "encryption-recovery-keys" in skip:
+            from ..config import dumps_toml
+
+            kept = to_dict(archive.config)
+            keys = list(self.config().security.encryption_recovery_keys)
+            kept.setdefault("security", {})["encryption_recovery_keys"] = keys
+            files[store.CONFIG_FILE] = dumps_toml(from_dict(kept))
+        return files
+
+    async def restore(
+        self, files: dict[str, bytes], progress: Callable[[dict[str, Any]], None]
+    ) -> None:
+        async with self.lock:
+            self._check_writable()
+            state_dir = self.settings.state_dir
+            progress({"stage": "swapping"})
+            old = backup.swap_in(state_dir, files)
+            progress({"stage": "applying"})
+            try:
+                await self.apply()
+            except (ApplyError, OSError) as e:
+                backup.swap_back(state_dir, old)
+                await self._reapply("the state from before the restore")
+                raise ApiError(
+                    500, f"applying the restored state failed, previous kept: {e}"
+                ) from None
+            shutil.rmtree(old, ignore_errors=True)
+            self.on_config(self.config())
+            self.log("info", "state restored from a backup")
+
+    # -- misc -------------------------------------------------------------------------
+
+    def environment(self) -> dict[str, Any]:
+        root = self.settings.root
+        if self._machine_id is None:  # fixed for the life of the boot
+            self._machine_id = _read(Path(root, "etc/machine-id"))
+        if root == "/":  # this machine: system calls, not files
+            hostname = socket.gethostname()
+            uptime = int(time.clock_gettime(time.CLOCK_BOOTTIME))
+        else:
+            hostname = _read(Path(root, "proc/sys/kernel/hostname"))
+            uptime = int(float((_read(Path(root, "proc/uptime")) or "0").split()[0]))
+        return {
+            "hostname": hostname,
+            "machine_id": self._machine_id,
+            "os_name": "IncusOS-HAL",
+            "os_version": __version__,
+            "system_is_ready": True,
+            "uptime": uptime,
+        }
+
+
+def _files_key(state_dir: Path) -> tuple[Any, ...]:
+    out: list[Any] = []
+    base = os.fspath(state_dir)
+    for name in (store.CONFIG_FILE, store.LAST_GOOD_FILE):
+        try:
+            st = os.stat(f"{base}/{name}")
+        except OSError:
+            out.append(None)
+        else:
+            out.append((st.st_ino, st.st_mtime_ns, st.st_size))
+    return tuple(out)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
+def _read_current(state_dir: Path) -> bytes | None:
+    try:
+        return Path(state_dir, store.CONFIG_FILE).read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def _restore_current(state_dir: Path, previous: bytes | None) -> None:
+    path = Path(state_dir, store.CONFIG_FILE)
+    if previous is None:
+        path.unlink(missing_ok=True)
+    else:
+        atomic_write(path, previous, 0o600)
+
+
+def _client_paths(errors: list[FieldError], attribute: str) -> str:
+    """Field paths as the client wrote them: `network.dns` -> `config.dns`."""
+    out = []
+    for err in errors:
+        path = err.path
+        if path == attribute or path.startswith((attribute + ".", attribute + "[")):
+            path = "config" + path[len(attribute) :]
+        out.append(str(FieldError(path, err.message)))
+    return "; ".join(out)
+
+
+def ensure_state_dir(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)

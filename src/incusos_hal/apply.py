@@ -1,0 +1,181 @@
+"""Apply a stored config to the running machine, through systemd's own D-Bus API.
+
+The sequence for a change: the configure step (the same one that runs at boot) writes
+the daemons' files all-or-nothing; then systemd re-runs the generators
+(`Manager.Reload`, what `systemctl daemon-reload` asks), networkd re-reads its files
+(`org.freedesktop.network1.Manager.Reload`, what `networkctl reload` asks), and each
+daemon whose drop-in changed is restarted, waiting for its job to finish (JobRemoved)
+and failing on any result but "done". No `systemctl` subprocess: a bus call reports a
+failure as a typed error, and waits on the job, not on a pipe.
+
+`Changes` maps the configure step's written and removed paths to that work, as a pure
+function, so the rules are testable without a bus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .render.networkd import NETWORK_DIR
+from .render.system import NETLOGD_DROPIN, PROXY_ENV, TIMESYNCD_DROPIN
+
+JOB_TIMEOUT_SECONDS = 90.0
+# Units whose environment comes from the proxy file (IncusOS sets the proxy for the
+# daemons that fetch: Incus itself and the update service).
+PROXY_UNITS: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Changes:
+    reload_networkd: bool
+    restart: tuple[str, ...]
+
+
+def changes(paths: Iterable[str]) -> Changes:
+    """What to tell systemd after the configure step changed these files."""
+    networkd = False
+    restart: list[str] = []
+    for path in paths:
+        if path.startswith(NETWORK_DIR + "/"):
+            networkd = True
+        elif path == TIMESYNCD_DROPIN:
+            restart.append("systemd-timesyncd.service")
+        elif path == NETLOGD_DROPIN:
+            restart.append("systemd-netlogd.service")
+        elif path == PROXY_ENV:
+            restart += PROXY_UNITS
+    return Changes(networkd, tuple(dict.fromkeys(restart)))
+
+
+class ApplyError(RuntimeError):
+    """systemd refused or failed a step; the message says which."""
+
+
+class Systemd(Protocol):
+    async def daemon_reload(self) -> None: ...
+    async def reload_networkd(self) -> None: ...
+    async def restart(self, unit: str) -> None: ...
+    async def start(self, unit: str, mode: str) -> None: ...
+    async def active_state(self, unit: str) -> str: ...
+
+
+def _proxies() -> tuple[Any, Any, Any]:
+    """sdbus interface classes, built on first use (importing sdbus costs start-up)."""
+    from sdbus import (
+        DbusInterfaceCommonAsync,
+        dbus_method_async,
+        dbus_property_async,
+        dbus_signal_async,
+    )
+
+    class Manager(DbusInterfaceCommonAsync, interface_name="org.freedesktop.systemd1.Manager"):
+        @dbus_method_async()
+        async def subscribe(self) -> None:
+            raise NotImplementedError
+
+        @dbus_method_async()
+        async def reload(self) -> None:
+            raise NotImplementedError
+
+        @dbus_method_async("ss", "o")
+        async def restart_unit(self, name: str, mode: str) -> str:
+            raise NotImplementedError
+
+        @dbus_method_async("ss", "o")
+        async def start_unit(self, name: str, mode: str) -> str:
+            raise NotImplementedError
+
+        @dbus_method_async("s", "o")
+        async def load_unit(self, name: str) -> str:
+            raise NotImplementedError
+
+        @dbus_signal_async("uoss")
+        def job_removed(self) -> tuple[int, str, str, str]:
+            raise NotImplementedError
+
+    class Unit(DbusInterfaceCommonAsync, interface_name="org.freedesktop.systemd1.Unit"):
+        @dbus_property_async("s")
+        def active_state(self) -> str:
+            raise NotImplementedError
+
+    class Network(DbusInterfaceCommonAsync, interface_name="org.freedesktop.network1.Manager"):
+        @dbus_method_async()
+        async def reload(self) -> None:
+            raise NotImplementedError
+
+    return Manager, Unit, Network
+
+
+class SdbusSystemd:
+    """The system manager and networkd on the system bus."""
+
+    def __init__(self, bus: Any = None) -> None:
+        import sdbus
+
+        manager, self._unit_class, network = _proxies()
+        self._bus = bus if bus is not None else sdbus.sd_bus_open_system()
+        self._manager = manager.new_proxy(
+            "org.freedesktop.systemd1", "/org/freedesktop/systemd1", self._bus
+        )
+        self._network = network.new_proxy(
+            "org.freedesktop.network1", "/org/freedesktop/network1", self._bus
+        )
+        self._subscribed = False
+
+    async def daemon_reload(self) -> None:
+        await self._call("daemon-reload", self._manager.reload())
+
+    async def reload_networkd(self) -> None:
+        await self._call("networkd reload", self._network.reload())
+
+    async def restart(self, unit: str) -> None:
+        await self._job(f"restart {unit}", lambda: self._manager.restart_unit(unit, "replace"))
+
+    async def start(self, unit: str, mode: str) -> None:
+        await self._job(f"start {unit}", lambda: self._manager.start_unit(unit, mode))
+
+    async def active_state(self, unit: str) -> str:
+        path = await self._call(f"load {unit}", self._manager.load_unit(unit))
+        proxy = self._unit_class.new_proxy("org.freedesktop.systemd1", path, self._bus)
+        state: str = await proxy.active_state.get_async()
+        return state
+
+    async def _call(self, what: str, call: Any) -> Any:
+        from sdbus import DbusFailedError
+
+        try:
+            return await call
+        except DbusFailedError as e:
+            raise ApplyError(f"{what}: {e.args[0] if e.args else type(e).__name__}") from None
+
+    async def _job(self, what: str, submit: Any) -> None:
+        if not self._subscribed:
+            await self._call("subscribe", self._manager.subscribe())
+            self._subscribed = True
+        results: dict[str, str] = {}
+        arrived = asyncio.Event()
+        job_path = ""
+
+        async def listen() -> None:
+            async for _id, path, _unit, result in self._manager.job_removed.catch():
+                results[path] = result
+                if path == job_path:
+                    arrived.set()
+
+        # Listen before submitting: a quick job can end before the call returns.
+        listener = asyncio.get_running_loop().create_task(listen())
+        try:
+            await asyncio.sleep(0)
+            job_path = await self._call(what, submit())
+            if job_path not in results:
+                try:
+                    await asyncio.wait_for(arrived.wait(), JOB_TIMEOUT_SECONDS)
+                except TimeoutError:
+                    raise ApplyError(f"{what}: no result in {JOB_TIMEOUT_SECONDS:.0f}s") from None
+        finally:
+            listener.cancel()
+        if results[job_path] != "done":
+            raise ApplyError(f"{what}: job {results[job_path]}")

@@ -1,0 +1,195 @@
+"""A real `incusos-hal serve` process for the API tests and the benchmark: a unix socket,
+HTTPS with client certificates made by the openssl command (a client from outside this
+project), the configure step writing into a scratch target. Requests go through curl."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def openssl_client_cert(directory: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed client certificate and key, as `incus remote add` users make them."""
+    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-384",
+            "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "30",
+            "-subj", f"/CN={name}", "-addext", "extendedKeyUsage=clientAuth",
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+@dataclass
+class Server:
+    base: Path
+    state: Path
+    target: Path
+    socket: Path
+    port: int
+    cert: Path
+    key: Path
+    process: subprocess.Popen[bytes] | None = None
+    log: list[str] = field(default_factory=list)
+
+    @property
+    def config_file(self) -> Path:
+        return self.state / "config.toml"
+
+    def start(self) -> None:
+        env = dict(os.environ, PYTHONPATH=str(REPO / "src"), PYTHONUNBUFFERED="1")
+        self.process = subprocess.Popen(
+            [
+                sys.executable, "-m", "incusos_hal", "serve",
+                "--state-dir", str(self.state), "--socket", str(self.socket),
+                "--listen", f"127.0.0.1:{self.port}", "--target", str(self.target),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        assert self.process.stdout is not None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = self.process.stdout.readline().decode()
+            if not line:
+                break
+            self.log.append(line)
+            if line.startswith("serving on"):
+                return
+        raise AssertionError(f"the server did not start: {''.join(self.log)}")
+
+    def stop(self, sig: int = 15) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(30)
+        self.process = None
+
+    # -- clients -----------------------------------------------------------------------
+
+    def curl(self, method: str, path: str, *args: str, body: bytes | None = None) -> Result:
+        return curl(["--unix-socket", str(self.socket)], f"http://ihal{path}", method, args, body)
+
+    def curl_tls(
+        self, method: str, path: str, *args: str, cert: tuple[Path, Path] | None = None
+    ) -> Result:
+        tls = ["--cacert", str(self.state / "server.crt"), "--tlsv1.3"]
+        # The server certificate names the host, not 127.0.0.1: pin it instead.
+        tls += ["--pinnedpubkey", f"sha256//{_pubkey_pin(self.state / 'server.crt')}", "-k"]
+        if cert is not None:
+            tls += ["--cert", str(cert[0]), "--key", str(cert[1])]
+        return curl(tls, f"https://127.0.0.1:{self.port}{path}", method, args, None)
+
+    def put(self, path: str, body: Any, *args: str) -> Result:
+        return self.curl(
+            "PUT",
+            path,
+            "-H",
+            "Content-Type: application/json",
+            *args,
+            body=json.dumps(body).encode(),
+        )
+
+
+@dataclass
+class Result:
+    rc: int
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    err: str
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def curl(
+    transport: list[str], url: str, method: str, args: tuple[str, ...], body: bytes | None
+) -> Result:
+    cmd = ["curl", "-sS", "-X", method, "-D", "-", "--max-time", "60", *transport, *args]
+    if body is not None:
+        cmd += ["--data-binary", "@-"]
+    done = subprocess.run([*cmd, url], input=body, capture_output=True, check=False)
+    payload = done.stdout
+    while True:  # interim 1xx answers (100 Continue) come first, each with its own head
+        head, _, payload = payload.partition(b"\r\n\r\n")
+        if not re.match(rb"HTTP/[0-9.]+ 1[0-9][0-9] ", head):
+            break
+    lines = head.decode(errors="replace").split("\r\n")
+    status = int(lines[0].split()[1]) if lines and lines[0].startswith("HTTP/") else 0
+    headers = {k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])}
+    return Result(done.returncode, status, headers, payload, done.stderr.decode(errors="replace"))
+
+
+def _pubkey_pin(cert: Path) -> str:
+    pub = subprocess.run(
+        ["openssl", "x509", "-in", str(cert), "-pubkey", "-noout"], capture_output=True, check=True
+    ).stdout
+    der = subprocess.run(
+        ["openssl", "pkey", "-pubin", "-outform", "der"], input=pub, capture_output=True, check=True
+    ).stdout
+    b64 = subprocess.run(
+        ["openssl", "dgst", "-sha256", "-binary"], input=der, capture_output=True, check=True
+    ).stdout
+    import base64
+
+    return base64.b64encode(b64).decode()
+
+
+def make(base: Path, trusted: list[Path]) -> Server:
+    """A server whose stored config trusts these client certificates (saved through the
+    CLI, as an operator's first config would be)."""
+    state, target = base / "state", base / "target"
+    state.mkdir(mode=0o700)
+    target.mkdir()
+    pems = [p.read_text() for p in trusted]
+    config = base / "seed.json"
+    config.write_text(json.dumps({"version": 1, "listener": {"trusted_client_certificates": pems}}))
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "incusos_hal",
+            "save",
+            "--config",
+            str(config),
+            "--state-dir",
+            str(state),
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    cert, key = (
+        openssl_client_cert(base, "unused")
+        if not trusted
+        else (trusted[0], trusted[0].with_suffix(".key"))
+    )
+    # The socket's directory is open to all (the socket itself is 0600), so a test can
+    # show what the peer check does for another user once the file mode lets them in.
+    sockets = Path(tempfile.mkdtemp(prefix="ihal-api-"))
+    sockets.chmod(0o755)
+    return Server(base, state, target, sockets / "api.sock", free_port(), cert, key)

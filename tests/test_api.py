@@ -1,0 +1,519 @@
+"""The API service as a client sees it: a real `incusos-hal serve` process, driven with
+curl over its unix socket and over HTTPS with openssl-made client certificates. The
+configure step writes into a scratch target (no systemd here; tests/test_api_system.py
+runs the same service under real systemd in a container)."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import io
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from incusos_hal.api import server as api_server
+
+import apiserver
+from conftest import REPO, require_root, require_tool
+
+NETWORK = {
+    "config": {
+        "interfaces": [{"name": "uplink", "hwaddr": "52:54:00:12:34:56", "addresses": ["dhcp4"]}]
+    }
+}
+OTHER_NETWORK = {
+    "config": {
+        "interfaces": [{"name": "lan", "hwaddr": "52:54:00:12:34:57", "addresses": ["10.1.0.2/24"]}]
+    }
+}
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
+    require_tool("openssl", "curl")
+    d = tmp_path_factory.mktemp("certs")
+    return {name: apiserver.openssl_client_cert(d, name) for name in ("trusted", "stranger")}
+
+
+@pytest.fixture
+def api(tmp_path: Path, certs: dict[str, tuple[Path, Path]]) -> Iterator[apiserver.Server]:
+    srv = apiserver.make(tmp_path, [certs["trusted"][0]])
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def state_digest(state: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(state)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(state.rglob("*"))
+        if p.is_file()
+    }
+
+
+# -- who may call --------------------------------------------------------------------------
+
+
+def concrete(path: str) -> str:
+    return path.replace("{name}", "iscsi").replace("{id}", "00000000-0000-0000-0000-000000000000")
+
+
+def test_root_over_the_socket_with_curl(api: apiserver.Server) -> None:
+    r = api.curl("GET", "/")
+    assert r.status == 200 and r.json == {
+        "type": "sync",
+        "status": "Success",
+        "status_code": 200,
+        "operation": "",
+        "error_code": 0,
+        "error": "",
+        "metadata": ["/1.0"],
+    }
+    env = api.curl("GET", "/1.0").json["metadata"]["environment"]
+    assert env["hostname"] == Path("/proc/sys/kernel/hostname").read_text().strip()
+    assert isinstance(env["uptime"], int) and env["uptime"] > 0
+
+
+def test_socket_is_root_only_and_checks_peer_credentials(api: apiserver.Server) -> None:
+    require_root()
+    assert api.socket.stat().st_mode & 0o777 == 0o600
+    # Loosen the file mode, as an admin might: the peer check still refuses uid 65534.
+    os.chmod(api.socket, 0o666)
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "curl", "-sS"]
+    done = subprocess.run(
+        [*as_nobody, "--unix-socket", str(api.socket), "http://ihal/1.0"],
+        capture_output=True, check=False,
+    )  # fmt: skip
+    assert json.loads(done.stdout)["error_code"] == 403, done
+    assert "uid 65534" in json.loads(done.stdout)["error"]
+    # Admitted once the config lists the uid.
+    listener = {"trusted_client_certificates": [api.cert.read_text()], "socket_uids": [65534]}
+    r = api.put("/1.0/system/fallback-listener", {"config": listener})
+    assert r.status == 200, r.body
+    done = subprocess.run(
+        [*as_nobody, "--unix-socket", str(api.socket), "http://ihal/1.0"],
+        capture_output=True, check=False,
+    )  # fmt: skip
+    assert json.loads(done.stdout)["status_code"] == 200
+
+
+def test_every_route_refuses_a_client_without_a_trusted_certificate(
+    api: apiserver.Server, certs: dict[str, tuple[Path, Path]]
+) -> None:
+    for route in api_server.ROUTES:
+        path = concrete(route.path)
+        r = api.curl_tls(route.method, path)
+        assert r.status == 403, (route.method, path, r.status, r.err)
+        assert r.json["error_code"] == 403
+        # A certificate the store does not hold: refused during the handshake.
+        stranger = api.curl_tls(route.method, path, cert=certs["stranger"])
+        assert stranger.status == 0 and stranger.rc != 0, (path, stranger)
+    ok = api.curl_tls("GET", "/1.0", cert=certs["trusted"])
+    assert ok.status == 200 and ok.json["metadata"]["environment"]
+
+
+def test_tls_is_1_3_only_and_openssl_s_client_sees_the_refusal(
+    api: apiserver.Server, certs: dict[str, tuple[Path, Path]]
+) -> None:
+    cert, key = certs["trusted"]
+    tls12 = ["-k", "--tls-max", "1.2", "--cert", str(cert), "--key", str(key)]
+    r = apiserver.curl(tls12, f"https://127.0.0.1:{api.port}/1.0", "GET", (), None)
+    assert r.status == 0 and r.rc != 0, r
+    request = b"GET /1.0 HTTP/1.1\r\nHost: ihal\r\nConnection: close\r\n\r\n"
+
+    def s_client(cert: tuple[Path, Path]) -> str:
+        done = subprocess.run(
+            ["openssl", "s_client", "-connect", f"127.0.0.1:{api.port}", "-tls1_3", "-quiet",
+             "-cert", str(cert[0]), "-key", str(cert[1])],
+            input=request, capture_output=True, timeout=30, check=False,
+        )  # fmt: skip
+        return (done.stdout + done.stderr).decode(errors="replace")
+
+    assert '"status_code":200' in s_client(certs["trusted"])
+    refused = s_client(certs["stranger"])
+    # TLS 1.3 checks the client's certificate after the client's Finished: the refusal
+    # reaches s_client as an alert, or as the reset or end of stream that follows it;
+    # never as an HTTP answer.
+    assert '"status_code"' not in refused, refused
+    assert any(w in refused for w in ("alert", "errno=104", "unexpected eof")), refused
+
+
+def test_trust_store_changes_apply_to_the_next_connection(
+    api: apiserver.Server, certs: dict[str, tuple[Path, Path]]
+) -> None:
+    assert api.curl_tls("GET", "/1.0", cert=certs["stranger"]).rc != 0
+    pems = [certs["trusted"][0].read_text(), certs["stranger"][0].read_text()]
+    r = api.put("/1.0/system/fallback-listener", {"config": {"trusted_client_certificates": pems}})
+    assert r.status == 200, r.body
+    assert api.curl_tls("GET", "/1.0", cert=certs["stranger"]).status == 200
+    r = api.put(
+        "/1.0/system/fallback-listener", {"config": {"trusted_client_certificates": pems[1:]}}
+    )
+    assert api.curl_tls("GET", "/1.0", cert=certs["trusted"]).rc != 0
+
+
+def test_proxy_prefix_is_honoured_on_the_socket_only(
+    api: apiserver.Server, certs: dict[str, tuple[Path, Path]]
+) -> None:
+    header = ("-H", "X-IncusOS-Proxy: /os")
+    assert api.curl("GET", "/", *header).json["metadata"] == ["/os/1.0"]
+    tls = api.curl_tls("GET", "/", *header, cert=certs["trusted"])
+    assert tls.json["metadata"] == ["/1.0"]
+    assert api.curl("GET", "/", "-H", "X-IncusOS-Proxy: /../x").json["metadata"] == ["/1.0"]
+
+
+# -- config through the API ------------------------------------------------------------------
+
+
+def test_put_stores_applies_and_get_shows_it(api: apiserver.Server) -> None:
+    r = api.put("/1.0/system/network", NETWORK)
+    assert r.status == 200, r.body
+    got = api.curl("GET", "/1.0/system/network")
+    assert got.json["metadata"]["config"]["interfaces"][0]["hwaddr"] == "52:54:00:12:34:56"
+    assert got.headers["etag"].startswith('"')
+    networkd = api.target / "run/systemd/network"
+    names = sorted(p.name for p in networkd.iterdir())
+    assert any("525400123456" in n for n in names), names
+    assert "52:54:00:12:34:56" in api.config_file.read_text()
+
+
+def test_if_match_guards_against_lost_updates(api: apiserver.Server) -> None:
+    etag = api.curl("GET", "/1.0/system/network").headers["etag"]
+    assert api.put("/1.0/system/network", NETWORK, "-H", f"If-Match: {etag}").status == 200
+    before = api.config_file.read_bytes()
+    stale = api.put("/1.0/system/network", OTHER_NETWORK, "-H", f"If-Match: {etag}")
+    assert stale.status == 412 and stale.json["error_code"] == 412
+    assert api.config_file.read_bytes() == before
+    fresh = api.curl("GET", "/1.0/system/network").headers["etag"]
+    assert fresh != etag
+    assert api.put("/1.0/system/network", OTHER_NETWORK, "-H", f"If-Match: {fresh}").status == 200
+
+
+NIC = b'"name": "a", "hwaddr": "52:54:00:00:00:01"'
+BAD_BODIES: list[tuple[str, bytes, int, str]] = [
+    ("malformed JSON", b'{"config": ', 400, "not valid JSON"),
+    ("NaN", b'{"config": {"interfaces": [{' + NIC + b', "mtu": NaN}]}}', 400, "NaN"),
+    ("not an object", b"[1, 2]", 400, "JSON object"),
+    ("unknown top-level field", b'{"config": {}, "extra": 1}', 400, "extra: unknown field"),
+    ("unknown config field", b'{"config": {"interfacez": []}}', 400, "config.interfacez"),
+    ("wrong type", b'{"config": {"interfaces": [{' + NIC + b', "mtu": "big"}]}}', 400,
+     "config.interfaces[0].mtu"),
+    ("bad address", b'{"config": {"interfaces": [{' + NIC + b', "addresses": ["300.1.1.1/24"]}]}}',
+     400, "config.interfaces[0].addresses[0]"),
+    ("not UTF-8", b'{"config": {"dns": {"hostname": "\xff"}}}', 400, "not valid JSON"),
+    ("huge", b'{"config": {"dns": {"hostname": "' + b"a" * (2 << 20) + b'"}}}', 413, "larger"),
+    ("deep", b"[" * 100000 + b"]" * 100000, 400, "not valid JSON"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BAD_BODIES, ids=[c[0] for c in BAD_BODIES])
+def test_bad_bodies_are_4xx_and_change_nothing(
+    api: apiserver.Server, case: tuple[str, bytes, int, str]
+) -> None:
+    _, body, status, words = case
+    assert api.put("/1.0/system/network", NETWORK).status == 200
+    before = state_digest(api.state)
+    r = api.curl("PUT", "/1.0/system/network", "-H", "Content-Type: application/json", body=body)
+    assert r.status == status, (r.status, r.body[:300])
+    assert r.json["type"] == "error" and words in r.json["error"], r.json
+    assert state_digest(api.state) == before
+
+
+def test_security_put_refuses_weak_keys_without_echoing_them(api: apiserver.Server) -> None:
+    secret = "short!"
+    r = api.put("/1.0/system/security", {"config": {"encryption_recovery_keys": [secret]}})
+    assert r.status == 400 and "config.encryption_recovery_keys[0]" in r.json["error"]
+    assert secret not in r.body.decode()
+    empty = api.put("/1.0/system/security", {"config": {"encryption_recovery_keys": []}})
+    assert empty.status == 400 and "at least one" in empty.json["error"]
+    good = api.put(
+        "/1.0/system/security", {"config": {"encryption_recovery_keys": ["a-Long-enough-key!"]}}
+    )
+    assert good.status == 200
+    assert api.config_file.stat().st_mode & 0o777 == 0o600
+    state = api.curl("GET", "/1.0/system/security").json["metadata"]["state"]
+    assert state["encryption_recovery_keys_retrieved"] is False
+    assert api.curl("POST", "/1.0/system/security/:retrieved").status == 200
+    state = api.curl("GET", "/1.0/system/security").json["metadata"]["state"]
+    assert state["encryption_recovery_keys_retrieved"] is True
+    assert "a-Long-enough-key!" not in "".join(api.log)
+
+
+def test_unbuilt_routes_answer_501_and_unknown_ones_404(api: apiserver.Server) -> None:
+    for route in api_server.ROUTES:
+        if not route.built:
+            r = api.curl(route.method, concrete(route.path))
+            assert r.status == 501 and "not built" in r.json["error"], route.path
+    assert api.curl("GET", "/1.0/services/nope").status == 404
+    assert api.curl("GET", "/1.0/nothing").json["error_code"] == 404
+    assert api.curl("DELETE", "/1.0/system/network").json["error_code"] == 405
+
+
+# -- network changes wait for a confirmation ------------------------------------------------
+
+
+def test_unconfirmed_network_change_is_rolled_back(api: apiserver.Server) -> None:
+    assert api.put("/1.0/system/network", NETWORK).status == 200
+    before = api.config_file.read_bytes()
+    trial = {"config": {**OTHER_NETWORK["config"], "confirmation_timeout": "2s"}}
+    assert api.put("/1.0/system/network", trial).status == 200
+    state = api.curl("GET", "/1.0/system/network").json["metadata"]["state"]
+    assert state["configuration_in_process"] is True
+    networkd = api.target / "run/systemd/network"
+    assert any("525400123457" in p.name for p in networkd.iterdir())
+    blocked = api.put("/1.0/system/network", NETWORK)
+    assert blocked.status == 409
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        state = api.curl("GET", "/1.0/system/network").json["metadata"]["state"]
+        if not state["configuration_in_process"]:
+            break
+        time.sleep(0.2)
+    assert api.config_file.read_bytes() == before
+    # The files follow: the previous network is what the target holds again.
+    names = [p.name for p in networkd.iterdir()]
+    assert any("525400123456" in n for n in names) and not any("525400123457" in n for n in names)
+    assert (
+        api.curl("GET", "/1.0/system/network").json["metadata"]["state"]["configuration_in_process"]
+        is False
+    )
+
+
+def test_confirmed_network_change_stays(api: apiserver.Server) -> None:
+    trial = {"config": {**OTHER_NETWORK["config"], "confirmation_timeout": "2s"}}
+    assert api.put("/1.0/system/network", trial).status == 200
+    assert api.curl("POST", "/1.0/system/network/:confirm").status == 200
+    time.sleep(3)
+    assert "52:54:00:12:34:57" in api.config_file.read_text()
+    assert api.curl("POST", "/1.0/system/network/:confirm").status == 400
+
+
+# -- backup and restore -----------------------------------------------------------------------
+
+
+def archive(members: list[tuple[str, bytes | None, bytes]]) -> bytes:
+    """A tar.gz: (name, content or None for a symlink, tar type)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, content, kind in members:
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            if kind == tarfile.SYMTYPE:
+                info.linkname = "/etc/shadow"
+                tar.addfile(info)
+            else:
+                info.size = len(content or b"")
+                tar.addfile(info, io.BytesIO(content or b""))
+    return buf.getvalue()
+
+
+def wait_operation(api: apiserver.Server, location: str) -> dict[str, Any]:
+    r = api.curl("GET", f"{location}/wait?timeout=60")
+    assert r.status == 200, r.body
+    op: dict[str, Any] = r.json["metadata"]
+    return op
+
+
+def test_backup_then_restore_round_trip(api: apiserver.Server) -> None:
+    assert api.put("/1.0/system/network", NETWORK).status == 200
+    saved = api.curl("POST", "/1.0/system/:backup")
+    assert saved.status == 200 and saved.headers["content-type"] == "application/gzip"
+    with tarfile.open(fileobj=io.BytesIO(saved.body)) as tar:
+        names = tar.getnames()
+    assert "config.toml" in names and "server.key" in names
+    assert api.put("/1.0/system/network", OTHER_NETWORK).status == 200
+    r = api.curl("POST", "/1.0/system/:restore", body=saved.body)
+    assert r.status == 202 and r.json["type"] == "async", r.body
+    op = wait_operation(api, r.headers["location"])
+    assert op["status"] == "Success", op
+    assert "52:54:00:12:34:56" in api.config_file.read_text()
+    assert any("525400123456" in p.name for p in (api.target / "run/systemd/network").iterdir())
+
+
+def test_restore_can_keep_the_running_recovery_keys(api: apiserver.Server) -> None:
+    keys = {"config": {"encryption_recovery_keys": ["first-recovery-key!"]}}
+    assert api.put("/1.0/system/security", keys).status == 200
+    saved = api.curl("POST", "/1.0/system/:backup").body
+    keys = {"config": {"encryption_recovery_keys": ["second-recovery-key!"]}}
+    assert api.put("/1.0/system/security", keys).status == 200
+    r = api.curl("POST", "/1.0/system/:restore?skip=encryption-recovery-keys", body=saved)
+    assert wait_operation(api, r.headers["location"])["status"] == "Success"
+    text = api.config_file.read_text()
+    assert "second-recovery-key!" in text and "first-recovery-key!" not in text
+    bad = api.curl("POST", "/1.0/system/:restore?skip=network-macs", body=saved)
+    assert bad.status == 400 and "network-macs" in bad.json["error"]
+
+
+BAD_ARCHIVES = [
+    ("traversal", archive([("../escape", b"x", tarfile.REGTYPE)]), "relative path"),
+    ("absolute", archive([("/etc/passwd", b"x", tarfile.REGTYPE)]), "relative path"),
+    ("symlink", archive([("config.toml", None, tarfile.SYMTYPE)]), "regular files"),
+    ("device", archive([("dev", b"", tarfile.CHRTYPE)]), "regular files"),
+    ("bad config", archive([("config.toml", b"[network]\nbogus = 1\n", tarfile.REGTYPE)]),
+     "config.toml"),
+    ("not gzip", b"plain text", "not a gzip"),
+    ("truncated", archive([("config.toml", b"version = 1\n", tarfile.REGTYPE)])[:40], "not a gzip"),
+    ("empty tar", gzip.compress(b"\0" * (80 << 20)), "no config.toml"),
+    ("bomb", archive([("config.toml", b"version = 1\n", tarfile.REGTYPE),
+                      ("filler", b"\0" * (65 << 20), tarfile.REGTYPE)]), "unpacks to more than"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BAD_ARCHIVES, ids=[c[0] for c in BAD_ARCHIVES])
+def test_bad_archives_are_refused_before_anything_changes(
+    api: apiserver.Server, case: tuple[str, bytes, str]
+) -> None:
+    _, data, words = case
+    assert api.put("/1.0/system/network", NETWORK).status == 200
+    before = state_digest(api.state)
+    siblings = sorted(p.name for p in api.state.parent.iterdir())
+    r = api.curl("POST", "/1.0/system/:restore", body=data)
+    assert r.status == 400 and words in r.json["error"], (r.status, r.body[:300])
+    assert state_digest(api.state) == before
+    assert sorted(p.name for p in api.state.parent.iterdir()) == siblings
+    assert not (api.base / "escape").exists()
+
+
+# -- operations and events ----------------------------------------------------------------------
+
+
+def test_operations_and_events_follow_a_restore(api: apiserver.Server) -> None:
+    import aiohttp
+
+    saved = api.curl("POST", "/1.0/system/:backup").body
+
+    async def watch() -> list[dict[str, Any]]:
+        connector = aiohttp.UnixConnector(path=str(api.socket))
+        events = "http://ihal/1.0/events?type=operation,logging"
+        async with (
+            aiohttp.ClientSession(connector=connector) as session,
+            session.ws_connect(events) as ws,
+        ):
+            r = await asyncio.to_thread(api.curl, "POST", "/1.0/system/:restore", body=saved)
+            assert r.status == 202
+            seen: list[dict[str, Any]] = []
+            while not any(
+                e["type"] == "operation" and e["metadata"]["status"] == "Success" for e in seen
+            ):
+                seen.append(await asyncio.wait_for(ws.receive_json(), 30))
+            return seen
+
+    events = asyncio.run(watch())
+    ops = [e["metadata"] for e in events if e["type"] == "operation"]
+    assert ops[0]["status"] == "Running" and ops[-1]["status"] == "Success"
+    stages = [o["metadata"].get("stage") for o in ops]
+    assert "swapping" in stages and "applying" in stages
+    assert any(e["type"] == "logging" and "restored" in e["metadata"]["message"] for e in events)
+    listed = api.curl("GET", "/1.0/operations").json["metadata"]
+    assert f"/1.0/operations/{ops[-1]['id']}" in listed["success"]
+    assert api.curl("DELETE", f"/1.0/operations/{ops[-1]['id']}").status == 400
+    assert api.curl("GET", "/1.0/events?type=bogus").status == 400
+
+
+# -- crashes ---------------------------------------------------------------------------------------
+
+
+def test_kill_9_during_writes_leaves_the_old_or_the_new_document(
+    tmp_path: Path, certs: dict[str, tuple[Path, Path]]
+) -> None:
+    srv = apiserver.make(tmp_path, [certs["trusted"][0]])
+    documents: set[bytes] = set()
+    rng = random.Random(7)
+    try:
+        for round_ in range(12):
+            srv.start()
+            body = NETWORK if round_ % 2 else OTHER_NETWORK
+            writer = subprocess.Popen(
+                ["curl", "-sS", "-X", "PUT", "--unix-socket", str(srv.socket),
+                 "--data-binary", json.dumps(body), "http://ihal/1.0/system/network"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            time.sleep(rng.uniform(0.0, 0.25))
+            srv.stop(signal.SIGKILL)
+            writer.wait(30)
+            if srv.config_file.exists():
+                documents.add(srv.config_file.read_bytes())
+            # Never a torn file: each stored document parses and is one of the two.
+            for doc in documents:
+                from incusos_hal.config import parse_toml
+
+                hwaddrs = {i.hwaddr for i in parse_toml(doc).network.interfaces}
+                assert hwaddrs <= {"52:54:00:12:34:56", "52:54:00:12:34:57"}
+    finally:
+        srv.stop()
+    assert documents, "no write ever landed: the kills all came too early"
+
+
+def test_openapi_describes_every_route(api: apiserver.Server) -> None:
+    spec = api.curl("GET", "/1.0/openapi.json").json
+    assert spec["openapi"].startswith("3.")
+    for route in api_server.ROUTES:
+        assert route.method.lower() in spec["paths"][route.path], route.path
+    network = spec["components"]["schemas"]["Network"]
+    assert network["additionalProperties"] is False and "interfaces" in network["properties"]
+
+
+def test_docs_api_md_is_generated_from_the_served_description() -> None:
+    from incusos_hal.api.openapi import markdown, spec
+
+    expected = markdown(spec(api_server.ROUTES))
+    assert (REPO / "docs/api.md").read_text() == expected, (
+        "docs/api.md is stale: python -m incusos_hal.api.openapi > docs/api.md"
+    )
+
+
+def test_cli_client_over_the_socket_and_https(
+    api: apiserver.Server, certs: dict[str, tuple[Path, Path]], tmp_path: Path
+) -> None:
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), XDG_CONFIG_HOME=str(tmp_path / "cfg"))
+
+    def cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "incusos_hal", *args],
+            env=env, input=stdin, capture_output=True, text=True, check=False,
+        )  # fmt: skip
+
+    unix = f"unix://{api.socket}"
+    cert, key = certs["trusted"]
+    assert cli("remote", "add", "here", unix).returncode == 0
+    https = f"https://127.0.0.1:{api.port}"
+    added = cli("remote", "add", "tls", https, "--cert", str(cert), "--key", str(key))
+    assert added.returncode == 0, added.stderr
+    assert (tmp_path / "cfg/incusos-hal/remotes.json").stat().st_mode & 0o777 == 0o600
+    for remote in ("here", "tls"):
+        got = cli("get", "/1.0", "--remote", remote, "--format", "json")
+        assert got.returncode == 0, got.stderr
+        assert json.loads(got.stdout)["environment"]["os_name"]
+    edited = cli("edit", "/1.0/system/network", "--remote", "tls", "--file", "-",
+                 stdin=json.dumps(NETWORK))  # fmt: skip
+    assert edited.returncode == 0, edited.stderr
+    assert "52:54:00:12:34:56" in api.config_file.read_text()
+    bad = cli("edit", "/1.0/system/network", "--remote", "here", "--file", "-",
+              stdin='{"config": {"interfaces": [{"name": "x"}]}}')  # fmt: skip
+    assert bad.returncode == 1 and "config.interfaces[0]" in bad.stderr
+    saved = tmp_path / "backup.tar.gz"
+    assert cli("backup", str(saved), "--remote", "here").returncode == 0
+    assert saved.stat().st_mode & 0o777 == 0o600
+    restored = cli("restore", str(saved), "--remote", "tls")
+    assert restored.returncode == 0 and "restored" in restored.stdout, restored.stderr
+    assert cli("confirm", "--remote", "here").returncode == 1  # nothing is pending
+    # A server that is not the pinned one is refused.
+    remotes = json.loads((tmp_path / "cfg/incusos-hal/remotes.json").read_text())
+    remotes["tls"]["server_fingerprint"] = "0" * 64
+    (tmp_path / "cfg/incusos-hal/remotes.json").write_text(json.dumps(remotes))
+    refused = cli("get", "/1.0", "--remote", "tls")
+    assert refused.returncode == 1 and "pinned" in refused.stderr
