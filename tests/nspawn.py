@@ -54,6 +54,16 @@ PACKAGES = (
     "systemd-dev",
     "tzdata",
 )
+# The API service's container adds its runtime (a root of its own, so the system test's
+# and the VM's cached roots stay as they are).
+API_PACKAGES = (
+    *PACKAGES,
+    "python3-aiohttp",
+    "python3-sdbus",
+    "python3-cryptography",
+    # debootstrap resolves no virtual packages: cryptography's python3-cffi-backend-api-*
+    "python3-cffi-backend",
+)
 # Bump when the way the root is built changes, so caches from before are not reused.
 ROOTFS_RECIPE = 2
 
@@ -378,14 +388,26 @@ def install_probe(root: Path, unit: str, probe_dir: Path, probe: str) -> None:
 
 
 def boot(
-    root: Path, lan_: Lan, probe_dir: Path, expect: dict[str, Any], *, timeout: int = 240
+    root: Path,
+    lan_: Lan,
+    probe_dir: Path,
+    expect: dict[str, Any],
+    *,
+    timeout: int = 240,
+    more: dict[str, Any] | None = None,
 ) -> Boot:
     """Boot `root` with the LAN's inner veth ends as its NICs; the probe part "system"
-    (tests/guest_system.py) runs with `expect`; return what it recorded."""
+    (tests/guest_system.py) runs with `expect`, then the parts named in `more` (part ->
+    its expect); return what "system" recorded, with each further part's result under
+    its name."""
     tests = Path(__file__).parent
     install_probe(root, PROBE_UNIT, probe_dir, (tests / "guest_probe.py").read_text())
-    shutil.copy(tests / "guest_system.py", probe_dir / "guest_system.py")
-    (probe_dir / "expect.json").write_text(json.dumps({"system": expect, "parts": ["system"]}))
+    parts = ["system", *(more or {})]
+    for part in parts:
+        shutil.copy(tests / f"guest_{part}.py", probe_dir / f"guest_{part}.py")
+    (probe_dir / "expect.json").write_text(
+        json.dumps({"system": expect, **(more or {}), "parts": parts})
+    )
     result_file = probe_dir / "result.json"
     result_file.unlink(missing_ok=True)
     nspawn = [
@@ -429,7 +451,10 @@ def boot(
             f"the probe wrote no result (nspawn exit {returncode});"
             f" console:\n{console_text[-6000:]}"
         )
-    system = json.loads(result_file.read_text())["system"]
+    recorded = json.loads(result_file.read_text())
+    system = recorded["system"]
     if "error" in system:
         raise AssertionError(f"the probe failed: {system['error']}")
+    for part in parts[1:]:
+        system[part] = recorded.get(part, {"error": "not run"})
     return Boot(system, console_text)

@@ -1,0 +1,66 @@
+"""The API service under real systemd: a Debian 13 container boots with the package
+installed and the system test's config and LAN; the probe (tests/guest_api.py) talks to
+the socket-activated, hardened incusos-hal.service over its unix socket, and networkd
+applies what the API stores, then rolls back what was not confirmed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+import nspawn
+from conftest import require_root, require_tool
+from system_case import EXPECT, LAN1_MAC, config, new_lan
+
+pytestmark = pytest.mark.system
+
+API = {"iface": "lan0", "added": "10.99.0.3/24", "kept": "10.99.0.2/24", "timeout": "6s"}
+
+
+@pytest.fixture(scope="module")
+def booted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    require_root()
+    require_tool("debootstrap", "systemd-nspawn", "ip", "dnsmasq", "mount")
+    work = tmp_path_factory.mktemp("api-system")
+    root = nspawn.rootfs("container-api", nspawn.API_PACKAGES)
+    package = nspawn.install_layer(root, work / "package")
+    probe = work / "probe"
+    probe.mkdir()
+    (probe / "config.toml").write_text(config(LAN1_MAC))
+    with nspawn.overlay([package, root], work / "machine") as merged:
+        nspawn.nspawn_run(
+            merged, "incusos-hal save --config /probe/config.toml", binds=(f"{probe}:/probe",)
+        )
+        with nspawn.lan(new_lan(work / "lan")) as lan:
+            boot = nspawn.boot(merged, lan, probe, EXPECT, more={"api": API})
+    part: dict[str, Any] = boot.result["api"]
+    assert "error" not in part, part["error"]
+    return part
+
+
+def test_socket_activates_the_hardened_service(booted: dict[str, Any]) -> None:
+    assert booted["socket_start"]["rc"] == 0, booted["socket_start"]
+    assert booted["get_status"] == 200
+    assert "ActiveState=active" in booted["service"], booted["service"]
+    assert "TriggeredBy=incusos-hal.socket" in booted["service"], booted["service"]
+
+
+def test_put_is_applied_by_networkd(booted: dict[str, Any]) -> None:
+    assert booted["put"]["status"] == 200, (booted["put"], booted["journal"])
+    assert booted["added_after_s"] is not None, (booted["addresses_end"], booted["journal"])
+
+
+def test_unconfirmed_cut_is_rolled_back(booted: dict[str, Any]) -> None:
+    assert booted["put_cut"]["status"] == 200, booted["put_cut"]
+    assert booted["cut_after_s"] is not None, booted["journal"]
+    assert booted["pending"]["configuration_in_process"] is True
+    assert booted["second_put"] == 409
+    assert booted["restored_after_s"] is not None, (booted["addresses_end"], booted["journal"])
+    assert booted["stored_restored"] is True
+    assert "not confirmed in time" in booted["journal"]
+
+
+def test_other_users_are_refused_by_their_credentials(booted: dict[str, Any]) -> None:
+    answer = booted["nobody"]
+    assert '"error_code": 403' in answer and "uid 65534" in answer, answer
