@@ -15,6 +15,12 @@ policy through the HAL (in process, and in a fresh interpreter) against the tpm2
 pipeline (tpm2_createprimary, tpm2_create, tpm2_load, tpm2_unseal); the TCG event log
 parsed and replayed, `incusos-hal eventlog --pcrs` against `tpm2_eventlog`.
 
+API (`--api`, or all): `GET /1.0` and `GET /1.0/system/network` requests/s and p99 latency
+from a bounded aiohttp client (16 in flight), over the unix socket and over mutual TLS,
+against a bare aiohttp handler that returns the same bytes on the same transport (the
+ceiling for any aiohttp service: what authentication, the envelope and reading the
+state cost on top).
+
 VM rung (`--vm`, or all): time from starting qemu to the first command in the guest
 (tests/vm.py), with KVM and with software emulation (TCG), same image and firmware; in
 the guest, NVMe Identify Controller through the HAL (cffi, pure Python) against
@@ -32,6 +38,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(HERE / "tests"))
@@ -234,17 +241,38 @@ def security_vs_tools() -> None:
         work = Path(tmp)
         port = _free_port()
         swtpm = subprocess.Popen(
-            ["swtpm", "socket", "--tpm2", "--server", f"type=tcp,port={port},bindaddr=127.0.0.1",
-             "--ctrl", f"type=tcp,port={port + 1},bindaddr=127.0.0.1",
-             "--tpmstate", f"dir={work}", "--flags", "startup-clear"],
+            [
+                "swtpm",
+                "socket",
+                "--tpm2",
+                "--server",
+                f"type=tcp,port={port},bindaddr=127.0.0.1",
+                "--ctrl",
+                f"type=tcp,port={port + 1},bindaddr=127.0.0.1",
+                "--tpmstate",
+                f"dir={work}",
+                "--flags",
+                "startup-clear",
+            ],
         )
         tcti = f"swtpm:host=127.0.0.1,port={port}"
         env = dict(os.environ, TPM2TOOLS_TCTI=tcti)
         try:
             time.sleep(0.5)
             (work / "secret").write_bytes(os.urandom(32))
-            subprocess.run(["tpm2_createpolicy", "-Q", "--policy-pcr", "-l", "sha256:7", "-L",
-                            str(work / "policy.bin")], env=env, check=True)
+            subprocess.run(
+                [
+                    "tpm2_createpolicy",
+                    "-Q",
+                    "--policy-pcr",
+                    "-l",
+                    "sha256:7",
+                    "-L",
+                    str(work / "policy.bin"),
+                ],
+                env=env,
+                check=True,
+            )
             (work / "seal.sh").write_text(TOOLS_SEAL)
             secret = (work / "secret").read_bytes()
             n = 30
@@ -256,15 +284,18 @@ def security_vs_tools() -> None:
                     assert t.unseal_sealed(t.seal(secret, policy)) == secret
                 ours = (time.perf_counter() - started) / n * 1000
             fresh = (
-                f"{sys.executable} -c \"from incusos_hal.hal import tpm\n"
+                f'{sys.executable} -c "from incusos_hal.hal import tpm\n'
                 f"with tpm.open_tpm('{tcti}') as t:\n"
                 f"    p = t.current_policy('sha256', [7])\n"
                 f"    t.unseal_sealed(t.seal(b'x' * 32, p))\""
             )
-            times = hyperfine(work, {
-                "tools": (f"bash {work}/seal.sh {work}", "true"),
-                "fresh": (fresh, "true"),
-            })
+            times = hyperfine(
+                work,
+                {
+                    "tools": (f"bash {work}/seal.sh {work}", "true"),
+                    "fresh": (fresh, "true"),
+                },
+            )
         finally:
             swtpm.terminate()
             swtpm.wait()
@@ -272,12 +303,16 @@ def security_vs_tools() -> None:
     print("\nTPM seal + unseal under a PCR 7 policy, swtpm over TCP; ratio to tpm2-tools")
     print(f"  {'tpm2-tools pipeline (4 commands)':40} {tools_ms:8.1f} ms   (the reference)")
     print(f"  {'HAL, in process':40} {ours:8.2f} ms   {tools_ms / ours:6.1f}x faster")
-    print(f"  {'HAL, fresh interpreter per seal':40} {fresh_ms:8.1f} ms   "
-          f"{tools_ms / fresh_ms:6.1f}x faster")
+    print(
+        f"  {'HAL, fresh interpreter per seal':40} {fresh_ms:8.1f} ms   "
+        f"{tools_ms / fresh_ms:6.1f}x faster"
+    )
 
     print("\nEvent log parse + replay of every bank; ratio to tpm2_eventlog")
-    logs = [HERE / "tests/fixtures/security/secureboot/binary_bios_measurements",
-            HERE / "tests/fixtures/eventlogs/ubuntu_2104_shielded_vm_no_secure_boot_eventlog"]
+    logs = [
+        HERE / "tests/fixtures/security/secureboot/binary_bios_measurements",
+        HERE / "tests/fixtures/eventlogs/ubuntu_2104_shielded_vm_no_secure_boot_eventlog",
+    ]
     with tempfile.TemporaryDirectory(prefix="ihal-bench-log-") as tmp:
         for log in logs:
             raw = log.read_bytes()
@@ -287,21 +322,155 @@ def security_vs_tools() -> None:
                 for bank in parsed.banks:
                     eventlog.replay(parsed, bank)
             in_process = (time.perf_counter() - started) / 200 * 1000
-            times = hyperfine(Path(tmp), {
-                "tool": (f"tpm2_eventlog {log}", "true"),
-                "cli": (f"{IHAL} eventlog --pcrs {log}", "true"),
-            })
+            times = hyperfine(
+                Path(tmp),
+                {
+                    "tool": (f"tpm2_eventlog {log}", "true"),
+                    "cli": (f"{IHAL} eventlog --pcrs {log}", "true"),
+                },
+            )
             tool_ms, cli_ms = times["tool"][0], times["cli"][0]
             print(f"  {log.name[:40]:40} ({len(raw) // 1024} KiB)")
             print(f"    {'tpm2_eventlog':36} {tool_ms:8.2f} ms   (the reference)")
-            print(f"    {'incusos-hal eventlog --pcrs':36} {cli_ms:8.2f} ms   "
-                  f"{tool_ms / cli_ms:6.2f}x faster")
-            print(f"    {'HAL in process':36} {in_process:8.2f} ms   "
-                  f"{tool_ms / in_process:6.1f}x faster")
+            print(
+                f"    {'incusos-hal eventlog --pcrs':36} {cli_ms:8.2f} ms   "
+                f"{tool_ms / cli_ms:6.2f}x faster"
+            )
+            print(
+                f"    {'HAL in process':36} {in_process:8.2f} ms   "
+                f"{tool_ms / in_process:6.1f}x faster"
+            )
+
+
+BARE_SERVER = """
+import asyncio, json, ssl, sys
+from aiohttp import web
+bodies = json.loads(open(sys.argv[1]).read())
+async def main():
+    app = web.Application()
+    for path, body in bodies.items():
+        data = body.encode()
+        async def handler(request, data=data):
+            return web.Response(body=data, content_type="application/json")
+        app.router.add_get(path, handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.UnixSite(runner, sys.argv[2]).start()
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.load_cert_chain(sys.argv[4], sys.argv[5])
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(cafile=sys.argv[6])
+    await web.TCPSite(runner, "127.0.0.1", int(sys.argv[3]), ssl_context=ctx).start()
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+asyncio.run(main())
+"""
+
+
+def _load(url: str, connector_factory: Any, requests_: int, in_flight: int) -> tuple[float, float]:
+    """(requests/s, p99 ms) for `requests_` GETs of `url`, `in_flight` at a time."""
+    import asyncio
+
+    import aiohttp
+
+    async def run() -> tuple[float, float]:
+        latencies: list[float] = []
+        async with aiohttp.ClientSession(connector=connector_factory()) as session:
+            for _ in range(50):  # warm: connections open, caches filled
+                async with session.get(url) as r:
+                    await r.read()
+            queue = iter(range(requests_))
+
+            async def worker() -> None:
+                for _ in queue:
+                    t0 = time.perf_counter()
+                    async with session.get(url) as r:
+                        await r.read()
+                        assert r.status == 200, r.status
+                    latencies.append(time.perf_counter() - t0)
+
+            started = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(in_flight)))
+            elapsed = time.perf_counter() - started
+        latencies.sort()
+        return requests_ / elapsed, latencies[int(len(latencies) * 0.99)] * 1000
+
+    return asyncio.run(run())
+
+
+def api_vs_bare() -> None:
+    import ssl
+
+    import aiohttp
+
+    import apiserver
+
+    n = int(os.environ.get("BENCH_API_REQUESTS", "3000"))
+    with tempfile.TemporaryDirectory(prefix="ihal-bench-api-") as tmp:
+        work = Path(tmp)
+        cert, key = apiserver.openssl_client_cert(work, "client")
+        (work / "srv").mkdir()
+        ours = apiserver.make(work / "srv", [cert])
+        ours.start()
+        bare_proc = None
+        try:
+            paths = ["/1.0", "/1.0/system/network"]
+            bodies = {p: ours.curl("GET", p).body.decode() for p in paths}
+            (work / "bodies.json").write_text(json.dumps(bodies))
+            bare_sock, bare_port = work / "bare.sock", apiserver.free_port()
+            bare_proc = subprocess.Popen(
+                [sys.executable, "-c", BARE_SERVER, str(work / "bodies.json"), str(bare_sock),
+                 str(bare_port), str(ours.state / "server.crt"), str(ours.state / "server.key"),
+                 str(cert)],
+                stdout=subprocess.PIPE,
+            )  # fmt: skip
+            assert bare_proc.stdout is not None and bare_proc.stdout.readline().startswith(b"ready")
+
+            def tls() -> aiohttp.TCPConnector:
+                ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+                ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+                ctx.load_cert_chain(cert, key)
+                return aiohttp.TCPConnector(ssl=ctx, limit=16)
+
+            print(
+                f"\nAPI: requests/s and p99 over {n} GETs, 16 in flight; ratio to a bare aiohttp "
+                "handler returning the same bytes on the same transport"
+            )
+
+            def unix(path: Path) -> Any:
+                return lambda: aiohttp.UnixConnector(path=str(path), limit=16)
+
+            targets = {
+                "unix": (("http://ihal", unix(ours.socket)), ("http://ihal", unix(bare_sock))),
+                "mTLS": (
+                    (f"https://127.0.0.1:{ours.port}", tls),
+                    (f"https://127.0.0.1:{bare_port}", tls),
+                ),
+            }
+            for transport, ((ours_url, ours_conn), (bare_url, bare_conn)) in targets.items():
+                for path in paths:
+                    r_ours, p_ours = _load(ours_url + path, ours_conn, n, 16)
+                    r_bare, p_bare = _load(bare_url + path, bare_conn, n, 16)
+                    print(
+                        f"  {transport:5} GET {path:22} incusos-hal {r_ours:7.0f}/s "
+                        f"p99 {p_ours:6.1f} ms | bare {r_bare:7.0f}/s p99 {p_bare:6.1f} ms"
+                        f" | {r_ours / r_bare:4.2f}x of bare"
+                    )
+        finally:
+            ours.stop()
+            if bare_proc is not None:
+                bare_proc.terminate()
+                bare_proc.wait()
 
 
 def main() -> None:
     only = sys.argv[1:]
+    if only == ["--api"]:
+        api_vs_bare()
+        return
     if only == ["--security"]:
         security_vs_tools()
         return
@@ -355,6 +524,7 @@ def main() -> None:
             )
     inventory_vs_tools()
     security_vs_tools()
+    api_vs_bare()
     vm_rung()
 
 
