@@ -50,6 +50,7 @@ class Server:
     port: int
     cert: Path
     key: Path
+    root: Path | None = None  # --root: read the machine (crypttab, sysfs) under it
     process: subprocess.Popen[bytes] | None = None
     log: list[str] = field(default_factory=list)
 
@@ -64,6 +65,7 @@ class Server:
                 sys.executable, "-m", "incusos_hal", "serve",
                 "--state-dir", str(self.state), "--socket", str(self.socket),
                 "--listen", f"127.0.0.1:{self.port}", "--target", str(self.target),
+                *(["--root", str(self.root)] if self.root else []),
             ],
             env=env,
             stdout=subprocess.PIPE,

@@ -517,3 +517,39 @@ def test_cli_client_over_the_socket_and_https(
     (tmp_path / "cfg/incusos-hal/remotes.json").write_text(json.dumps(remotes))
     refused = cli("get", "/1.0", "--remote", "tls")
     assert refused.returncode == 1 and "pinned" in refused.stderr
+
+
+def test_security_put_changes_the_volumes_recovery_keys(
+    tmp_path: Path, certs: dict[str, tuple[Path, Path]]
+) -> None:
+    """Through the API, on a root whose crypttab names two LUKS2 images: the keys in the
+    config are the keys that open the volumes, before and after a change."""
+    from incusos_hal.hal import luks
+    from test_security import opens, two_volumes
+
+    root, images = two_volumes(tmp_path, "first-recovery-key!")
+    (tmp_path / "api").mkdir()
+    srv = apiserver.make(tmp_path / "api", [certs["trusted"][0]])
+    srv.root = root
+    srv.start()
+    try:
+        first = {"config": {"encryption_recovery_keys": ["first-recovery-key!"]}}
+        assert srv.put("/1.0/system/security", first).status == 200
+        assert all(len(luks.header(i).keyslots) == 1 for i in images)  # nothing to change
+        new = {"config": {"encryption_recovery_keys": ["second-recovery-key!"]}}
+        r = srv.put("/1.0/system/security", new)
+        assert r.status == 200, r.body
+        for image in images:
+            assert opens(image, "second-recovery-key!") and not opens(image, "first-recovery-key!")
+        # A key none of the volumes knows cannot authorise a change: refused, unchanged.
+        srv.config_file.write_text(
+            srv.config_file.read_text().replace("second-recovery-key!", "unknown-old-key!!")
+        )
+        before = state_digest(srv.state)
+        r = srv.put("/1.0/system/security", first)
+        assert r.status == 500 and "neither a current recovery key" in r.json["error"]
+        assert "second-recovery-key!" not in r.body.decode()
+        assert state_digest(srv.state) == before
+        assert all(opens(i, "second-recovery-key!") for i in images)
+    finally:
+        srv.stop()

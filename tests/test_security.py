@@ -313,3 +313,84 @@ def test_custom_ca_certificates(tmp_path: Path) -> None:
         for p, _ in errors_for('version = 1\n[security]\ncustom_ca_certs = ["""' + leaf + '"""]\n')
     ] == ["security.custom_ca_certs[0]"]
     assert errors_for('version = 1\n[security]\ncustom_ca_certs = ["""' + ca + '"""]\n') == []
+
+
+def two_volumes(tmp_path: Path, first_key: str) -> tuple[Path, list[Path]]:
+    """A root whose crypttab names two LUKS2 images, each opening with `first_key`."""
+    root = tmp_path / "root"
+    links = root / "dev/disk/by-uuid"
+    links.mkdir(parents=True)
+    (root / "etc").mkdir()
+    images, volumes = [], []
+    for name in ("alpha", "beta"):
+        image = tmp_path / f"{name}.img"
+        with open(image, "wb") as f:
+            f.truncate(32 << 20)
+        uuid = luks.format_volume(image, first_key.encode(), pbkdf=FAST)
+        (links / uuid).symlink_to(image)
+        images.append(image)
+        volumes.append(crypttab.CryptVolume(name, f"UUID={uuid}"))
+    (root / "etc/crypttab").write_text(crypttab.render(volumes))
+    return root, images
+
+
+def opens(image: Path, key: str) -> bool:
+    try:
+        luks.test_key(image, key)
+    except luks.WrongKeyError:
+        return False
+    return True
+
+
+def test_recovery_keys_follow_the_config_on_every_volume(tmp_path: Path) -> None:
+    old = ["first-recovery-key!"]
+    root, images = two_volumes(tmp_path, old[0])
+    new = ["second-recovery-key!", "third-recovery-key!"]
+    changes = security.sync_recovery_keys(root, None, old, new, pbkdf=FAST)
+    assert [c.volume for c in changes] == ["alpha", "beta"]
+    for image in images:
+        assert not opens(image, old[0])
+        assert opens(image, new[0]) and opens(image, new[1])
+    # Nothing to do: nothing changes.
+    before = [luks.header(i).keyslots for i in images]
+    assert security.sync_recovery_keys(root, None, new, new, pbkdf=FAST) == []
+    assert [luks.header(i).keyslots for i in images] == before
+
+
+def test_recovery_keys_unlocked_by_the_tpm_when_no_key_opens(tmp_path: Path, swtpm: str) -> None:
+    """A volume opened at boot by its TPM token: the TPM authorises the new key."""
+    root, images = two_volumes(tmp_path, "install-time-passphrase!")
+    with tpm.open_tpm(swtpm) as t:
+        policy = t.current_policy("sha256", [7])
+        for image in images:
+            luks.enroll_tpm2(image, b"install-time-passphrase!", t, policy)
+        security.sync_recovery_keys(root, t, [], ["operator-recovery-key!"], pbkdf=FAST)
+    for image in images:
+        assert opens(image, "operator-recovery-key!")
+        assert luks.header(image).token_slots("systemd-tpm2")  # the TPM token stays
+
+
+def test_recovery_key_change_is_all_or_nothing(tmp_path: Path) -> None:
+    old = ["first-recovery-key!"]
+    root, images = two_volumes(tmp_path, old[0])
+    # The second volume opens with another key only: nothing may change on the first.
+    luks.add_key(images[1], old[0], "only-this-one-opens!", pbkdf=FAST)
+    slot = luks.test_key(images[1], old[0])
+    luks.remove_keyslot(images[1], slot)
+    before = [luks.header(i).keyslots for i in images]
+    with pytest.raises(security.RecoveryKeyError, match="volume beta") as e:
+        security.sync_recovery_keys(root, None, old, ["second-recovery-key!"], pbkdf=FAST)
+    assert "first-recovery-key!" not in str(e.value)
+    assert [luks.header(i).keyslots for i in images] == before
+    # An addition failing midway (no free keyslot on beta) rolls back alpha's.
+    luks.add_key(images[1], "only-this-one-opens!", old[0], pbkdf=FAST)
+    for n in range(30):
+        try:
+            luks.add_key(images[1], old[0], f"filler-key-{n}!", pbkdf=FAST)
+        except luks.LuksError:
+            break
+    alpha_before = luks.header(images[0]).keyslots
+    with pytest.raises(security.RecoveryKeyError, match="no volume changed"):
+        security.sync_recovery_keys(root, None, old, ["second-recovery-key!"], pbkdf=FAST)
+    assert luks.header(images[0]).keyslots == alpha_before
+    assert opens(images[0], old[0]) and not opens(images[0], "second-recovery-key!")

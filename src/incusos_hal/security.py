@@ -211,3 +211,117 @@ def check_recovery_keys(keys: Sequence[str]) -> str | None:
     if not keys:
         return "at least one encryption recovery key is required"
     return None
+
+
+class RecoveryKeyError(Exception):
+    """Changing the volumes' recovery keys failed; the message names the volume, never a key."""
+
+
+@dataclass(frozen=True, slots=True)
+class KeyChange:
+    volume: str
+    added: tuple[int, ...]
+    removed: tuple[int, ...]
+
+
+def plan_recovery_keys(old: Sequence[str], new: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(keys to add, keys to remove), each in the order given."""
+    return [k for k in new if k not in old], [k for k in old if k not in new]
+
+
+def _opens(device: Path, key: str) -> bool:
+    from .hal import luks
+
+    try:
+        luks.test_key(device, key)
+    except luks.WrongKeyError:
+        return False
+    return True
+
+
+def _unlock_passphrase(
+    root: Path | str, device: Path, tpm: Tpm | None, keys: Sequence[str], entry: CrypttabEntry
+) -> bytes:
+    """Something that opens the volume: one of its current recovery keys, else its TPM
+    token (as at boot)."""
+    from .hal import luks
+
+    for key in keys:
+        if _opens(device, key):
+            return key.encode()
+    if tpm is not None:
+        try:
+            signatures = pcrsig.load_signatures(root, signature_path(entry))
+        except pcrsig.SignatureError:
+            signatures = []
+        try:
+            return luks.unlock_tpm2(device, tpm, signatures)[1]
+        except (luks.LuksError, OSError):
+            pass
+    raise RecoveryKeyError(
+        f"volume {entry.name}: neither a current recovery key nor the TPM opens it"
+    )
+
+
+def sync_recovery_keys(
+    root: Path | str,
+    tpm: Tpm | None,
+    old: Sequence[str],
+    new: Sequence[str],
+    *,
+    pbkdf: Any = None,
+) -> list[KeyChange]:
+    """Make every crypttab volume open with exactly the keys in `new` (of the recovery
+    keys; TPM and other keyslots stay), as IncusOS does on a PUT of its security config.
+
+    All volumes get the new keys first; if any addition fails, the slots added so far are
+    removed and nothing has changed. Only then are the dropped keys' slots removed, so no
+    volume is ever left without a way in."""
+    from .hal import luks
+
+    to_add, to_remove = plan_recovery_keys(old, new)
+    if not to_add and not to_remove:
+        return []
+    try:
+        entries = parse_crypttab((Path(root) / CRYPTTAB).read_text())
+    except FileNotFoundError:
+        return []
+    volumes = [(entry, resolve_device(root, entry.device)) for entry in entries]
+    # Any key, old or new, that already opens a volume can authorise the change (the
+    # first PUT after an install names the key the volumes were made with).
+    known = [*old, *(k for k in new if k not in old)]
+    unlock = {e.name: _unlock_passphrase(root, dev, tpm, known, e) for e, dev in volumes}
+    added: dict[str, list[int]] = {}
+    for entry, dev in volumes:
+        try:
+            for key in to_add:
+                if _opens(dev, key):
+                    continue
+                added.setdefault(entry.name, []).append(
+                    luks.add_key(dev, unlock[entry.name], key, pbkdf=pbkdf)
+                )
+        except (luks.LuksError, OSError) as e:
+            for done, done_dev in volumes:
+                for slot in added.get(done.name, []):
+                    luks.remove_keyslot(done_dev, slot)
+            raise RecoveryKeyError(
+                f"volume {entry.name}: adding a recovery key failed ({e}); no volume changed"
+            ) from None
+    changes = []
+    for entry, dev in volumes:
+        removed = []
+        for key in to_remove:
+            try:
+                slot = luks.test_key(dev, key)
+            except luks.WrongKeyError:
+                continue  # not on this volume
+            try:
+                luks.remove_keyslot(dev, slot)
+            except (luks.LuksError, OSError) as e:
+                raise RecoveryKeyError(
+                    f"volume {entry.name}: the new keys were added, removing an old one "
+                    f"failed ({e})"
+                ) from None
+            removed.append(slot)
+        changes.append(KeyChange(entry.name, tuple(added.get(entry.name, [])), tuple(removed)))
+    return changes

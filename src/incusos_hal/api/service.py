@@ -160,12 +160,39 @@ class Service:
             if name == "security" and not config.security.encryption_recovery_keys:
                 raise ApiError(400, "config.encryption_recovery_keys: at least one key is required")
             previous = _read_current(self.settings.state_dir)
+            if name == "security":
+                old = self.config().security.encryption_recovery_keys
+                await asyncio.get_running_loop().run_in_executor(
+                    None, self._sync_recovery_keys, old, config.security.encryption_recovery_keys
+                )
             timeout = 0.0
             if name == "network" and config.network.confirmation_timeout:
                 timeout = parse_go_duration(config.network.confirmation_timeout) or 0.0
             await self._store_and_apply(config, previous, network=name == "network")
             if timeout > 0:
                 self._hold(previous, timeout)
+
+    def _sync_recovery_keys(self, old: tuple[str, ...], new: tuple[str, ...]) -> None:
+        """The volumes' keyslots first (all or nothing), then the config records them."""
+        import contextlib
+
+        from ..hal import tpm
+        from ..security import RecoveryKeyError, sync_recovery_keys
+
+        with contextlib.ExitStack() as stack:
+            handle = None
+            with contextlib.suppress(tpm.TPMError):
+                handle = stack.enter_context(tpm.open_tpm(self.settings.tcti))
+            try:
+                changed = sync_recovery_keys(self.settings.root, handle, old, new)
+            except RecoveryKeyError as e:
+                raise ApiError(500, str(e)) from None
+        for change in changed:
+            self.log(
+                "info",
+                f"volume {change.volume}: {len(change.added)} recovery key(s) added, "
+                f"{len(change.removed)} removed",
+            )
 
     async def _store_and_apply(
         self, config: Config, previous: bytes | None, *, network: bool
