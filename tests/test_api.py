@@ -94,12 +94,16 @@ def test_socket_is_root_only_and_checks_peer_credentials(api: apiserver.Server) 
     # Loosen the file mode, as an admin might: the peer check still refuses uid 65534.
     os.chmod(api.socket, 0o666)
     as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "curl", "-sS"]
-    done = subprocess.run(
-        [*as_nobody, "--unix-socket", str(api.socket), "http://ihal/1.0"],
-        capture_output=True, check=False,
-    )  # fmt: skip
-    assert json.loads(done.stdout)["error_code"] == 403, done
-    assert "uid 65534" in json.loads(done.stdout)["error"]
+    before = state_digest(api.state)
+    for route in api_server.ROUTES:  # every route, whatever it would do
+        done = subprocess.run(
+            [*as_nobody, "-X", route.method, "--unix-socket", str(api.socket),
+             f"http://ihal{concrete(route.path)}"],
+            capture_output=True, check=False,
+        )  # fmt: skip
+        answer = json.loads(done.stdout)
+        assert answer["error_code"] == 403 and "uid 65534" in answer["error"], (route, done)
+    assert state_digest(api.state) == before
     # Admitted once the config lists the uid.
     listener = {"trusted_client_certificates": [api.cert.read_text()], "socket_uids": [65534]}
     r = api.put("/1.0/system/fallback-listener", {"config": listener})
