@@ -358,8 +358,21 @@ def test_restore_can_keep_the_running_recovery_keys(api: apiserver.Server) -> No
     assert wait_operation(api, r.headers["location"])["status"] == "Success"
     text = api.config_file.read_text()
     assert "second-recovery-key!" in text and "first-recovery-key!" not in text
-    bad = api.curl("POST", "/1.0/system/:restore?skip=network-macs", body=saved)
-    assert bad.status == 400 and "network-macs" in bad.json["error"]
+    bad = api.curl("POST", "/1.0/system/:restore?skip=local-data-encryption-key", body=saved)
+    assert bad.status == 400 and "local-data-encryption-key" in bad.json["error"]
+
+
+def test_restore_onto_other_hardware_keeps_this_machines_macs(api: apiserver.Server) -> None:
+    assert api.put("/1.0/system/network", NETWORK).status == 200  # uplink 52:..:56
+    saved = api.curl("POST", "/1.0/system/:backup").body
+    nic = {"name": "uplink", "hwaddr": "52:54:00:aa:bb:cc", "addresses": ["10.9.0.2/24"]}
+    here = {"config": {"interfaces": [nic]}}
+    assert api.put("/1.0/system/network", here).status == 200
+    r = api.curl("POST", "/1.0/system/:restore?skip=network-macs", body=saved)
+    assert wait_operation(api, r.headers["location"])["status"] == "Success"
+    got = api.curl("GET", "/1.0/system/network").json["metadata"]["config"]["interfaces"]
+    # The archive's addressing, this machine's MAC.
+    assert got == [{"name": "uplink", "hwaddr": "52:54:00:aa:bb:cc", "addresses": ["dhcp4"]}]
 
 
 BAD_ARCHIVES = [

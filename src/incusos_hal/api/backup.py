@@ -19,7 +19,7 @@ import os
 import secrets
 import shutil
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
 from ..config import Config, ConfigError, parse_toml
@@ -29,8 +29,9 @@ from ..fsutil import fsync_dir
 MAX_ARCHIVE_BYTES = 16 << 20
 MAX_UNPACKED_BYTES = 64 << 20
 MAX_MEMBERS = 1024
-# What IncusOS's restore can be told to keep from the running machine.
-SKIP_OPTIONS = ("encryption-recovery-keys",)
+# What IncusOS's restore can be told to keep from the running machine (its third,
+# local-data-encryption-key, comes with the storage work: there is no such key yet).
+SKIP_OPTIONS = ("encryption-recovery-keys", "network-macs")
 
 
 class ArchiveError(ValueError):
@@ -41,6 +42,30 @@ class ArchiveError(ValueError):
 class Archive:
     files: dict[str, bytes]
     config: Config
+
+
+def keep_running(archived: Config, running: Config, skip: tuple[str, ...]) -> Config:
+    """The archived config with what `skip` names taken from the running one: the
+    recovery keys, or the hardware addresses (restoring onto other hardware: each
+    interface and bond keeps this machine's MACs, matched by name)."""
+    out = archived
+    if "encryption-recovery-keys" in skip:
+        keys = running.security.encryption_recovery_keys
+        out = replace(out, security=replace(out.security, encryption_recovery_keys=keys))
+    if "network-macs" in skip:
+        nics = {i.name: i.hwaddr for i in running.network.interfaces}
+        bonds = {b.name: b for b in running.network.bonds}
+        interfaces = tuple(
+            replace(i, hwaddr=nics.get(i.name, i.hwaddr)) for i in out.network.interfaces
+        )
+        new_bonds = tuple(
+            replace(b, hwaddr=bonds[b.name].hwaddr, members=bonds[b.name].members)
+            if b.name in bonds
+            else b
+            for b in out.network.bonds
+        )
+        out = replace(out, network=replace(out.network, interfaces=interfaces, bonds=new_bonds))
+    return out
 
 
 def create(state_dir: str | os.PathLike[str]) -> bytes:

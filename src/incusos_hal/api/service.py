@@ -294,13 +294,15 @@ class Service:
         except backup.ArchiveError as e:
             raise ApiError(400, f"archive: {e}") from None
         files = dict(archive.files)
-        if "encryption-recovery-keys" in skip:
+        if skip:
             from ..config import dumps_toml
+            from ..config.validate import validate
 
-            kept = to_dict(archive.config)
-            keys = list(self.config().security.encryption_recovery_keys)
-            kept.setdefault("security", {})["encryption_recovery_keys"] = keys
-            files[store.CONFIG_FILE] = dumps_toml(from_dict(kept))
+            kept = backup.keep_running(archive.config, self.config(), skip)
+            problems = validate(kept)
+            if problems:  # a kept MAC that clashes with an archived one, say
+                raise ApiError(400, f"archive with skip={','.join(skip)}: {problems[0]}")
+            files[store.CONFIG_FILE] = dumps_toml(kept)
         return files
 
     async def restore(
