@@ -515,10 +515,14 @@ def test_cli_client_over_the_socket_and_https(
         got = cli("get", "/1.0", "--remote", remote, "--format", "json")
         assert got.returncode == 0, got.stderr
         assert json.loads(got.stdout)["environment"]["os_name"]
+    table = cli("get", "/1.0/system/network", "--remote", "here").stdout.splitlines()
+    assert any(line.split() == ["state.configuration_in_process", "false"] for line in table)
     edited = cli("edit", "/1.0/system/network", "--remote", "tls", "--file", "-",
                  stdin=json.dumps(NETWORK))  # fmt: skip
     assert edited.returncode == 0, edited.stderr
     assert "52:54:00:12:34:56" in api.config_file.read_text()
+    table = cli("get", "/1.0/system/network", "--remote", "tls", "--format", "table").stdout
+    assert "config.interfaces[0].hwaddr" in table and "52:54:00:12:34:56" in table
     bad = cli("edit", "/1.0/system/network", "--remote", "here", "--file", "-",
               stdin='{"config": {"interfaces": [{"name": "x"}]}}')  # fmt: skip
     assert bad.returncode == 1 and "config.interfaces[0]" in bad.stderr

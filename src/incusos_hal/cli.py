@@ -358,9 +358,28 @@ def cmd_remote(args: argparse.Namespace) -> int:
     return 0
 
 
+def _leaves(data: Any, path: str = "") -> list[tuple[str, str]]:
+    """(field path, value) for every scalar in `data`, paths as the API's errors write them."""
+    if isinstance(data, dict):
+        if not data:
+            return [(path, "{}")] if path else []
+        return [row for k, v in data.items() for row in _leaves(v, f"{path}.{k}" if path else k)]
+    if isinstance(data, list):
+        if not data:
+            return [(path, "[]")] if path else []
+        return [row for i, v in enumerate(data) for row in _leaves(v, f"{path}[{i}]")]
+    return [(path, json.dumps(data) if not isinstance(data, str) else data)]
+
+
 def _print(data: Any, fmt: str) -> None:
     if fmt == "json":
         print(json.dumps(data, indent=2))
+        return
+    if fmt == "table":
+        rows = _leaves(data)
+        width = max((len(k) for k, _ in rows), default=0)
+        for key, value in rows:
+            print(f"{key:{width}}  {value}" if key else value)
         return
     from .yamlout import dumps
 
@@ -519,7 +538,7 @@ def parser() -> argparse.ArgumentParser:
     rm.add_argument("--key", help="its key (default: in the certificate file)")
     g = client("get", "GET an API path", cmd_get)
     g.add_argument("path")
-    g.add_argument("--format", choices=("yaml", "json"), default="yaml")
+    g.add_argument("--format", choices=("table", "yaml", "json"), default="table")
     ed = client("edit", "change a {config, state} object (If-Match guarded)", cmd_edit)
     ed.add_argument("path")
     ed.add_argument("--file", help="the new {config} as JSON (- for stdin); default: $EDITOR")
