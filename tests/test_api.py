@@ -297,6 +297,29 @@ def test_unconfirmed_network_change_is_rolled_back(api: apiserver.Server) -> Non
     )
 
 
+def test_unconfirmed_change_is_rolled_back_after_a_crash(api: apiserver.Server) -> None:
+    """The service dies (kill -9) while a change waits for its confirmation: started
+    again, it restores the previous network rather than keeping the unconfirmed one."""
+    assert api.put("/1.0/system/network", NETWORK).status == 200
+    before = api.config_file.read_bytes()
+    trial = {"config": {**OTHER_NETWORK["config"], "confirmation_timeout": "10m"}}
+    assert api.put("/1.0/system/network", trial).status == 200
+    assert b"52:54:00:12:34:57" in api.config_file.read_bytes()
+    api.stop(signal.SIGKILL)
+    api.start()
+    assert api.config_file.read_bytes() == before
+    names = [p.name for p in (api.target / "run/systemd/network").iterdir()]
+    assert any("525400123456" in n for n in names) and not any("525400123457" in n for n in names)
+    assert "never confirmed" in "".join(api.log), api.log
+    assert not list(api.state.glob("network.unconfirmed-*"))
+    # A confirmed change is not undone by a restart.
+    assert api.put("/1.0/system/network", trial).status == 200
+    assert api.curl("POST", "/1.0/system/network/:confirm").status == 200
+    api.stop(signal.SIGKILL)
+    api.start()
+    assert b"52:54:00:12:34:57" in api.config_file.read_bytes()
+
+
 def test_confirmed_network_change_stays(api: apiserver.Server) -> None:
     trial = {"config": {**OTHER_NETWORK["config"], "confirmation_timeout": "2s"}}
     assert api.put("/1.0/system/network", trial).status == 200

@@ -624,6 +624,7 @@ async def serve(
         cert, key = auth.ensure_server_certificate(settings.state_dir)
         trust = auth.TrustStore(cert, key, config.listener.trusted_client_certificates)
     app = make_app(service, trust)
+    await service.recover()
     runner = web.AppRunner(app, access_log=None, handle_signals=True)
     await runner.setup()
     # The unix socket: handed over by systemd (socket activation), or made here.

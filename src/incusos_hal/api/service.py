@@ -33,6 +33,10 @@ from . import backup
 from . import envelope as env
 
 FLAGS_FILE = "state.json"
+# While a network change waits for its confirmation: the document to go back to (empty:
+# none). Written before the change is stored, removed once confirmed or rolled back, so
+# a service that dies (or a machine that reboots) in between still rolls back.
+UNCONFIRMED_FILE = "network.unconfirmed-previous.toml"
 # How long a network change may take to apply before it counts as failed (IncusOS: 30s).
 APPLY_TIMEOUT_SECONDS = 30.0
 
@@ -168,7 +172,13 @@ class Service:
             timeout = 0.0
             if name == "network" and config.network.confirmation_timeout:
                 timeout = parse_go_duration(config.network.confirmation_timeout) or 0.0
-            await self._store_and_apply(config, previous, network=name == "network")
+            if timeout > 0:
+                atomic_write(self._unconfirmed, previous or b"", 0o600)
+            try:
+                await self._store_and_apply(config, previous, network=name == "network")
+            except BaseException:
+                self._unconfirmed.unlink(missing_ok=True)
+                raise
             if timeout > 0:
                 self._hold(previous, timeout)
 
@@ -258,6 +268,7 @@ class Service:
                 raise ApiError(400, "no network change is waiting for confirmation")
             if self.pending.timer is not None:
                 self.pending.timer.cancel()
+            self._unconfirmed.unlink(missing_ok=True)
             self.pending = None
             self.log("info", "network change confirmed")
 
@@ -269,9 +280,27 @@ class Service:
             self.log("warning", "network change not confirmed in time; restoring the previous one")
             _restore_current(self.settings.state_dir, pending.previous)
             await self._reapply("the previous network configuration")
+            self._unconfirmed.unlink(missing_ok=True)
             # Only now: a client that sees no change in process sees the previous network.
             self.pending = None
             self.on_config(self.config())
+
+    @property
+    def _unconfirmed(self) -> Path:
+        return Path(self.settings.state_dir, UNCONFIRMED_FILE)
+
+    async def recover(self) -> None:
+        """At start: a network change left unconfirmed by a service that stopped (or a
+        machine that rebooted) before its deadline is rolled back now."""
+        try:
+            previous = self._unconfirmed.read_bytes()
+        except FileNotFoundError:
+            return
+        async with self.lock:
+            self.log("warning", "a network change was never confirmed; restoring the previous one")
+            _restore_current(self.settings.state_dir, previous or None)
+            await self._reapply("the previous network configuration")
+            self._unconfirmed.unlink(missing_ok=True)
 
     def pending_seconds(self) -> float | None:
         if self.pending is None:
