@@ -10,7 +10,8 @@ socket:
   3. a non-root peer is refused by its credentials.
 
 expect["api"]: {"iface": "lan0", "added": "10.99.0.3/24", "kept": "10.99.0.2/24",
-"timeout": "6s"}.
+"timeout": "6s"}, and optionally "vlan": a VLAN to add with the first change
+({"name", "parent", "id", "addresses"}; the VM guest adds one on its LACP bond).
 """
 
 import http.client
@@ -73,23 +74,31 @@ def run(expect_all: dict) -> dict:
 
     # 1. a change that networkd applies
     changed = json.loads(json.dumps(config))
-    for nic in changed["interfaces"]:
+    for nic in changed.get("interfaces", []) + changed.get("vlans", []):
         if nic["name"] == iface:
-            nic["addresses"] = [*nic["addresses"], spec["added"]]
+            nic["addresses"] = [*nic.get("addresses", []), spec["added"]]
+    vlan = spec.get("vlan")
+    if vlan:
+        changed.setdefault("vlans", []).append(vlan)
     put = call("PUT", "/1.0/system/network", {"config": changed})
     out["put"] = put
-    out["added_after_s"] = wait_for(lambda: spec["added"] in addresses().get(iface, []), 30)
+    out["added_after_s"] = wait_for(lambda: spec["added"] in addresses().get(iface, []), 60)
+    if vlan:
+        out["vlan_after_s"] = wait_for(
+            lambda: vlan["addresses"][0] in addresses().get(vlan["name"], []), 60
+        )
+        out["vlan_link"] = sh("ip", "-d", "-j", "link", "show", vlan["name"])["out"]
     stored_after_put = STATE.read_bytes()
 
-    # 2. a change that cuts lan0, never confirmed
+    # 2. a change that cuts the interface off, never confirmed
     cut = json.loads(json.dumps(changed))
-    for nic in cut["interfaces"]:
+    for nic in cut.get("interfaces", []) + cut.get("vlans", []):
         if nic["name"] == iface:
             nic["addresses"] = []
             nic.pop("routes", None)  # a route needs an address of its family on the link
     cut["confirmation_timeout"] = spec["timeout"]
     out["put_cut"] = call("PUT", "/1.0/system/network", {"config": cut})
-    out["cut_after_s"] = wait_for(lambda: spec["kept"] not in addresses().get(iface, []), 30)
+    out["cut_after_s"] = wait_for(lambda: spec["kept"] not in addresses().get(iface, []), 60)
     out["pending"] = call("GET", "/1.0/system/network")["body"]["metadata"]["state"]
     out["second_put"] = call("PUT", "/1.0/system/network", {"config": changed})["status"]
     out["restored_after_s"] = wait_for(
@@ -97,10 +106,17 @@ def run(expect_all: dict) -> dict:
             spec["kept"] in addresses().get(iface, [])
             and spec["added"] in addresses().get(iface, [])
         ),
-        60,
+        180,
     )
     out["stored_restored"] = STATE.read_bytes() == stored_after_put
     out["addresses_end"] = addresses().get(iface, [])
+
+    # The journal through the API, with journalctl's filters.
+    log = call("GET", "/1.0/debug/log?unit=incusos-hal.service&entries=20")
+    out["debug_log"] = {
+        "status": log["status"],
+        "messages": [e.get("MESSAGE") for e in (log["body"] or {}).get("metadata") or []],
+    }
 
     # 3. peer credentials
     Path(SOCKET).chmod(0o666)

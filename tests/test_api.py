@@ -597,3 +597,20 @@ def test_security_put_changes_the_volumes_recovery_keys(
         assert all(opens(i, "second-recovery-key!") for i in images)
     finally:
         srv.stop()
+
+
+def test_resources_storage_and_debug_log(api: apiserver.Server) -> None:
+    resources = api.curl("GET", "/1.0/system/resources").json["metadata"]
+    assert {"cpu", "memory", "network", "storage", "pci"} <= set(resources)
+    assert resources["cpu"]["total"] >= 1
+    storage = api.curl("GET", "/1.0/system/storage").json["metadata"]
+    assert storage["config"] == {} and isinstance(storage["state"]["drives"], list)
+    for query, words in (
+        ("?unit=a;b", "unit"),
+        ("?entries=0", "entries"),
+        ("?boot=x", "boot"),
+        ("?since=$(id)", "since"),
+        ("?grep=x", "grep: unknown parameter"),
+    ):
+        r = api.curl("GET", f"/1.0/debug/log{query}")
+        assert r.status == 400 and words in r.json["error"], (query, r.json)

@@ -64,3 +64,9 @@ def test_unconfirmed_cut_is_rolled_back(booted: dict[str, Any]) -> None:
 def test_other_users_are_refused_by_their_credentials(booted: dict[str, Any]) -> None:
     answer = booted["nobody"]
     assert '"error_code": 403' in answer and "uid 65534" in answer, answer
+
+
+def test_debug_log_reads_the_journal(booted: dict[str, Any]) -> None:
+    log = booted["debug_log"]
+    assert log["status"] == 200 and 0 < len(log["messages"]) <= 20, log
+    assert any("serving on" in str(m) for m in log["messages"]), log
