@@ -104,7 +104,7 @@ def _section_type(path: str) -> Any:
     if section is None:
         return None
     hints = typing.get_type_hints(model.Config, vars(model))
-    return hints[section.attribute]
+    return hints[section]
 
 
 def spec(routes: Iterable[Any]) -> dict[str, Any]:

@@ -303,9 +303,9 @@ async def post_power(request: web.Request) -> web.Response:
     if svc.systemd is None:
         raise ApiError(503, "this service runs without systemd (a scratch target)")
     # Answer first: the job takes this service down with the machine.
+    systemd = svc.systemd
     asyncio.get_running_loop().call_later(
-        0.5,
-        lambda: asyncio.ensure_future(svc.systemd.start(target, "replace-irreversibly")),  # type: ignore[union-attr]
+        0.5, lambda: svc.spawn(systemd.start(target, "replace-irreversibly"))
     )
     return sync({})
 

@@ -48,21 +48,13 @@ class ApiError(Exception):
         self.message = message
 
 
-@dataclass(frozen=True, slots=True)
-class Section:
-    """An API object backed by one config section."""
-
-    attribute: str  # the Config field
-    putable: bool = True
-
-
-# API name (/1.0/system/<name>) -> the config section it edits.
-SECTIONS: dict[str, Section] = {
-    "network": Section("network"),
-    "logging": Section("logging"),
-    "update": Section("update"),
-    "security": Section("security"),
-    "fallback-listener": Section("listener"),
+# API name (/1.0/system/<name>) -> the Config section it edits.
+SECTIONS: dict[str, str] = {
+    "network": "network",
+    "logging": "logging",
+    "update": "update",
+    "security": "security",
+    "fallback-listener": "listener",
 }
 
 
@@ -96,6 +88,14 @@ class Service:
     _config: tuple[tuple[Any, ...], Config] | None = None
     _machine_id: str | None = None
     _sections: dict[str, tuple[Config, Any, str]] = field(default_factory=dict)
+    _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    def spawn(self, work: Any) -> None:
+        """Run a coroutine in the background, holding it until it ends (the loop keeps
+        only a weak reference to tasks)."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # -- reading ------------------------------------------------------------------------
 
@@ -120,15 +120,12 @@ class Service:
         data = json.dumps(flags, indent=2, sort_keys=True).encode() + b"\n"
         atomic_write(Path(self.settings.state_dir, FLAGS_FILE), data, 0o600)
 
-    def section_config(self, name: str, config: Config | None = None) -> Any:
-        return self.section(name, config)[0]
-
     def section(self, name: str, config: Config | None = None) -> tuple[Any, str]:
         """A section as API data and its ETag, computed once per stored document."""
         config = config or self.config()
         cached = self._sections.get(name)
         if cached is None or cached[0] is not config:
-            data = to_dict(getattr(config, SECTIONS[name].attribute))
+            data = to_dict(getattr(config, SECTIONS[name]))
             cached = (config, data, env.etag(data))
             self._sections[name] = cached
         return cached[1], cached[2]
@@ -149,7 +146,7 @@ class Service:
         section_raw = body.get("config", {})
         if not isinstance(section_raw, dict):
             raise ApiError(400, "config: must be an object")
-        attribute = SECTIONS[name].attribute
+        attribute = SECTIONS[name]
         raw = to_dict(self.config())
         raw[attribute] = section_raw
         try:
@@ -257,7 +254,7 @@ class Service:
     def _hold(self, previous: bytes | None, timeout: float) -> None:
         loop = asyncio.get_running_loop()
         self.pending = Pending(previous, loop.time() + timeout)
-        self.pending.timer = loop.call_later(timeout, lambda: loop.create_task(self._expire()))
+        self.pending.timer = loop.call_later(timeout, lambda: self.spawn(self._expire()))
         self.log(
             "info", f"network change applied; rolled back unless confirmed within {timeout:g}s"
         )
