@@ -12,6 +12,7 @@ import io
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -614,3 +615,22 @@ def test_resources_storage_and_debug_log(api: apiserver.Server) -> None:
     ):
         r = api.curl("GET", f"/1.0/debug/log{query}")
         assert r.status == 400 and words in r.json["error"], (query, r.json)
+
+
+def test_a_failed_apply_puts_the_previous_document_back(api: apiserver.Server) -> None:
+    """A real failure of the configure step (its output directory is a file now): the
+    client gets a 500 saying so, the stored document and the files are the previous ones."""
+    assert api.put("/1.0/system/network", NETWORK).status == 200
+    before = api.config_file.read_bytes()
+    networkd = api.target / "run/systemd/network"
+    files = {p.name: p.read_bytes() for p in networkd.iterdir()}
+    shutil.rmtree(networkd)
+    networkd.write_bytes(b"not a directory")
+    r = api.put("/1.0/system/network", OTHER_NETWORK)
+    assert r.status == 500 and "previous one restored" in r.json["error"], r.json
+    assert api.config_file.read_bytes() == before
+    networkd.unlink()
+    networkd.mkdir()
+    for name, data in files.items():
+        (networkd / name).write_bytes(data)
+    assert api.put("/1.0/system/network", OTHER_NETWORK).status == 200

@@ -15,7 +15,13 @@ from system_case import EXPECT, LAN1_MAC, config, new_lan
 
 pytestmark = pytest.mark.system
 
-API = {"iface": "lan0", "added": "10.99.0.3/24", "kept": "10.99.0.2/24", "timeout": "6s"}
+API = {
+    "iface": "lan0",
+    "added": "10.99.0.3/24",
+    "kept": "10.99.0.2/24",
+    "timeout": "6s",
+    "idle_seconds": 35,
+}
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +53,8 @@ def test_socket_activates_the_hardened_service(booted: dict[str, Any]) -> None:
 
 
 def test_put_is_applied_by_networkd(booted: dict[str, Any]) -> None:
+    """...after the service sat idle past dbus-daemon's 30 s authentication timeout: its
+    bus connection was made, and authenticated, inside its event loop at start."""
     assert booted["put"]["status"] == 200, (booted["put"], booted["journal"])
     assert booted["added_after_s"] is not None, (booted["addresses_end"], booted["journal"])
 

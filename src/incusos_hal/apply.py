@@ -110,26 +110,38 @@ def _proxies() -> tuple[Any, Any, Any]:
 
 
 class SdbusSystemd:
-    """The system manager and networkd on the system bus."""
+    """The system manager and networkd on the system bus.
 
-    def __init__(self, bus: Any = None) -> None:
+    The connection is opened inside the service's event loop (`connect`, at start) and
+    processed from then on: a bus opened before the loop runs is never read, and
+    dbus-daemon drops a connection that does not finish authenticating in time. A call
+    that finds the connection gone (dbus-daemon restarted, say) reconnects once."""
+
+    def __init__(self) -> None:
+        self._manager_class, self._unit_class, self._network_class = _proxies()
+        self._bus: Any = None
+        self._subscribed = False
+
+    async def connect(self) -> None:
         import sdbus
 
-        manager, self._unit_class, network = _proxies()
-        self._bus = bus if bus is not None else sdbus.sd_bus_open_system()
-        self._manager = manager.new_proxy(
+        self._bus = sdbus.sd_bus_open_system()
+        self._manager = self._manager_class.new_proxy(
             "org.freedesktop.systemd1", "/org/freedesktop/systemd1", self._bus
         )
-        self._network = network.new_proxy(
+        self._network = self._network_class.new_proxy(
             "org.freedesktop.network1", "/org/freedesktop/network1", self._bus
         )
         self._subscribed = False
+        # One round trip now: the connection authenticates while the loop runs.
+        await self._manager.subscribe()
+        self._subscribed = True
 
     async def daemon_reload(self) -> None:
-        await self._call("daemon-reload", self._manager.reload())
+        await self._call("daemon-reload", lambda: self._manager.reload())
 
     async def reload_networkd(self) -> None:
-        await self._call("networkd reload", self._network.reload())
+        await self._call("networkd reload", lambda: self._network.reload())
 
     async def restart(self, unit: str) -> None:
         await self._job(f"restart {unit}", lambda: self._manager.restart_unit(unit, "replace"))
@@ -138,22 +150,34 @@ class SdbusSystemd:
         await self._job(f"start {unit}", lambda: self._manager.start_unit(unit, mode))
 
     async def active_state(self, unit: str) -> str:
-        path = await self._call(f"load {unit}", self._manager.load_unit(unit))
+        path = await self._call(f"load {unit}", lambda: self._manager.load_unit(unit))
         proxy = self._unit_class.new_proxy("org.freedesktop.systemd1", path, self._bus)
         state: str = await proxy.active_state.get_async()
         return state
 
-    async def _call(self, what: str, call: Any) -> Any:
-        from sdbus import DbusFailedError
+    async def _call(self, what: str, make: Any) -> Any:
+        """`make()`'s call, its failures as ApplyError; reconnects once if the bus is gone."""
+        from sdbus import DbusFailedError, SdBusBaseError, SdBusLibraryError
 
-        try:
-            return await call
-        except DbusFailedError as e:
-            raise ApplyError(f"{what}: {e.args[0] if e.args else type(e).__name__}") from None
+        for attempt in (1, 2):
+            try:
+                if self._bus is None:
+                    await self.connect()
+                return await make()
+            except (SdBusLibraryError, ConnectionError) as e:
+                # The connection itself failed (ENOTCONN, ECONNRESET...): a fresh one.
+                self._bus = None
+                if attempt == 2:
+                    raise ApplyError(f"{what}: the system bus: {e}") from None
+            except DbusFailedError as e:
+                raise ApplyError(f"{what}: {e.args[0] if e.args else type(e).__name__}") from None
+            except SdBusBaseError as e:
+                raise ApplyError(f"{what}: {type(e).__name__}: {e}") from None
+        raise AssertionError("unreachable")
 
     async def _job(self, what: str, submit: Any) -> None:
         if not self._subscribed:
-            await self._call("subscribe", self._manager.subscribe())
+            await self._call("subscribe", lambda: self._manager.subscribe())
             self._subscribed = True
         results: dict[str, str] = {}
         arrived = asyncio.Event()
@@ -169,7 +193,7 @@ class SdbusSystemd:
         listener = asyncio.get_running_loop().create_task(listen())
         try:
             await asyncio.sleep(0)
-            job_path = await self._call(what, submit())
+            job_path = await self._call(what, submit)
             if job_path not in results:
                 try:
                     await asyncio.wait_for(arrived.wait(), JOB_TIMEOUT_SECONDS)

@@ -624,6 +624,11 @@ async def serve(
         cert, key = auth.ensure_server_certificate(settings.state_dir)
         trust = auth.TrustStore(cert, key, config.listener.trusted_client_certificates)
     app = make_app(service, trust)
+    if systemd is not None:
+        try:
+            await systemd.connect()
+        except Exception as e:  # reads still work; a write connects again or says why
+            log.warning("the system bus is not reachable yet: %s", e)
     await service.recover()
     runner = web.AppRunner(app, access_log=None, handle_signals=True)
     await runner.setup()

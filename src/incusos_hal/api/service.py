@@ -207,7 +207,7 @@ class Service:
         store.save(self.settings.state_dir, config)
         try:
             await asyncio.wait_for(self.apply(), APPLY_TIMEOUT_SECONDS if network else None)
-        except (ApplyError, OSError, TimeoutError) as e:
+        except Exception as e:  # whatever failed, the previous document goes back
             self.log("error", f"applying the new configuration failed, rolling back: {e}")
             _restore_current(self.settings.state_dir, previous)
             await self._reapply("the previous configuration")
@@ -220,7 +220,7 @@ class Service:
         """Apply what was just put back; a failure here is logged, the first one reported."""
         try:
             await self.apply()
-        except (ApplyError, OSError) as e:
+        except Exception as e:  # logged; the caller reports the first failure
             self.log("error", f"re-applying {what} failed: {e}")
 
     async def apply(self) -> None:
@@ -342,7 +342,7 @@ class Service:
             progress({"stage": "applying"})
             try:
                 await self.apply()
-            except (ApplyError, OSError) as e:
+            except Exception as e:  # whatever failed, the previous state goes back
                 backup.swap_back(state_dir, old)
                 await self._reapply("the state from before the restore")
                 raise ApiError(
