@@ -13,7 +13,8 @@ namespace and a persistent key made in the TPM; three more LUKS2 volumes get TPM
 (the HAL's and systemd-cryptenroll's) and a crypttab (tests/guest_security.py). Boot 2, the
 same disks and TPM state: firmware in setup mode (Secure Boot off, so PCR 7 changes),
 config.toml corrupted behind the store's back.
-Each boot runs the system, network, hardware, native and security probe parts; every check
+Each boot runs the system, network, hardware, native and security probe parts (boot 2 then
+the API part: a VLAN on the bond added through the API, a change rolled back); every check
 reads their results: test_system.py's against the container and this guest alike.
 Software emulation makes a boot cost minutes, so the suite boots this machine twice and
 checks everything on those two boots.
@@ -83,6 +84,15 @@ NETWORK_EXPECT = {
     "bridge": "uplink",
 }
 PARTS = ("system", "network", "hardware", "native", "security")
+# Boot 2 ends with the API part (tests/guest_api.py): a VLAN added on the bond and an
+# address on a host VLAN through the API, then an unconfirmed change rolled back.
+API = {
+    "iface": "mgmt",
+    "added": "10.10.0.3/24",
+    "kept": "10.10.0.2/24",
+    "timeout": "30s",
+    "vlan": {"name": "api30", "parent": "uplink", "id": 30, "addresses": ["10.30.0.2/24"]},
+}
 SECURITY = {
     "serial": "IHALNVME0003",
     "key": "ihal-security-test-key",  # throwaway volumes in a test guest
@@ -104,6 +114,7 @@ def expect(label: str, *, syslog_marker: bool) -> dict[str, object]:
             "time": True,
         },
         "security": {**SECURITY, "label": label},
+        "api": API,
         "hardware": {
             "label": label,
             "tpm_handle": TPM_HANDLE,
@@ -143,13 +154,20 @@ def corrupt_config(guest: vm.Guest) -> None:
         vm.nspawn.run(["debugfs", "-w", "-R", request, str(guest.image)], capture_output=True)
 
 
-def boot(guest: vm.Guest, firmware: str, label: str, *, syslog_marker: bool) -> vm.Result:
+def boot(
+    guest: vm.Guest,
+    firmware: str,
+    label: str,
+    *,
+    syslog_marker: bool,
+    parts: tuple[str, ...] = PARTS,
+) -> vm.Result:
     """Boot with the system test's LAN up around it; its syslog listener's capture goes
     into the system part's result, as the container test does."""
     guest.firmware = firmware
     with vm.nspawn.lan(system_case.new_lan(guest.work / f"lan-{label}", kind="tap")) as lan:
         guest.netns = lan.name
-        result = guest.boot(PARTS, expect(label, syslog_marker=syslog_marker))
+        result = guest.boot(parts, expect(label, syslog_marker=syslog_marker))
     if "error" not in result.result["system"]:
         result.result["system"]["syslog_received"] = lan.syslog()
     return result

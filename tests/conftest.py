@@ -122,7 +122,8 @@ def setup_mode(appliance: vm.Guest, secure_boot: vm.Result) -> vm.Result:
     import appliance as machine
 
     machine.corrupt_config(appliance)
-    return machine.boot(appliance, "uefi", "setup-mode", syslog_marker=False)
+    parts = (*machine.PARTS, "api")
+    return machine.boot(appliance, "uefi", "setup-mode", syslog_marker=False, parts=parts)
 
 
 def _free_port() -> int:
