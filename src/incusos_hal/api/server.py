@@ -57,6 +57,8 @@ OPERATIONS_KEY = web.AppKey("operations", Operations)
 EVENTS_KEY = web.AppKey("events", Events)
 TRUST_KEY = web.AppKey("trust", auth.TrustStore)
 NETWORK_KEY = web.AppKey("network", NetworkStateCache)
+# The last GET /1.0/system/network answer: [config, state it was made from, bytes].
+NETWORK_BODY_KEY = web.AppKey("network-body", list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,8 +185,6 @@ async def get_system(request: web.Request) -> web.Response:
 
 def _section_state(request: web.Request, name: str, config: Config) -> Any:
     svc = request.app[SERVICE_KEY]
-    if name == "network":
-        return request.app[NETWORK_KEY].read()
     if name == "security":
         from .state import security_state
 
@@ -204,18 +204,38 @@ async def _get_section(request: web.Request, name: str) -> web.Response:
     svc = request.app[SERVICE_KEY]
     config = svc.config()
     section, tag = svc.section(name, config)
-    cached = request.app[NETWORK_KEY].fresh() if name == "network" else None
-    if cached is not None:
-        state = dict(cached)
-    else:
-        loop = asyncio.get_running_loop()
-        state = dict(await loop.run_in_executor(None, _section_state, request, name, config))
     if name == "network":
-        pending = svc.pending_seconds()
-        state["configuration_in_process"] = pending is not None
-        if pending is not None:
-            state["confirmation_seconds_left"] = round(pending, 1)
+        return await _get_network(request, config, section, tag)
+    loop = asyncio.get_running_loop()
+    state = await loop.run_in_executor(None, _section_state, request, name, config)
     return sync({"config": section, "state": state}, {"ETag": tag})
+
+
+async def _get_network(
+    request: web.Request, config: Config, section: Any, tag: str
+) -> web.Response:
+    """The hot GET: between changes (of the stored document, or of links and addresses
+    as rtnetlink reports them) the answer's bytes are the same, so they are kept."""
+    svc, network = request.app[SERVICE_KEY], request.app[NETWORK_KEY]
+    pending = svc.pending_seconds()
+    kept = request.app[NETWORK_BODY_KEY]
+    if pending is None and kept and kept[0] is config and network.fresh() is kept[1]:
+        return web.Response(body=kept[2], content_type="application/json", headers={"ETag": tag})
+    state = network.fresh()
+    if state is None:
+        loop = asyncio.get_running_loop()
+        state = await loop.run_in_executor(None, network.read)
+    metadata = {
+        "config": section,
+        "state": {
+            **state,
+            "configuration_in_process": pending is not None,
+            **({"confirmation_seconds_left": round(pending, 1)} if pending is not None else {}),
+        },
+    }
+    body = _dumps(env.sync(metadata)).encode()
+    request.app[NETWORK_BODY_KEY][:] = [config, state, body] if pending is None else []
+    return web.Response(body=body, content_type="application/json", headers={"ETag": tag})
 
 
 async def _put_section(request: web.Request, name: str) -> web.Response:
@@ -560,6 +580,7 @@ def make_app(service: Service, trust: auth.TrustStore | None = None) -> web.Appl
     )
     app[SERVICE_KEY] = service
     app[NETWORK_KEY] = NetworkStateCache(service.settings.root)
+    app[NETWORK_BODY_KEY] = []
     events = Events()
     app[EVENTS_KEY] = events
     app[OPERATIONS_KEY] = Operations(events)
