@@ -195,3 +195,15 @@ def make(base: Path, trusted: list[Path]) -> Server:
     sockets = Path(tempfile.mkdtemp(prefix="ihal-api-"))
     sockets.chmod(0o755)
     return Server(base, state, target, sockets / "api.sock", free_port(), cert, key)
+
+
+def check_rolled_back(part: dict[str, Any]) -> None:
+    """What tests/guest_api.py recorded of its unconfirmed change, under real systemd
+    (container or VM): applied, held (another change refused), then undone in full."""
+    assert part["put_cut"]["status"] == 200, part["put_cut"]
+    assert part["cut_after_s"] is not None, part["journal"]
+    assert part["pending"]["configuration_in_process"] is True
+    assert part["second_put"] == 409
+    assert part["restored_after_s"] is not None, (part["addresses_end"], part["journal"])
+    assert part["stored_restored"] is True
+    assert "not confirmed in time" in part["journal"]

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+import apiserver
 import appliance
 import vm
 
@@ -36,10 +37,5 @@ def test_a_vlan_on_the_bond_through_the_api(api: dict[str, Any]) -> None:
 
 
 def test_an_unconfirmed_change_is_rolled_back(api: dict[str, Any]) -> None:
-    assert api["put_cut"]["status"] == 200, api["put_cut"]
-    assert api["cut_after_s"] is not None, api["journal"]
-    assert api["pending"]["configuration_in_process"] is True
-    assert api["second_put"] == 409
-    assert api["restored_after_s"] is not None, (api["addresses_end"], api["journal"])
-    assert api["stored_restored"] is True
+    apiserver.check_rolled_back(api)
     assert '"error_code": 403' in api["nobody"], api["nobody"]
