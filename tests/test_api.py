@@ -570,7 +570,7 @@ def test_security_put_changes_the_volumes_recovery_keys(
     """Through the API, on a root whose crypttab names two LUKS2 images: the keys in the
     config are the keys that open the volumes, before and after a change."""
     from incusos_hal.hal import luks
-    from test_security import opens, two_volumes
+    from test_security import two_volumes
 
     root, images = two_volumes(tmp_path, "first-recovery-key!")
     (tmp_path / "api").mkdir()
@@ -585,7 +585,8 @@ def test_security_put_changes_the_volumes_recovery_keys(
         r = srv.put("/1.0/system/security", new)
         assert r.status == 200, r.body
         for image in images:
-            assert opens(image, "second-recovery-key!") and not opens(image, "first-recovery-key!")
+            assert luks.opens(image, "second-recovery-key!")
+            assert not luks.opens(image, "first-recovery-key!")
         # A key none of the volumes knows cannot authorise a change: refused, unchanged.
         srv.config_file.write_text(
             srv.config_file.read_text().replace("second-recovery-key!", "unknown-old-key!!")
@@ -595,7 +596,7 @@ def test_security_put_changes_the_volumes_recovery_keys(
         assert r.status == 500 and "neither a current recovery key" in r.json["error"]
         assert "second-recovery-key!" not in r.body.decode()
         assert state_digest(srv.state) == before
-        assert all(opens(i, "second-recovery-key!") for i in images)
+        assert all(luks.opens(i, "second-recovery-key!") for i in images)
     finally:
         srv.stop()
 

@@ -334,14 +334,6 @@ def two_volumes(tmp_path: Path, first_key: str) -> tuple[Path, list[Path]]:
     return root, images
 
 
-def opens(image: Path, key: str) -> bool:
-    try:
-        luks.test_key(image, key)
-    except luks.WrongKeyError:
-        return False
-    return True
-
-
 def test_recovery_keys_follow_the_config_on_every_volume(tmp_path: Path) -> None:
     old = ["first-recovery-key!"]
     root, images = two_volumes(tmp_path, old[0])
@@ -349,8 +341,8 @@ def test_recovery_keys_follow_the_config_on_every_volume(tmp_path: Path) -> None
     changes = security.sync_recovery_keys(root, None, old, new, pbkdf=FAST)
     assert [c.volume for c in changes] == ["alpha", "beta"]
     for image in images:
-        assert not opens(image, old[0])
-        assert opens(image, new[0]) and opens(image, new[1])
+        assert not luks.opens(image, old[0])
+        assert luks.opens(image, new[0]) and luks.opens(image, new[1])
     # Nothing to do: nothing changes.
     before = [luks.header(i).keyslots for i in images]
     assert security.sync_recovery_keys(root, None, new, new, pbkdf=FAST) == []
@@ -366,7 +358,7 @@ def test_recovery_keys_unlocked_by_the_tpm_when_no_key_opens(tmp_path: Path, swt
             luks.enroll_tpm2(image, b"install-time-passphrase!", t, policy)
         security.sync_recovery_keys(root, t, [], ["operator-recovery-key!"], pbkdf=FAST)
     for image in images:
-        assert opens(image, "operator-recovery-key!")
+        assert luks.opens(image, "operator-recovery-key!")
         assert luks.header(image).token_slots("systemd-tpm2")  # the TPM token stays
 
 
@@ -393,4 +385,4 @@ def test_recovery_key_change_is_all_or_nothing(tmp_path: Path) -> None:
     with pytest.raises(security.RecoveryKeyError, match="no volume changed"):
         security.sync_recovery_keys(root, None, old, ["second-recovery-key!"], pbkdf=FAST)
     assert luks.header(images[0]).keyslots == alpha_before
-    assert opens(images[0], old[0]) and not opens(images[0], "second-recovery-key!")
+    assert luks.opens(images[0], old[0]) and not luks.opens(images[0], "second-recovery-key!")

@@ -229,16 +229,6 @@ def plan_recovery_keys(old: Sequence[str], new: Sequence[str]) -> tuple[list[str
     return [k for k in new if k not in old], [k for k in old if k not in new]
 
 
-def _opens(device: Path, key: str) -> bool:
-    from .hal import luks
-
-    try:
-        luks.test_key(device, key)
-    except luks.WrongKeyError:
-        return False
-    return True
-
-
 def _unlock_passphrase(
     root: Path | str, device: Path, tpm: Tpm | None, keys: Sequence[str], entry: CrypttabEntry
 ) -> bytes:
@@ -247,7 +237,7 @@ def _unlock_passphrase(
     from .hal import luks
 
     for key in keys:
-        if _opens(device, key):
+        if luks.opens(device, key):
             return key.encode()
     if tpm is not None:
         try:
@@ -295,7 +285,7 @@ def sync_recovery_keys(
     for entry, dev in volumes:
         try:
             for key in to_add:
-                if _opens(dev, key):
+                if luks.opens(dev, key):
                     continue
                 added.setdefault(entry.name, []).append(
                     luks.add_key(dev, unlock[entry.name], key, pbkdf=pbkdf)

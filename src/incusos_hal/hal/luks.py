@@ -294,6 +294,15 @@ def test_key(device: str | os.PathLike[str], key: bytes | str) -> int:
         )
 
 
+def opens(device: str | os.PathLike[str], key: bytes | str) -> bool:
+    """Whether some keyslot opens with `key`."""
+    try:
+        test_key(device, key)
+    except WrongKeyError:
+        return False
+    return True
+
+
 def open_volume(device: str | os.PathLike[str], name: str, key: bytes | str) -> int:
     """Map the volume as /dev/mapper/`name` (device-mapper); returns the keyslot used."""
     if not re.fullmatch(r"[A-Za-z0-9_.+-]{1,64}", name):
