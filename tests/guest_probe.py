@@ -27,3 +27,13 @@ result["uptime"] = float(Path("/proc/uptime").read_text().split()[0])
 tmp = PROBE / "result.json.tmp"
 tmp.write_text(json.dumps(result, indent=1))
 tmp.rename(PROBE / "result.json")
+if expect.get("poweroff_by_api"):
+    # The machine goes down through the API (POST /1.0/system/:poweroff); the unit's
+    # own poweroff stands aside when the API accepted (see the probe unit).
+    try:
+        answer = importlib.import_module("guest_api").call("POST", "/1.0/system/:poweroff")
+    except Exception:
+        answer = {"error": traceback.format_exc()}
+    (PROBE / "poweroff-by-api").write_text(json.dumps(answer))
+    if answer.get("status") == 200:
+        (PROBE / "poweroff-accepted").write_text("")

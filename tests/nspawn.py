@@ -340,7 +340,8 @@ Wants=network-online.target
 [Service]
 Type=oneshot
 ExecStart=/usr/bin/python3 /probe/probe.py
-ExecStopPost=/bin/systemctl poweroff --no-block
+# Unless the probe had the API power the machine off (and it accepted).
+ExecStopPost=/bin/sh -c 'test -e /probe/poweroff-accepted || systemctl poweroff --no-block'
 StandardOutput=journal+console
 """
 
@@ -395,6 +396,7 @@ def boot(
     *,
     timeout: int = 240,
     more: dict[str, Any] | None = None,
+    poweroff_by_api: bool = False,
 ) -> Boot:
     """Boot `root` with the LAN's inner veth ends as its NICs; the probe part "system"
     (tests/guest_system.py) runs with `expect`, then the parts named in `more` (part ->
@@ -405,9 +407,12 @@ def boot(
     parts = ["system", *(more or {})]
     for part in parts:
         shutil.copy(tests / f"guest_{part}.py", probe_dir / f"guest_{part}.py")
+    extra = {"poweroff_by_api": True} if poweroff_by_api else {}
     (probe_dir / "expect.json").write_text(
-        json.dumps({"system": expect, **(more or {}), "parts": parts})
+        json.dumps({"system": expect, **(more or {}), "parts": parts, **extra})
     )
+    for marker in ("poweroff-by-api", "poweroff-accepted"):
+        (probe_dir / marker).unlink(missing_ok=True)
     result_file = probe_dir / "result.json"
     result_file.unlink(missing_ok=True)
     nspawn = [
@@ -457,4 +462,8 @@ def boot(
         raise AssertionError(f"the probe failed: {system['error']}")
     for part in parts[1:]:
         system[part] = recorded.get(part, {"error": "not run"})
+    system["machine_exit"] = returncode  # -9: killed at the timeout, it never went down
+    if poweroff_by_api:
+        marker = probe_dir / "poweroff-by-api"
+        system["poweroff_by_api"] = json.loads(marker.read_text()) if marker.exists() else None
     return Boot(system, console_text)

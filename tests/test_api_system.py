@@ -5,6 +5,7 @@ applies what the API stores, then rolls back what was not confirmed."""
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 import pytest
@@ -40,10 +41,15 @@ def booted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             merged, "incusos-hal save --config /probe/config.toml", binds=(f"{probe}:/probe",)
         )
         with nspawn.lan(new_lan(work / "lan")) as lan:
-            boot = nspawn.boot(merged, lan, probe, EXPECT, more={"api": API})
+            boot = nspawn.boot(merged, lan, probe, EXPECT, more={"api": API}, poweroff_by_api=True)
     part: dict[str, Any] = boot.result["api"]
     assert "error" not in part, part["error"]
-    return part
+    return {
+        **part,
+        "poweroff": boot.result["poweroff_by_api"],
+        "exit": boot.result["machine_exit"],
+        "console_end": boot.console[-3000:],
+    }
 
 
 def test_socket_activates_the_hardened_service(booted: dict[str, Any]) -> None:
@@ -73,3 +79,14 @@ def test_debug_log_reads_the_journal(booted: dict[str, Any]) -> None:
     log = booted["debug_log"]
     assert log["status"] == 200 and 0 < len(log["messages"]) <= 20, log
     assert any("serving on" in str(m) for m in log["messages"]), log
+
+
+def test_poweroff_through_the_api_ends_the_machine(booted: dict[str, Any]) -> None:
+    """The probe's last act is POST /1.0/system/:poweroff (its own poweroff stands aside):
+    the container went down by itself, not killed at the boot's timeout. (nspawn's own
+    exit status is 1 on every boot here: it cannot move the NICs back out, networkd
+    renamed them.)"""
+    assert booted["poweroff"]["status"] == 200, booted["poweroff"]
+    assert booted["poweroff"]["body"]["status_code"] == 200
+    assert booted["exit"] != -signal.SIGKILL, booted["console_end"]
+    assert "Powering off." in booted["console_end"], booted["console_end"]
