@@ -51,6 +51,7 @@ class Server:
     cert: Path
     key: Path
     root: Path | None = None  # --root: read the machine (crypttab, sysfs) under it
+    tcti: str | None = None  # --tcti: the TPM it uses
     process: subprocess.Popen[bytes] | None = None
     log: list[str] = field(default_factory=list)
 
@@ -66,6 +67,7 @@ class Server:
                 "--state-dir", str(self.state), "--socket", str(self.socket),
                 "--listen", f"127.0.0.1:{self.port}", "--target", str(self.target),
                 *(["--root", str(self.root)] if self.root else []),
+                *(["--tcti", self.tcti] if self.tcti else []),
             ],
             env=env,
             stdout=subprocess.PIPE,
@@ -86,6 +88,8 @@ class Server:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(sig)
             self.process.wait(30)
+        if self.process is not None and self.process.stdout is not None:
+            self.log.extend(self.process.stdout.read().decode(errors="replace").splitlines())
         self.process = None
 
     # -- clients -----------------------------------------------------------------------

@@ -601,6 +601,55 @@ def test_security_put_changes_the_volumes_recovery_keys(
         srv.stop()
 
 
+def test_tpm_rebind_reseals_the_volumes_after_a_pcr_change(
+    tmp_path: Path, certs: dict[str, tuple[Path, Path]], swtpm: str
+) -> None:
+    """POST /1.0/system/security/:tpm-rebind: refused while the TPM unseals every volume;
+    after PCR 7 changed, the volumes' tokens are sealed again with the configured recovery
+    key authorising it, and the TPM unseals them."""
+    from incusos_hal.hal import luks, tpm
+    from test_security import header_bytes, two_volumes
+
+    key = "first-recovery-key!"
+    root, images = two_volumes(tmp_path, key)
+    with tpm.open_tpm(swtpm) as t:
+        for image in images:
+            luks.enroll_tpm2(image, key, t, t.current_policy("sha256", [7]))
+    (tmp_path / "api").mkdir()
+    srv = apiserver.make(tmp_path / "api", [certs["trusted"][0]])
+    srv.root, srv.tcti = root, swtpm
+    srv.start()
+    try:
+        keys = {"config": {"encryption_recovery_keys": [key]}}
+        assert srv.put("/1.0/system/security", keys).status == 200
+        before = [header_bytes(i) for i in images]
+        r = srv.curl("POST", "/1.0/system/security/:tpm-rebind")
+        assert r.status == 409 and "unseals every TPM-bound volume" in r.json["error"], r.body
+        # The CLI client says the same and fails.
+        env = dict(os.environ, PYTHONPATH=str(REPO / "src"), XDG_CONFIG_HOME=str(tmp_path / "c"))
+        cli = [sys.executable, "-m", "incusos_hal"]
+        subprocess.run([*cli, "remote", "add", "here", f"unix://{srv.socket}"], env=env, check=True)
+        refused = subprocess.run(
+            [*cli, "tpm-rebind", "--remote", "here"], env=env, capture_output=True, text=True
+        )
+        assert refused.returncode == 1 and "unseals every" in refused.stderr, refused
+        assert [header_bytes(i) for i in images] == before
+        with tpm.open_tpm(swtpm) as t:
+            t.extend(7, {"sha256": bytes(range(32))})
+        done = subprocess.run(
+            [*cli, "tpm-rebind", "--remote", "here"], env=env, capture_output=True, text=True
+        )
+        assert done.returncode == 0 and "re-sealed" in done.stdout, done
+        with tpm.open_tpm(swtpm) as t:
+            for image in images:
+                luks.unlock_tpm2(image, t)
+                assert len(luks.header(image).token_slots(luks.TOKEN_TPM2)) == 1
+    finally:
+        srv.stop()
+    assert any("TPM token re-sealed to PCRs 7" in line for line in srv.log), srv.log
+    assert all(key not in line for line in srv.log)
+
+
 def test_resources_storage_and_debug_log(api: apiserver.Server) -> None:
     resources = api.curl("GET", "/1.0/system/resources").json["metadata"]
     assert {"cpu", "memory", "network", "storage", "pci"} <= set(resources)

@@ -386,3 +386,127 @@ def test_recovery_key_change_is_all_or_nothing(tmp_path: Path) -> None:
         security.sync_recovery_keys(root, None, old, ["second-recovery-key!"], pbkdf=FAST)
     assert luks.header(images[0]).keyslots == alpha_before
     assert luks.opens(images[0], old[0]) and not luks.opens(images[0], "second-recovery-key!")
+
+
+def tpm2_tokens(image: Path) -> list[dict[str, object]]:
+    return [t for t in luks.header(image).tokens.values() if t["type"] == luks.TOKEN_TPM2]
+
+
+def header_bytes(image: Path) -> bytes:
+    """The LUKS2 header area (both copies, keyslots): what any change would touch."""
+    with open(image, "rb") as f:
+        return f.read(16 << 20)
+
+
+def test_tpm_rebind_reseals_what_the_tpm_no_longer_unseals(tmp_path: Path, swtpm: str) -> None:
+    """After a boot that needed the recovery key (PCR 7 changed: new Secure Boot keys), the
+    volumes' TPM tokens are sealed again to the PCRs as they are, keeping each token's
+    PCR selection; PCR 15 is bound to zero, the value before systemd measures a volume."""
+    key = "first-recovery-key!"
+    root, (alpha, beta) = two_volumes(tmp_path, key)
+    with tpm.open_tpm(swtpm) as t:
+        luks.enroll_tpm2(alpha, key, t, t.current_policy("sha256", [7, 15]))
+        luks.enroll_tpm2(beta, key, t, t.current_policy("sha256", [7]))
+        before = [header_bytes(alpha), header_bytes(beta)]
+        with pytest.raises(security.RebindRefused, match="unseals every TPM-bound volume"):
+            security.tpm_rebind(root, t, [key])
+        assert [header_bytes(alpha), header_bytes(beta)] == before
+        old_slots = [luks.unlock_tpm2(i, t)[0] for i in (alpha, beta)]
+
+        t.extend(7, {"sha256": bytes(range(32))})
+        for image in (alpha, beta):
+            with pytest.raises(luks.WrongKeyError):
+                luks.unlock_tpm2(image, t)
+        done = security.tpm_rebind(root, t, ["not-this-one-either!", key])
+        assert [(r.volume, r.pcrs, r.removed) for r in done.rebound] == [
+            ("alpha", (7, 15), (old_slots[0],)),
+            ("beta", (7,), (old_slots[1],)),
+        ]
+        assert done.skipped == {}
+        for image, rebound in zip((alpha, beta), done.rebound, strict=True):
+            assert luks.unlock_tpm2(image, t)[0] == rebound.keyslot
+            assert len(tpm2_tokens(image)) == 1
+            assert luks.opens(image, key)  # the recovery key stays
+        with pytest.raises(security.RebindRefused, match="unseals every"):
+            security.tpm_rebind(root, t, [key])
+
+        # A volume measured into PCR 15 since (tpm2-measure-pcr=yes): alpha's new token
+        # expects PCR 15 at zero, as it will be when systemd opens it at the next boot.
+        t.extend(7, {"sha256": bytes(32)})
+        t.extend(15, {"sha256": bytes(range(32))})
+        done = security.tpm_rebind(root, t, [key])
+        assert [r.volume for r in done.rebound] == ["alpha", "beta"]
+        pcr7 = t.pcr_read("sha256", [7])[7]
+        expected = tpm.policy_pcr_digest(tpm.PCRPolicy("sha256", {7: pcr7, 15: bytes(32)}))
+        assert tpm2_tokens(alpha)[0]["tpm2-policy-hash"] == expected.hex()
+        assert luks.unlock_tpm2(beta, t)[0] == done.rebound[1].keyslot
+
+
+def test_tpm_rebind_keeps_a_signed_token_signed(tmp_path: Path, swtpm: str) -> None:
+    """A token bound to a signing key over PCR 11 and to PCR 7 by value is rebound with the
+    same key: it unseals with a signature for PCR 11 as it is, and not without one."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from incusos_hal.hal import pcrsig
+
+    key = "first-recovery-key!"
+    root, (alpha, beta) = two_volumes(tmp_path, key)
+    beta.unlink()  # a disk that is gone: reported, not fatal
+    private_key = ec.generate_private_key(ec.SECP256R1())
+    private = private_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    signer = pcrsig.signer(
+        private_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    document = root / pcrsig.SIGNATURE_PATH.lstrip("/")
+    document.parent.mkdir(parents=True)
+    with tpm.open_tpm(swtpm) as t:
+        luks.enroll_tpm2(alpha, key, t, t.current_policy("sha256", [7]), signer=signer)
+        signed = tpm.policy_pcr_digest(t.current_policy("sha256", [11]))
+        document.write_text(
+            pcrsig.render_signatures([pcrsig.sign(private, "sha256", [11], signed)])
+        )
+        assert luks.unlock_tpm2(alpha, t, pcrsig.load_signatures(root))
+        t.extend(7, {"sha256": bytes(range(32))})
+        done = security.tpm_rebind(root, t, [key])
+        assert [(r.volume, r.pcrs) for r in done.rebound] == [("alpha", (7,))]
+        assert list(done.skipped) == ["beta"] and "not present" in done.skipped["beta"]
+        (token,) = tpm2_tokens(alpha)
+        assert token["tpm2_pubkey_pcrs"] == [11] and token["tpm2-pcrs"] == [7]
+        assert luks.unlock_tpm2(alpha, t, pcrsig.load_signatures(root))
+        with pytest.raises(luks.WrongKeyError):
+            luks.unlock_tpm2(alpha, t, [])
+
+
+def test_tpm_rebind_refuses_with_nothing_changed(tmp_path: Path, swtpm: str) -> None:
+    key = "first-recovery-key!"
+    root, (alpha, beta) = two_volumes(tmp_path, key)
+    with tpm.open_tpm(swtpm) as t:
+        with pytest.raises(security.RebindRefused, match="no volume in crypttab is bound"):
+            security.tpm_rebind(root, t, [key])
+        for image in (alpha, beta):
+            luks.enroll_tpm2(image, key, t, t.current_policy("sha256", [7]))
+        t.extend(7, {"sha256": bytes(range(32))})
+        before = [header_bytes(alpha), header_bytes(beta)]
+        # No configured key opens beta: refused before alpha is touched, no key echoed.
+        with pytest.raises(security.RebindRefused, match="volume alpha: none of the") as e:
+            security.tpm_rebind(root, t, ["some-other-key!!"])
+        assert "some-other-key" not in str(e.value)
+        assert [header_bytes(alpha), header_bytes(beta)] == before
+        # Sealing fails on beta (no free keyslot): alpha's new token is taken back.
+        for n in range(40):
+            try:
+                luks.add_key(beta, key, f"filler-key-{n}!", pbkdf=FAST)
+            except luks.LuksError:
+                break
+        before_headers = [(luks.header(i).keyslots, luks.header(i).tokens) for i in (alpha, beta)]
+        with pytest.raises(security.RebindError, match=r"volume beta: .*no volume changed"):
+            security.tpm_rebind(root, t, [key])
+        after = [(luks.header(i).keyslots, luks.header(i).tokens) for i in (alpha, beta)]
+        assert after == before_headers
+        with pytest.raises(luks.WrongKeyError):
+            luks.unlock_tpm2(alpha, t)

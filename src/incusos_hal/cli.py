@@ -11,7 +11,8 @@
     security [--root DIR] [--tcti T]           GET /1.0/system/security's state (no secrets)
     serve [--socket P] [--listen A:P] [--target DIR]   the API service
     remote add NAME URL [--cert C --key K] | list | remove NAME   where the API is
-    get PATH | edit PATH [--file F] | confirm | backup FILE | restore FILE  [--remote NAME]
+    get PATH | edit PATH [--file F] | confirm | tpm-rebind | backup FILE | restore FILE
+                                               [--remote NAME]
 
 Environment: INCUSOS_HAL_STATE_DIR (default /var/lib/incusos-hal), INCUSOS_HAL_ROOT
 (re-roots reads of /sys, /proc, /dev and /run/udev).
@@ -231,7 +232,6 @@ def cmd_eventlog(args: argparse.Namespace) -> int:
 
 def cmd_security(args: argparse.Namespace) -> int:
     import logging
-    from contextlib import ExitStack
 
     from .hal import tpm
     from .security import security_state
@@ -240,13 +240,8 @@ def cmd_security(args: argparse.Namespace) -> int:
     for name in ("tcti", "esys"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     root = _root(args.root)
-    with ExitStack() as stack:
-        handle = None
-        try:
-            handle = stack.enter_context(tpm.open_tpm(args.tcti))
-        except tpm.TPMError as e:
-            print(f"warning: {e}", file=sys.stderr)
-        print(json.dumps(security_state(root, handle), indent=2))
+    with tpm.open_tpm_if_any(args.tcti, lambda e: print(f"warning: {e}", file=sys.stderr)) as t:
+        print(json.dumps(security_state(root, t), indent=2))
     return 0
 
 
@@ -429,6 +424,14 @@ def cmd_confirm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tpm_rebind(args: argparse.Namespace) -> int:
+    from .api.client import request
+
+    request(_remote(args), "POST", "/1.0/system/security/:tpm-rebind").envelope()
+    print("volumes re-sealed to the TPM; the service reboots the machine to use them")
+    return 0
+
+
 def cmd_backup(args: argparse.Namespace) -> int:
     from .api.client import request
     from .fsutil import atomic_write
@@ -543,6 +546,7 @@ def parser() -> argparse.ArgumentParser:
     ed.add_argument("path")
     ed.add_argument("--file", help="the new {config} as JSON (- for stdin); default: $EDITOR")
     client("confirm", "keep a network change that waits for confirmation", cmd_confirm)
+    client("tpm-rebind", "re-seal the volumes to the TPM after a recovery-key boot", cmd_tpm_rebind)
     b = client("backup", "save the state directory (holds secrets)", cmd_backup)
     b.add_argument("file")
     rs = client("restore", "replace the state directory from a backup", cmd_restore)

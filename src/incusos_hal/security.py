@@ -12,6 +12,7 @@ the running machine; the TPM is passed in already open (or None when there is no
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from .hal import eventlog, pcrsig, secureboot
 
 if TYPE_CHECKING:
     from .config.model import Security
-    from .hal.tpm import Tpm
+    from .hal.tpm import PCRPolicy, Tpm
 
 TPM_OK = "ok"
 TPM_PCR_MISMATCH = "pcr mismatch"
@@ -125,20 +126,30 @@ def encrypted_volumes(root: Path | str, tpm: Tpm | None, status: str) -> list[di
     out = []
     for entry in entries:
         device = resolve_device(root, entry.device)
-        tpm_unseals = False
-        if tpm is not None:
-            try:
-                signatures = pcrsig.load_signatures(root, signature_path(entry))
-            except pcrsig.SignatureError:
-                signatures = []  # a signed token then cannot unseal: as at boot
-            try:
-                tokens = luks.unseal_tpm2_tokens(luks.header(device), tpm, signatures)
-                tpm_unseals = any(True for _ in tokens)
-            except (luks.LuksError, OSError):
-                tpm_unseals = False
+        tpm_unseals = tpm is not None and _tpm_unseals(root, entry, device, tpm)
         mapped = luks.mapped(entry.name, root)
         out.append({"volume": entry.name, "state": volume_state(mapped, tpm_unseals, status)})
     return out
+
+
+def _signatures(root: Path | str, entry: CrypttabEntry) -> list[pcrsig.PCRSignature]:
+    """The PCR signatures systemd-cryptsetup would read for this volume; none when the
+    document is missing or broken (a signed token then cannot unseal: as at boot)."""
+    try:
+        return pcrsig.load_signatures(root, signature_path(entry))
+    except pcrsig.SignatureError:
+        return []
+
+
+def _tpm_unseals(root: Path | str, entry: CrypttabEntry, device: Path, tpm: Tpm) -> bool:
+    """Does one of the volume's systemd-tpm2 tokens unseal with this TPM now?"""
+    from .hal import luks
+
+    try:
+        tokens = luks.unseal_tpm2_tokens(luks.header(device), tpm, _signatures(root, entry))
+        return any(True for _ in tokens)
+    except (luks.LuksError, OSError):
+        return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,11 +252,7 @@ def _unlock_passphrase(
             return key.encode()
     if tpm is not None:
         try:
-            signatures = pcrsig.load_signatures(root, signature_path(entry))
-        except pcrsig.SignatureError:
-            signatures = []
-        try:
-            return luks.unlock_tpm2(device, tpm, signatures)[1]
+            return luks.unlock_tpm2(device, tpm, _signatures(root, entry))[1]
         except (luks.LuksError, OSError):
             pass
     raise RecoveryKeyError(
@@ -315,3 +322,132 @@ def sync_recovery_keys(
             removed.append(slot)
         changes.append(KeyChange(entry.name, tuple(added.get(entry.name, [])), tuple(removed)))
     return changes
+
+
+# -- rebinding to the TPM (POST /1.0/system/security/:tpm-rebind) ----------------------------
+
+# systemd-cryptsetup's tpm2-measure-pcr= extends PCR 15 with each volume key it opens, so a
+# token bound to PCR 15 must expect the value it has before any volume is opened: zero.
+VOLUME_KEY_PCR = 15
+
+
+class RebindRefused(Exception):
+    """Rebinding was refused before anything changed; the message names the volume."""
+
+
+class RebindError(Exception):
+    """Rebinding failed midway; the message says what was left (never a key)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Rebound:
+    volume: str
+    keyslot: int  # the new TPM token's keyslot
+    pcrs: tuple[int, ...]
+    removed: tuple[int, ...]  # the keyslots of the tokens it replaced
+
+
+@dataclass(frozen=True, slots=True)
+class Rebind:
+    rebound: tuple[Rebound, ...]
+    skipped: Mapping[str, str]  # volume -> why (its device is not there)
+
+
+def rebind_policy(tpm: Tpm, bank: str, pcrs: Sequence[int]) -> PCRPolicy:
+    """The PCR policy a token over `pcrs` gets when rebound: the values as they are now,
+    PCR 15 at zero (see VOLUME_KEY_PCR)."""
+    zero = {f"pcr{VOLUME_KEY_PCR}": bytes(hashlib.new(bank).digest_size)}
+    return tpm.current_policy(bank, pcrs, **(zero if VOLUME_KEY_PCR in pcrs else {}))
+
+
+def tpm_rebind(root: Path | str, tpm: Tpm | None, keys: Sequence[str]) -> Rebind:
+    """Re-seal the TPM tokens of the crypttab volumes the TPM no longer unseals to the
+    machine as it is now (IncusOS's tpm-rebind, for after a boot that needed a recovery
+    key: new Secure Boot keys, a firmware update, a cleared TPM).
+
+    Each such volume keeps its token's shape (bank, PCRs, signing key for signed PCRs)
+    with the PCR values read now. Refused, with nothing changed, when no TPM-bound volume
+    needs it, when there is no TPM (None), when a token is one this HAL cannot re-create
+    (PIN, pcrlock, malformed) or when none of `keys` (the configured recovery keys) opens
+    a volume. New tokens are added to every volume first (any failure removes those
+    added); only then are the old tokens' keyslots removed. Volumes whose device is
+    absent are skipped and reported."""
+    from .hal import luks
+    from .hal.tpm import TPMError
+
+    try:
+        entries = parse_crypttab((Path(root) / CRYPTTAB).read_text())
+    except FileNotFoundError:
+        entries = []
+    skipped: dict[str, str] = {}
+    bound = False
+    work: list[tuple[CrypttabEntry, Path, luks.Tpm2Token, list[int], bytes]] = []
+    for entry in entries:
+        device = resolve_device(root, entry.device)
+        if not device.exists():
+            skipped[entry.name] = f"{entry.device} is not present"
+            continue
+        try:
+            header = luks.header(device)
+            tokens = [
+                luks.parse_tpm2_token(i, raw)
+                for i, raw in sorted(header.tokens.items())
+                if raw.get("type") == luks.TOKEN_TPM2
+            ]
+        except luks.LuksError as e:
+            raise RebindRefused(f"volume {entry.name}: {e}") from None
+        if not tokens:
+            continue
+        bound = True
+        if tpm is None:
+            raise RebindRefused(f"volume {entry.name} is bound to a TPM, and there is none")
+        if _tpm_unseals(root, entry, device, tpm):
+            continue
+        template = tokens[0]
+        if template.pin or template.pcrlock:
+            kind = "PIN" if template.pin else "pcrlock policy"
+            raise RebindRefused(
+                f"volume {entry.name}: its TPM token uses a {kind}, which tpm-rebind does not "
+                "re-create"
+            )
+        unlock = next((k.encode() for k in keys if luks.opens(device, k)), None)
+        if unlock is None:
+            raise RebindRefused(
+                f"volume {entry.name}: none of the configured recovery keys opens it"
+            )
+        work.append((entry, device, template, [t.keyslot for t in tokens], unlock))
+    if not bound:
+        raise RebindRefused("no volume in crypttab is bound to the TPM")
+    if not work:
+        raise RebindRefused("the TPM unseals every TPM-bound volume as the machine is now")
+    assert tpm is not None  # work is only found with one
+    added: list[int] = []  # the new keyslots, in the order of `work`
+    try:
+        for _, device, template, _, unlock in work:
+            policy = rebind_policy(tpm, template.bank, template.pcrs)
+            slot, _ = luks.enroll_tpm2(
+                device, unlock, tpm, policy, signer=template.signer,
+                signer_pcrs=template.signer_pcrs,
+            )  # fmt: skip
+            added.append(slot)
+    except (luks.LuksError, TPMError, OSError, ValueError) as e:
+        for (_, done, *_), slot in zip(work, added, strict=False):
+            luks.remove_keyslot(done, slot)
+        failed = work[len(added)][0].name
+        raise RebindError(
+            f"volume {failed}: sealing a new TPM token failed ({e}); no volume changed"
+        ) from None
+    rebound = []
+    for (entry, device, template, old, unlock), slot in zip(work, added, strict=True):
+        keep = luks.test_key(device, unlock)  # never the slot the recovery key opens
+        removed = tuple(s for s in old if s != keep)
+        try:
+            for s in removed:
+                luks.remove_keyslot(device, s)
+        except (luks.LuksError, OSError) as e:
+            raise RebindError(
+                f"volume {entry.name}: the new TPM tokens were added, removing an old one "
+                f"failed ({e})"
+            ) from None
+        rebound.append(Rebound(entry.name, slot, template.pcrs, removed))
+    return Rebind(tuple(rebound), skipped)

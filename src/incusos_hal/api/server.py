@@ -275,6 +275,14 @@ async def post_security_retrieved(request: web.Request) -> web.Response:
     return sync({})
 
 
+async def post_security_tpm_rebind(request: web.Request) -> web.Response:
+    svc = request.app[SERVICE_KEY]
+    await svc.tpm_rebind()
+    # As IncusOS: reboot at once, so the next boot shows the new bindings unlock.
+    _schedule(svc, "reboot.target")
+    return sync({})
+
+
 async def get_resources(request: web.Request) -> web.Response:
     from ..inventory import scan
 
@@ -317,16 +325,22 @@ async def post_restore(request: web.Request) -> web.Response:
     return _respond(env.async_(op.to_dict(), op_url), 202, {"Location": op_url})
 
 
-async def post_power(request: web.Request) -> web.Response:
-    svc = request.app[SERVICE_KEY]
-    target = "reboot.target" if request.path.endswith(":reboot") else "poweroff.target"
-    if svc.systemd is None:
-        raise ApiError(503, "this service runs without systemd (a scratch target)")
-    # Answer first: the job takes this service down with the machine.
+def _schedule(svc: Service, target: str) -> bool:
+    """Start reboot.target or poweroff.target half a second from now, after the answer has
+    gone out (the job takes this service down with the machine). False without systemd."""
     systemd = svc.systemd
+    if systemd is None:
+        return False
     asyncio.get_running_loop().call_later(
         0.5, lambda: svc.spawn(systemd.start(target, "replace-irreversibly"))
     )
+    return True
+
+
+async def post_power(request: web.Request) -> web.Response:
+    target = "reboot.target" if request.path.endswith(":reboot") else "poweroff.target"
+    if not _schedule(request.app[SERVICE_KEY], target):
+        raise ApiError(503, "this service runs without systemd (a scratch target)")
     return sync({})
 
 
@@ -478,9 +492,8 @@ ROUTES: list[Route] = [
     Route(
         "POST",
         "/1.0/system/security/:tpm-rebind",
-        _unbuilt("TPM rebinding"),
-        "re-seal the volumes to this boot's PCRs",
-        built=False,
+        post_security_tpm_rebind,
+        "re-seal the volumes the TPM no longer unseals to this boot's PCRs, then reboot",
     ),
     Route(
         "GET",

@@ -181,15 +181,10 @@ class Service:
 
     def _sync_recovery_keys(self, old: tuple[str, ...], new: tuple[str, ...]) -> None:
         """The volumes' keyslots first (all or nothing), then the config records them."""
-        import contextlib
-
         from ..hal import tpm
         from ..security import RecoveryKeyError, sync_recovery_keys
 
-        with contextlib.ExitStack() as stack:
-            handle = None
-            with contextlib.suppress(tpm.TPMError):
-                handle = stack.enter_context(tpm.open_tpm(self.settings.tcti))
+        with tpm.open_tpm_if_any(self.settings.tcti) as handle:
             try:
                 changed = sync_recovery_keys(self.settings.root, handle, old, new)
             except RecoveryKeyError as e:
@@ -200,6 +195,35 @@ class Service:
                 f"volume {change.volume}: {len(change.added)} recovery key(s) added, "
                 f"{len(change.removed)} removed",
             )
+
+    async def tpm_rebind(self) -> None:
+        """IncusOS's tpm-rebind: re-seal the volumes the TPM no longer unseals, with the
+        configured recovery keys to authorise it (see security.tpm_rebind)."""
+        async with self.lock:
+            self._check_writable()
+            keys = self.config().security.encryption_recovery_keys
+            await asyncio.get_running_loop().run_in_executor(None, self._tpm_rebind, keys)
+
+    def _tpm_rebind(self, keys: tuple[str, ...]) -> None:
+        from ..hal import tpm
+        from ..security import RebindError, RebindRefused, tpm_rebind
+
+        try:
+            with tpm.open_tpm_if_any(self.settings.tcti) as handle:  # None: refused if needed
+                done = tpm_rebind(self.settings.root, handle, keys)
+        except RebindRefused as e:
+            raise ApiError(409, str(e)) from None
+        except RebindError as e:
+            raise ApiError(500, str(e)) from None
+        for volume in done.rebound:
+            self.log(
+                "info",
+                f"volume {volume.volume}: TPM token re-sealed to PCRs "
+                f"{','.join(map(str, volume.pcrs)) or 'none (signed)'} in keyslot "
+                f"{volume.keyslot}; keyslot(s) {list(volume.removed)} removed",
+            )
+        for name, why in done.skipped.items():
+            self.log("warning", f"volume {name}: not rebound, {why}")
 
     async def _store_and_apply(
         self, config: Config, previous: bytes | None, *, network: bool

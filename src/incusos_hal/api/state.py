@@ -78,10 +78,7 @@ def security_state(root: str, tcti: str | None, flags: dict[str, Any]) -> dict[s
     from ..security import security_state as read
 
     wanted = Flags(recovery_keys_retrieved=bool(flags.get("encryption_recovery_keys_retrieved")))
-    with contextlib.ExitStack() as stack:
-        handle = None
-        with contextlib.suppress(tpm.TPMError):
-            handle = stack.enter_context(tpm.open_tpm(tcti))
+    with tpm.open_tpm_if_any(tcti) as handle:
         return read(root, handle, wanted)
 
 

@@ -27,8 +27,8 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -653,6 +653,21 @@ def open_tpm(tcti: str | None = None) -> Iterator[Tpm]:
         yield Tpm(esapi)
     finally:
         esapi.close()
+
+
+@contextmanager
+def open_tpm_if_any(
+    tcti: str | None = None, on_error: Callable[[TPMError], None] = lambda e: None
+) -> Iterator[Tpm | None]:
+    """open_tpm, or None when the TPM cannot be opened (`on_error` hears why): for the
+    callers that report a machine without a usable TPM rather than fail."""
+    with ExitStack() as stack:
+        handle = None
+        try:
+            handle = stack.enter_context(open_tpm(tcti))
+        except TPMError as e:
+            on_error(e)
+        yield handle
 
 
 def device_present(root: Path | str = "/") -> bool:
