@@ -16,7 +16,8 @@ crypttab (rendered by the HAL) names all four, `tpm2-device=auto,headless=true,n
 Then, this boot: systemd-cryptsetup (through crypttab units) unlocks seca; the HAL unlocks
 secb (systemd's token); cryptsetup's systemd token plugin reads seca; secc stays sealed.
 Boot 2 (setup mode, PCR 7 changed): systemd unlocked secc and secd at boot with no
-passphrase; seca and secb stayed locked; the recovery key opens seca.
+passphrase; seca and secb stayed locked; the recovery key opens seca. Then tpm-rebind
+re-seals seca and secb, and systemd opens them without a passphrase.
 """
 
 import base64
@@ -247,6 +248,42 @@ def second_boot(spec: dict, devs: dict, out: dict) -> None:
             luks.close_volume("seca")
 
 
+def rebind(spec: dict, devs: dict, out: dict) -> None:
+    """Boot 2, after the recovery-key boot: the operator's tpm-rebind seals seca (the HAL's
+    token) and secb (systemd-cryptenroll's) again to PCR 7 as it is now, leaves secc and
+    secd (which the TPM unsealed at boot) alone; then systemd itself opens seca and secb
+    through their crypttab units with no passphrase."""
+    from incusos_hal import security
+    from incusos_hal.hal import tpm
+
+    untouched = {name: token_of(devs[name], "systemd-tpm2") for name in ("secc", "secd")}
+    with tpm.open_tpm(TCTI) as t:
+        done = security.tpm_rebind("/", t, [spec["key"]])
+    out["rebind"] = {
+        "rebound": [[r.volume, list(r.pcrs)] for r in done.rebound],
+        "skipped": dict(done.skipped),
+    }
+    out["rebind_untouched"] = all(
+        token_of(devs[name], "systemd-tpm2") == token for name, token in untouched.items()
+    )
+    out["rebind_tokens"] = {
+        name: token_of(devs[name], "systemd-tpm2").get("tpm2-pcrs") for name in NAMES
+    }
+    for name in ("seca", "secb"):
+        started = sh("systemctl", "start", f"systemd-cryptsetup@{name}.service", timeout=300)
+        out[f"rebind_start_{name}"] = {"rc": started["rc"], **unit_state(name)}
+        out[f"rebind_journal_{name}"] = sh(
+            "journalctl", "-b", "-o", "cat", "-u", f"systemd-cryptsetup@{name}.service"
+        )["out"][-2000:]
+        sh("systemctl", "stop", f"systemd-cryptsetup@{name}.service", timeout=120)
+    with tpm.open_tpm(TCTI) as t:
+        try:
+            security.tpm_rebind("/", t, [spec["key"]])
+            out["rebind_again"] = "rebound again"
+        except security.RebindRefused as e:
+            out["rebind_again"] = str(e)
+
+
 def run(expect: dict) -> dict:
     spec = expect["security"]
     out: dict = {"label": spec["label"]}
@@ -269,6 +306,8 @@ def run(expect: dict) -> dict:
         out["eventlog_b64"] = base64.b64encode(
             Path("/sys/kernel/security/tpm0/binary_bios_measurements").read_bytes()
         ).decode()
+        if spec["label"] != "secureboot":
+            rebind(spec, devs, out)
     except Exception:
         out["error"] = traceback.format_exc()
     return out

@@ -6,7 +6,7 @@ PCR 7 predicted for the firmware's keys cleared, PCR 11 through a signed policy)
 systemd-cryptenroll; systemd unlocks the HAL's through crypttab, the HAL unlocks systemd's.
 Boot 2, setup mode: systemd unlocked at boot, with no passphrase, the volume bound to the
 predicted PCR 7 and the one bound to the signed PCR 11; the others stayed locked, and the
-recovery key opens them.
+recovery key opens them; tpm-rebind seals those again, and systemd then opens them.
 """
 
 from __future__ import annotations
@@ -133,3 +133,21 @@ def test_reboot_unlocks_with_no_passphrase_and_falls_back_to_recovery(
         "secc": "unlocked (TPM)",
         "secd": "unlocked (TPM)",
     }
+
+
+def test_tpm_rebind_after_the_recovery_boot_lets_systemd_unlock(off: dict[str, Any]) -> None:
+    """The recovery-key boot's way back: tpm-rebind seals the two volumes bound to the old
+    PCR 7 again (the HAL's token over PCRs 7+15, systemd-cryptenroll's over 7, each keeping
+    its selection), leaves the two the TPM unsealed at boot alone, and systemd-cryptsetup
+    then opens both through their crypttab units with no passphrase."""
+    assert "error" not in off, off["error"]
+    assert off["rebind"] == {"rebound": [["seca", [7, 15]], ["secb", [7]]], "skipped": {}}
+    assert off["rebind_untouched"] is True
+    assert off["rebind_tokens"] == {"seca": [7, 15], "secb": [7], "secc": [7, 15], "secd": []}
+    for name in ("seca", "secb"):
+        started = off[f"rebind_start_{name}"]
+        assert started["rc"] == 0 and started["active"] == "active" and started["mapped"], (
+            started,
+            off[f"rebind_journal_{name}"],
+        )
+    assert "unseals every TPM-bound volume" in off["rebind_again"]
