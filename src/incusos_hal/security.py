@@ -22,6 +22,7 @@ from .hal import eventlog, pcrsig, secureboot
 
 if TYPE_CHECKING:
     from .config.model import Security
+    from .hal.luks import Header
     from .hal.tpm import PCRPolicy, Tpm
 
 TPM_OK = "ok"
@@ -125,8 +126,14 @@ def encrypted_volumes(root: Path | str, tpm: Tpm | None, status: str) -> list[di
         return []
     out = []
     for entry in entries:
-        device = resolve_device(root, entry.device)
-        tpm_unseals = tpm is not None and _tpm_unseals(root, entry, device, tpm)
+        tpm_unseals = False
+        if tpm is not None:
+            try:
+                header = luks.header(resolve_device(root, entry.device))
+            except (luks.LuksError, OSError):
+                pass  # not there, or not LUKS2: nothing the TPM could unseal
+            else:
+                tpm_unseals = _tpm_unseals(root, entry, header, tpm)
         mapped = luks.mapped(entry.name, root)
         out.append({"volume": entry.name, "state": volume_state(mapped, tpm_unseals, status)})
     return out
@@ -141,14 +148,14 @@ def _signatures(root: Path | str, entry: CrypttabEntry) -> list[pcrsig.PCRSignat
         return []
 
 
-def _tpm_unseals(root: Path | str, entry: CrypttabEntry, device: Path, tpm: Tpm) -> bool:
+def _tpm_unseals(root: Path | str, entry: CrypttabEntry, header: Header, tpm: Tpm) -> bool:
     """Does one of the volume's systemd-tpm2 tokens unseal with this TPM now?"""
     from .hal import luks
 
     try:
-        tokens = luks.unseal_tpm2_tokens(luks.header(device), tpm, _signatures(root, entry))
+        tokens = luks.unseal_tpm2_tokens(header, tpm, _signatures(root, entry))
         return any(True for _ in tokens)
-    except (luks.LuksError, OSError):
+    except luks.LuksError:  # a malformed token
         return False
 
 
@@ -401,7 +408,7 @@ def tpm_rebind(root: Path | str, tpm: Tpm | None, keys: Sequence[str]) -> Rebind
         bound = True
         if tpm is None:
             raise RebindRefused(f"volume {entry.name} is bound to a TPM, and there is none")
-        if _tpm_unseals(root, entry, device, tpm):
+        if _tpm_unseals(root, entry, header, tpm):
             continue
         template = tokens[0]
         if template.pin or template.pcrlock:
