@@ -253,8 +253,8 @@ def rebind(spec: dict, devs: dict, out: dict) -> None:
     token) and secb (systemd-cryptenroll's) again to PCR 7 as it is now, leaves secc and
     secd (which the TPM unsealed at boot) alone; then systemd itself opens seca and secb
     through their crypttab units with no passphrase."""
-    from incusos_hal import security
     from incusos_hal.hal import tpm
+    from incusos_hal.security import volumes as security
 
     untouched = {name: token_of(devs[name], "systemd-tpm2") for name in ("secc", "secd")}
     with tpm.open_tpm(TCTI) as t:
@@ -288,8 +288,8 @@ def run(expect: dict) -> dict:
     spec = expect["security"]
     out: dict = {"label": spec["label"]}
     try:
-        from incusos_hal import security
         from incusos_hal.hal import eventlog, tpm
+        from incusos_hal.security import volumes as security
 
         devs = devices(spec["serial"])
         if spec["label"] == "secureboot":

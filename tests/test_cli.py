@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from incusos_hal.config import store
+from incusos_hal.state import store
 
 from conftest import build_sysfs
 from golden import run_cli

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from incusos_hal.config import store
-from incusos_hal.configure import configure
-from incusos_hal.generator import CACHE_FILE
+from incusos_hal.apply.configure import configure
+from incusos_hal.boot.generator import CACHE_FILE
+from incusos_hal.state import store
 
 from conftest import build_sysfs, require_root, require_tool
 
@@ -133,7 +133,7 @@ RENAME = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
 from pathlib import Path
-from incusos_hal.configure import _rename
+from incusos_hal.apply.configure import _rename
 done, problems = _rename(Path("/"), (("ihal-down", "_pdown"), ("ihal-up", "_pup"),
                                      ("ihal-none", "_pnone")))
 print(json.dumps({"done": done, "problems": problems}))

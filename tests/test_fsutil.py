@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from incusos_hal.fsutil import Owned, apply_tree, atomic_write, write_tree
+from incusos_hal.core.files import Owned, apply_tree, atomic_write, write_tree
 from incusos_hal.render import File, Symlink
 
 

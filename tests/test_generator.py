@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 
 from incusos_hal import __version__
-from incusos_hal.config import parse_toml, store
-from incusos_hal.generator import CACHE_FILE, refresh_cache
+from incusos_hal.boot.generator import CACHE_FILE, refresh_cache
+from incusos_hal.config import parse_toml
 from incusos_hal.render import render_units
+from incusos_hal.state import store
 
 from golden import manifest
 
@@ -32,7 +33,7 @@ SYSLOG = GOOD + b'[logging.syslog]\naddress = "192.0.2.9"\n'
 RUNNER = f"""
 import sys
 sys.path.insert(0, {SRC!r})
-from incusos_hal.bootgen import main
+from incusos_hal.boot.fast import main
 code = main(sys.argv, unit_dir={UNIT_DIR!r}, version={__version__!r})
 modules = sorted(sys.modules)  # before json below adds its own
 import json
@@ -112,7 +113,8 @@ def test_cache_replays_identically_importing_only_os_and_sys(
         check=True,
     )
     baseline = set(ast.literal_eval(bare.stdout))
-    assert sorted(set(modules) - baseline) == ["incusos_hal", "incusos_hal.bootgen"]
+    ours = sorted(set(modules) - baseline)
+    assert ours == ["incusos_hal", "incusos_hal.boot", "incusos_hal.boot.fast"]
 
 
 def test_changed_config_misses_the_cache(dirs: tuple[Path, Path, Path]) -> None:

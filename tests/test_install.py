@@ -133,6 +133,6 @@ def test_pip_install_in_a_fresh_venv(tmp_path: Path) -> None:
         check=True,
     )
     imported = {line.rsplit("|", 1)[-1].strip() for line in traced.stderr.splitlines()}
-    assert "incusos_hal.bootgen" in imported
-    assert not {"site", "incusos_hal.generator"} & imported
+    assert "incusos_hal.boot.fast" in imported
+    assert not {"site", "incusos_hal.boot.generator"} & imported
     assert (tmp_path / "n/sysinit.target.wants/incusos-hal-configure.service").is_symlink()

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from incusos_hal import security
 from incusos_hal.config import ConfigError, formats, parse_toml
 from incusos_hal.config.model import Security
 from incusos_hal.hal import eventlog, luks, tpm
 from incusos_hal.render import crypttab
+from incusos_hal.security import volumes as security
 
 from conftest import REPO, require_tool
 

@@ -6,7 +6,8 @@ import os
 import stat
 from pathlib import Path
 
-from incusos_hal.config import Config, parse_toml, store
+from incusos_hal.config import Config, parse_toml
+from incusos_hal.state import store
 
 GOOD = b'version = 1\n[[network.interfaces]]\nname = "uplink"\nhwaddr = "52:54:00:0a:00:01"\n'
 OTHER = b'version = 1\n[network.time]\ntimezone = "Europe/Berlin"\n'

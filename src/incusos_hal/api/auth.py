@@ -27,7 +27,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..fsutil import atomic_write
+from ..core.files import atomic_write
 
 SERVER_CERT = "server.crt"
 SERVER_KEY = "server.key"

@@ -23,8 +23,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
 from ..config import Config, ConfigError, parse_toml
-from ..config.store import CONFIG_FILE
-from ..fsutil import fsync_dir
+from ..core.files import fsync_dir
+from ..state.store import CONFIG_FILE
 
 MAX_ARCHIVE_BYTES = 16 << 20
 MAX_UNPACKED_BYTES = 64 << 20

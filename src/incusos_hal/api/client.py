@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..fsutil import atomic_write
+from ..core.files import atomic_write
 
 LOCAL = {"url": "unix:///run/incusos-hal/unix.socket"}
 

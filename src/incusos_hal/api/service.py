@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..apply import ApplyError, Systemd, changes
-from ..config import Config, ConfigError, FieldError, from_dict, store, to_dict
+from ..apply.systemd import ApplyError, Systemd, changes
+from ..config import Config, ConfigError, FieldError, from_dict, to_dict
 from ..config.formats import parse_go_duration
-from ..fsutil import atomic_write
+from ..core.files import atomic_write
+from ..state import store
 from . import backup
 from . import envelope as env
 
@@ -182,7 +183,7 @@ class Service:
     def _sync_recovery_keys(self, old: tuple[str, ...], new: tuple[str, ...]) -> None:
         """The volumes' keyslots first (all or nothing), then the config records them."""
         from ..hal import tpm
-        from ..security import RecoveryKeyError, sync_recovery_keys
+        from ..security.volumes import RecoveryKeyError, sync_recovery_keys
 
         with tpm.open_tpm_if_any(self.settings.tcti) as handle:
             try:
@@ -206,7 +207,7 @@ class Service:
 
     def _tpm_rebind(self, keys: tuple[str, ...]) -> None:
         from ..hal import tpm
-        from ..security import RebindError, RebindRefused, tpm_rebind
+        from ..security.volumes import RebindError, RebindRefused, tpm_rebind
 
         try:
             with tpm.open_tpm_if_any(self.settings.tcti) as handle:  # None: refused if needed
@@ -249,7 +250,7 @@ class Service:
 
     async def apply(self) -> None:
         """The configure step on the stored document, then systemd."""
-        from ..configure import configure
+        from ..apply.configure import configure
 
         s = self.settings
         result = await asyncio.get_running_loop().run_in_executor(

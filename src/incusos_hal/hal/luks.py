@@ -652,7 +652,7 @@ def unlock_tpm2(
 
 def write_key_file(path: str | os.PathLike[str], key: bytes | str) -> None:
     """A key file: mode 0600 from the moment it exists, replaced atomically."""
-    from incusos_hal.fsutil import atomic_write
+    from incusos_hal.core.files import atomic_write
 
     atomic_write(path, _as_bytes(key), 0o600)
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config.model import Config
+from ..core.tree import Entry, File, Symlink, Tree
 from ..hal.net import Nic
 from .effective import effective_network
 from .networkd import render_networkd
 from .system import render_proxy, render_syslog, render_time
-from .tree import Entry, File, Symlink, Tree
 from .units import render_units
 
 __all__ = [

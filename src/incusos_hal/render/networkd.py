@@ -16,9 +16,9 @@ All files are named `10-incusos-*` so the configure step can tell its own from o
 from __future__ import annotations
 
 from ..config.model import VLAN, Bond, Ethernet, Interface, Network, Route
+from ..core.tree import File, Tree
 from .effective import bond_device_name, port_name
 from .ini import Section, ini, yes
-from .tree import File, Tree
 
 NETWORK_DIR = "/run/systemd/network"
 PREFIX = "10-incusos-"

@@ -7,8 +7,8 @@ from urllib.parse import quote
 from ..config import formats as fmt
 from ..config.model import Logging, Network, Proxy
 from ..config.validate import no_proxy_entry
+from ..core.tree import File, Symlink, Tree
 from .ini import ini
-from .tree import File, Symlink, Tree
 
 TIMESYNCD_DROPIN = "/run/systemd/timesyncd.conf.d/50-incusos-hal.conf"
 # systemd-netlogd (Debian 13: 1.4.4) reads drop-ins from /run/systemd/netlogd.conf.d too.

@@ -9,9 +9,9 @@ in sysinit and is itself wired in here, so stored config always reaches the boot
 from __future__ import annotations
 
 from ..config.model import Config
+from ..core.tree import File, Symlink, Tree
 from .ini import ini
 from .system import PROXY_ENV, proxy_choice
-from .tree import File, Symlink, Tree
 
 CONFIGURE_UNIT = "incusos-hal-configure.service"
 DROPIN_NAME = "50-incusos-hal.conf"

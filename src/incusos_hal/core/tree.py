@@ -1,6 +1,6 @@
 """What a renderer produces: a tree of files and symlinks, keyed by path.
 
-Pure data. Writing it anywhere is the job of `incusos_hal.fsutil`.
+Pure data. Writing it anywhere is the job of `incusos_hal.core.files`.
 """
 
 from __future__ import annotations

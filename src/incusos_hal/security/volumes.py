@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .hal import eventlog, pcrsig, secureboot
+from ..hal import eventlog, pcrsig, secureboot
 
 if TYPE_CHECKING:
-    from .config.model import Security
-    from .hal.luks import Header
-    from .hal.tpm import PCRPolicy, Tpm
+    from ..config.model import Security
+    from ..hal.luks import Header
+    from ..hal.tpm import PCRPolicy, Tpm
 
 TPM_OK = "ok"
 TPM_PCR_MISMATCH = "pcr mismatch"
@@ -118,7 +118,7 @@ def volume_state(mapped: bool, tpm_unseals: bool, status: str) -> str:
 
 
 def encrypted_volumes(root: Path | str, tpm: Tpm | None, status: str) -> list[dict[str, str]]:
-    from .hal import luks
+    from ..hal import luks
 
     try:
         entries = parse_crypttab((Path(root) / CRYPTTAB).read_text())
@@ -150,7 +150,7 @@ def _signatures(root: Path | str, entry: CrypttabEntry) -> list[pcrsig.PCRSignat
 
 def _tpm_unseals(root: Path | str, entry: CrypttabEntry, header: Header, tpm: Tpm) -> bool:
     """Does one of the volume's systemd-tpm2 tokens unseal with this TPM now?"""
-    from .hal import luks
+    from ..hal import luks
 
     try:
         tokens = luks.unseal_tpm2_tokens(header, tpm, _signatures(root, entry))
@@ -252,7 +252,7 @@ def _unlock_passphrase(
 ) -> bytes:
     """Something that opens the volume: one of its current recovery keys, else its TPM
     token (as at boot)."""
-    from .hal import luks
+    from ..hal import luks
 
     for key in keys:
         if luks.opens(device, key):
@@ -281,7 +281,7 @@ def sync_recovery_keys(
     All volumes get the new keys first; if any addition fails, the slots added so far are
     removed and nothing has changed. Only then are the dropped keys' slots removed, so no
     volume is ever left without a way in."""
-    from .hal import luks
+    from ..hal import luks
 
     to_add, to_remove = plan_recovery_keys(old, new)
     if not to_add and not to_remove:
@@ -379,8 +379,8 @@ def tpm_rebind(root: Path | str, tpm: Tpm | None, keys: Sequence[str]) -> Rebind
     a volume. New tokens are added to every volume first (any failure removes those
     added); only then are the old tokens' keyslots removed. Volumes whose device is
     absent are skipped and reported."""
-    from .hal import luks
-    from .hal.tpm import TPMError
+    from ..hal import luks
+    from ..hal.tpm import TPMError
 
     try:
         entries = parse_crypttab((Path(root) / CRYPTTAB).read_text())

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .render.tree import File, Symlink, Tree
+from .tree import File, Symlink, Tree
 
 
 def fsync_dir(path: Path) -> None:

@@ -19,14 +19,14 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .config import store
-from .config.model import Config
-from .fsutil import Applied, Owned, apply_tree
-from .generator import refresh_cache
-from .hal import net
-from .render import Plan, Symlink, render_files
-from .render.networkd import NETWORK_DIR, PREFIX
-from .render.system import LOCALTIME, NETLOGD_DROPIN, PROXY_ENV, TIMESYNCD_DROPIN, ZONEINFO
+from ..boot.generator import refresh_cache
+from ..config.model import Config
+from ..core.files import Applied, Owned, apply_tree
+from ..hal import net
+from ..render import Plan, Symlink, render_files
+from ..render.networkd import NETWORK_DIR, PREFIX
+from ..render.system import LOCALTIME, NETLOGD_DROPIN, PROXY_ENV, TIMESYNCD_DROPIN, ZONEINFO
+from ..state import store
 
 OWNED = (
     Owned(NETWORK_DIR, lambda name: name.startswith(PREFIX)),

@@ -13,9 +13,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..fsutil import atomic_write
-from . import ConfigError, dumps_toml, parse_toml
-from .model import Config
+from ..config import ConfigError, dumps_toml, parse_toml
+from ..config.model import Config
+from ..core.files import atomic_write
 
 STATE_DIR_ENV = "INCUSOS_HAL_STATE_DIR"
 DEFAULT_STATE_DIR = "/var/lib/incusos-hal"

@@ -19,8 +19,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .render.networkd import NETWORK_DIR
-from .render.system import NETLOGD_DROPIN, PROXY_ENV, TIMESYNCD_DROPIN
+from ..render.networkd import NETWORK_DIR
+from ..render.system import NETLOGD_DROPIN, PROXY_ENV, TIMESYNCD_DROPIN
 
 JOB_TIMEOUT_SECONDS = 90.0
 # Units whose environment comes from the proxy file (IncusOS sets the proxy for the

@@ -6,7 +6,7 @@ netplan's C generator does; parsing TOML costs twice that again. So the work is 
 
 - slow path (`generate`): read config.toml (falling back to the last good copy, then the
   default), validate, render the units, write them. Always correct.
-- fast path (`incusos_hal.bootgen`): `generator.cache` in the state directory holds the
+- fast path (`incusos_hal.boot.fast`): `generator.cache` in the state directory holds the
   exact bytes of both config files the output was computed from, plus that output.
   When the files on disk are byte-identical (and the version and unit directory match),
   the cached tree is written out with no module imported beyond the interpreter's own.
@@ -22,12 +22,12 @@ import os
 import sys
 from pathlib import Path
 
-from . import __version__
-from .config import store
-from .config.model import Config
-from .fsutil import atomic_write, write_tree
-from .log import ERR, INFO, WARNING, kmsg
-from .render import Symlink, Tree, render_units
+from .. import __version__
+from ..config.model import Config
+from ..core.files import atomic_write, write_tree
+from ..core.kmsg import ERR, INFO, WARNING, kmsg
+from ..render import Symlink, Tree, render_units
+from ..state import store
 
 IDENT = "incusos-hal-generator"
 CACHE_FILE = "generator.cache"

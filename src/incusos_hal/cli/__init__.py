@@ -28,10 +28,10 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
+from .. import __version__
 
 if TYPE_CHECKING:
-    from .config import Config, ConfigError
+    from ..config import Config, ConfigError
 
 # The config package is imported by the commands that use it: `inventory`, `record` and
 # `survey` start without it (a third of the start-up time).
@@ -51,7 +51,7 @@ def _format_of(path: str) -> str:
 
 
 def _load_config_file(path: str) -> Config:
-    from .config import ConfigError, FieldError, parse
+    from ..config import ConfigError, FieldError, parse
 
     try:
         data = Path(path).read_bytes()
@@ -66,7 +66,7 @@ def _print_errors(e: ConfigError) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from .config import ConfigError
+    from ..config import ConfigError
 
     try:
         _load_config_file(args.config)
@@ -77,10 +77,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from .config import ConfigError, store
-    from .fsutil import write_tree
-    from .hal.net import list_nics
-    from .render import render_files, render_units
+    from ..config import ConfigError
+    from ..core.files import write_tree
+    from ..hal.net import list_nics
+    from ..render import render_files, render_units
+    from ..state import store
 
     state = store.state_dir(args.state_dir)
     if args.config:
@@ -110,8 +111,9 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_save(args: argparse.Namespace) -> int:
-    from .config import ConfigError, store
-    from .generator import refresh_cache
+    from ..boot.generator import refresh_cache
+    from ..config import ConfigError
+    from ..state import store
 
     try:
         config = _load_config_file(args.config)
@@ -126,8 +128,8 @@ def cmd_save(args: argparse.Namespace) -> int:
 
 
 def cmd_configure(args: argparse.Namespace) -> int:
-    from .config import store
-    from .configure import configure
+    from ..apply.configure import configure
+    from ..state import store
 
     state = store.state_dir(args.state_dir)
     try:
@@ -153,7 +155,7 @@ def cmd_configure(args: argparse.Namespace) -> int:
 
 
 def cmd_inventory(args: argparse.Namespace) -> int:
-    from .inventory import UnknownSection, scan_with_warnings
+    from ..inventory import UnknownSection, scan_with_warnings
 
     try:
         doc, warnings = scan_with_warnings(
@@ -168,11 +170,11 @@ def cmd_inventory(args: argparse.Namespace) -> int:
     if fmt == "json":
         print(json.dumps(doc, indent=2))
     elif fmt == "yaml":
-        from .yamlout import dumps
+        from ..core.yamlout import dumps
 
         sys.stdout.write(dumps(doc))
     else:
-        from .inventory.table import table
+        from ..inventory.table import table
 
         for name, section in doc.items():
             print(f"{name}:")
@@ -182,11 +184,11 @@ def cmd_inventory(args: argparse.Namespace) -> int:
 
 
 def cmd_survey(args: argparse.Namespace) -> int:
-    from .inventory.survey import survey
+    from ..inventory.survey import survey
 
     doc = survey(_root(args.root))
     if args.format == "yaml":
-        from .yamlout import dumps
+        from ..core.yamlout import dumps
 
         sys.stdout.write(dumps(doc))
     else:
@@ -195,7 +197,7 @@ def cmd_survey(args: argparse.Namespace) -> int:
 
 
 def cmd_record(args: argparse.Namespace) -> int:
-    from .inventory.record import record
+    from ..inventory.record import record
 
     try:
         manifest = record(args.dir, _root(args.root))
@@ -207,7 +209,7 @@ def cmd_record(args: argparse.Namespace) -> int:
 
 
 def cmd_eventlog(args: argparse.Namespace) -> int:
-    from .hal import eventlog
+    from ..hal import eventlog
 
     path = Path(args.file) if args.file else Path(_root(args.root)) / eventlog.LOG_PATH
     try:
@@ -233,8 +235,8 @@ def cmd_eventlog(args: argparse.Namespace) -> int:
 def cmd_security(args: argparse.Namespace) -> int:
     import logging
 
-    from .hal import tpm
-    from .security import security_state
+    from ..hal import tpm
+    from ..security.volumes import security_state
 
     # The TSS logs each failed step through Python's logging; the one line below says it.
     for name in ("tcti", "esys"):
@@ -261,9 +263,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
-    from .api.server import serve
-    from .api.service import Settings
-    from .config import store
+    from ..api.server import serve
+    from ..api.service import Settings
+    from ..state import store
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     scratch = args.target != "/"
@@ -277,7 +279,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     systemd = None
     if not scratch:
-        from .apply import SdbusSystemd
+        from ..apply.systemd import SdbusSystemd
 
         systemd = SdbusSystemd()
 
@@ -300,7 +302,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _remote(args: argparse.Namespace) -> dict[str, str]:
-    from .api.client import ClientError, load_remotes
+    from ..api.client import ClientError, load_remotes
 
     remotes = load_remotes()
     name = args.remote or os.environ.get("INCUSOS_HAL_REMOTE") or "local"
@@ -313,7 +315,7 @@ def _client(func: Any) -> Any:
     """Run a client command; a ClientError is one line on stderr and exit 1."""
 
     def run(args: argparse.Namespace) -> int:
-        from .api.client import ClientError
+        from ..api.client import ClientError
 
         try:
             code: int = func(args)
@@ -326,7 +328,7 @@ def _client(func: Any) -> Any:
 
 
 def cmd_remote(args: argparse.Namespace) -> int:
-    from .api.client import ClientError, fetch_server_fingerprint, load_remotes, save_remotes
+    from ..api.client import ClientError, fetch_server_fingerprint, load_remotes, save_remotes
 
     remotes = load_remotes()
     if args.action == "list":
@@ -376,13 +378,13 @@ def _print(data: Any, fmt: str) -> None:
         for key, value in rows:
             print(f"{key:{width}}  {value}" if key else value)
         return
-    from .yamlout import dumps
+    from ..core.yamlout import dumps
 
     sys.stdout.write(dumps(data))
 
 
 def cmd_get(args: argparse.Namespace) -> int:
-    from .api.client import request
+    from ..api.client import request
 
     reply = request(_remote(args), "GET", args.path)
     _print(reply.envelope()["metadata"], args.format)
@@ -394,7 +396,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     import subprocess
     import tempfile
 
-    from .api.client import ClientError, request
+    from ..api.client import ClientError, request
 
     remote = _remote(args)
     reply = request(remote, "GET", args.path)
@@ -418,14 +420,14 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
 
 def cmd_confirm(args: argparse.Namespace) -> int:
-    from .api.client import request
+    from ..api.client import request
 
     request(_remote(args), "POST", "/1.0/system/network/:confirm").envelope()
     return 0
 
 
 def cmd_tpm_rebind(args: argparse.Namespace) -> int:
-    from .api.client import request
+    from ..api.client import request
 
     request(_remote(args), "POST", "/1.0/system/security/:tpm-rebind").envelope()
     print("volumes re-sealed to the TPM; the service reboots the machine to use them")
@@ -433,8 +435,8 @@ def cmd_tpm_rebind(args: argparse.Namespace) -> int:
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
-    from .api.client import request
-    from .fsutil import atomic_write
+    from ..api.client import request
+    from ..core.files import atomic_write
 
     reply = request(_remote(args), "POST", "/1.0/system/:backup")
     if reply.status != 200:
@@ -445,7 +447,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from .api.client import ClientError, request
+    from ..api.client import ClientError, request
 
     remote = _remote(args)
     query = f"?skip={','.join(args.skip)}" if args.skip else ""

@@ -1,7 +1,7 @@
 """The generator's entry point and fast path. Imports no module the interpreter has not
 already loaded: `posix` (not `os`, whose import is a sixth of this path's cost) and `sys`.
 
-See `incusos_hal.generator` for why there is a cache and how it stays correct. Here: if
+See `incusos_hal.boot.generator` for why there is a cache and how it stays correct. Here: if
 `generator.cache` matches the config files byte for byte, replay it; otherwise (or on
 any surprise at all) hand over to the slow path, which is always right.
 """
@@ -126,7 +126,7 @@ def main(argv: list[str], *, unit_dir: str, version: str) -> int:
         import site
 
         site.main()
-    from incusos_hal.generator import main as slow_main
+    from incusos_hal.boot.generator import main as slow_main
 
     return slow_main(argv, unit_dir=unit_dir)
 

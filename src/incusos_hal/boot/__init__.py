@@ -1,0 +1,1 @@
+"""The systemd generator: its fast path (no imports) and its slow path."""

@@ -1,0 +1,1 @@
+"""Small pieces every layer may use: atomic files and trees, kmsg, YAML output."""

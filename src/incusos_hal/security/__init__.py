@@ -1,0 +1,1 @@
+"""The security policy over the HAL: volumes, recovery keys, TPM re-binding."""

@@ -1,0 +1,1 @@
+"""The state directory: the stored config and what is kept beside it."""
