@@ -294,6 +294,7 @@ def test_cli_prints_the_replay(tmp_path: Path) -> None:
     import json
 
     from incusos_hal import cli
+    from incusos_hal.cli.common import EXIT_INVALID
 
     path = FIXTURES / "eventlogs/ubuntu_2104_shielded_vm_no_secure_boot_eventlog"
     out = subprocess.run(
@@ -309,4 +310,4 @@ def test_cli_prints_the_replay(tmp_path: Path) -> None:
     }
     bad = tmp_path / "bad"
     bad.write_bytes(b"\x00" * 7)
-    assert cli.main(["eventlog", str(bad)]) == cli.EXIT_INVALID
+    assert cli.main(["eventlog", str(bad)]) == EXIT_INVALID

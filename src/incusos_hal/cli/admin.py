@@ -1,0 +1,177 @@
+"""The administrator's commands on this machine: validate, render, save, configure, serve."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .common import EXIT_INVALID, GENERATOR_DIR, root_of
+
+if TYPE_CHECKING:
+    from ..config import Config, ConfigError
+
+
+def _format_of(path: str) -> str:
+    return "json" if path.endswith(".json") else "toml"
+
+
+def _load_config_file(path: str) -> Config:
+    from ..config import ConfigError, FieldError, parse
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError([FieldError("", f"cannot read {path}: {e.strerror}")]) from None
+    return parse(data, _format_of(path))
+
+
+def _print_errors(e: ConfigError) -> None:
+    for err in e.errors:
+        print(err, file=sys.stderr)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from ..config import ConfigError
+
+    try:
+        _load_config_file(args.config)
+    except ConfigError as e:
+        _print_errors(e)
+        return EXIT_INVALID
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from ..config import ConfigError
+    from ..core.files import write_tree
+    from ..hal.net import list_nics
+    from ..render import render_files, render_units
+    from ..state import store
+
+    state = store.state_dir(args.state_dir)
+    if args.config:
+        try:
+            config = _load_config_file(args.config)
+        except ConfigError as e:
+            _print_errors(e)
+            return EXIT_INVALID
+    else:
+        loaded = store.load(state)
+        for problem in loaded.problems:
+            print(f"warning: {problem}", file=sys.stderr)
+        config = loaded.config
+    nics, warnings = list_nics(root_of(args.root))
+    plan = render_files(config, nics)
+    units = render_units(config, source=str(state / store.CONFIG_FILE), unit_dir=args.unit_dir)
+    for w in (*warnings, *plan.warnings):
+        print(f"warning: {w}", file=sys.stderr)
+    tree = dict(plan.files)
+    tree.update({f"/{GENERATOR_DIR}/{k}": v for k, v in units.items()})
+    write_tree(args.out, tree, durable=False)
+    for old, new in plan.renames:
+        print(f"rename {old} -> {new}")
+    for path in sorted(tree):
+        print(path)
+    return 0
+
+
+def cmd_save(args: argparse.Namespace) -> int:
+    from ..boot.generator import refresh_cache
+    from ..config import ConfigError
+    from ..state import store
+
+    try:
+        config = _load_config_file(args.config)
+    except ConfigError as e:
+        _print_errors(e)
+        return EXIT_INVALID
+    state = store.state_dir(args.state_dir)
+    store.save(state, config)
+    refresh_cache(state, args.unit_dir)
+    print(f"stored in {state / store.CONFIG_FILE}")
+    return 0
+
+
+def cmd_configure(args: argparse.Namespace) -> int:
+    from ..apply.configure import configure
+    from ..state import store
+
+    state = store.state_dir(args.state_dir)
+    try:
+        root = root_of(None)
+        # A re-rooted run, or one writing elsewhere, must not rename this machine's links
+        # or set its hostname.
+        live = root == "/" and args.target == "/"
+        result = configure(
+            state=state, sys_root=root, target=args.target, live=live, unit_dir=args.unit_dir
+        )
+    except Exception as e:
+        if not args.boot:
+            raise
+        # At boot, a bug here must not fail sysinit; the journal keeps the trace.
+        import traceback
+
+        traceback.print_exc()
+        print(f"<3>configure failed: {e}", file=sys.stderr)
+        return 0
+    if args.boot:
+        return 0
+    return 0 if result.ok else 1
+
+
+def _activated_sockets() -> list[Any]:
+    """Sockets systemd passed (LISTEN_FDS, sd_listen_fds(3)), if they are for us."""
+    import socket
+
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    count = int(os.environ.get("LISTEN_FDS", "0") or 0)
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)
+    return [socket.socket(fileno=3 + i) for i in range(count)]
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from ..api.server import serve
+    from ..api.service import Settings
+    from ..state import store
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    scratch = args.target != "/"
+    settings = Settings(
+        state_dir=store.state_dir(args.state_dir),
+        root=root_of(args.root),
+        target=args.target,
+        live=not scratch and root_of(args.root) == "/",
+        tcti=args.tcti,
+        unit_dir=None if scratch else args.unit_dir,
+    )
+    systemd = None
+    if not scratch:
+        from ..apply.systemd import SdbusSystemd
+
+        systemd = SdbusSystemd()
+
+    def ready() -> None:
+        print(f"serving on {args.socket}" + (f" and {args.listen}" if args.listen else ""))
+        sys.stdout.flush()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(
+            serve(
+                settings,
+                socket_path=args.socket,
+                listen=args.listen or "",
+                systemd=systemd,
+                ready=ready,
+                sockets=_activated_sockets(),
+            )
+        )
+    return 0

@@ -1,0 +1,105 @@
+"""Commands that read the machine: inventory, survey, record, eventlog, security.
+
+Each imports only the part of the HAL its answer needs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .common import EXIT_INVALID, root_of
+
+
+def cmd_inventory(args: argparse.Namespace) -> int:
+    from ..inventory import UnknownSection, scan_with_warnings
+
+    try:
+        doc, warnings = scan_with_warnings(
+            root_of(args.root), args.sections, load_snake_case=args.load_snake_case
+        )
+    except UnknownSection as e:
+        print(e, file=sys.stderr)
+        return EXIT_INVALID
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    fmt = args.format or ("table" if sys.stdout.isatty() else "json")
+    if fmt == "json":
+        print(json.dumps(doc, indent=2))
+    elif fmt == "yaml":
+        from ..core.yamlout import dumps
+
+        sys.stdout.write(dumps(doc))
+    else:
+        from ..inventory.table import table
+
+        for name, section in doc.items():
+            print(f"{name}:")
+            print(table(name, section))
+            print()
+    return 0
+
+
+def cmd_survey(args: argparse.Namespace) -> int:
+    from ..inventory.survey import survey
+
+    doc = survey(root_of(args.root))
+    if args.format == "yaml":
+        from ..core.yamlout import dumps
+
+        sys.stdout.write(dumps(doc))
+    else:
+        print(json.dumps(doc, indent=2))
+    return 0
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    from ..inventory.record import record
+
+    try:
+        manifest = record(args.dir, root_of(args.root))
+    except (FileExistsError, OSError) as e:
+        print(f"record: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    print(f"recorded {len(manifest.entries)} entries into {args.dir} (MANIFEST.json)")
+    return 0
+
+
+def cmd_eventlog(args: argparse.Namespace) -> int:
+    from ..hal import eventlog
+
+    path = Path(args.file) if args.file else Path(root_of(args.root)) / eventlog.LOG_PATH
+    try:
+        log = eventlog.parse(path.read_bytes())
+        pcrs = {
+            bank: {str(i): v.hex() for i, v in sorted(eventlog.replay(log, bank).items())}
+            for bank in log.banks
+            if bank in ("sha1", "sha256", "sha384", "sha512")
+        }
+    except OSError as e:
+        print(f"eventlog: {path}: {e.strerror}", file=sys.stderr)
+        return EXIT_INVALID
+    except eventlog.EventLogError as e:
+        print(f"eventlog: {path}: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    doc: dict[str, object] = {"pcrs": pcrs}
+    if not args.pcrs:
+        doc = {"banks": list(log.banks), "events": eventlog.summary(log), **doc}
+    print(json.dumps(doc, indent=2))
+    return 0
+
+
+def cmd_security(args: argparse.Namespace) -> int:
+    import logging
+
+    from ..hal import tpm
+    from ..security.volumes import security_state
+
+    # The TSS logs each failed step through Python's logging; the one line below says it.
+    for name in ("tcti", "esys"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    root = root_of(args.root)
+    with tpm.open_tpm_if_any(args.tcti, lambda e: print(f"warning: {e}", file=sys.stderr)) as t:
+        print(json.dumps(security_state(root, t), indent=2))
+    return 0
