@@ -22,15 +22,18 @@ from .model import to_json
 
 if TYPE_CHECKING:
     from .cpu import scan_cpu
-    from .extra import scan_fibre_channel, scan_multipath, scan_secure_boot, scan_tpm
+    from .fibrechannel import scan_fibre_channel
     from .gpu import scan_gpu
     from .load import scan_load
     from .memory import scan_memory
+    from .multipath import scan_multipath
     from .network import scan_network
     from .pci import scan_pci
+    from .secureboot import scan_secure_boot
     from .serial import scan_serial
     from .storage import scan_nvme, scan_storage
     from .system import scan_system
+    from .tpm import scan_tpm
     from .usb import scan_usb
 
 Root = str | os.PathLike[str]
@@ -49,10 +52,10 @@ SCANNERS: dict[str, tuple[str, str]] = {
     "serial": ("serial", "scan_serial"),
     # additions, not in Incus's resources
     "nvme": ("storage", "scan_nvme"),
-    "tpm": ("extra", "scan_tpm"),
-    "secure_boot": ("extra", "scan_secure_boot"),
-    "fibre_channel": ("extra", "scan_fibre_channel"),
-    "multipath": ("extra", "scan_multipath"),
+    "tpm": ("tpm", "scan_tpm"),
+    "secure_boot": ("secureboot", "scan_secure_boot"),
+    "fibre_channel": ("fibrechannel", "scan_fibre_channel"),
+    "multipath": ("multipath", "scan_multipath"),
 }
 
 

@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from .cpu import scan_cpu
-from .extra import scan_secure_boot, scan_tpm
 from .memory import scan_memory
 from .network import scan_network
+from .secureboot import scan_secure_boot
 from .storage import scan_storage
 from .sysfs import read
 from .system import scan_system
+from .tpm import scan_tpm
 
 
 def os_release(root: Path) -> dict[str, str]:
