@@ -254,11 +254,11 @@ def rebind(spec: dict, devs: dict, out: dict) -> None:
     secd (which the TPM unsealed at boot) alone; then systemd itself opens seca and secb
     through their crypttab units with no passphrase."""
     from incusos_hal.hal import tpm
-    from incusos_hal.security import volumes as security
+    from incusos_hal.security import rebind as sec_rebind
 
     untouched = {name: token_of(devs[name], "systemd-tpm2") for name in ("secc", "secd")}
     with tpm.open_tpm(TCTI) as t:
-        done = security.tpm_rebind("/", t, [spec["key"]])
+        done = sec_rebind.tpm_rebind("/", t, [spec["key"]])
     out["rebind"] = {
         "rebound": [[r.volume, list(r.pcrs)] for r in done.rebound],
         "skipped": dict(done.skipped),
@@ -278,9 +278,9 @@ def rebind(spec: dict, devs: dict, out: dict) -> None:
         sh("systemctl", "stop", f"systemd-cryptsetup@{name}.service", timeout=120)
     with tpm.open_tpm(TCTI) as t:
         try:
-            security.tpm_rebind("/", t, [spec["key"]])
+            sec_rebind.tpm_rebind("/", t, [spec["key"]])
             out["rebind_again"] = "rebound again"
-        except security.RebindRefused as e:
+        except sec_rebind.RebindRefused as e:
             out["rebind_again"] = str(e)
 
 
@@ -289,7 +289,7 @@ def run(expect: dict) -> dict:
     out: dict = {"label": spec["label"]}
     try:
         from incusos_hal.hal import eventlog, tpm
-        from incusos_hal.security import volumes as security
+        from incusos_hal.security import state as sec_state
 
         devs = devices(spec["serial"])
         if spec["label"] == "secureboot":
@@ -302,7 +302,7 @@ def run(expect: dict) -> dict:
                 bank: [m.pcr for m in eventlog.compare(log, bank, t.pcr_read(bank))]
                 for bank in ("sha1", "sha256")
             }
-            out["state"] = security.security_state("/", t)
+            out["state"] = sec_state.security_state("/", t)
         out["eventlog_b64"] = base64.b64encode(
             Path("/sys/kernel/security/tpm0/binary_bios_measurements").read_bytes()
         ).decode()

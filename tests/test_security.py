@@ -13,7 +13,8 @@ from incusos_hal.config import ConfigError, formats, parse_toml
 from incusos_hal.config.model import Security
 from incusos_hal.hal import eventlog, luks, tpm
 from incusos_hal.render import crypttab
-from incusos_hal.security import volumes as security
+from incusos_hal.security import rebind, recovery, volumes
+from incusos_hal.security import state as sec_state
 
 from conftest import REPO, require_tool
 
@@ -42,7 +43,7 @@ def test_state_of_a_trusted_machine(tmp_path: Path, swtpm: str) -> None:
     root = machine_root(tmp_path, "secureboot")
     with tpm.open_tpm(swtpm) as t:
         measure(t, root)
-        view = security.security(Security(encryption_recovery_keys=("k" * 20 + "!",)), root, t)
+        view = sec_state.security(Security(encryption_recovery_keys=("k" * 20 + "!",)), root, t)
     state = view["state"]
     assert state["tpm_status"] == "ok"
     assert state["secure_boot_enabled"] is True
@@ -59,7 +60,7 @@ def test_pcr_mismatch_and_secure_boot_off(tmp_path: Path, swtpm: str) -> None:
     with tpm.open_tpm(swtpm) as t:
         measure(t, root)
         t.extend(7, {"sha256": bytes(32)})  # measured, but not in the log
-        state = security.security_state(root, t)
+        state = sec_state.security_state(root, t)
     assert state["tpm_status"] == "pcr mismatch"
     assert state["secure_boot_enabled"] is False
     assert state["system_state_is_trusted"] is False
@@ -71,9 +72,9 @@ def test_swtpm_and_no_tpm(tmp_path: Path, swtpm: str) -> None:
     (root / eventlog.LOG_PATH).unlink()
     (root / "boot/swtpm").mkdir(parents=True)
     with tpm.open_tpm(swtpm) as t:
-        assert security.tpm_status(root, t) == "swtpm"
-    assert security.tpm_status(root, None) == "unavailable"
-    trusted, why = security.trust("swtpm", True)
+        assert sec_state.tpm_status(root, t) == "swtpm"
+    assert sec_state.tpm_status(root, None) == "unavailable"
+    trusted, why = sec_state.trust("swtpm", True)
     assert not trusted and why == "using swtpm"
 
 
@@ -107,12 +108,12 @@ def test_encrypted_volumes_from_crypttab(tmp_path: Path, swtpm: str) -> None:
     )
     with tpm.open_tpm(swtpm) as t:
         measure(t, root)
-        status = security.tpm_status(root, t)
-        before = security.encrypted_volumes(root, t, status)
+        status = sec_state.tpm_status(root, t)
+        before = volumes.encrypted_volumes(root, t, status)
         luks.enroll_tpm2(volume, b"first passphrase", t, t.current_policy("sha256", [7]))
-        after = security.encrypted_volumes(root, t, status)
+        after = volumes.encrypted_volumes(root, t, status)
         t.extend(7, {"sha256": bytes(32)})
-        pending = security.encrypted_volumes(root, t, "pcr mismatch")
+        pending = volumes.encrypted_volumes(root, t, "pcr mismatch")
     assert before == [
         {"volume": "data", "state": "unlocked (recovery passphrase)"},
         {"volume": "gone", "state": "locked"},
@@ -150,14 +151,14 @@ def test_signed_volume_state_follows_its_signature_document(tmp_path: Path, swtp
             tpm.PCRPolicy("sha256", {}),
             signer=pcrsig.signer(public),
         )
-        unsigned = security.encrypted_volumes(root, t, "ok")
+        unsigned = volumes.encrypted_volumes(root, t, "ok")
         policy = tpm.policy_pcr_digest(t.current_policy("sha256", [11]))
         path = root / document.lstrip("/")
         path.parent.mkdir(parents=True)
         path.write_text(pcrsig.render_signatures([pcrsig.sign(private, "sha256", [11], policy)]))
-        signed = security.encrypted_volumes(root, t, "ok")
+        signed = volumes.encrypted_volumes(root, t, "ok")
         path.write_text("{not json")
-        broken = security.encrypted_volumes(root, t, "ok")
+        broken = volumes.encrypted_volumes(root, t, "ok")
     assert unsigned == [{"volume": "data", "state": "unlocked (recovery passphrase)"}]
     assert signed == [{"volume": "data", "state": "unlocked (TPM)"}]
     assert broken == unsigned
@@ -191,14 +192,14 @@ def test_crypttab_lines_systemd_reads() -> None:
         "signed PARTLABEL=data none "
         "luks,tpm2-device=auto,tpm2-signature=/var/lib/incusos-hal/pcrsig.json,headless=true"
     )
-    parsed = security.parse_crypttab(text)
+    parsed = crypttab.parse_crypttab(text)
     assert [(e.name, e.device, e.key_file) for e in parsed] == [
         ("root", "PARTLABEL=root-x86-64", ""),
         ("data", "UUID=0b4c1a2e-1111-4222-8333-444455556666", "/var/lib/incusos-hal/keys/data.key"),
         ("signed", "PARTLABEL=data", ""),
     ]
-    assert security.signature_path(parsed[2]) == "/var/lib/incusos-hal/pcrsig.json"
-    assert security.signature_path(parsed[0]) == "/run/systemd/tpm2-pcr-signature.json"
+    assert volumes.signature_path(parsed[2]) == "/var/lib/incusos-hal/pcrsig.json"
+    assert volumes.signature_path(parsed[0]) == "/run/systemd/tpm2-pcr-signature.json"
 
 
 @pytest.mark.parametrize(
@@ -262,7 +263,7 @@ def test_recovery_key_rules() -> None:
     ]
     assert not any(secret in m or "good-key" in m for _, m in errors)
     assert formats.check_recovery_key(luks.make_recovery_key()) is None
-    assert security.check_recovery_keys([]) is not None
+    assert recovery.check_recovery_keys([]) is not None
 
 
 def test_unknown_security_keys_are_refused() -> None:
@@ -338,14 +339,14 @@ def test_recovery_keys_follow_the_config_on_every_volume(tmp_path: Path) -> None
     old = ["first-recovery-key!"]
     root, images = two_volumes(tmp_path, old[0])
     new = ["second-recovery-key!", "third-recovery-key!"]
-    changes = security.sync_recovery_keys(root, None, old, new, pbkdf=FAST)
+    changes = recovery.sync_recovery_keys(root, None, old, new, pbkdf=FAST)
     assert [c.volume for c in changes] == ["alpha", "beta"]
     for image in images:
         assert not luks.opens(image, old[0])
         assert luks.opens(image, new[0]) and luks.opens(image, new[1])
     # Nothing to do: nothing changes.
     before = [luks.header(i).keyslots for i in images]
-    assert security.sync_recovery_keys(root, None, new, new, pbkdf=FAST) == []
+    assert recovery.sync_recovery_keys(root, None, new, new, pbkdf=FAST) == []
     assert [luks.header(i).keyslots for i in images] == before
 
 
@@ -356,7 +357,7 @@ def test_recovery_keys_unlocked_by_the_tpm_when_no_key_opens(tmp_path: Path, swt
         policy = t.current_policy("sha256", [7])
         for image in images:
             luks.enroll_tpm2(image, b"install-time-passphrase!", t, policy)
-        security.sync_recovery_keys(root, t, [], ["operator-recovery-key!"], pbkdf=FAST)
+        recovery.sync_recovery_keys(root, t, [], ["operator-recovery-key!"], pbkdf=FAST)
     for image in images:
         assert luks.opens(image, "operator-recovery-key!")
         assert luks.header(image).token_slots("systemd-tpm2")  # the TPM token stays
@@ -370,8 +371,8 @@ def test_recovery_key_change_is_all_or_nothing(tmp_path: Path) -> None:
     slot = luks.test_key(images[1], old[0])
     luks.remove_keyslot(images[1], slot)
     before = [luks.header(i).keyslots for i in images]
-    with pytest.raises(security.RecoveryKeyError, match="volume beta") as e:
-        security.sync_recovery_keys(root, None, old, ["second-recovery-key!"], pbkdf=FAST)
+    with pytest.raises(recovery.RecoveryKeyError, match="volume beta") as e:
+        recovery.sync_recovery_keys(root, None, old, ["second-recovery-key!"], pbkdf=FAST)
     assert "first-recovery-key!" not in str(e.value)
     assert [luks.header(i).keyslots for i in images] == before
     # An addition failing midway (no free keyslot on beta) rolls back alpha's.
@@ -382,8 +383,8 @@ def test_recovery_key_change_is_all_or_nothing(tmp_path: Path) -> None:
         except luks.LuksError:
             break
     alpha_before = luks.header(images[0]).keyslots
-    with pytest.raises(security.RecoveryKeyError, match="no volume changed"):
-        security.sync_recovery_keys(root, None, old, ["second-recovery-key!"], pbkdf=FAST)
+    with pytest.raises(recovery.RecoveryKeyError, match="no volume changed"):
+        recovery.sync_recovery_keys(root, None, old, ["second-recovery-key!"], pbkdf=FAST)
     assert luks.header(images[0]).keyslots == alpha_before
     assert luks.opens(images[0], old[0]) and not luks.opens(images[0], "second-recovery-key!")
 
@@ -408,8 +409,8 @@ def test_tpm_rebind_reseals_what_the_tpm_no_longer_unseals(tmp_path: Path, swtpm
         luks.enroll_tpm2(alpha, key, t, t.current_policy("sha256", [7, 15]))
         luks.enroll_tpm2(beta, key, t, t.current_policy("sha256", [7]))
         before = [header_bytes(alpha), header_bytes(beta)]
-        with pytest.raises(security.RebindRefused, match="unseals every TPM-bound volume"):
-            security.tpm_rebind(root, t, [key])
+        with pytest.raises(rebind.RebindRefused, match="unseals every TPM-bound volume"):
+            rebind.tpm_rebind(root, t, [key])
         assert [header_bytes(alpha), header_bytes(beta)] == before
         old_slots = [luks.unlock_tpm2(i, t)[0] for i in (alpha, beta)]
 
@@ -417,7 +418,7 @@ def test_tpm_rebind_reseals_what_the_tpm_no_longer_unseals(tmp_path: Path, swtpm
         for image in (alpha, beta):
             with pytest.raises(luks.WrongKeyError):
                 luks.unlock_tpm2(image, t)
-        done = security.tpm_rebind(root, t, ["not-this-one-either!", key])
+        done = rebind.tpm_rebind(root, t, ["not-this-one-either!", key])
         assert [(r.volume, r.pcrs, r.removed) for r in done.rebound] == [
             ("alpha", (7, 15), (old_slots[0],)),
             ("beta", (7,), (old_slots[1],)),
@@ -427,14 +428,14 @@ def test_tpm_rebind_reseals_what_the_tpm_no_longer_unseals(tmp_path: Path, swtpm
             assert luks.unlock_tpm2(image, t)[0] == rebound.keyslot
             assert len(tpm2_tokens(image)) == 1
             assert luks.opens(image, key)  # the recovery key stays
-        with pytest.raises(security.RebindRefused, match="unseals every"):
-            security.tpm_rebind(root, t, [key])
+        with pytest.raises(rebind.RebindRefused, match="unseals every"):
+            rebind.tpm_rebind(root, t, [key])
 
         # A volume measured into PCR 15 since (tpm2-measure-pcr=yes): alpha's new token
         # expects PCR 15 at zero, as it will be when systemd opens it at the next boot.
         t.extend(7, {"sha256": bytes(32)})
         t.extend(15, {"sha256": bytes(range(32))})
-        done = security.tpm_rebind(root, t, [key])
+        done = rebind.tpm_rebind(root, t, [key])
         assert [r.volume for r in done.rebound] == ["alpha", "beta"]
         pcr7 = t.pcr_read("sha256", [7])[7]
         expected = tpm.policy_pcr_digest(tpm.PCRPolicy("sha256", {7: pcr7, 15: bytes(32)}))
@@ -472,7 +473,7 @@ def test_tpm_rebind_keeps_a_signed_token_signed(tmp_path: Path, swtpm: str) -> N
         )
         assert luks.unlock_tpm2(alpha, t, pcrsig.load_signatures(root))
         t.extend(7, {"sha256": bytes(range(32))})
-        done = security.tpm_rebind(root, t, [key])
+        done = rebind.tpm_rebind(root, t, [key])
         assert [(r.volume, r.pcrs) for r in done.rebound] == [("alpha", (7,))]
         assert list(done.skipped) == ["beta"] and "not present" in done.skipped["beta"]
         (token,) = tpm2_tokens(alpha)
@@ -486,15 +487,15 @@ def test_tpm_rebind_refuses_with_nothing_changed(tmp_path: Path, swtpm: str) -> 
     key = "first-recovery-key!"
     root, (alpha, beta) = two_volumes(tmp_path, key)
     with tpm.open_tpm(swtpm) as t:
-        with pytest.raises(security.RebindRefused, match="no volume in crypttab is bound"):
-            security.tpm_rebind(root, t, [key])
+        with pytest.raises(rebind.RebindRefused, match="no volume in crypttab is bound"):
+            rebind.tpm_rebind(root, t, [key])
         for image in (alpha, beta):
             luks.enroll_tpm2(image, key, t, t.current_policy("sha256", [7]))
         t.extend(7, {"sha256": bytes(range(32))})
         before = [header_bytes(alpha), header_bytes(beta)]
         # No configured key opens beta: refused before alpha is touched, no key echoed.
-        with pytest.raises(security.RebindRefused, match="volume alpha: none of the") as e:
-            security.tpm_rebind(root, t, ["some-other-key!!"])
+        with pytest.raises(rebind.RebindRefused, match="volume alpha: none of the") as e:
+            rebind.tpm_rebind(root, t, ["some-other-key!!"])
         assert "some-other-key" not in str(e.value)
         assert [header_bytes(alpha), header_bytes(beta)] == before
         # Sealing fails on beta (no free keyslot): alpha's new token is taken back.
@@ -504,8 +505,8 @@ def test_tpm_rebind_refuses_with_nothing_changed(tmp_path: Path, swtpm: str) -> 
             except luks.LuksError:
                 break
         before_headers = [(luks.header(i).keyslots, luks.header(i).tokens) for i in (alpha, beta)]
-        with pytest.raises(security.RebindError, match=r"volume beta: .*no volume changed"):
-            security.tpm_rebind(root, t, [key])
+        with pytest.raises(rebind.RebindError, match=r"volume beta: .*no volume changed"):
+            rebind.tpm_rebind(root, t, [key])
         after = [(luks.header(i).keyslots, luks.header(i).tokens) for i in (alpha, beta)]
         assert after == before_headers
         with pytest.raises(luks.WrongKeyError):

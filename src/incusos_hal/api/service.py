@@ -183,7 +183,7 @@ class Service:
     def _sync_recovery_keys(self, old: tuple[str, ...], new: tuple[str, ...]) -> None:
         """The volumes' keyslots first (all or nothing), then the config records them."""
         from ..hal import tpm
-        from ..security.volumes import RecoveryKeyError, sync_recovery_keys
+        from ..security.recovery import RecoveryKeyError, sync_recovery_keys
 
         with tpm.open_tpm_if_any(self.settings.tcti) as handle:
             try:
@@ -207,7 +207,7 @@ class Service:
 
     def _tpm_rebind(self, keys: tuple[str, ...]) -> None:
         from ..hal import tpm
-        from ..security.volumes import RebindError, RebindRefused, tpm_rebind
+        from ..security.rebind import RebindError, RebindRefused, tpm_rebind
 
         try:
             with tpm.open_tpm_if_any(self.settings.tcti) as handle:  # None: refused if needed

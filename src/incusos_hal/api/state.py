@@ -74,8 +74,8 @@ def network_state(root: str) -> dict[str, Any]:
 
 def security_state(root: str, tcti: str | None, flags: dict[str, Any]) -> dict[str, Any]:
     from ..hal import tpm
-    from ..security.volumes import Flags
-    from ..security.volumes import security_state as read
+    from ..security.state import Flags
+    from ..security.state import security_state as read
 
     wanted = Flags(recovery_keys_retrieved=bool(flags.get("encryption_recovery_keys_retrieved")))
     with tpm.open_tpm_if_any(tcti) as handle:

@@ -94,7 +94,7 @@ def cmd_security(args: argparse.Namespace) -> int:
     import logging
 
     from ..hal import tpm
-    from ..security.volumes import security_state
+    from ..security.state import security_state
 
     # The TSS logs each failed step through Python's logging; the one line below says it.
     for name in ("tcti", "esys"):

@@ -1,7 +1,7 @@
-"""crypttab(5) entries for encrypted volumes: systemd-cryptsetup-generator turns each line
-into a systemd-cryptsetup@NAME.service, so systemd itself unlocks the volumes at boot
-(through the TPM token with `tpm2-device=auto`, falling back to a key file or a
-passphrase prompt as crypttab says).
+"""crypttab(5), written and read. systemd-cryptsetup-generator turns each line into a
+systemd-cryptsetup@NAME.service, so systemd itself unlocks the volumes at boot (through
+the TPM token with `tpm2-device=auto`, falling back to a key file or a passphrase prompt
+as crypttab says).
 
 crypttab fields are separated by whitespace and have no quoting, so every field is checked
 to be one non-empty token of safe characters: a device path with a space cannot become two
@@ -91,3 +91,26 @@ def render(volumes: Sequence[CryptVolume]) -> str:
     if duplicate is not None:
         raise CrypttabError(f"name: {duplicate!r} is used twice")
     return HEADER + "".join(line(v) + "\n" for v in volumes)
+
+
+@dataclass(frozen=True, slots=True)
+class CrypttabEntry:
+    name: str
+    device: str
+    key_file: str
+    options: tuple[str, ...]
+
+
+def parse_crypttab(text: str) -> list[CrypttabEntry]:
+    """crypttab(5): name, device, key file (optional), options (optional). Lines that are
+    not entries (comments, blanks) are skipped; a line with one field is malformed and
+    skipped too, as systemd-cryptsetup-generator does."""
+    out = []
+    for raw in text.splitlines():
+        fields = raw.split()
+        if not fields or fields[0].startswith("#") or len(fields) < 2:
+            continue
+        key = fields[2] if len(fields) > 2 and fields[2] not in ("-", "none") else ""
+        options = tuple(fields[3].split(",")) if len(fields) > 3 else ()
+        out.append(CrypttabEntry(fields[0], fields[1], key, options))
+    return out
