@@ -22,7 +22,7 @@ from pathlib import Path
 from ..boot.generator import refresh_cache
 from ..config.model import Config
 from ..core.files import Applied, Owned, apply_tree
-from ..hal import net
+from ..hal import net, netlink
 from ..render import Plan, Symlink, render_files
 from ..render.networkd import NETWORK_DIR, PREFIX
 from ..render.system import LOCALTIME, NETLOGD_DROPIN, PROXY_ENV, TIMESYNCD_DROPIN, ZONEINFO
@@ -110,7 +110,7 @@ def _rename(
             problems.append(f"{old}: cannot be renamed to {new} while it is up; left as it is")
             continue
         try:
-            net.rename_link(old, new)
+            netlink.rename_link(old, new)
         except Exception as e:  # netlink errors come in many types
             problems.append(f"{old}: renaming to {new} failed: {e}")
         else:

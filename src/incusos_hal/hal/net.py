@@ -122,18 +122,3 @@ def udev_done(root: str | os.PathLike[str], name: str) -> bool:
     """Whether udev has finished its first pass over interface `name`."""
     ifindex = _read(Path(root, "sys/class/net", name, "ifindex"))
     return ifindex is not None and Path(root, f"run/udev/data/n{ifindex}").exists()
-
-
-def rename_link(name: str, new_name: str) -> None:
-    """Rename a link over netlink; the kernel refuses while the link is up.
-
-    pyroute2 is imported here, not at module level: only the boot-time configure step
-    renames, and only when the names are not already right.
-    """
-    from pyroute2 import IPRoute
-
-    with IPRoute() as ipr:
-        (index,) = ipr.link_lookup(ifname=name) or (None,)
-        if index is None:
-            raise FileNotFoundError(f"no link named {name}")
-        ipr.link("set", index=index, ifname=new_name)
