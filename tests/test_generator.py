@@ -18,7 +18,7 @@ import pytest
 from incusos_hal import __version__
 from incusos_hal.boot.generator import CACHE_FILE, refresh_cache
 from incusos_hal.config import parse_toml
-from incusos_hal.render import render_units
+from incusos_hal.sections import render_units
 from incusos_hal.state import store
 
 from golden import manifest

@@ -25,7 +25,7 @@ from incusos_hal.config import (
     parse_toml,
 )
 from incusos_hal.hal.net import Nic
-from incusos_hal.render import render_files, render_units
+from incusos_hal.sections import render_files, render_units
 
 SETTINGS = settings(
     max_examples=150,

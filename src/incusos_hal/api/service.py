@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..apply.systemd import ApplyError, Systemd, changes
+from ..apply.systemd import ApplyError, Systemd
 from ..config import Config, ConfigError, FieldError, from_dict, to_dict
 from ..config.formats import parse_go_duration
 from ..core.files import atomic_write
+from ..sections import changes
 from ..state import store
 from . import backup
 from . import envelope as env

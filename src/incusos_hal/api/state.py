@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 from typing import Any
 
@@ -15,71 +14,15 @@ def _read(path: Path) -> str:
         return ""
 
 
-def _addresses() -> dict[str, list[str]]:
-    """Interface name -> its addresses with prefix length, from the kernel (netlink)."""
-    from pyroute2 import IPRoute
-
-    out: dict[str, list[str]] = {}
-    with IPRoute() as ipr:
-        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
-        for addr in ipr.get_addr():
-            name = names.get(addr["index"])
-            local = addr.get_attr("IFA_ADDRESS")
-            if name and local:
-                out.setdefault(name, []).append(f"{local}/{addr['prefixlen']}")
-    return out
-
-
 def network_state(root: str) -> dict[str, Any]:
     """IncusOS's SystemNetworkState, from sysfs (and netlink when reading this machine)."""
-    base = Path(root, "sys/class/net")
+    from ..hal import net, netlink
+
     addresses: dict[str, list[str]] = {}
     if root == "/":
         with contextlib.suppress(OSError, ImportError):
-            addresses = _addresses()
-    interfaces: dict[str, Any] = {}
-    try:
-        names = sorted(os.listdir(base))
-    except OSError:
-        names = []
-    for name in names:
-        d = base / name
-        if name == "lo":
-            continue
-        kind = "ethernet"
-        if (d / "bridge").exists():
-            kind = "bridge"
-        elif (d / "bonding").exists():
-            kind = "bond"
-        elif not (d / "device").exists():
-            kind = "virtual"
-        speed = _read(d / "speed")
-        entry: dict[str, Any] = {
-            "hwaddr": _read(d / "address"),
-            "mtu": int(_read(d / "mtu") or 0),
-            "state": _read(d / "operstate") or "unknown",
-            "type": kind,
-            "addresses": addresses.get(name, []),
-        }
-        if speed.isdigit():
-            entry["speed"] = speed
-        members = sorted(p.name.removeprefix("lower_") for p in d.glob("lower_*"))
-        if kind == "bridge":
-            members = sorted(os.listdir(d / "brif")) if (d / "brif").is_dir() else []
-        if members:
-            entry["members"] = members
-        interfaces[name] = entry
-    return {"interfaces": interfaces}
-
-
-def security_state(root: str, tcti: str | None, flags: dict[str, Any]) -> dict[str, Any]:
-    from ..hal import tpm
-    from ..security.state import Flags
-    from ..security.state import security_state as read
-
-    wanted = Flags(recovery_keys_retrieved=bool(flags.get("encryption_recovery_keys_retrieved")))
-    with tpm.open_tpm_if_any(tcti) as handle:
-        return read(root, handle, wanted)
+            addresses = netlink.addresses()
+    return net.links_state(root, addresses)
 
 
 class NetworkStateCache:
@@ -137,3 +80,13 @@ class NetworkStateCache:
         state = network_state(self.root)
         self._cached = (generation, state)
         return state
+
+
+def security_state(root: str, tcti: str | None, flags: dict[str, Any]) -> dict[str, Any]:
+    from ..hal import tpm
+    from ..security.state import Flags
+    from ..security.state import security_state as read
+
+    wanted = Flags(recovery_keys_retrieved=bool(flags.get("encryption_recovery_keys_retrieved")))
+    with tpm.open_tpm_if_any(tcti) as handle:
+        return read(root, handle, wanted)

@@ -21,19 +21,13 @@ from pathlib import Path
 
 from ..boot.generator import refresh_cache
 from ..config.model import Config
-from ..core.files import Applied, Owned, apply_tree
+from ..core.files import Applied, apply_tree
 from ..hal import net, netlink
-from ..render import Plan, Symlink, render_files
-from ..render.networkd import NETWORK_DIR, PREFIX
-from ..render.system import LOCALTIME, NETLOGD_DROPIN, PROXY_ENV, TIMESYNCD_DROPIN, ZONEINFO
+from ..render import Symlink
+from ..render.system import LOCALTIME, ZONEINFO
+from ..sections import Plan, owned, render_files
 from ..state import store
 
-OWNED = (
-    Owned(NETWORK_DIR, lambda name: name.startswith(PREFIX)),
-    Owned(os.path.dirname(TIMESYNCD_DROPIN), lambda n: n == os.path.basename(TIMESYNCD_DROPIN)),
-    Owned(os.path.dirname(NETLOGD_DROPIN), lambda n: n == os.path.basename(NETLOGD_DROPIN)),
-    Owned(os.path.dirname(PROXY_ENV), lambda n: n == os.path.basename(PROXY_ENV)),
-)
 # How long to wait for udev to finish with a NIC before renaming it ourselves.
 UDEV_WAIT_SECONDS = 5.0
 IFF_UP = 0x1
@@ -155,7 +149,7 @@ def configure(
         problems += rename_problems
 
     try:
-        applied = apply_tree(target_path, plan.files, OWNED)
+        applied = apply_tree(target_path, plan.files, owned())
     except OSError as e:
         error(f"writing the configuration failed, previous files restored: {e}")
         return Result(loaded.source, None, tuple(renamed), (*problems, str(e)))

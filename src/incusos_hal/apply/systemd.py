@@ -8,46 +8,16 @@ daemon whose drop-in changed is restarted, waiting for its job to finish (JobRem
 and failing on any result but "done". No `systemctl` subprocess: a bus call reports a
 failure as a typed error, and waits on the job, not on a pipe.
 
-`Changes` maps the configure step's written and removed paths to that work, as a pure
-function, so the rules are testable without a bus.
+Which daemon a changed file concerns is the section table's to say
+(`incusos_hal.sections.changes`), as a pure function testable without a bus.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ..render.networkd import NETWORK_DIR
-from ..render.system import NETLOGD_DROPIN, PROXY_ENV, TIMESYNCD_DROPIN
-
 JOB_TIMEOUT_SECONDS = 90.0
-# Units whose environment comes from the proxy file (IncusOS sets the proxy for the
-# daemons that fetch: Incus itself and the update service).
-PROXY_UNITS: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class Changes:
-    reload_networkd: bool
-    restart: tuple[str, ...]
-
-
-def changes(paths: Iterable[str]) -> Changes:
-    """What to tell systemd after the configure step changed these files."""
-    networkd = False
-    restart: list[str] = []
-    for path in paths:
-        if path.startswith(NETWORK_DIR + "/"):
-            networkd = True
-        elif path == TIMESYNCD_DROPIN:
-            restart.append("systemd-timesyncd.service")
-        elif path == NETLOGD_DROPIN:
-            restart.append("systemd-netlogd.service")
-        elif path == PROXY_ENV:
-            restart += PROXY_UNITS
-    return Changes(networkd, tuple(dict.fromkeys(restart)))
 
 
 class ApplyError(RuntimeError):

@@ -26,7 +26,8 @@ from .. import __version__
 from ..config.model import Config
 from ..core.files import atomic_write, write_tree
 from ..core.kmsg import ERR, INFO, WARNING, kmsg
-from ..render import Symlink, Tree, render_units
+from ..render import Symlink, Tree
+from ..sections import render_units
 from ..state import store
 
 IDENT = "incusos-hal-generator"

@@ -49,7 +49,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     from ..config import ConfigError
     from ..core.files import write_tree
     from ..hal.net import list_nics
-    from ..render import render_files, render_units
+    from ..sections import render_files, render_units
     from ..state import store
 
     state = store.state_dir(args.state_dir)

@@ -13,6 +13,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 # How the kernel prints an Ethernet address in sysfs. (Not the config's MAC check, which
 # also accepts what people type: importing the config package costs the inventory a
@@ -122,3 +123,46 @@ def udev_done(root: str | os.PathLike[str], name: str) -> bool:
     """Whether udev has finished its first pass over interface `name`."""
     ifindex = _read(Path(root, "sys/class/net", name, "ifindex"))
     return ifindex is not None and Path(root, f"run/udev/data/n{ifindex}").exists()
+
+
+def links_state(root: str, addresses: dict[str, list[str]]) -> dict[str, Any]:
+    """Every link but lo as the API's network state shows it, from sysfs; `addresses`
+    (interface name -> address/prefix) come from netlink when reading this machine."""
+    base = Path(root, "sys/class/net")
+    interfaces: dict[str, Any] = {}
+    try:
+        names = sorted(os.listdir(base))
+    except OSError:
+        names = []
+    for name in names:
+        d = base / name
+        if name == "lo":
+            continue
+        kind = "ethernet"
+        if (d / "bridge").exists():
+            kind = "bridge"
+        elif (d / "bonding").exists():
+            kind = "bond"
+        elif not (d / "device").exists():
+            kind = "virtual"
+        speed = _read_or_empty(d / "speed")
+        entry: dict[str, Any] = {
+            "hwaddr": _read_or_empty(d / "address"),
+            "mtu": int(_read_or_empty(d / "mtu") or 0),
+            "state": _read_or_empty(d / "operstate") or "unknown",
+            "type": kind,
+            "addresses": addresses.get(name, []),
+        }
+        if speed.isdigit():
+            entry["speed"] = speed
+        members = sorted(p.name.removeprefix("lower_") for p in d.glob("lower_*"))
+        if kind == "bridge":
+            members = sorted(os.listdir(d / "brif")) if (d / "brif").is_dir() else []
+        if members:
+            entry["members"] = members
+        interfaces[name] = entry
+    return {"interfaces": interfaces}
+
+
+def _read_or_empty(path: Path) -> str:
+    return _read(path) or ""

@@ -20,3 +20,18 @@ def rename_link(name: str, new_name: str) -> None:
         if index is None:
             raise FileNotFoundError(f"no link named {name}")
         ipr.link("set", index=index, ifname=new_name)
+
+
+def addresses() -> dict[str, list[str]]:
+    """Interface name -> its addresses with prefix length, from the kernel (netlink)."""
+    from pyroute2 import IPRoute
+
+    out: dict[str, list[str]] = {}
+    with IPRoute() as ipr:
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        for addr in ipr.get_addr():
+            name = names.get(addr["index"])
+            local = addr.get_attr("IFA_ADDRESS")
+            if name and local:
+                out.setdefault(name, []).append(f"{local}/{addr['prefixlen']}")
+    return out
