@@ -294,7 +294,6 @@ def test_cli_prints_the_replay(tmp_path: Path) -> None:
     import json
 
     from incusos_hal import cli
-    from incusos_hal.cli.common import EXIT_INVALID
 
     path = FIXTURES / "eventlogs/ubuntu_2104_shielded_vm_no_secure_boot_eventlog"
     out = subprocess.run(
@@ -310,4 +309,82 @@ def test_cli_prints_the_replay(tmp_path: Path) -> None:
     }
     bad = tmp_path / "bad"
     bad.write_bytes(b"\x00" * 7)
-    assert cli.main(["eventlog", str(bad)]) == EXIT_INVALID
+    assert cli.main(["eventlog", str(bad)]) == cli.EXIT_INVALID
+
+
+def _eventlog_cases(tmp_path: Path) -> list[Path]:
+    """Every fixture log, cut short at a few places (each cut is an error of its own), an
+    empty file, a missing one and a directory."""
+    logs = [*sorted((FIXTURES / "eventlogs").glob("*_eventlog"))]
+    logs += [GUEST[name] / "binary_bios_measurements" for name in sorted(GUEST)]
+    cases = list(logs)
+    for i, log in enumerate(logs):
+        raw = log.read_bytes()
+        for cut in (3, 40, len(raw) // 3, len(raw) - 5):
+            short = tmp_path / f"cut-{i}-{cut}"
+            short.write_bytes(raw[:cut])
+            cases.append(short)
+    (tmp_path / "empty").write_bytes(b"")
+    return [*cases, tmp_path / "empty", tmp_path / "missing", tmp_path]
+
+
+def test_cli_pcrs_fast_path_answers_as_the_parser_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`eventlog --pcrs FILE` is answered before argparse (hal.eventrecords alone); with one
+    more argument it goes through argparse and hal.eventlog: the same stdout, stderr and
+    exit status, for good logs and for every kind of bad one."""
+    from incusos_hal import cli
+
+    assert cli._eventlog_pcrs_file(["eventlog", "--pcrs", "f"]) == "f"
+    assert cli._eventlog_pcrs_file(["eventlog", "f", "--pcrs"]) == "f"
+    for argv in (["eventlog", "--pcr", "f"], ["eventlog", "--pcrs", ""], ["eventlog", "--pcrs"]):
+        assert cli._eventlog_pcrs_file(argv) is None, argv
+    errors = 0
+    for case in _eventlog_cases(tmp_path):
+        fast_code = cli.main(["eventlog", "--pcrs", str(case)])
+        fast = capsys.readouterr()
+        full_code = cli.main(["eventlog", str(case), "--pcrs", "--root", "/"])
+        full = capsys.readouterr()
+        assert (fast_code, fast.out, fast.err) == (full_code, full.out, full.err), case
+        errors += fast_code != 0
+    assert 0 < errors < len(_eventlog_cases(tmp_path))
+
+
+def test_cli_pcrs_imports_only_what_it_needs() -> None:
+    """The start-up budget of `incusos-hal eventlog --pcrs FILE`: beyond the interpreter's
+    own start, the package, the CLI, hal.eventrecords, struct and hashlib; the heaviest
+    imports it must not pay for are named."""
+
+    def imported(code: str) -> dict[str, int]:
+        err = subprocess.run(
+            [sys.executable, "-X", "importtime", "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={"PYTHONPATH": str(REPO / "src")},
+        ).stderr
+        rows = re.findall(r"import time:\s+\d+ \|\s+(\d+) \|( *)(\S+)", err)
+        return {name: int(cumulative) for cumulative, _, name in rows}
+
+    log = GUEST["secureboot"] / "binary_bios_measurements"
+    baseline = imported("pass")
+    ours = imported(f"from incusos_hal.cli import main; main(['eventlog', '--pcrs', '{log}'])")
+    extra = set(ours) - set(baseline)
+    allowed = {
+        "__future__",
+        "incusos_hal",
+        "incusos_hal.cli",
+        "incusos_hal.cli.common",
+        "incusos_hal.hal",
+        "incusos_hal.hal.eventrecords",
+        "hashlib",
+        "_hashlib",
+        "_blake2",
+        "struct",
+        "_struct",
+    }
+    heaviest = sorted(extra - allowed, key=lambda name: -ours[name])
+    assert not heaviest, f"eventlog --pcrs imports {heaviest[:8]} (heaviest first)"
+    for never in ("argparse", "json", "pathlib", "dataclasses", "typing", "re", "uuid"):
+        assert never not in ours or never in baseline, never

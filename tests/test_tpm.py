@@ -206,3 +206,106 @@ def test_unseal_trusts_the_tpm_not_the_tokens_srk(swtpm: str) -> None:
         other = (0x81000002).to_bytes(4, "big") + sealed.srk[4:]
         with pytest.raises(tpm.TPMError, match="not the SRK"):
             t.unseal(sealed.private, sealed.public, "sha256", [7], other)
+
+
+SRK_TEMPLATE_ARGS = [
+    "-C",
+    "o",
+    "-G",
+    "ecc256:aes128cfb",
+    "-g",
+    "sha256",
+    "-a",
+    "restricted|decrypt|fixedtpm|fixedparent|sensitivedataorigin|userwithauth|noda",
+]
+
+
+def _tool(tcti: str, *argv: str, cwd: Path | None = None) -> str:
+    return subprocess.run(
+        argv, env=tools_env(tcti), cwd=cwd, capture_output=True, text=True, check=True
+    ).stdout
+
+
+def _key(output: str) -> tuple[str, ...]:
+    """The public key tpm2-tools printed: the ECC point, or the RSA modulus."""
+    found = re.findall(r"^(?:x|y|rsa): ([0-9a-f]+)$", output, re.M)
+    assert found, output
+    return tuple(found)
+
+
+def test_persistent_srk_is_the_template_primary(swtpm: str, tmp_path: Path) -> None:
+    """The key at 0x81000001 is the one tpm2-tools derives from the Provisioning Guidance's
+    ECC template, so a freshly created primary is the same parent: what was sealed under the
+    persistent SRK loads and unseals under it."""
+    require_tool("tpm2_createprimary", "tpm2_load", "tpm2_unseal", "tpm2_readpublic")
+    with tpm.open_tpm(swtpm) as t:
+        sealed = t.seal(b"same parent", t.current_policy("sha256", [7]))
+    primary = _tool(swtpm, "tpm2_createprimary", *SRK_TEMPLATE_ARGS, "-c", "p.ctx", cwd=tmp_path)
+    _tool(swtpm, "tpm2_flushcontext", "-t")
+    assert _key(primary) == _key(_tool(swtpm, "tpm2_readpublic", "-c", "0x81000001"))
+    (tmp_path / "s.priv").write_bytes(sealed.private)
+    (tmp_path / "s.pub").write_bytes(sealed.public)
+    _tool(
+        swtpm,
+        "tpm2_load",
+        "-C",
+        "p.ctx",
+        "-u",
+        "s.pub",
+        "-r",
+        "s.priv",
+        "-c",
+        "s.ctx",
+        cwd=tmp_path,
+    )
+    _tool(swtpm, "tpm2_flushcontext", "-t")
+    out = subprocess.run(
+        ["tpm2_unseal", "-c", "s.ctx", "-p", "pcr:sha256:7"],
+        env=tools_env(swtpm),
+        cwd=tmp_path,
+        capture_output=True,
+        check=True,
+    ).stdout
+    assert out == b"same parent"
+
+
+def test_a_foreign_key_at_the_srk_handle_is_not_trusted(swtpm: str, tmp_path: Path) -> None:
+    """Another key persisted at 0x81000001 (an RSA key here) is left alone: sealing and
+    unsealing use the SRK created transiently from the template, the same key, so a token
+    sealed under the persistent SRK before still unseals; nothing stays loaded."""
+    require_tool("tpm2_createprimary", "tpm2_evictcontrol", "tpm2_getcap")
+    with tpm.open_tpm(swtpm) as t:
+        policy = t.current_policy("sha256", [7])
+        before = t.seal(b"sealed before", policy)
+    _tool(swtpm, "tpm2_evictcontrol", "-C", "o", "-c", "0x81000001")
+    foreign = _tool(
+        swtpm, "tpm2_createprimary", "-C", "o", "-G", "rsa2048", "-c", "f.ctx", cwd=tmp_path
+    )
+    _tool(swtpm, "tpm2_evictcontrol", "-C", "o", "-c", "f.ctx", "0x81000001", cwd=tmp_path)
+    _tool(swtpm, "tpm2_flushcontext", "-t")
+    with tpm.open_tpm(swtpm) as t:
+        assert t.unseal_sealed(before) == b"sealed before"
+        after = t.seal(b"sealed after", policy)
+        assert after.srk[:1] == b"\x80"  # the transient SRK's handle, not the foreign key's
+        assert t.unseal_sealed(after) == b"sealed after"
+    with tpm.open_tpm(swtpm) as t:
+        assert t.unseal_sealed(after) == b"sealed after"
+    assert _key(foreign) == _key(_tool(swtpm, "tpm2_readpublic", "-c", "0x81000001"))
+    assert "0x80" not in _tool(swtpm, "tpm2_getcap", "handles-transient")
+
+
+def test_sessions_are_reused_and_flushed(swtpm: str) -> None:
+    """Many seals and unseals on one open TPM, a refused unseal among them, fit in swtpm's
+    three session and object slots (sessions kept and reused, a failed one replaced), and
+    closing leaves nothing loaded."""
+    require_tool("tpm2_getcap")
+    with tpm.open_tpm(swtpm) as t:
+        policy = t.current_policy("sha256", [7])
+        wrong = tpm.PCRPolicy("sha256", {7: b"\x01" * 32})  # a fresh swtpm: PCR 7 is zeros
+        for i in range(8):
+            secret = bytes([i + 1]) * 16
+            assert t.unseal_sealed(t.seal(secret, policy)) == secret
+            with pytest.raises(tpm.PolicyError):
+                t.unseal_sealed(t.seal(secret, wrong))
+    for kind in ("handles-transient", "handles-loaded-session", "handles-saved-session"):
+        assert "0x" not in _tool(swtpm, "tpm2_getcap", kind), kind

@@ -20,18 +20,25 @@ Environment: INCUSOS_HAL_STATE_DIR (default /var/lib/incusos-hal), INCUSOS_HAL_R
 
 from __future__ import annotations
 
-import argparse
-import importlib
+import sys
 
 from .. import __version__
-from .common import DEFAULT_UNIT_DIR
+from .common import DEFAULT_UNIT_DIR, EXIT_INVALID
+
+# Not `typing.TYPE_CHECKING`: importing typing is a cost `eventlog --pcrs` does not pay.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
 
 # Each command lives in one of three modules, imported only when it runs: `admin` (this
 # machine's config and the service), `machine` (the HAL's readings) and `remote` (the
-# API's client, standard library only). A command pays for its own imports, no others.
+# API's client, standard library only). A command pays for its own imports, no others;
+# `eventlog --pcrs FILE` answers before argparse is even loaded (see main).
 
 
 def parser() -> argparse.ArgumentParser:
+    import argparse
+
     p = argparse.ArgumentParser(prog="incusos-hal", description=__doc__.split("\n")[0])
     p.add_argument("--version", action="version", version=__version__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -134,7 +141,40 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _eventlog_pcrs_file(argv: list[str]) -> str | None:
+    """FILE when the arguments are exactly `eventlog --pcrs FILE` (or `eventlog FILE
+    --pcrs`): what main answers without argparse, the command a script runs at every boot to
+    compare with the TPM. Anything else (another option, --help, an abbreviation argparse
+    would expand, an empty or dash-led FILE) goes through the parser."""
+    if len(argv) != 3 or argv[0] != "eventlog" or argv[1:].count("--pcrs") != 1:
+        return None
+    file = argv[2] if argv[1] == "--pcrs" else argv[1]
+    return file if file and not file.startswith("-") else None
+
+
+def _eventlog_pcrs(file: str) -> int:
+    """cmd_eventlog's `--pcrs FILE`, byte for byte, importing only hal.eventrecords."""
+    from ..hal import eventrecords
+
+    try:
+        with open(file, "rb") as f:
+            text = eventrecords.pcrs_json(f.read())
+    except (OSError, eventrecords.EventLogError) as e:
+        from pathlib import Path  # how cmd_eventlog names the file
+
+        why = e.strerror if isinstance(e, OSError) else e
+        print(f"eventlog: {Path(file)}: {why}", file=sys.stderr)
+        return EXIT_INVALID
+    print(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    fast = _eventlog_pcrs_file(sys.argv[1:] if argv is None else argv)
+    if fast is not None:
+        return _eventlog_pcrs(fast)
+    import importlib
+
     args = parser().parse_args(argv)
     module_name, function = args.command
     module = importlib.import_module(f"{__name__}.{module_name}")

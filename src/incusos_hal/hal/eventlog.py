@@ -22,18 +22,20 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-LOG_PATH = "sys/kernel/security/tpm0/binary_bios_measurements"
+from incusos_hal.hal import eventrecords
+from incusos_hal.hal.eventrecords import LOG_PATH as LOG_PATH
+from incusos_hal.hal.eventrecords import MAX_EVENT_SIZE as MAX_EVENT_SIZE
+from incusos_hal.hal.eventrecords import MAX_LOG_SIZE as MAX_LOG_SIZE
+from incusos_hal.hal.eventrecords import PCR_COUNT as PCR_COUNT
+from incusos_hal.hal.eventrecords import SPEC_ID_SIGNATURE as SPEC_ID_SIGNATURE
+from incusos_hal.hal.eventrecords import STARTUP_LOCALITY_SIGNATURE as STARTUP_LOCALITY_SIGNATURE
+from incusos_hal.hal.eventrecords import EventLogError as EventLogError
 
-# TPM_ALG_ID → (name, digest size); the banks a PC Client TPM can have.
-ALGORITHMS: Mapping[int, tuple[str, int]] = {
-    0x0004: ("sha1", 20),
-    0x000B: ("sha256", 32),
-    0x000C: ("sha384", 48),
-    0x000D: ("sha512", 64),
-    0x0012: ("sm3_256", 32),
-}
-ALGORITHM_IDS: Mapping[str, int] = {name: alg for alg, (name, _) in ALGORITHMS.items()}
-_HASHLIB = {"sha1": "sha1", "sha256": "sha256", "sha384": "sha384", "sha512": "sha512"}
+# The record reading lives in hal.eventrecords (plain tuples, no dataclasses: what the
+# `eventlog --pcrs` command needs); these names are its, kept here for every other caller.
+ALGORITHMS: Mapping[int, tuple[str, int]] = eventrecords.ALGORITHMS
+ALGORITHM_IDS: Mapping[str, int] = eventrecords.ALGORITHM_IDS
+_HASHLIB = eventrecords.HASHLIB
 
 EV_EFI = 0x80000000
 EVENT_TYPES: Mapping[int, str] = {
@@ -86,20 +88,8 @@ EV_EFI_VARIABLE_AUTHORITY = EV_EFI + 0xE0
 # verifier can recompute (PFP 10.4.4; EV_EFI_VARIABLE_BOOT hashes only the data).
 _VARIABLE_DIGEST_OVER_EVENT = (EV_EFI_VARIABLE_DRIVER_CONFIG, EV_EFI_VARIABLE_AUTHORITY)
 
-SPEC_ID_SIGNATURE = b"Spec ID Event03\0"
-STARTUP_LOCALITY_SIGNATURE = b"StartupLocality\0"
-PCR_COUNT = 24
-# Far above any real event (a db with every Microsoft certificate is ~10 KiB; a log is a few
-# hundred KiB), low enough that a corrupt length cannot make us allocate gigabytes.
-MAX_EVENT_SIZE = 1 << 20
-MAX_LOG_SIZE = 64 << 20
-
 EFI_GLOBAL_VARIABLE = uuid.UUID("8be4df61-93ca-11d2-aa0d-00e098032b8c")
 EFI_IMAGE_SECURITY_DATABASE = uuid.UUID("d719b2cb-3d3a-4596-a3bc-dad00e67656f")
-
-
-class EventLogError(ValueError):
-    """The log is not a TCG event log this parser can trust."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,133 +174,27 @@ def variable_data(guid: uuid.UUID, name: str, value: bytes) -> bytes:
     return guid.bytes_le + struct.pack("<QQ", len(encoded) // 2, len(value)) + encoded + value
 
 
-class _Reader:
-    def __init__(self, raw: bytes) -> None:
-        self.raw = raw
-        self.pos = 0
-
-    def take(self, n: int, what: str) -> bytes:
-        if n < 0 or self.pos + n > len(self.raw):
-            raise EventLogError(f"{what} at offset {self.pos}: needs {n} bytes, {self.left} left")
-        out = self.raw[self.pos : self.pos + n]
-        self.pos += n
-        return out
-
-    def u32(self, what: str) -> int:
-        value: int = struct.unpack("<I", self.take(4, what))[0]
-        return value
-
-    def u16(self, what: str) -> int:
-        value: int = struct.unpack("<H", self.take(2, what))[0]
-        return value
-
-    @property
-    def left(self) -> int:
-        return len(self.raw) - self.pos
-
-
-def _parse_spec_id(data: bytes) -> tuple[dict[int, int], str, bytes]:
-    """The Spec ID Event03 data: {algorithm id: digest size}, spec version, vendor info."""
-    r = _Reader(data)
-    r.take(16, "Spec ID signature")
-    r.u32("platform class")
-    minor, major, errata, uintn = r.take(4, "Spec ID version")
-    if uintn not in (1, 2):
-        raise EventLogError(f"Spec ID Event03: uintnSize {uintn} is neither 1 nor 2")
-    count = r.u32("number of algorithms")
-    if not 0 < count <= 16:
-        raise EventLogError(f"Spec ID Event03: {count} algorithms")
-    sizes: dict[int, int] = {}
-    for _ in range(count):
-        alg = r.u16("algorithm id")
-        size = r.u16("digest size")
-        known = ALGORITHMS.get(alg)
-        if known is not None and known[1] != size:
-            raise EventLogError(f"Spec ID Event03: {known[0]} digest size {size}, not {known[1]}")
-        if not 0 < size <= 64:
-            raise EventLogError(f"Spec ID Event03: digest size {size} for algorithm 0x{alg:04x}")
-        sizes[alg] = size
-    vendor = r.take(r.take(1, "vendor info size")[0], "vendor info")
-    return sizes, f"{major}.{minor}.{errata}", vendor
-
-
-def _bank(alg: int) -> str:
-    known = ALGORITHMS.get(alg)
-    return known[0] if known else f"0x{alg:04x}"
-
-
 def parse(raw: bytes) -> EventLog:
-    """Parse a binary event log (crypto-agile or legacy SHA-1)."""
-    if len(raw) > MAX_LOG_SIZE:
-        raise EventLogError(f"event log of {len(raw)} bytes is larger than {MAX_LOG_SIZE}")
-    r = _Reader(bytes(raw))
-    if r.left == 0:
-        raise EventLogError("event log is empty")
-    # The first record is always in the SHA-1 layout: TCG_PCClientPCREvent.
-    pcr = r.u32("first event PCR index")
-    etype = r.u32("first event type")
-    sha1 = r.take(20, "first event digest")
-    size = r.u32("first event size")
-    if size > MAX_EVENT_SIZE:
-        raise EventLogError(f"first event at offset 0: size {size} is implausible")
-    data = r.take(size, "first event data")
-    if pcr >= PCR_COUNT:
-        raise EventLogError(f"first event: PCR {pcr} out of range")
-    events: list[Event] = []
-    if etype == EV_NO_ACTION and data.startswith(SPEC_ID_SIGNATURE):
-        sizes, version, vendor = _parse_spec_id(data)
-        events.append(Event(0, 0, pcr, etype, {}, data))
-        banks = tuple(_bank(alg) for alg in sizes)
-        locality = 0
-        while r.left:
-            offset = r.pos
-            if r.left < 8 and not any(r.raw[r.pos :]):
-                break  # zero padding at the end of the firmware's buffer
-            pcr = r.u32("PCR index")
-            etype = r.u32("event type")
-            count = r.u32("digest count")
-            if pcr == 0 and etype == 0 and count == 0 and not any(r.raw[r.pos :]):
-                break
-            if pcr >= PCR_COUNT:
-                raise EventLogError(f"event at offset {offset}: PCR {pcr} out of range")
-            if count > len(sizes):
-                raise EventLogError(
-                    f"event at offset {offset}: {count} digests, the log has {len(sizes)} banks"
-                )
-            digests: dict[str, bytes] = {}
-            for _ in range(count):
-                alg = r.u16("digest algorithm")
-                if alg not in sizes:
-                    raise EventLogError(
-                        f"event at offset {offset}: digest algorithm 0x{alg:04x} not declared"
-                    )
-                digests[_bank(alg)] = r.take(sizes[alg], "digest")
-            size = r.u32("event size")
-            if size > MAX_EVENT_SIZE:
-                raise EventLogError(f"event at offset {offset}: size {size} is implausible")
-            data = r.take(size, "event data")
-            if etype == EV_NO_ACTION and data.startswith(STARTUP_LOCALITY_SIGNATURE):
-                if len(data) < 17:
-                    raise EventLogError(f"event at offset {offset}: short StartupLocality")
-                locality = data[16]
-            events.append(Event(len(events), offset, pcr, etype, digests, data))
-        return EventLog(True, banks, tuple(events), locality, version, vendor)
-    # Legacy log: every record is the SHA-1 one.
-    events.append(Event(0, 0, pcr, etype, {"sha1": sha1}, data))
-    while r.left:
-        offset = r.pos
-        if not any(r.raw[r.pos :]):
-            break
-        pcr = r.u32("PCR index")
-        etype = r.u32("event type")
-        sha1 = r.take(20, "digest")
-        size = r.u32("event size")
-        if pcr >= PCR_COUNT:
-            raise EventLogError(f"event at offset {offset}: PCR {pcr} out of range")
-        if size > MAX_EVENT_SIZE:
-            raise EventLogError(f"event at offset {offset}: size {size} is implausible")
-        events.append(Event(len(events), offset, pcr, etype, {"sha1": sha1}, r.take(size, "data")))
-    return EventLog(False, ("sha1",), tuple(events))
+    """Parse a binary event log (crypto-agile or legacy SHA-1), in the steps of
+    hal.eventrecords: the first record (SHA-1 layout); if it is the Spec ID event, its banks
+    and the TCG_PCR_EVENT2 records after it, else the legacy SHA-1 records."""
+    r = eventrecords.open_log(raw)
+    pcr, etype, sha1, data = eventrecords.read_first_record(r)
+    if eventrecords.is_spec_id(etype, data):
+        sizes, version, vendor = eventrecords.parse_spec_id(data)
+        records = [(0, pcr, etype, {}, data), *eventrecords.read_agile_records(r, sizes)]
+        banks = tuple(eventrecords.bank_name(alg) for alg in sizes)
+        locality = eventrecords.startup_locality(records)
+        return EventLog(True, banks, _events(records), locality, version, vendor)
+    records = [(0, pcr, etype, {"sha1": sha1}, data), *eventrecords.read_legacy_records(r)]
+    return EventLog(False, ("sha1",), _events(records))
+
+
+def _events(records: Sequence[eventrecords.Record]) -> tuple[Event, ...]:
+    return tuple(
+        Event(index, offset, pcr, etype, digests, data)
+        for index, (offset, pcr, etype, digests, data) in enumerate(records)
+    )
 
 
 def read(root: Path | str = "/") -> EventLog:
@@ -318,11 +202,7 @@ def read(root: Path | str = "/") -> EventLog:
     return parse((Path(root) / LOG_PATH).read_bytes())
 
 
-def _hash(bank: str) -> str:
-    try:
-        return _HASHLIB[bank]
-    except KeyError:
-        raise EventLogError(f"no hash function for bank {bank}") from None
+_hash = eventrecords.hash_name
 
 
 def replay(log: EventLog, bank: str) -> dict[int, bytes]:
@@ -332,26 +212,10 @@ def replay(log: EventLog, bank: str) -> dict[int, bytes]:
     return _replay(log.events, bank, log.startup_locality)
 
 
-def _initial(pcr: int, size: int, locality: int) -> bytes:
-    # PCR 0 starts at the locality the firmware started from (PFP 3.3.4.4, StartupLocality).
-    if pcr == 0 and locality:
-        return bytes(size - 1) + bytes([locality])
-    return bytes(size)
-
-
 def _replay(events: Iterable[Event], bank: str, locality: int) -> dict[int, bytes]:
-    name = _hash(bank)
-    size = hashlib.new(name).digest_size
-    pcrs: dict[int, bytes] = {}
-    for event in events:
-        if event.type == EV_NO_ACTION:
-            continue
-        digest = event.digests.get(bank)
-        if digest is None:
-            raise EventLogError(f"event {event.index} has no {bank} digest")
-        old = pcrs.get(event.pcr, _initial(event.pcr, size, locality))
-        pcrs[event.pcr] = hashlib.new(name, old + digest).digest()
-    return pcrs
+    return eventrecords.replay_records(
+        [(e.index, e.pcr, e.type, e.digests) for e in events], bank, locality
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,8 +18,19 @@ signed UKI).
 Parameter encryption: sealing and unsealing run in a session salted with the SRK, so the
 secret never crosses the bus (or swtpm's socket) in the clear.
 
-Every transient object and session is flushed before a method returns: a TPM (and swtpm
-even more, having no resource manager) has room for three of each.
+The SRK at 0x81000001 is trusted only when its public area is the template's (everything
+but the key itself): a persistent key of another shape there (another tool's, or a planted
+one) is left alone and the SRK is created transiently from the template instead, for as
+long as the TPM is open. Same template, same owner seed: the same key, so what was sealed
+under the persistent SRK loads under the transient one and the other way round.
+
+A seal or unseal is a create, or a load and an unseal: no primary key is generated once
+the SRK is persistent, and the two salted sessions (one HMAC session for create, one
+policy session restarted for each unseal) are started once per open TPM and reused.
+
+Every transient object and session is flushed before the TPM is closed, the sealed
+objects before the method that loaded them returns: a TPM (and swtpm even more, having no
+resource manager) has room for three of each.
 """
 
 from __future__ import annotations
@@ -28,7 +39,7 @@ import hashlib
 import os
 import struct
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +51,7 @@ SRK_HANDLE = 0x81000001
 # The identity key: an ECC P-256 signing key derived from the endorsement seed, persisted
 # here so every reader sees the same public key (IncusOS's `tpm_public_key`).
 IDENTITY_HANDLE = 0x81000100
+TRANSIENT_HANDLE_TYPE = 0x80  # TPM_HT_TRANSIENT, a handle's top byte
 DEFAULT_TCTI = "device:/dev/tpmrm0"
 PCR_SELECT_BYTES = 3  # 24 PCRs, as systemd marshals every selection
 MAX_SEALED_DATA = 128  # TPM 2.0 part 2, TPMU_SENSITIVE_CREATE: "for interoperability"
@@ -64,6 +76,14 @@ RESTRICTED = 0x00010000
 DECRYPT = 0x00020000
 SIGN = 0x00040000
 SEALED_OBJECT_ATTRIBUTES = FIXED_TPM | FIXED_PARENT
+# The SRK template's attributes (TCG Provisioning Guidance 7.5.1, EK Credential Profile L-2).
+SRK_ATTRIBUTES = (
+    FIXED_TPM | FIXED_PARENT | SENSITIVE_DATA_ORIGIN | USER_WITH_AUTH | NO_DA | RESTRICTED | DECRYPT
+)
+# systemd's pre-SRK primary: the same without noDA.
+LEGACY_PRIMARY_ATTRIBUTES = SRK_ATTRIBUTES & ~NO_DA
+# An ECC P-256 key's TPMS_ECC_POINT unique field as the TPM fills it: two 32-byte sizes.
+ECC_P256_UNIQUE_SIZE = 2 + 32 + 2 + 32
 
 
 class TPMError(RuntimeError):
@@ -222,6 +242,19 @@ class Tpm:
         self.esapi = esapi
         self.tss = _tss()
         self._srk: Any = None  # the SRK's ESYS_TR, looked up once per open TPM
+        self._srk_is_transient = False  # the persistent one was not the template's
+        # Sessions salted with the SRK, by kind ("hmac", "policy"), kept for reuse.
+        self._sessions: dict[str, Any] = {}
+
+    def close(self) -> None:
+        """Flush what this object kept loaded: the sessions, a transient SRK."""
+        kept = list(self._sessions.values())
+        if self._srk_is_transient:
+            kept.append(self._srk)
+        self._sessions.clear()
+        self._srk, self._srk_is_transient = None, False
+        for handle in kept:
+            self._flush_quietly(handle)
 
     # -- reading ------------------------------------------------------------------------
 
@@ -315,29 +348,34 @@ class Tpm:
             return None
         return self.esapi.tr_from_tpmpublic(handle)
 
-    def srk(self) -> Any:
-        """The shared SRK (ESYS_TR), created and persisted if the TPM has none yet."""
-        tss = self.tss
+    def srk(self, create: bool = True) -> Any:
+        """The shared SRK (ESYS_TR): the persistent one at SRK_HANDLE if its public area is
+        the template's; created and persisted if the TPM has none yet (unless `create` is
+        false: TPMError). If the handle holds a key of another shape, it is not trusted and
+        not touched: the SRK is created transiently from the template (the same key: same
+        template, same seed) and flushed when the TPM is closed."""
         if self._srk is not None:
             return self._srk
+        tss = self.tss
+        template = _storage_template(tss, SRK_ATTRIBUTES)
         existing = self._persistent(SRK_HANDLE)
         if existing is not None:
-            self._srk = existing
-            return existing
-        template = _storage_template(
-            tss,
-            FIXED_TPM
-            | FIXED_PARENT
-            | SENSITIVE_DATA_ORIGIN
-            | USER_WITH_AUTH
-            | NO_DA
-            | RESTRICTED
-            | DECRYPT,
-        )
+            try:
+                public, _, _ = self.esapi.read_public(existing)
+            except Exception as e:
+                raise _error("SRK read", e) from None
+            if is_srk_public(public.publicArea.marshal(), template.publicArea.marshal()):
+                self._srk = existing
+                return existing
+        elif not create:
+            raise TPMError("this TPM has no SRK (another TPM, or it was cleared)")
         try:
             transient, *_ = self.esapi.create_primary(None, template, tss.ESYS_TR.OWNER)
         except Exception as e:
             raise _error("SRK create", e) from None
+        if existing is not None:
+            self._srk, self._srk_is_transient = transient, True
+            return transient
         try:
             self._srk = self.esapi.evict_control(tss.ESYS_TR.OWNER, transient, SRK_HANDLE)
         except Exception as e:
@@ -395,29 +433,54 @@ class Tpm:
 
     @contextmanager
     def _session(self, kind: str, srk: Any) -> Iterator[Any]:
-        """A session salted with the SRK, encrypting the first parameter both ways."""
+        """A session salted with `srk`, encrypting the first parameter both ways. Salted with
+        the SRK it is kept for the next call (a policy session restarted first); a session
+        whose command failed is flushed, never reused."""
         tss = self.tss
-        session = self.esapi.start_auth_session(
-            tpm_key=srk,
-            bind=tss.ESYS_TR.NONE,
-            session_type=tss.TPM2_SE.POLICY if kind == "policy" else tss.TPM2_SE.HMAC,
-            symmetric=tss.TPMT_SYM_DEF(
-                algorithm=tss.TPM2_ALG.AES,
-                keyBits=tss.TPMU_SYM_KEY_BITS(aes=128),
-                mode=tss.TPMU_SYM_MODE(aes=tss.TPM2_ALG.CFB),
-            ),
-            auth_hash=tss.TPM2_ALG.SHA256,
-        )
-        try:
-            self.esapi.trsess_set_attributes(
-                session,
-                tss.TPMA_SESSION.CONTINUESESSION
-                | tss.TPMA_SESSION.DECRYPT
-                | tss.TPMA_SESSION.ENCRYPT,
+        reusable = srk is not None and srk is self._srk
+        session = self._sessions.pop(kind, None) if reusable else None
+        if session is not None and kind == "policy":
+            try:
+                self.esapi.policy_restart(session)
+            except Exception:  # a session the TPM lost: start another
+                self._flush_quietly(session)
+                session = None
+        if session is None:
+            session = self.esapi.start_auth_session(
+                tpm_key=srk,
+                bind=tss.ESYS_TR.NONE,
+                session_type=tss.TPM2_SE.POLICY if kind == "policy" else tss.TPM2_SE.HMAC,
+                symmetric=tss.TPMT_SYM_DEF(
+                    algorithm=tss.TPM2_ALG.AES,
+                    keyBits=tss.TPMU_SYM_KEY_BITS(aes=128),
+                    mode=tss.TPMU_SYM_MODE(aes=tss.TPM2_ALG.CFB),
+                ),
+                auth_hash=tss.TPM2_ALG.SHA256,
             )
+            try:
+                self.esapi.trsess_set_attributes(
+                    session,
+                    tss.TPMA_SESSION.CONTINUESESSION
+                    | tss.TPMA_SESSION.DECRYPT
+                    | tss.TPMA_SESSION.ENCRYPT,
+                )
+            except Exception:
+                self.esapi.flush_context(session)
+                raise
+        ok = False
+        try:
             yield session
+            ok = True
         finally:
-            self.esapi.flush_context(session)
+            if ok and reusable:
+                self._sessions[kind] = session
+            else:
+                self._flush_quietly(session)
+
+    def _flush_quietly(self, handle: Any) -> None:
+        # Already gone is fine: closing, or a session the TPM dropped with a failed command.
+        with suppress(Exception):
+            self.esapi.flush_context(handle)
 
     def seal(self, secret: bytes, policy: PCRPolicy, signer: pcrsig.Signer | None = None) -> Sealed:
         """Seal `secret` (1-128 bytes) so that only `policy` releases it, and, with a
@@ -481,17 +544,17 @@ class Tpm:
         if srk:
             # The token's serialized SRK names the handle; its public part is not trusted
             # (the header is outside input, and the session would be salted to that key):
-            # the TPM's own object at that handle is used.
+            # the TPM's own object at that handle is used. A transient handle: sealed while
+            # SRK_HANDLE held a key that was not the SRK, under the SRK made from the template.
             if len(srk) < 4:
                 raise TPMError("unseal: malformed serialized SRK")
             handle = int.from_bytes(srk[:4], "big")
-            if handle != SRK_HANDLE:
+            if handle != SRK_HANDLE and handle >> 24 != TRANSIENT_HANDLE_TYPE:
                 raise TPMError(f"unseal: sealed under 0x{handle:08x}, not the SRK")
-            if self._srk is None:
-                self._srk = self._persistent(SRK_HANDLE)
-            if self._srk is None:
-                raise TPMError("unseal: this TPM has no SRK (another TPM, or it was cleared)")
-            parent = self._srk
+            try:
+                parent = self.srk(create=False)
+            except TPMError as e:
+                raise TPMError(f"unseal: {e}") from None
         else:
             # Sealed before systemd 255: under a transient primary from a fixed template.
             transient = parent = self._legacy_primary()
@@ -571,15 +634,7 @@ class Tpm:
         """systemd's pre-SRK primary: ECC P-256 storage key, no noDA (its "legacy" ECC
         template, which it keeps unchanged so old tokens still unseal)."""
         tss = self.tss
-        template = _storage_template(
-            tss,
-            FIXED_TPM
-            | FIXED_PARENT
-            | SENSITIVE_DATA_ORIGIN
-            | USER_WITH_AUTH
-            | RESTRICTED
-            | DECRYPT,
-        )
+        template = _storage_template(tss, LEGACY_PRIMARY_ATTRIBUTES)
         try:
             handle, *_ = self.esapi.create_primary(None, template, tss.ESYS_TR.OWNER)
         except Exception as e:
@@ -620,6 +675,20 @@ def _storage_template(tss: Any, attributes: int) -> Any:
     )
 
 
+def is_srk_public(public: bytes, template: bytes) -> bool:
+    """Whether a marshalled TPMT_PUBLIC is a key made from the marshalled ECC `template`:
+    every field the same up to the unique one, which holds a P-256 point (the template's is
+    empty: two zero sizes)."""
+    head = template[:-4]
+    return (
+        template.endswith(bytes(4))
+        and public.startswith(head)
+        and len(public) == len(head) + ECC_P256_UNIQUE_SIZE
+        and public[len(head) : len(head) + 2] == b"\x00\x20"
+        and public[len(head) + 34 : len(head) + 36] == b"\x00\x20"
+    )
+
+
 def ecc_public_pem(x: bytes, y: bytes) -> str:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -649,9 +718,11 @@ def open_tpm(tcti: str | None = None) -> Iterator[Tpm]:
     except Exception as e:
         ctx.close()
         raise TPMError(f"cannot open TPM {spec}: {e}") from None
+    handle = Tpm(esapi)
     try:
-        yield Tpm(esapi)
+        yield handle
     finally:
+        handle.close()
         esapi.close()
 
 
