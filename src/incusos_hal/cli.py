@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from . import __version__
 
 if TYPE_CHECKING:
+    from .apply import TimeLimit
     from .config import Config, ConfigError
 
 # The config package is imported by the commands that use it: `inventory`, `record` and
@@ -44,6 +45,18 @@ EXIT_INVALID = 2
 
 def _root(arg: str | None) -> str:
     return arg or os.environ.get(ROOT_ENV) or "/"
+
+
+def _time_limit(text: str) -> TimeLimit:
+    from .apply import TimeLimit
+
+    try:
+        base, per_item = (float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected BASE,PER_ITEM seconds") from None
+    if not (0 <= base < 86400 and 0 <= per_item < 3600):
+        raise argparse.ArgumentTypeError("out of range")
+    return TimeLimit(base, per_item)
 
 
 def _format_of(path: str) -> str:
@@ -274,6 +287,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         live=not scratch and _root(args.root) == "/",
         tcti=args.tcti,
         unit_dir=None if scratch else args.unit_dir,
+        **({"apply_limit": args.apply_time_limit} if args.apply_time_limit else {}),
     )
     systemd = None
     if not scratch:
@@ -525,6 +539,8 @@ def parser() -> argparse.ArgumentParser:
     )
     sr.add_argument("--tcti", help="the TPM (default: $TPM2TOOLS_TCTI or device:/dev/tpmrm0)")
     sr.add_argument("--unit-dir", default=DEFAULT_UNIT_DIR, help=argparse.SUPPRESS)
+    # BASE,PER_ITEM seconds (apply.TimeLimit): for tests that need an apply to run out.
+    sr.add_argument("--apply-time-limit", type=_time_limit, help=argparse.SUPPRESS)
     sr.set_defaults(func=cmd_serve)
 
     def client(name: str, help_text: str, func: Any) -> argparse.ArgumentParser:
