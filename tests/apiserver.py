@@ -52,6 +52,7 @@ class Server:
     key: Path
     root: Path | None = None  # --root: read the machine (crypttab, sysfs) under it
     tcti: str | None = None  # --tcti: the TPM it uses
+    options: tuple[str, ...] = ()  # more `serve` options (--apply-time-limit)
     process: subprocess.Popen[bytes] | None = None
     log: list[str] = field(default_factory=list)
 
@@ -68,6 +69,7 @@ class Server:
                 "--listen", f"127.0.0.1:{self.port}", "--target", str(self.target),
                 *(["--root", str(self.root)] if self.root else []),
                 *(["--tcti", self.tcti] if self.tcti else []),
+                *self.options,
             ],
             env=env,
             stdout=subprocess.PIPE,

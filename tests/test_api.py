@@ -12,6 +12,7 @@ import io
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -684,3 +685,180 @@ def test_a_failed_apply_puts_the_previous_document_back(api: apiserver.Server) -
     for name, data in files.items():
         (networkd / name).write_bytes(data)
     assert api.put("/1.0/system/network", OTHER_NETWORK).status == 200
+
+
+# -- an apply that outruns its time limit --------------------------------------------------
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Every entry under `root` by content: files (mode and SHA-256), links, directories."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = str(p.relative_to(root))
+        if p.is_symlink():
+            out[rel] = "-> " + os.readlink(p)
+        elif p.is_file():
+            digest = hashlib.sha256(p.read_bytes()).hexdigest()
+            out[rel] = f"{p.stat().st_mode & 0o7777:o} {digest}"
+        else:
+            out[rel] = "dir"
+    return out
+
+
+def with_vlans(count: int) -> dict[str, Any]:
+    vlans = [
+        {
+            "name": f"v{i}",
+            "parent": "uplink",
+            "id": i,
+            "addresses": [f"10.{i // 250}.{i % 250}.1/24"],
+        }
+        for i in range(1, count + 1)
+    ]
+    return {"config": {**NETWORK["config"], "vlans": vlans}}
+
+
+def test_an_apply_that_outruns_its_limit_restores_the_previous_files_exactly(
+    api: apiserver.Server,
+) -> None:
+    """4,000 VLANs: 8,005 files, each written durably (about 3 ms apiece here, so some
+    25 s), under a limit of 1 ms per file and none for the rest (8 s; loading and
+    rendering take about 2 s): the limit runs out half way through the writes. A 500
+    naming the timeout; the target byte-identical to before, the stored document and
+    the last good copy the previous ones. The same change again right after times out
+    the same way and leaves the same tree: no worker from the first is still writing."""
+    assert api.put("/1.0/system/network", NETWORK).status == 200
+    api.stop()
+    api.options = ("--apply-time-limit", "0,0.001")
+    api.start()
+    files = tree_digest(api.target)
+    assert any("bridge-uplink" in name for name in files), files
+    stored = api.config_file.read_bytes()
+    good = (api.state / "config.last-good.toml").read_bytes()
+    for attempt in (1, 2):
+        r = api.put("/1.0/system/network", with_vlans(4000))
+        assert r.status == 500, (attempt, r.body)
+        assert re.fullmatch(
+            r"applying the configuration timed out after 8\.0[0-9]* s; "
+            r"previous configuration restored",
+            r.json["error"],
+        ), r.json
+        assert tree_digest(api.target) == files, attempt
+        assert api.config_file.read_bytes() == stored
+        assert (api.state / "config.last-good.toml").read_bytes() == good
+    got = api.curl("GET", "/1.0/system/network").json["metadata"]["config"]
+    assert "vlans" not in got and got["interfaces"][0]["name"] == "uplink"
+    api.stop()
+    # Stopped in the middle of writing (not before), both times.
+    restored = re.findall(r"timed out after [0-9.]+ s; previous files restored", "\n".join(api.log))
+    assert len(restored) == 2, api.log
+
+
+class RecordingSystemd:
+    """The systemd side of an apply, on a machine without a system bus: it notes what
+    config.last-good.toml holds when systemd is asked to reload, and refuses the next
+    reload when told to (as systemd refuses a unit it cannot load)."""
+
+    def __init__(self, state: Path) -> None:
+        self.state = state
+        self.seen: list[bytes | None] = []
+        self.refuse_next = False
+
+    async def daemon_reload(self) -> None:
+        path = self.state / "config.last-good.toml"
+        self.seen.append(path.read_bytes() if path.exists() else None)
+        if self.refuse_next:
+            self.refuse_next = False
+            from incusos_hal.apply.systemd import ApplyError
+
+            raise ApplyError("daemon-reload: Unit incusos-test.service failed to load")
+
+    async def reload_networkd(self) -> None:
+        pass
+
+    async def restart(self, unit: str) -> None:
+        pass
+
+    async def start(self, unit: str, mode: str) -> None:
+        pass
+
+    async def active_state(self, unit: str) -> str:
+        return "active"
+
+
+def in_process(tmp_path: Path, systemd: Any = None, **settings: Any) -> Any:
+    from incusos_hal.api.service import Service, Settings, ensure_state_dir
+
+    state = tmp_path / "state"
+    ensure_state_dir(state)
+    (tmp_path / "target").mkdir()
+    return Service(
+        Settings(state_dir=state, target=str(tmp_path / "target"), live=False, **settings),
+        systemd,
+    )
+
+
+def test_last_good_follows_only_what_systemd_accepted(tmp_path: Path) -> None:
+    from incusos_hal.api.service import ApiError
+    from incusos_hal.config import dumps_toml
+
+    systemd = RecordingSystemd(tmp_path / "state")
+    service = in_process(tmp_path, systemd)
+    last_good = tmp_path / "state/config.last-good.toml"
+
+    async def run() -> None:
+        await service.put_section("network", NETWORK)
+        first = dumps_toml(service.config())
+        assert systemd.seen == [None] and last_good.read_bytes() == first
+        # Refused by systemd: at no point did last-good hold the rejected document.
+        systemd.refuse_next = True
+        with pytest.raises(ApiError) as refused:
+            await service.put_section("network", OTHER_NETWORK)
+        assert refused.value.status == 500
+        assert "previous one restored: daemon-reload: Unit" in refused.value.message
+        assert systemd.seen[1:] == [first, first] and last_good.read_bytes() == first
+        assert dumps_toml(service.config()) == first
+        # Held for confirmation: good only once confirmed.
+        held = {"config": {**OTHER_NETWORK["config"], "confirmation_timeout": "10m"}}
+        await service.put_section("network", held)
+        assert last_good.read_bytes() == first
+        await service.confirm()
+        assert last_good.read_bytes() == dumps_toml(service.config()) != first
+
+    asyncio.run(run())
+
+
+def test_a_timed_out_apply_returns_only_after_its_worker_ended(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """In the service itself, the limit running out while the worker thread writes (3,000
+    VLANs, 1 ms per file: 6 s, where loading and rendering take 1-2 s): when put_section
+    reports the timeout, no configure step is running any more (the one-at-a-time lock is
+    free) and the files are the previous ones."""
+    import dataclasses
+
+    from incusos_hal.api.service import ApiError
+    from incusos_hal.apply import configure
+    from incusos_hal.apply.deadline import TimeLimit
+
+    service = in_process(tmp_path)
+    target = tmp_path / "target"
+
+    async def run() -> None:
+        await service.put_section("network", NETWORK)
+        files = tree_digest(target)
+        limit = TimeLimit(0, 0.001)
+        service.settings = dataclasses.replace(service.settings, apply_limit=limit)
+        capfd.readouterr()
+        with pytest.raises(ApiError) as late:
+            await service.put_section("network", with_vlans(3000))
+        assert not configure._ONE_AT_A_TIME.locked()
+        assert tree_digest(target) == files
+        assert "; previous files restored" in capfd.readouterr().err
+        assert re.fullmatch(
+            r"applying the configuration timed out after 6\.0[0-9]* s; "
+            r"previous configuration restored",
+            late.value.message,
+        )
+
+    asyncio.run(run())

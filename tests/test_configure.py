@@ -3,6 +3,8 @@ renames against real links in a network namespace."""
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import os
 import subprocess
@@ -12,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from incusos_hal.apply.configure import configure
+from incusos_hal.apply.deadline import Deadline, TimedOut, TimeLimit
 from incusos_hal.boot.generator import CACHE_FILE
 from incusos_hal.state import store
 
@@ -127,6 +130,74 @@ def test_write_failure_restores_previous_files(machine: tuple[Path, Path, Path])
     result = configure(state=state, sys_root=sys_root, target=target, live=False)
     assert result.applied is None and not result.ok
     assert {p.name: p.read_bytes() for p in network.iterdir()} == before
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Every file and link under `root`, by content (mode and link target included)."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = str(p.relative_to(root))
+        if p.is_symlink():
+            out[rel] = "-> " + os.readlink(p)
+        elif p.is_file():
+            digest = hashlib.sha256(p.read_bytes()).hexdigest()
+            out[rel] = f"{p.stat().st_mode & 0o7777:o} {digest}"
+        else:
+            out[rel] = "dir"
+    return out
+
+
+def with_vlans(count: int) -> bytes:
+    vlans = "".join(
+        f'[[network.vlans]]\nname = "v{i}"\nparent = "uplink"\nid = {i}\n'
+        f'addresses = ["10.{i // 250}.{i % 250}.1/24"]\n'
+        for i in range(1, count + 1)
+    )
+    return CONFIG + vlans.encode()
+
+
+def test_out_of_time_puts_the_previous_files_back_and_marks_nothing_good(
+    machine: tuple[Path, Path, Path],
+) -> None:
+    """A deadline that runs out half way through the writes (a clock that ticks once
+    per check): TimedOut, the target as before, last-good still the previous document."""
+    sys_root, target, state = machine
+    configure(state=state, sys_root=sys_root, target=target, live=False)
+    files, good = tree_digest(target), (state / store.LAST_GOOD_FILE).read_bytes()
+    (state / store.CONFIG_FILE).write_bytes(with_vlans(100))
+    ticks = itertools.count()
+    deadline = Deadline(TimeLimit(100, 0), ticks.__next__)
+    with pytest.raises(TimedOut, match="timed out after 100 s"):
+        configure(state=state, sys_root=sys_root, target=target, live=False, deadline=deadline)
+    # The 100th check raised: one before renaming, then 98 files written before it.
+    assert next(ticks) == 101
+    assert tree_digest(target) == files
+    assert (state / store.LAST_GOOD_FILE).read_bytes() == good
+
+
+def test_allowance_follows_the_work(machine: tuple[Path, Path, Path]) -> None:
+    """The limit is the base plus the allowance for every file rendered, every file of
+    ours already there (a change from 40 VLANs to 10 removes 60 files) and every link to
+    rename (the one NIC, to its `_p<mac>` name)."""
+    sys_root, target, state = machine
+    (state / store.CONFIG_FILE).write_bytes(with_vlans(40))
+    first = Deadline(TimeLimit(30, 0.5))
+    configure(state=state, sys_root=sys_root, target=target, live=False, deadline=first)
+    rendered = len(list((target / "run/systemd/network").iterdir())) + 2  # netlogd, localtime
+    assert first.seconds == 30 + 0.5 * (rendered + 1)
+    (state / store.CONFIG_FILE).write_bytes(with_vlans(10))
+    second = Deadline(TimeLimit(30, 0.5))
+    result = configure(state=state, sys_root=sys_root, target=target, live=False, deadline=second)
+    assert result.applied is not None and len(result.applied.removed) == 60
+    ours_before = rendered - 1  # /etc/localtime is not in an owned directory
+    assert second.seconds == 30 + 0.5 * (rendered - 60 + ours_before + 1)
+
+
+def test_mark_good_false_leaves_last_good_to_the_caller(machine: tuple[Path, Path, Path]) -> None:
+    sys_root, target, state = machine
+    result = configure(state=state, sys_root=sys_root, target=target, live=False, mark_good=False)
+    assert result.ok and result.config == store.load(state).config
+    assert not (state / store.LAST_GOOD_FILE).exists()
 
 
 RENAME = """

@@ -9,6 +9,13 @@ one is stored atomically and applied; if applying fails, the previous document i
 stored and applied again and the client gets the error. One change at a time: writes
 hold a lock, and while a network change waits for its confirmation every other write
 is refused with 409.
+
+A network change's apply is bounded by its work (`Settings.apply_limit`, see
+apply.TimeLimit). Out of time, the configure step stops between two file writes and puts
+back what it touched; only once its thread has ended is the previous document stored
+and applied again, and the client reads that the apply timed out after so many seconds.
+config.last-good.toml follows only an apply systemd accepted (and, for a change held
+for confirmation, only its confirmation).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ..apply.deadline import Deadline, TimedOut, TimeLimit
 from ..apply.systemd import ApplyError, Systemd
 from ..config import Config, ConfigError, FieldError, from_dict, to_dict
 from ..config.formats import parse_go_duration
@@ -39,8 +47,6 @@ FLAGS_FILE = "state.json"
 # none). Written before the change is stored, removed once confirmed or rolled back, so
 # a service that dies (or a machine that reboots) in between still rolls back.
 UNCONFIRMED_FILE = "network.unconfirmed-previous.toml"
-# How long a network change may take to apply before it counts as failed (IncusOS: 30s).
-APPLY_TIMEOUT_SECONDS = 30.0
 
 
 class ApiError(Exception):
@@ -68,6 +74,8 @@ class Settings:
     live: bool = True  # may rename links and set the hostname
     tcti: str | None = None
     unit_dir: str | None = None
+    # How long a network change may take to apply before it counts as failed.
+    apply_limit: TimeLimit = field(default_factory=TimeLimit)
 
 
 @dataclass
@@ -174,7 +182,9 @@ class Service:
             if timeout > 0:
                 atomic_write(self._unconfirmed, previous or b"", 0o600)
             try:
-                await self._store_and_apply(config, previous, network=name == "network")
+                await self._store_and_apply(
+                    config, previous, network=name == "network", mark_good=timeout <= 0
+                )
             except BaseException:
                 self._unconfirmed.unlink(missing_ok=True)
                 raise
@@ -228,17 +238,23 @@ class Service:
             self.log("warning", f"volume {name}: not rebound, {why}")
 
     async def _store_and_apply(
-        self, config: Config, previous: bytes | None, *, network: bool
+        self, config: Config, previous: bytes | None, *, network: bool, mark_good: bool = True
     ) -> None:
         store.save(self.settings.state_dir, config)
         try:
-            await asyncio.wait_for(self.apply(), APPLY_TIMEOUT_SECONDS if network else None)
+            await self.apply(
+                limit=self.settings.apply_limit if network else None, mark_good=mark_good
+            )
         except Exception as e:  # whatever failed, the previous document goes back
-            self.log("error", f"applying the new configuration failed, rolling back: {e}")
+            # apply() returns only once its worker thread has ended: nothing still
+            # writes the new document's files while the previous one is applied.
+            self.log("error", f"applying the new configuration failed, rolling back: {_reason(e)}")
             _restore_current(self.settings.state_dir, previous)
             await self._reapply("the previous configuration")
+            if isinstance(e, TimedOut):
+                raise ApiError(500, f"{e}; previous configuration restored") from None
             raise ApiError(
-                500, f"applying the configuration failed, previous one restored: {e}"
+                500, f"applying the configuration failed, previous one restored: {_reason(e)}"
             ) from None
         self.on_config(config)
 
@@ -247,14 +263,20 @@ class Service:
         try:
             await self.apply()
         except Exception as e:  # logged; the caller reports the first failure
-            self.log("error", f"re-applying {what} failed: {e}")
+            self.log("error", f"re-applying {what} failed: {_reason(e)}")
 
-    async def apply(self) -> None:
-        """The configure step on the stored document, then systemd."""
+    async def apply(self, *, limit: TimeLimit | None = None, mark_good: bool = True) -> None:
+        """The configure step on the stored document, then systemd, within `limit`
+        (none: as long as it takes); then, if asked, the document is the last good one.
+
+        Returns or raises only once the configure step's thread has ended: out of time
+        (TimedOut) its files are the previous ones again; cancelled, it is told to stop
+        and waited for."""
         from ..apply.configure import configure
 
         s = self.settings
-        result = await asyncio.get_running_loop().run_in_executor(
+        deadline = Deadline(limit)
+        work = asyncio.get_running_loop().run_in_executor(
             None,
             lambda: configure(
                 state=s.state_dir,
@@ -262,18 +284,45 @@ class Service:
                 target=s.target,
                 live=s.live,
                 unit_dir=s.unit_dir,
+                deadline=deadline,
+                mark_good=False,
             ),
         )
+        try:
+            result = await asyncio.shield(work)
+        except asyncio.CancelledError:
+            # A thread cannot be stopped from outside: ask it to stop at its next step
+            # (its files put back) and wait until it has, before anything else runs.
+            deadline.cancel()
+            await asyncio.wait({work})
+            if not work.cancelled():
+                work.exception()  # retrieved: it is the cancellation being reported
+            raise
         if result.applied is None:
             raise ApplyError("; ".join(result.problems[-1:]) or "the configure step failed")
-        if self.systemd is None:
-            return
-        todo = changes((*result.applied.written, *result.applied.removed))
-        await self.systemd.daemon_reload()
-        if todo.reload_networkd:
-            await self.systemd.reload_networkd()
-        for unit in todo.restart:
-            await self.systemd.restart(unit)
+        if self.systemd is not None:
+            todo = changes((*result.applied.written, *result.applied.removed))
+            bound = asyncio.timeout(None if limit is None else max(0.0, deadline.remaining()))
+            try:
+                async with bound:
+                    await self.systemd.daemon_reload()
+                    if todo.reload_networkd:
+                        await self.systemd.reload_networkd()
+                    for unit in todo.restart:
+                        await self.systemd.restart(unit)
+            except TimeoutError:
+                if bound.expired():
+                    raise TimedOut(deadline.seconds) from None
+                raise
+        if mark_good and result.source == "config":
+            self._mark_good(result.config)
+
+    def _mark_good(self, config: Config) -> None:
+        try:
+            if store.mark_good(self.settings.state_dir, config):
+                self.log("info", "recorded as the last good configuration")
+        except OSError as e:  # the change is applied; only the fallback copy is stale
+            self.log("warning", f"cannot record the last good configuration: {e}")
 
     # -- confirmation of a network change ----------------------------------------------
 
@@ -294,6 +343,9 @@ class Service:
             self._unconfirmed.unlink(missing_ok=True)
             self.pending = None
             self.log("info", "network change confirmed")
+            loaded = store.load(self.settings.state_dir)
+            if loaded.source == "config":  # only now is the held change a good one
+                self._mark_good(loaded.config)
 
     async def _expire(self) -> None:
         async with self.lock:
@@ -411,6 +463,11 @@ def _files_key(state_dir: Path) -> tuple[Any, ...]:
         else:
             out.append((st.st_ino, st.st_mtime_ns, st.st_size))
     return tuple(out)
+
+
+def _reason(e: BaseException) -> str:
+    """An exception as a message that is never empty (str(TimeoutError()) is "")."""
+    return str(e) or type(e).__name__
 
 
 def _read(path: Path) -> str:

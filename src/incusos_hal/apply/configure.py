@@ -8,6 +8,11 @@ ours that the new config no longer produces.
 
 At boot it never fails: problems are logged (with sd-daemon priority prefixes, which
 journald understands) and the machine comes up with the best config available.
+
+From the API it runs in a worker thread under a `Deadline` checked between file writes:
+on expiry the files go back to what they were and `TimedOut` is raised, so no thread is
+ever left writing after the API gave up. One run at a time in a process (a lock), so a
+rollback's run can never interleave with the run it undoes.
 """
 
 from __future__ import annotations
@@ -15,22 +20,26 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..boot.generator import refresh_cache
 from ..config.model import Config
-from ..core.files import Applied, apply_tree
+from ..core.files import Applied, apply_tree, owned_paths
 from ..hal import net, netlink
 from ..render import Symlink
 from ..render.system import LOCALTIME, ZONEINFO
 from ..sections import Plan, owned, render_files
 from ..state import store
+from .deadline import Deadline, Interrupted
 
 # How long to wait for udev to finish with a NIC before renaming it ourselves.
 UDEV_WAIT_SECONDS = 5.0
 IFF_UP = 0x1
+# Held for a whole run: never two configure steps writing the same files at once.
+_ONE_AT_A_TIME = threading.Lock()
 
 
 def _log(level: int, message: str) -> None:
@@ -54,6 +63,8 @@ def error(message: str) -> None:
 @dataclass(frozen=True, slots=True)
 class Result:
     source: str
+    # The document applied (the stored one, or what the store fell back to).
+    config: Config
     applied: Applied | None
     renamed: tuple[tuple[str, str], ...]
     problems: tuple[str, ...]
@@ -119,9 +130,28 @@ def configure(
     target: str | os.PathLike[str] = "/",
     live: bool = True,
     unit_dir: str | None = None,
+    deadline: Deadline | None = None,
+    mark_good: bool = True,
 ) -> Result:
-    """Apply the stored config. `live` allows acting on this machine's links and hostname."""
-    sys_path, target_path = Path(sys_root), Path(target)
+    """Apply the stored config. `live` allows acting on this machine's links and hostname.
+
+    `deadline` is checked before renaming and between file writes (raising TimedOut with
+    the files put back). `mark_good=False` leaves config.last-good.toml to the caller:
+    the API records it only once systemd accepted the change, while at boot the files
+    written are the whole apply."""
+    with _ONE_AT_A_TIME:
+        return _configure(state, Path(sys_root), Path(target), live, unit_dir, deadline, mark_good)
+
+
+def _configure(
+    state: str | os.PathLike[str],
+    sys_path: Path,
+    target_path: Path,
+    live: bool,
+    unit_dir: str | None,
+    deadline: Deadline | None,
+    mark_good: bool,
+) -> Result:
     loaded = store.load(state)
     problems = list(loaded.problems)
     for p in loaded.problems:
@@ -140,6 +170,11 @@ def configure(
     for w in plan.warnings:
         warn(w)
     problems += plan.warnings
+    if deadline is not None:
+        # The allowance follows the work: files to write, files of ours that may go,
+        # links to rename. Checked before anything on the machine changes.
+        deadline.allow(len(plan.files) + len(owned_paths(target_path, owned())) + len(plan.renames))
+        deadline.check()
 
     renamed: list[tuple[str, str]] = []
     if live:
@@ -149,10 +184,15 @@ def configure(
         problems += rename_problems
 
     try:
-        applied = apply_tree(target_path, plan.files, owned())
+        applied = apply_tree(
+            target_path, plan.files, owned(), check=None if deadline is None else deadline.check
+        )
+    except Interrupted as e:
+        error(f"{e}; previous files restored")
+        raise
     except OSError as e:
         error(f"writing the configuration failed, previous files restored: {e}")
-        return Result(loaded.source, None, tuple(renamed), (*problems, str(e)))
+        return Result(loaded.source, loaded.config, None, tuple(renamed), (*problems, str(e)))
     for path in applied.written:
         info(f"wrote {path}")
     for path in applied.removed:
@@ -168,11 +208,11 @@ def configure(
             warn(problems[-1])
 
     try:
-        if loaded.source == "config" and store.mark_good(state, loaded.config):
+        if mark_good and loaded.source == "config" and store.mark_good(state, loaded.config):
             info("recorded as the last good configuration")
         if unit_dir is not None:
             refresh_cache(state, unit_dir)
     except OSError as e:
         problems.append(f"cannot update {state}: {e}")
         warn(problems[-1])
-    return Result(loaded.source, applied, tuple(renamed), tuple(problems))
+    return Result(loaded.source, loaded.config, applied, tuple(renamed), tuple(problems))

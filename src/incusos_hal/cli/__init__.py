@@ -105,6 +105,8 @@ def parser() -> argparse.ArgumentParser:
     )
     sr.add_argument("--tcti", help="the TPM (default: $TPM2TOOLS_TCTI or device:/dev/tpmrm0)")
     sr.add_argument("--unit-dir", default=DEFAULT_UNIT_DIR, help=argparse.SUPPRESS)
+    # BASE,PER_ITEM seconds (apply.deadline.TimeLimit): for tests that need an apply to run out.
+    sr.add_argument("--apply-time-limit", help=argparse.SUPPRESS)
     sr.set_defaults(command=("admin", "cmd_serve"))
 
     def client(name: str, help_text: str, func: str) -> argparse.ArgumentParser:

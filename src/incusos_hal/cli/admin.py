@@ -12,7 +12,21 @@ from typing import TYPE_CHECKING, Any
 from .common import EXIT_INVALID, GENERATOR_DIR, root_of
 
 if TYPE_CHECKING:
+    from ..apply.deadline import TimeLimit
     from ..config import Config, ConfigError
+
+
+def _time_limit(text: str) -> TimeLimit | None:
+    """`BASE,PER_ITEM` seconds; None when malformed or out of range."""
+    from ..apply.deadline import TimeLimit
+
+    try:
+        base, per_item = (float(part) for part in text.split(","))
+    except ValueError:
+        return None
+    if not (0 <= base < 86400 and 0 <= per_item < 3600):
+        return None
+    return TimeLimit(base, per_item)
 
 
 def _format_of(path: str) -> str:
@@ -145,6 +159,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     scratch = args.target != "/"
+    limit = _time_limit(args.apply_time_limit) if args.apply_time_limit else None
+    if args.apply_time_limit and limit is None:
+        print("serve: --apply-time-limit: expected BASE,PER_ITEM seconds in range", file=sys.stderr)
+        return EXIT_INVALID
     settings = Settings(
         state_dir=store.state_dir(args.state_dir),
         root=root_of(args.root),
@@ -152,6 +170,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         live=not scratch and root_of(args.root) == "/",
         tcti=args.tcti,
         unit_dir=None if scratch else args.unit_dir,
+        **({"apply_limit": limit} if limit else {}),
     )
     systemd = None
     if not scratch:

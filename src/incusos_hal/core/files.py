@@ -126,42 +126,92 @@ class Applied:
     removed: tuple[str, ...]
 
 
-def apply_tree(root: str | os.PathLike[str], tree: Tree, owned: Iterable[Owned]) -> Applied:
-    """Make `root` hold `tree`: write changed entries, remove our stale files.
-
-    Entries already holding the wanted content are left alone (their mtime too, so
-    daemons watching them see no change). If anything fails, every entry touched is
-    restored to what it was and the error is raised.
-    """
+def owned_paths(root: str | os.PathLike[str], owned: Iterable[Owned]) -> list[Path]:
+    """The files under `root` that `owned` claims, as they are now."""
     base = Path(root)
-    wanted = {_join(base, key): entry for key, entry in tree.items()}
-    stale: list[Path] = []
+    out: list[Path] = []
     for rule in owned:
         directory = _join(base, rule.directory)
         try:
             names = sorted(os.listdir(directory))
         except FileNotFoundError:
             continue
-        stale += [directory / n for n in names if rule.match(n) and directory / n not in wanted]
+        out += [directory / n for n in names if rule.match(n)]
+    return out
+
+
+def _missing_dirs(directory: Path, base: Path) -> list[Path]:
+    """The directories a write into `directory` will create, outermost first."""
+    missing: list[Path] = []
+    while directory != base and not directory.exists() and not directory.is_symlink():
+        missing.append(directory)
+        directory = directory.parent
+    return missing[::-1]
+
+
+def apply_tree(
+    root: str | os.PathLike[str],
+    tree: Tree,
+    owned: Iterable[Owned],
+    *,
+    check: Callable[[], None] | None = None,
+) -> Applied:
+    """Make `root` hold `tree`: write changed entries, remove our stale files.
+
+    Entries already holding the wanted content are left alone (their mtime too, so
+    daemons watching them see no change). `check` is called before every write or
+    removal and once after the last (a deadline, say): whatever it raises, like any
+    other failure, restores every entry touched to what it was (content, mode, link
+    target, absence; directories created are removed again) and is raised.
+    """
+    base = Path(root)
+    wanted = {_join(base, key): entry for key, entry in tree.items()}
+    stale = [path for path in owned_paths(base, owned) if path not in wanted]
 
     before: dict[Path, File | Symlink | None] = {}
+    created: list[Path] = []
     try:
         for path, entry in wanted.items():
             current = read_entry(path)
             if current == entry:
                 continue
+            if check is not None:
+                check()
             before[path] = current
+            created += _missing_dirs(path.parent, base)
             _put(path, entry)
         for path in stale:
+            if check is not None:
+                check()
             before[path] = read_entry(path)
             path.unlink(missing_ok=True)
-    except BaseException:
-        for path, old in before.items():
-            if old is None:
-                path.unlink(missing_ok=True)
-            else:
-                _put(path, old)
+        if check is not None:
+            check()
+    except BaseException as e:
+        _undo(before, created, e)
         raise
     written = tuple(str(p) for p in before if p in wanted)
     removed = tuple(str(p) for p in stale)
     return Applied(written, removed)
+
+
+def _undo(
+    before: dict[Path, File | Symlink | None], created: list[Path], cause: BaseException
+) -> None:
+    """Put back what apply_tree touched, newest first; a failure to restore one entry
+    does not stop the others (it is noted on the error being raised)."""
+    for path, old in reversed(before.items()):
+        try:
+            if old is None:
+                path.unlink(missing_ok=True)
+            else:
+                _put(path, old)
+        except OSError as e:
+            cause.add_note(f"restoring {path} failed: {e}")
+    for directory in reversed(created):
+        try:
+            directory.rmdir()
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            cause.add_note(f"removing {directory} again failed: {e}")
