@@ -40,7 +40,7 @@ def render_units(config: Config, *, source: str, unit_dir: str) -> Tree:
                 ],
             ),
         ]
-        tree[f"{unit}.d/{DROPIN_NAME}"] = File(ini(sections, header=HEADER))
+        tree[f"{unit}.d/{DROPIN_NAME}"] = File(ini(sections, header=HEADER, specifiers=True))
 
     want("sysinit.target", CONFIGURE_UNIT)
     # What `systemctl enable systemd-networkd systemd-resolved systemd-timesyncd` links.
@@ -62,5 +62,7 @@ def render_units(config: Config, *, source: str, unit_dir: str) -> Tree:
         # is written by the configure step, root-only: it may hold a password, which
         # must not end up in unit properties that any user can read over D-Bus.
         sections = [("Service", [("EnvironmentFile", f"-{PROXY_ENV}")])]
-        tree["service.d/50-incusos-hal-proxy.conf"] = File(ini(sections, header=HEADER))
+        tree["service.d/50-incusos-hal-proxy.conf"] = File(
+            ini(sections, header=HEADER, specifiers=True)
+        )
     return tree
