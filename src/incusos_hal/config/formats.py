@@ -22,6 +22,9 @@ _IFNAME = re.compile(r"[!-$&-.0-9;-~]{1,15}")
 # in [Match] Name=, which takes shell globs ('*', '?', '[') and quotes: letters, digits,
 # '_', '.' and '-' only, beginning with a letter or digit.
 _DEVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+# A zone index in DNS=: networkd splits DNS= into words, unquoting and unescaping, so
+# only the characters kernel names use in practice.
+_ZONE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 _LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 _TIMEZONE = re.compile(r"[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9_+-]+){0,3}")
 # What ipaddress may see: it accepts `%<anything>` after an IPv6 address (a zone index)
@@ -34,6 +37,7 @@ _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 # Go's time.Duration is int64 nanoseconds: ParseDuration refuses anything longer.
 GO_DURATION_MAX_SECONDS = (2**63 - 1) / 1e9
 _GO_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h)")
+_GO_DURATION = re.compile(f"(?:{_GO_DURATION_PART.pattern})+")
 _GO_UNITS = {
     "ns": 1e-9,
     "us": 1e-6,
@@ -189,8 +193,10 @@ def check_nameserver(value: str) -> str | None:
     address, percent, zone = address.partition("%")
     if not is_ip(address):
         return f"{show(value)} must be an IP address (networkd's DNS= takes no host names)"
-    if percent and (":" not in address or not is_ifname(zone)):
-        return f"{show(value)} has an invalid interface name after '%' (IPv6 only)"
+    if percent and ":" not in address:
+        return f"{show(value)}: a zone index ('%interface') is for IPv6 addresses only"
+    if percent and (_ZONE.fullmatch(zone) is None or zone in (".", "..")):
+        return f"{show(value)} has an invalid interface name after '%'"
     if hash_sign and not is_dns_name(server_name):
         return f"{show(value)} has an invalid TLS server name after '#'"
     return None
@@ -258,6 +264,14 @@ def check_timezone(value: str) -> str | None:
     return None
 
 
+def is_go_duration_syntax(value: str) -> bool:
+    """Spelled as a Go duration, whatever its size (to tell "too long" from "malformed")."""
+    text = value.lstrip("+-")
+    return value in ("0", "+0", "-0") or (
+        bool(text) and len(value) - len(text) <= 1 and _GO_DURATION.fullmatch(text) is not None
+    )
+
+
 def parse_go_duration(value: str) -> float | None:
     """Seconds in a Go duration string ("90s", "1h30m"); None if malformed or beyond
     what Go's time.ParseDuration takes (about 292 years), so never infinite or NaN."""
@@ -265,7 +279,7 @@ def parse_go_duration(value: str) -> float | None:
         return 0.0
     text = value.lstrip("+-")
     sign = -1.0 if value.startswith("-") else 1.0
-    if not text:
+    if not text or len(value) - len(text) > 1:  # Go takes one sign at most
         return None
     pos, total = 0, 0.0
     while pos < len(text):
@@ -292,7 +306,7 @@ def show_int(value: int) -> str:
     if value.bit_length() <= 64:
         return str(value)
     digits = int(value.bit_length() * math.log10(2)) + 1
-    return f"{'-' if value < 0 else ''}a number of about {digits} digits"
+    return f"a {'negative ' if value < 0 else ''}number of about {digits} digits"
 
 
 def check_recovery_key(key: str) -> str | None:

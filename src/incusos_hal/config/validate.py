@@ -6,6 +6,7 @@ that an operator fixes a document in one round trip.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Iterable
 
@@ -74,6 +75,8 @@ def validate(config: Config) -> list[FieldError]:
 def _network(c: _Collector, net: Network, path: str) -> None:
     if net.confirmation_timeout:
         seconds = fmt.parse_go_duration(net.confirmation_timeout)
+        if seconds is None and fmt.is_go_duration_syntax(net.confirmation_timeout):
+            seconds = math.inf  # beyond Go's range: reported as too long below
         if seconds is None or seconds <= 0:
             c.check(
                 child(path, "confirmation_timeout"),
@@ -160,7 +163,7 @@ def _network(c: _Collector, net: Network, path: str) -> None:
             c.check(
                 child(p, "mtu"),
                 f"{fmt.show_int(vlan.mtu)} exceeds the MTU of its parent {fmt.show(vlan.parent)} "
-                f"({mtus[vlan.parent]})",
+                f"({fmt.show_int(mtus[vlan.parent])})",
             )
 
 
@@ -390,6 +393,8 @@ def _update(c: _Collector, update: Update, path: str) -> None:
         )
     if update.check_frequency != "never":
         seconds = fmt.parse_go_duration(update.check_frequency)
+        if seconds is None and fmt.is_go_duration_syntax(update.check_frequency):
+            seconds = math.inf  # beyond Go's range: reported as too long below
         if seconds is None or seconds < MIN_CHECK_FREQUENCY_S:
             c.check(
                 child(path, "check_frequency"),
