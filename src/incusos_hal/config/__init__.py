@@ -56,7 +56,8 @@ def parse_toml(data: bytes | str) -> Config:
     text = _text(data)
     try:
         raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
+    except (ValueError, RecursionError) as e:
+        # TOMLDecodeError, and the ValueError int() raises beyond 4300 digits.
         raise ConfigError([FieldError("", f"not valid TOML: {e}")]) from None
     return from_dict(raw)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 
@@ -26,6 +27,10 @@ def child(path: str, key: str | int) -> str:
     """The path of a member: `network` + `dns` -> `network.dns`, + 0 -> `...[0]`."""
     if isinstance(key, int):
         return f"{path}[{key}]"
-    if key and all(c.isalnum() or c in "_-" for c in key):
+    if key and all(c.isascii() and (c.isalnum() or c in "_-") for c in key):
         return f"{path}.{key}" if path else key
-    return f'{path}["{key}"]'
+    if key.isprintable() and '"' not in key and "\\" not in key:
+        return f'{path}["{key}"]'
+    # A key from the document itself: quoted as JSON, so no line break or quote in it can
+    # forge another line or path in the message.
+    return f"{path}[{json.dumps(key)}]"

@@ -6,6 +6,8 @@ that an operator fixes a document in one round trip.
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Callable, Iterable
 
 from . import formats as fmt
@@ -35,6 +37,16 @@ from .model import (
 
 MIN_MTU, MAX_MTU, MIN_MTU_IPV6 = 68, 9000, 1280
 DEFAULT_MTU = 1500
+# Until an unconfirmed network change is confirmed or rolled back, every write answers
+# 409: a day is ample to reconnect and confirm, and bounds how long a change that cut
+# the machine off (the very case the timeout exists for) keeps it cut off.
+MAX_CONFIRMATION_TIMEOUT_S = 24 * 3600
+# Update checks: anything rarer than yearly is what "never" says, and a year stays far
+# inside every timer's range.
+MIN_CHECK_FREQUENCY_S, MAX_CHECK_FREQUENCY_S = 60, 365 * 24 * 3600
+# Names the document gives things (proxy servers, the update channel): ASCII only, so
+# that one name cannot look like another.
+_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
 class _Collector:
@@ -63,10 +75,17 @@ def validate(config: Config) -> list[FieldError]:
 def _network(c: _Collector, net: Network, path: str) -> None:
     if net.confirmation_timeout:
         seconds = fmt.parse_go_duration(net.confirmation_timeout)
+        if seconds is None and fmt.is_go_duration_syntax(net.confirmation_timeout):
+            seconds = math.inf  # beyond Go's range: reported as too long below
         if seconds is None or seconds <= 0:
             c.check(
                 child(path, "confirmation_timeout"),
-                f"{net.confirmation_timeout!r} is not a positive duration (e.g. 90s, 5m)",
+                f"{fmt.show(net.confirmation_timeout)} is not a positive duration (e.g. 90s, 5m)",
+            )
+        elif seconds > MAX_CONFIRMATION_TIMEOUT_S:
+            c.check(
+                child(path, "confirmation_timeout"),
+                f"{fmt.show(net.confirmation_timeout)} is longer than the maximum of 24h",
             )
     if net.dns is not None:
         p = child(path, "dns")
@@ -89,14 +108,14 @@ def _network(c: _Collector, net: Network, path: str) -> None:
 
     def claim_name(name: str, where: str) -> None:
         if name in names:
-            c.check(where, f"name {name!r} is already used by {names[name]}")
+            c.check(where, f"name {fmt.show(name)} is already used by {names[name]}")
         else:
             names[name] = where.rsplit(".", 1)[0]
 
     def claim_hwaddr(hwaddr: str, where: str) -> None:
         key = hwaddr.lower()
         if key in hwaddrs:
-            c.check(where, f"{hwaddr!r} is already used by {hwaddrs[key]}")
+            c.check(where, f"{fmt.show(hwaddr)} is already used by {hwaddrs[key]}")
         else:
             hwaddrs[key] = where
 
@@ -113,7 +132,9 @@ def _network(c: _Collector, net: Network, path: str) -> None:
         _link(c, bond, p)
         claim_name(bond.name, child(p, "name"))
         if bond.mode not in BOND_MODES:
-            c.check(child(p, "mode"), f"{bond.mode!r} is not one of {', '.join(BOND_MODES)}")
+            c.check(
+                child(p, "mode"), f"{fmt.show(bond.mode)} is not one of {', '.join(BOND_MODES)}"
+            )
         if not bond.members:
             c.check(child(p, "members"), "a bond needs at least one member")
         for j, member in enumerate(bond.members):
@@ -129,16 +150,20 @@ def _network(c: _Collector, net: Network, path: str) -> None:
         _vlan(c, vlan, p)
         claim_name(vlan.name, child(p, "name"))
         if vlan.parent not in mtus:
-            c.check(child(p, "parent"), f"{vlan.parent!r} is not an interface or bond name")
+            c.check(child(p, "parent"), f"{fmt.show(vlan.parent)} is not an interface or bond name")
             continue
         key = (vlan.parent, vlan.id)
         if key in vlan_ids:
-            c.check(child(p, "id"), f"VLAN {vlan.id} on {vlan.parent!r} is already {vlan_ids[key]}")
+            c.check(
+                child(p, "id"),
+                f"VLAN {vlan.id} on {fmt.show(vlan.parent)} is already {vlan_ids[key]}",
+            )
         vlan_ids[key] = p
         if vlan.mtu > mtus[vlan.parent]:
             c.check(
                 child(p, "mtu"),
-                f"{vlan.mtu} exceeds the MTU of its parent {vlan.parent!r} ({mtus[vlan.parent]})",
+                f"{fmt.show_int(vlan.mtu)} exceeds the MTU of its parent {fmt.show(vlan.parent)} "
+                f"({fmt.show_int(mtus[vlan.parent])})",
             )
 
 
@@ -153,7 +178,7 @@ def _link(c: _Collector, link: Interface | Bond, path: str) -> None:
     for i, tag in enumerate(link.vlan_tags):
         where = child(child(path, "vlan_tags"), i)
         if not 1 <= tag <= 4094:
-            c.check(where, f"{tag} is not a VLAN ID (1-4094)")
+            c.check(where, f"{fmt.show_int(tag)} is not a VLAN ID (1-4094)")
         elif tag in seen:
             c.check(where, f"VLAN {tag} is listed twice")
         seen.add(tag)
@@ -164,7 +189,7 @@ def _link(c: _Collector, link: Interface | Bond, path: str) -> None:
 def _vlan(c: _Collector, vlan: VLAN, path: str) -> None:
     c.check(child(path, "name"), fmt.check_device_name(vlan.name))
     if not 1 <= vlan.id <= 4094:
-        c.check(child(path, "id"), f"{vlan.id} is not a VLAN ID (1-4094)")
+        c.check(child(path, "id"), f"{fmt.show_int(vlan.id)} is not a VLAN ID (1-4094)")
     _addressing(
         c, vlan.addresses, vlan.routes, vlan.mtu, vlan.roles, vlan.required_for_online, path
     )
@@ -183,7 +208,7 @@ def _addressing(
     seen: set[str] = set()
     for i, address in enumerate(addresses):
         if address in seen:
-            c.check(child(child(path, "addresses"), i), f"{address!r} is listed twice")
+            c.check(child(child(path, "addresses"), i), f"{fmt.show(address)} is listed twice")
         seen.add(address)
     families = fmt.address_families(addresses)
     for i, route in enumerate(routes):
@@ -195,26 +220,29 @@ def _addressing(
         if to_error is None and via_error is None:
             to_family = 6 if ":" in route.to else 4
             if fmt.gateway_family(route.via) != to_family:
-                c.check(child(p, "via"), f"{route.via!r} is not an IPv{to_family} gateway")
+                c.check(child(p, "via"), f"{fmt.show(route.via)} is not an IPv{to_family} gateway")
             elif to_family not in families:
                 c.check(p, f"an IPv{to_family} route needs an IPv{to_family} address on this link")
     if mtu:
         if not MIN_MTU <= mtu <= MAX_MTU:
-            c.check(child(path, "mtu"), f"{mtu} is out of range ({MIN_MTU}-{MAX_MTU})")
+            c.check(
+                child(path, "mtu"), f"{fmt.show_int(mtu)} is out of range ({MIN_MTU}-{MAX_MTU})"
+            )
         elif mtu < MIN_MTU_IPV6 and 6 in families:
             c.check(child(path, "mtu"), f"{mtu} is below IPv6's minimum of {MIN_MTU_IPV6}")
     seen_roles: set[str] = set()
     for i, role in enumerate(roles):
         where = child(child(path, "roles"), i)
         if role not in ROLES:
-            c.check(where, f"{role!r} is not one of {', '.join(ROLES)}")
+            c.check(where, f"{fmt.show(role)} is not one of {', '.join(ROLES)}")
         elif role in seen_roles:
-            c.check(where, f"role {role!r} is listed twice")
+            c.check(where, f"role {fmt.show(role)} is listed twice")
         seen_roles.add(role)
     if required_for_online not in REQUIRED_FOR_ONLINE:
         allowed = ", ".join(v for v in REQUIRED_FOR_ONLINE if v)
         c.check(
-            child(path, "required_for_online"), f"{required_for_online!r} is not one of {allowed}"
+            child(path, "required_for_online"),
+            f"{fmt.show(required_for_online)} is not one of {allowed}",
         )
 
 
@@ -223,7 +251,7 @@ def _ethernet(c: _Collector, eth: Ethernet, path: str) -> None:
         if mode not in WAKEONLAN_MODES:
             c.check(
                 child(child(path, "wakeonlan_modes"), i),
-                f"{mode!r} is not one of {', '.join(WAKEONLAN_MODES)}",
+                f"{fmt.show(mode)} is not one of {', '.join(WAKEONLAN_MODES)}",
             )
     if eth.wakeonlan_modes and not eth.wakeonlan:
         c.check(child(path, "wakeonlan_modes"), "set, but wakeonlan is false")
@@ -237,12 +265,14 @@ def _proxy(c: _Collector, proxy: Proxy, path: str) -> None:
     for name, server in proxy.servers.items():
         p = child(servers_path, name)
         if name in ("direct", "none"):
-            c.check(p, f"{name!r} is reserved for rule targets")
-        elif not name or not all(ch.isalnum() or ch in "._-" for ch in name):
+            c.check(p, f"{fmt.show(name)} is reserved for rule targets")
+        elif _NAME.fullmatch(name) is None:
             c.check(p, "server names use letters, digits, '.', '_' and '-'")
         c.check(child(p, "host"), _check_proxy_host(server.host))
         if server.auth not in PROXY_AUTH:
-            c.check(child(p, "auth"), f"{server.auth!r} is not one of {', '.join(PROXY_AUTH)}")
+            c.check(
+                child(p, "auth"), f"{fmt.show(server.auth)} is not one of {', '.join(PROXY_AUTH)}"
+            )
         elif server.auth == "kerberos":
             c.check(
                 child(p, "auth"),
@@ -254,10 +284,14 @@ def _proxy(c: _Collector, proxy: Proxy, path: str) -> None:
                 c.check(child(p, "username"), "required with auth basic")
             if not server.password:
                 c.check(child(p, "password"), "required with auth basic")
-        if server.username and any(ch in server.username for ch in ":\n\r"):
+        # Free text, percent-encoded into the proxy URL; still no control characters, so
+        # that no file, log line or header ever carries one.
+        if server.username and ":" in server.username:
             c.check(child(p, "username"), "must not contain ':' or line breaks")
-        if server.password and any(ch in server.password for ch in "\n\r\0"):
-            c.check(child(p, "password"), "must not contain line breaks")
+        else:
+            c.check(child(p, "username"), _free_text(server.username, "':' or line breaks"))
+        c.check(child(p, "password"), _free_text(server.password, "line breaks"))
+        c.check(child(p, "realm"), _free_text(server.realm, "line breaks"))
 
     # Services are handed the proxy through the standard environment variables, which can
     # express "these destinations go direct, everything else through one proxy" and no
@@ -271,7 +305,9 @@ def _proxy(c: _Collector, proxy: Proxy, path: str) -> None:
             c.check(p, f"unreachable: follows the catch-all rule {catch_all}")
             continue
         if rule.target not in proxy.servers and rule.target not in ("direct", "none"):
-            c.check(child(p, "target"), f"{rule.target!r} is not a server name, direct or none")
+            c.check(
+                child(p, "target"), f"{fmt.show(rule.target)} is not a server name, direct or none"
+            )
         elif rule.target == "none":
             c.check(
                 child(p, "target"),
@@ -292,8 +328,17 @@ def _proxy(c: _Collector, proxy: Proxy, path: str) -> None:
                 if no_proxy_entry(pattern) is None:
                     c.check(
                         child(p, "destination"),
-                        f"{pattern!r} is not a host, '*.domain', IP address or network",
+                        f"{fmt.show(pattern)} is not a host, '*.domain', IP address or network",
                     )
+
+
+def _free_text(value: str, forbidden: str) -> str | None:
+    """None for text without control characters; else what is wrong, without the value."""
+    if not fmt.has_control(value):
+        return None
+    if "\n" in value or "\r" in value:
+        return f"must not contain {forbidden}"
+    return "must not contain control characters"
 
 
 def no_proxy_entry(pattern: str) -> str | None:
@@ -316,7 +361,7 @@ def _check_proxy_host(host: str) -> str | None:
         return "must not contain credentials; use username and password"
     rest = rest.rstrip("/")
     if not rest or fmt.split_host_port(rest) is None:
-        return f"{host!r} is not host, host:port or http(s)://host:port"
+        return f"{fmt.show(host)} is not host, host:port or http(s)://host:port"
     return None
 
 
@@ -325,30 +370,41 @@ def _logging(c: _Collector, logging: Logging, path: str) -> None:
     if syslog.address and fmt.split_host_port(syslog.address) is None:
         c.check(
             child(p, "address"),
-            f"{syslog.address!r} is not host, host:port, IPv4:port or [IPv6]:port",
+            f"{fmt.show(syslog.address)} is not host, host:port, IPv4:port or [IPv6]:port",
         )
     if syslog.protocol and syslog.protocol not in SYSLOG_PROTOCOLS:
         c.check(
             child(p, "protocol"),
-            f"{syslog.protocol!r} is not one of {', '.join(SYSLOG_PROTOCOLS)}",
+            f"{fmt.show(syslog.protocol)} is not one of {', '.join(SYSLOG_PROTOCOLS)}",
         )
     if syslog.log_format and syslog.log_format not in SYSLOG_FORMATS:
         c.check(
             child(p, "log_format"),
-            f"{syslog.log_format!r} is not one of {', '.join(SYSLOG_FORMATS)}",
+            f"{fmt.show(syslog.log_format)} is not one of {', '.join(SYSLOG_FORMATS)}",
         )
 
 
 def _update(c: _Collector, update: Update, path: str) -> None:
     channel = update.channel
-    if not channel or not all(ch.isalnum() or ch in "._-" for ch in channel) or len(channel) > 64:
-        c.check(child(path, "channel"), f"{channel!r} is not a channel name (e.g. stable, testing)")
+    if _NAME.fullmatch(channel) is None or len(channel) > 64:
+        c.check(
+            child(path, "channel"),
+            f"{fmt.show(channel)} is not a channel name (e.g. stable, testing)",
+        )
     if update.check_frequency != "never":
         seconds = fmt.parse_go_duration(update.check_frequency)
-        if seconds is None or seconds < 60:
+        if seconds is None and fmt.is_go_duration_syntax(update.check_frequency):
+            seconds = math.inf  # beyond Go's range: reported as too long below
+        if seconds is None or seconds < MIN_CHECK_FREQUENCY_S:
             c.check(
                 child(path, "check_frequency"),
-                f"{update.check_frequency!r} is not never or a duration of at least 1m",
+                f"{fmt.show(update.check_frequency)} is not never or a duration of at least 1m",
+            )
+        elif seconds > MAX_CHECK_FREQUENCY_S:
+            c.check(
+                child(path, "check_frequency"),
+                f"{fmt.show(update.check_frequency)} is longer than the maximum of 8760h "
+                "(a year); use never",
             )
     for i, w in enumerate(update.maintenance_windows):
         p = child(child(path, "maintenance_windows"), i)
@@ -359,13 +415,13 @@ def _update(c: _Collector, update: Update, path: str) -> None:
             ("end_minute", w.end_minute, 59),
         ):
             if not 0 <= value <= top:
-                c.check(child(p, name), f"{value} is out of range (0-{top})")
+                c.check(child(p, name), f"{fmt.show_int(value)} is out of range (0-{top})")
         for name, day in (
             ("start_day_of_week", w.start_day_of_week),
             ("end_day_of_week", w.end_day_of_week),
         ):
             if day and day not in WEEKDAYS:
-                c.check(child(p, name), f"{day!r} is not one of {', '.join(WEEKDAYS)}")
+                c.check(child(p, name), f"{fmt.show(day)} is not one of {', '.join(WEEKDAYS)}")
         if bool(w.start_day_of_week) != bool(w.end_day_of_week):
             c.check(p, "give both start_day_of_week and end_day_of_week, or neither")
         elif (
@@ -397,4 +453,7 @@ def _listener(c: _Collector, listener: Listener, path: str) -> None:
     uids = child(path, "socket_uids")
     for i, uid in enumerate(listener.socket_uids):
         if not 0 < uid < 0xFFFFFFFF:
-            c.check(child(uids, i), f"{uid} is not a user id other than root (1..4294967294)")
+            c.check(
+                child(uids, i),
+                f"{fmt.show_int(uid)} is not a user id other than root (1..4294967294)",
+            )

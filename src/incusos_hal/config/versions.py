@@ -11,6 +11,7 @@ from typing import Any
 
 from . import model
 from .errors import FieldError
+from .formats import show_int
 
 Document = dict[str, Any]
 
@@ -22,7 +23,7 @@ def migrate(raw: Document) -> tuple[Document, list[FieldError]]:
     version = raw.get("version")
     if version is None:
         version = model.CURRENT_VERSION
-    if isinstance(version, str) and version.isdigit():
+    if isinstance(version, str) and version.isascii() and version.isdigit() and len(version) < 10:
         version = int(version)  # IncusOS writes its seed versions as strings
     if not isinstance(version, int) or isinstance(version, bool):
         return raw, [FieldError("version", "expected an integer")]
@@ -30,12 +31,14 @@ def migrate(raw: Document) -> tuple[Document, list[FieldError]]:
         return raw, [
             FieldError(
                 "version",
-                f"{version} was written by a newer incusos-hal; this one reads up to "
+                f"{show_int(version)} was written by a newer incusos-hal; this one reads up to "
                 f"{model.CURRENT_VERSION}",
             )
         ]
     if version < 1:
-        return raw, [FieldError("version", f"{version} is not a valid version (1 or later)")]
+        return raw, [
+            FieldError("version", f"{show_int(version)} is not a valid version (1 or later)")
+        ]
     doc = dict(raw)
     while version < model.CURRENT_VERSION:
         doc = MIGRATIONS[version](doc)

@@ -15,10 +15,12 @@ All files are named `10-incusos-*` so the configure step can tell its own from o
 
 from __future__ import annotations
 
+import re
+
 from ..config.model import VLAN, Bond, Ethernet, Interface, Network, Route
 from ..core.tree import File, Tree
 from .effective import bond_device_name, port_name
-from .ini import Section, ini, yes
+from .ini import Section, UnsafeTextError, ini, yes
 
 NETWORK_DIR = "/run/systemd/network"
 PREFIX = "10-incusos-"
@@ -30,9 +32,14 @@ MII_MONITOR = "100ms"
 UP_DELAY = "200ms"
 DOWN_DELAY = "200ms"
 HASHING_MODES = ("802.3ad", "balance-xor", "balance-tlb")
+# File names are built from validated device names and MACs; this only ever fires for a
+# value that bypassed validation, and then before anything is written.
+_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\.(link|network|netdev)")
 
 
 def _file(name: str, sections: list[Section]) -> tuple[str, File]:
+    if _FILE_NAME.fullmatch(name) is None:
+        raise UnsafeTextError(f"{name!r} is not a safe networkd file name")
     return f"{NETWORK_DIR}/{PREFIX}{name}", File(ini(sections, header=HEADER))
 
 

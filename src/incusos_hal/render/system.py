@@ -8,7 +8,7 @@ from ..config import formats as fmt
 from ..config.model import Logging, Network, Proxy
 from ..config.validate import no_proxy_entry
 from ..core.tree import File, Symlink, Tree
-from .ini import ini
+from .ini import UnsafeTextError, env_file, ini
 
 TIMESYNCD_DROPIN = "/run/systemd/timesyncd.conf.d/50-incusos-hal.conf"
 # systemd-netlogd (Debian 13: 1.4.4) reads drop-ins from /run/systemd/netlogd.conf.d too.
@@ -31,6 +31,9 @@ def render_time(network: Network) -> Tree:
         sections = [("Time", [("NTP", " ".join(time.ntp_servers))])]
         tree[TIMESYNCD_DROPIN] = File(ini(sections, header=HEADER))
     if time.timezone:
+        if fmt.check_timezone(time.timezone) is not None:
+            # Validated before; the name becomes a path, so checked again here.
+            raise UnsafeTextError(f"time zone {fmt.show(time.timezone)} is not a zone name")
         # Relative, as systemd-timedated writes it, so it resolves inside any root.
         tree[LOCALTIME] = Symlink(f"..{ZONEINFO}/{time.timezone}")
     return tree
@@ -104,9 +107,7 @@ def render_proxy(network: Network) -> Tree:
         return {}
     url = proxy_url(network.proxy, server)
     no_proxy = ",".join([*NO_PROXY_ALWAYS, *direct])
-    lines = [f"# {HEADER}"]
-    for key in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
-        lines.append(f"{key}={url}")
-    lines += [f"no_proxy={no_proxy}", f"NO_PROXY={no_proxy}"]
+    entries = [(key, url) for key in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")]
+    entries += [("no_proxy", no_proxy), ("NO_PROXY", no_proxy)]
     # Holds the proxy password: readable by root only.
-    return {PROXY_ENV: File(("\n".join(lines) + "\n").encode(), mode=0o600)}
+    return {PROXY_ENV: File(env_file(entries, header=HEADER), mode=0o600)}

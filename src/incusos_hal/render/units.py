@@ -38,7 +38,7 @@ def after_configure(tree: Tree, source: str, unit: str) -> None:
             ],
         ),
     ]
-    tree[f"{unit}.d/{DROPIN_NAME}"] = File(ini(sections, header=HEADER))
+    tree[f"{unit}.d/{DROPIN_NAME}"] = File(ini(sections, header=HEADER, specifiers=True))
 
 
 def configure_units(unit_dir: str) -> Tree:
@@ -66,7 +66,9 @@ def network_units(config: Config, *, source: str, unit_dir: str) -> Tree:
         # is written by the configure step, root-only: it may hold a password, which
         # must not end up in unit properties that any user can read over D-Bus.
         sections = [("Service", [("EnvironmentFile", f"-{PROXY_ENV}")])]
-        tree["service.d/50-incusos-hal-proxy.conf"] = File(ini(sections, header=HEADER))
+        tree["service.d/50-incusos-hal-proxy.conf"] = File(
+            ini(sections, header=HEADER, specifiers=True)
+        )
     return tree
 
 
