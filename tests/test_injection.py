@@ -462,7 +462,7 @@ def _model_fields(want: Callable[[Any], bool]) -> set[str]:
             return any(holds(a) for a in args if a is not type(None) and a is not Ellipsis)
         return False
 
-    for cls in vars(model).values():
+    for cls in _reachable(Config):
         if isinstance(cls, type) and dataclasses.is_dataclass(cls):
             hints = typing.get_type_hints(cls, vars(model))
             for f in dataclasses.fields(cls):
@@ -472,13 +472,36 @@ def _model_fields(want: Callable[[Any], bool]) -> set[str]:
     return found
 
 
+def _reachable(cls: type) -> list[type]:
+    """The model's classes a document can hold, from `cls` down (not its bases alone)."""
+    out: list[type] = []
+    pending = [cls]
+    while pending:
+        current = pending.pop()
+        if current in out:
+            continue
+        out.append(current)
+        hints = typing.get_type_hints(current, vars(model))
+        for f in dataclasses.fields(current):
+            stack = [hints[f.name]]
+            while stack:
+                tp = stack.pop()
+                if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+                    pending.append(tp)
+                stack += [a for a in typing.get_args(tp) if a is not Ellipsis]
+    return out
+
+
 def _strip_optional(tp: Any) -> Any:
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     return args[0] if typing.get_origin(tp) in (typing.Union, types.UnionType) else tp
 
 
 def _is_str(tp: Any) -> bool:
-    return tp is str
+    """Text in the document: plain strings, enumerations (Literal) and durations."""
+    if typing.get_origin(tp) is typing.Literal:
+        return True
+    return tp is str or (isinstance(tp, type) and issubclass(tp, str))
 
 
 def _is_int(tp: Any) -> bool:

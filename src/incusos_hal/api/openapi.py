@@ -17,8 +17,20 @@ from .service import SECTIONS
 
 
 def schema_of(tp: Any) -> dict[str, Any]:
-    """JSON Schema for a model type: dataclasses are closed objects, as the decoder is."""
+    """JSON Schema for a model type: dataclasses are closed objects, as the decoder is;
+    enumerations list their values; help text becomes the description."""
     origin = typing.get_origin(tp)
+    if origin is typing.Annotated:
+        inner, *extras = typing.get_args(tp)
+        schema = schema_of(inner)
+        helps = [e.text for e in extras if isinstance(e, model.Help)]
+        if helps and "$ref" not in schema:
+            schema["description"] = helps[0]
+        elif helps:  # a $ref takes no siblings in OpenAPI 3.0
+            schema = {"allOf": [schema], "description": helps[0]}
+        return schema
+    if origin is typing.Literal:
+        return {"type": "string", "enum": list(typing.get_args(tp))}
     if origin in (types.UnionType, typing.Union):
         inner = [a for a in typing.get_args(tp) if a is not type(None)]
         return schema_of(inner[0])
@@ -26,7 +38,7 @@ def schema_of(tp: Any) -> dict[str, Any]:
         return {"type": "boolean"}
     if tp is int:
         return {"type": "integer"}
-    if tp is str:
+    if tp is str or (isinstance(tp, type) and issubclass(tp, str)):
         return {"type": "string"}
     if origin is tuple:
         return {"type": "array", "items": schema_of(typing.get_args(tp)[0])}
@@ -44,7 +56,7 @@ def _components() -> dict[str, Any]:
         cls = pending.pop()
         if cls.__name__ in out:
             continue
-        hints = typing.get_type_hints(cls, vars(model))
+        hints = typing.get_type_hints(cls, vars(model), include_extras=True)
         props, required = {}, []
         for f in dataclasses.fields(cls):
             props[f.name] = schema_of(hints[f.name])
@@ -68,6 +80,8 @@ def _components() -> dict[str, Any]:
 def _dataclasses_in(tp: Any) -> list[type]:
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return [tp]
+    if typing.get_origin(tp) is typing.Literal:
+        return []
     return [c for a in typing.get_args(tp) for c in _dataclasses_in(a)]
 
 
@@ -214,9 +228,38 @@ def markdown(document: dict[str, Any]) -> str:
             lines.append(f"| {method.upper()} | `{path}` | {op['summary']} | {status} |")
     lines += ["", "## Config objects", ""]
     for name, schema in document["components"]["schemas"].items():
-        fields = ", ".join(f"`{f}`" for f in schema["properties"])
-        lines.append(f"- **{name}**: {fields or '(no fields yet)'}")
+        lines += [f"### {name}", ""]
+        if schema.get("description"):
+            lines += [schema["description"], ""]
+        if not schema["properties"]:
+            lines += ["(no fields yet)", ""]
+            continue
+        lines += ["| field | type | what |", "| --- | --- | --- |"]
+        for field_name, prop in schema["properties"].items():
+            lines.append(f"| `{field_name}` | {_type_text(prop)} | {_what(prop)} |")
+        lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def _type_text(prop: dict[str, Any]) -> str:
+    if "allOf" in prop:
+        return _type_text(prop["allOf"][0])
+    if "$ref" in prop:
+        return str(prop["$ref"]).rsplit("/", 1)[-1]
+    if prop.get("type") == "array":
+        return f"list of {_type_text(prop['items'])}"
+    if prop.get("type") == "object":
+        return f"map of {_type_text(prop['additionalProperties'])}"
+    return str(prop.get("type", ""))
+
+
+def _what(prop: dict[str, Any]) -> str:
+    text = str(prop.get("description", ""))
+    enum = prop.get("enum") or prop.get("items", {}).get("enum")
+    if enum:
+        values = ", ".join(f"`{v}`" for v in enum if v)
+        text = f"{text} (one of {values})" if text else f"one of {values}"
+    return text.replace("|", "\\|")
 
 
 if __name__ == "__main__":

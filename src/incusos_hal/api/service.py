@@ -35,7 +35,6 @@ from .. import __version__
 from ..apply.deadline import Deadline, TimedOut, TimeLimit
 from ..apply.systemd import ApplyError, Systemd
 from ..config import Config, ConfigError, FieldError, from_dict, to_dict
-from ..config.formats import parse_go_duration
 from ..core.files import atomic_write
 from ..sections import changes
 from ..state import store
@@ -178,7 +177,7 @@ class Service:
                 )
             timeout = 0.0
             if name == "network" and config.network.confirmation_timeout:
-                timeout = parse_go_duration(config.network.confirmation_timeout) or 0.0
+                timeout = config.network.confirmation_timeout.seconds or 0.0
             if timeout > 0:
                 atomic_write(self._unconfirmed, previous or b"", 0o600)
             try:

@@ -31,7 +31,9 @@ def _hints(cls: type) -> dict[str, Any]:
 
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
-    if tp is str:
+    if tp is str or typing.get_origin(tp) is typing.Literal:
+        return "a string"
+    if isinstance(tp, type) and issubclass(tp, str):
         return "a string"
     if tp is bool:
         return "true or false"
@@ -57,9 +59,14 @@ def _decode_value(tp: Any, raw: Any, path: str, errors: list[FieldError]) -> Any
     elif tp is int:
         if isinstance(raw, int) and not isinstance(raw, bool):
             return raw
-    elif tp is str:
+    elif tp is str or origin is typing.Literal:
+        # An enumeration is decoded as its text; validation says which values it takes,
+        # in the same words for every document format.
         if isinstance(raw, str):
             return raw
+    elif isinstance(tp, type) and issubclass(tp, str):  # a typed string (Duration)
+        if isinstance(raw, str):
+            return tp(raw)
     elif origin is tuple:
         if isinstance(raw, list):
             (item_type, _ellipsis) = typing.get_args(tp)

@@ -264,6 +264,22 @@ def check_timezone(value: str) -> str | None:
     return None
 
 
+class Duration(str):
+    """A Go duration as IncusOS writes it ("90s", "1h30m", or "" for unset), kept as its
+    text so documents read back as they were written; parsed once, when made:
+    `seconds` (None when malformed or beyond Go's range) and `beyond_range` (spelled as a
+    duration, but too long for Go's time.ParseDuration)."""
+
+    seconds: float | None
+    beyond_range: bool
+
+    def __new__(cls, text: str) -> Duration:
+        self = super().__new__(cls, text)
+        self.seconds = parse_go_duration(text) if text else None
+        self.beyond_range = self.seconds is None and bool(text) and is_go_duration_syntax(text)
+        return self
+
+
 def is_go_duration_syntax(value: str) -> bool:
     """Spelled as a Go duration, whatever its size (to tell "too long" from "malformed")."""
     text = value.lstrip("+-")

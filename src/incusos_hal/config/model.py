@@ -7,18 +7,34 @@ that depend on the machine (MTU 1500, required_for_online "any") are applied whe
 rendering, not stored.
 
 Every class is a frozen, slotted dataclass: a Config is a value, safe to share between the
-API handlers and the renderer.
+API handlers and the renderer. Enumerations are `Literal` types (the OpenAPI description
+lists their values); every field carries its help text (`Annotated[..., Help(...)]`),
+which docs/api.md shows; durations are `Duration`s, parsed once when decoded.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Annotated, Literal, get_args
+
+from .formats import Duration
 
 CURRENT_VERSION = 1
+# Immutable values, shared as defaults.
+UNSET_DURATION = Duration("")
+DEFAULT_CHECK_FREQUENCY = Duration("6h")
 
-ROLES = ("management", "cluster", "instances", "storage")
-BOND_MODES = (
+
+@dataclass(frozen=True, slots=True)
+class Help:
+    """A field's help text, for the OpenAPI description and docs/api.md."""
+
+    text: str
+
+
+Role = Literal["management", "cluster", "instances", "storage"]
+BondMode = Literal[
     "balance-rr",
     "active-backup",
     "balance-xor",
@@ -26,13 +42,24 @@ BOND_MODES = (
     "802.3ad",
     "balance-tlb",
     "balance-alb",
-)
-REQUIRED_FOR_ONLINE = ("", "no", "any", "ipv4", "ipv6", "both")
-WAKEONLAN_MODES = ("phy", "unicast", "multicast", "broadcast", "arp", "magic", "secureon")
-PROXY_AUTH = ("anonymous", "basic", "kerberos")
-SYSLOG_PROTOCOLS = ("udp", "tcp", "tls", "dtls")
-SYSLOG_FORMATS = ("rfc5424", "rfc3339")
-WEEKDAYS = ("Sunday", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday")
+]
+RequiredForOnline = Literal["", "no", "any", "ipv4", "ipv6", "both"]
+WakeOnLanMode = Literal["phy", "unicast", "multicast", "broadcast", "arp", "magic", "secureon"]
+ProxyAuth = Literal["anonymous", "basic", "kerberos"]
+SyslogProtocol = Literal["", "udp", "tcp", "tls", "dtls"]
+SyslogFormat = Literal["", "rfc5424", "rfc3339"]
+Weekday = Literal[
+    "", "Sunday", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"
+]
+
+ROLES: tuple[str, ...] = get_args(Role)
+BOND_MODES: tuple[str, ...] = get_args(BondMode)
+REQUIRED_FOR_ONLINE: tuple[str, ...] = get_args(RequiredForOnline)
+WAKEONLAN_MODES: tuple[str, ...] = get_args(WakeOnLanMode)
+PROXY_AUTH: tuple[str, ...] = get_args(ProxyAuth)
+SYSLOG_PROTOCOLS: tuple[str, ...] = get_args(SyslogProtocol)[1:]
+SYSLOG_FORMATS: tuple[str, ...] = get_args(SyslogFormat)[1:]
+WEEKDAYS: tuple[str, ...] = get_args(Weekday)[1:]
 
 # Names of keys IncusOS knows that this version recognises but cannot honour yet.
 # Rejecting them by name beats silently dropping a firewall rule.
@@ -45,115 +72,146 @@ UNSUPPORTED_KEYS: Mapping[str, str] = {
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    to: str
-    via: str
+    to: Annotated[str, Help("destination network with its prefix length (0.0.0.0/0: default)")]
+    via: Annotated[str, Help("gateway address, or dhcp4 / slaac for the one those provide")]
 
 
 @dataclass(frozen=True, slots=True)
 class Ethernet:
-    disable_energy_efficient: bool = False
-    disable_gro: bool = False
-    disable_gso: bool = False
-    disable_ipv4_tso: bool = False
-    disable_ipv6_tso: bool = False
-    wakeonlan: bool = False
-    wakeonlan_modes: tuple[str, ...] = ()
+    disable_energy_efficient: Annotated[bool, Help("turn Energy-Efficient Ethernet off")] = False
+    disable_gro: Annotated[bool, Help("turn generic receive offload off")] = False
+    disable_gso: Annotated[bool, Help("turn generic segmentation offload off")] = False
+    disable_ipv4_tso: Annotated[bool, Help("turn TCP segmentation offload off for IPv4")] = False
+    disable_ipv6_tso: Annotated[bool, Help("turn TCP segmentation offload off for IPv6")] = False
+    wakeonlan: Annotated[bool, Help("wake the machine on LAN activity")] = False
+    wakeonlan_modes: Annotated[
+        tuple[WakeOnLanMode, ...], Help("what wakes it (default: magic packets)")
+    ] = ()
     # A SecureOn password: a secret, never repeated in errors or logs.
-    wakeonlan_password: str = ""
+    wakeonlan_password: Annotated[
+        str, Help("SecureOn password, six hex bytes (a secret: never echoed)")
+    ] = ""
 
 
-@dataclass(frozen=True, slots=True)
-class Interface:
-    name: str
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Addressed:
+    """What every link the operator configures has: addresses, routes, MTU, roles, and
+    whether the machine waits for it to come online."""
+
+    addresses: Annotated[
+        tuple[str, ...], Help("dhcp4, dhcp6, slaac, or static addresses with prefix length")
+    ] = ()
+    routes: Annotated[tuple[Route, ...], Help("static routes through this link")] = ()
+    mtu: Annotated[int, Help("MTU in bytes (68-9000); 0: 1500")] = 0
+    roles: Annotated[
+        tuple[Role, ...], Help("what the link carries")
+    ] = ()
+    required_for_online: Annotated[
+        RequiredForOnline,
+        Help("which addresses network-online waits for (default: any)"),
+    ] = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Port(Addressed):
+    """A link with a bridge of its own for instances: a NIC or a bond."""
+
+    lldp: Annotated[bool, Help("send and receive LLDP on it (on a bond: on its members)")] = False
+    vlan_tags: Annotated[
+        tuple[int, ...], Help("VLAN IDs (1-4094) the bridge passes to instances")
+    ] = ()
+    ethernet: Annotated[Ethernet | None, Help("offloads and wake-on-LAN")] = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Interface(Port):
+    name: Annotated[str, Help("the bridge's name (at most 13 characters)")]
     # A MAC address, or an interface name resolved to its MAC on the running machine.
-    hwaddr: str
-    addresses: tuple[str, ...] = ()
-    routes: tuple[Route, ...] = ()
-    mtu: int = 0
-    lldp: bool = False
-    roles: tuple[str, ...] = ()
-    vlan_tags: tuple[int, ...] = ()
-    required_for_online: str = ""
-    ethernet: Ethernet | None = None
+    hwaddr: Annotated[str, Help("the NIC's MAC address, or its kernel name to resolve at boot")]
 
 
-@dataclass(frozen=True, slots=True)
-class Bond:
-    name: str
-    mode: str
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Bond(Port):
+    name: Annotated[str, Help("the bridge's name (at most 13 characters)")]
+    mode: Annotated[BondMode, Help("the bonding mode (802.3ad: LACP)")]
     # MAC addresses (or interface names, resolved like Interface.hwaddr).
-    members: tuple[str, ...] = ()
+    members: Annotated[
+        tuple[str, ...], Help("the members' MAC addresses (or kernel names)")
+    ] = ()
     # The bond's own MAC; empty means the first member's (switches reject the
     # machine-id derived MAC networkd would otherwise pick).
-    hwaddr: str = ""
-    addresses: tuple[str, ...] = ()
-    routes: tuple[Route, ...] = ()
-    mtu: int = 0
-    lldp: bool = False
-    roles: tuple[str, ...] = ()
-    vlan_tags: tuple[int, ...] = ()
-    required_for_online: str = ""
-    ethernet: Ethernet | None = None
+    hwaddr: Annotated[str, Help("the bond's MAC address (default: its first member's)")] = ""
 
 
-@dataclass(frozen=True, slots=True)
-class VLAN:
-    name: str
-    parent: str
-    id: int
-    addresses: tuple[str, ...] = ()
-    routes: tuple[Route, ...] = ()
-    mtu: int = 0
-    roles: tuple[str, ...] = ()
-    required_for_online: str = ""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VLAN(Addressed):
+    name: Annotated[str, Help("the VLAN device's name (at most 13 characters)")]
+    parent: Annotated[str, Help("the interface or bond it is tagged on")]
+    id: Annotated[int, Help("the VLAN ID (1-4094)")]
 
 
 @dataclass(frozen=True, slots=True)
 class DNS:
-    hostname: str = ""
-    domain: str = ""
-    nameservers: tuple[str, ...] = ()
-    search_domains: tuple[str, ...] = ()
-    dns_over_tls: bool = False
+    hostname: Annotated[str, Help("the machine's host name")] = ""
+    domain: Annotated[str, Help("its DNS domain")] = ""
+    nameservers: Annotated[
+        tuple[str, ...], Help("DNS servers: IP addresses, optionally #name for DNS over TLS")
+    ] = ()
+    search_domains: Annotated[
+        tuple[str, ...], Help("domains to search; ~domain routes only that domain")
+    ] = ()
+    dns_over_tls: Annotated[bool, Help("use DNS over TLS with the name servers")] = False
 
 
 @dataclass(frozen=True, slots=True)
 class Time:
-    ntp_servers: tuple[str, ...] = ()
-    timezone: str = ""
+    ntp_servers: Annotated[tuple[str, ...], Help("NTP servers by address or name")] = ()
+    timezone: Annotated[str, Help("an IANA time zone, e.g. Europe/Berlin (default UTC)")] = ""
 
 
 @dataclass(frozen=True, slots=True)
 class ProxyServer:
-    host: str
-    auth: str
-    use_tls: bool = False
-    username: str = ""
-    password: str = ""
-    realm: str = ""
+    host: Annotated[str, Help("host, host:port or http(s)://host:port")]
+    auth: Annotated[ProxyAuth, Help("anonymous, basic, or kerberos")]
+    use_tls: Annotated[bool, Help("reach the proxy over TLS")] = False
+    username: Annotated[str, Help("for basic authentication")] = ""
+    password: Annotated[str, Help("for basic authentication (a secret)")] = ""
+    realm: Annotated[str, Help("the Kerberos realm")] = ""
 
 
 @dataclass(frozen=True, slots=True)
 class ProxyRule:
-    destination: str
-    target: str
+    destination: Annotated[
+        str, Help("hosts, *.domains, addresses or networks, |-separated; *: all")
+    ]
+    target: Annotated[str, Help("a server's name, direct, or none")]
 
 
 @dataclass(frozen=True, slots=True)
 class Proxy:
-    servers: Mapping[str, ProxyServer] = field(default_factory=dict)
-    rules: tuple[ProxyRule, ...] = ()
+    servers: Annotated[Mapping[str, ProxyServer], Help("proxy servers by name")] = field(
+        default_factory=dict
+    )
+    rules: Annotated[tuple[ProxyRule, ...], Help("where each destination goes, in order")] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class Network:
-    confirmation_timeout: str = ""
-    dns: DNS | None = None
-    time: Time | None = None
-    proxy: Proxy | None = None
-    interfaces: tuple[Interface, ...] = ()
-    bonds: tuple[Bond, ...] = ()
-    vlans: tuple[VLAN, ...] = ()
+    confirmation_timeout: Annotated[
+        Duration, Help("roll the change back unless confirmed within this (e.g. 2m)")
+    ] = UNSET_DURATION
+    dns: Annotated[DNS | None, Help("host name, domain and name servers")] = None
+    time: Annotated[Time | None, Help("NTP servers and time zone")] = None
+    proxy: Annotated[Proxy | None, Help("the HTTP(S) proxy the machine's services use")] = None
+    interfaces: Annotated[tuple[Interface, ...], Help("NICs, each with a bridge")] = ()
+    bonds: Annotated[tuple[Bond, ...], Help("bonds of NICs, each with a bridge")] = ()
+    vlans: Annotated[tuple[VLAN, ...], Help("VLANs on the machine itself")] = ()
+
+    def __post_init__(self) -> None:
+        # Made from plain text in code too: the duration is parsed here, once.
+        value: object = self.confirmation_timeout
+        if not isinstance(value, Duration):
+            object.__setattr__(self, "confirmation_timeout", Duration(str(value)))
 
     @property
     def has_devices(self) -> bool:
@@ -162,32 +220,41 @@ class Network:
 
 @dataclass(frozen=True, slots=True)
 class Syslog:
-    address: str = ""
-    protocol: str = ""
-    log_format: str = ""
+    address: Annotated[str, Help("host, host:port, IPv4:port or [IPv6]:port")] = ""
+    protocol: Annotated[SyslogProtocol, Help("udp (default), tcp, tls or dtls")] = ""
+    log_format: Annotated[SyslogFormat, Help("rfc5424 (default) or rfc3339")] = ""
 
 
 @dataclass(frozen=True, slots=True)
 class Logging:
-    syslog: Syslog = Syslog()
+    syslog: Annotated[Syslog, Help("a remote syslog server")] = Syslog()
 
 
 @dataclass(frozen=True, slots=True)
 class MaintenanceWindow:
-    start_hour: int = 0
-    start_minute: int = 0
-    end_hour: int = 0
-    end_minute: int = 0
-    start_day_of_week: str = ""
-    end_day_of_week: str = ""
+    start_hour: Annotated[int, Help("0-23")] = 0
+    start_minute: Annotated[int, Help("0-59")] = 0
+    end_hour: Annotated[int, Help("0-23")] = 0
+    end_minute: Annotated[int, Help("0-59")] = 0
+    start_day_of_week: Annotated[Weekday, Help("Sunday...Saturday; empty: every day")] = ""
+    end_day_of_week: Annotated[Weekday, Help("Sunday...Saturday; empty: every day")] = ""
 
 
 @dataclass(frozen=True, slots=True)
 class Update:
-    channel: str = "stable"
-    check_frequency: str = "6h"
-    auto_reboot: bool = False
-    maintenance_windows: tuple[MaintenanceWindow, ...] = ()
+    channel: Annotated[str, Help("the update channel (stable, testing)")] = "stable"
+    check_frequency: Annotated[
+        Duration, Help("how often to check: a duration of at least 1m, or never")
+    ] = DEFAULT_CHECK_FREQUENCY
+    auto_reboot: Annotated[bool, Help("reboot into a new OS version on its own")] = False
+    maintenance_windows: Annotated[
+        tuple[MaintenanceWindow, ...], Help("when updates may be applied (default: any time)")
+    ] = ()
+
+    def __post_init__(self) -> None:
+        value: object = self.check_frequency
+        if not isinstance(value, Duration):
+            object.__setattr__(self, "check_frequency", Duration(str(value)))
 
 
 # Sections whose schema lands with their own issues (storage, services).
@@ -202,9 +269,13 @@ class Security:
     """IncusOS's SystemSecurityConfig. The recovery keys are secrets: the stored document
     is mode 0600, and no error or log line repeats one."""
 
-    encryption_recovery_keys: tuple[str, ...] = ()
+    encryption_recovery_keys: Annotated[
+        tuple[str, ...], Help("passphrases that open every encrypted volume (secrets)")
+    ] = ()
     # PEM certificates the machine trusts beyond the system's CA bundle.
-    custom_ca_certs: tuple[str, ...] = ()
+    custom_ca_certs: Annotated[
+        tuple[str, ...], Help("PEM CA certificates trusted beyond the system's bundle")
+    ] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,21 +289,27 @@ class Listener:
     trusted_client_certificates), plus the users the unix socket admits besides root."""
 
     # host:port for HTTPS with client certificates; empty: the unix socket only.
-    listen_address: str = ""
+    listen_address: Annotated[
+        str, Help("host:port for HTTPS with client certificates; empty: the socket only")
+    ] = ""
     # PEM client certificates; a client is trusted when its certificate's SHA-256
     # fingerprint is one of these certificates' fingerprints.
-    trusted_client_certificates: tuple[str, ...] = ()
+    trusted_client_certificates: Annotated[
+        tuple[str, ...], Help("PEM client certificates admitted over HTTPS")
+    ] = ()
     # uids (other than 0) whose processes may use the unix socket.
-    socket_uids: tuple[int, ...] = ()
+    socket_uids: Annotated[
+        tuple[int, ...], Help("users besides root that may use the unix socket")
+    ] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class Config:
-    version: int = CURRENT_VERSION
-    network: Network = Network()
-    logging: Logging = Logging()
-    update: Update = Update()
-    storage: Storage = Storage()
-    security: Security = Security()
-    services: Services = Services()
-    listener: Listener = Listener()
+    version: Annotated[int, Help("the document's version")] = CURRENT_VERSION
+    network: Annotated[Network, Help("/1.0/system/network")] = Network()
+    logging: Annotated[Logging, Help("/1.0/system/logging")] = Logging()
+    update: Annotated[Update, Help("/1.0/system/update")] = Update()
+    storage: Annotated[Storage, Help("/1.0/system/storage (not built yet)")] = Storage()
+    security: Annotated[Security, Help("/1.0/system/security")] = Security()
+    services: Annotated[Services, Help("/1.0/services (not built yet)")] = Services()
+    listener: Annotated[Listener, Help("/1.0/system/fallback-listener")] = Listener()

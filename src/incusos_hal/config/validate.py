@@ -22,6 +22,7 @@ from .model import (
     VLAN,
     WAKEONLAN_MODES,
     WEEKDAYS,
+    Addressed,
     Bond,
     Config,
     Ethernet,
@@ -30,7 +31,6 @@ from .model import (
     Logging,
     Network,
     Proxy,
-    Route,
     Security,
     Update,
 )
@@ -74,9 +74,9 @@ def validate(config: Config) -> list[FieldError]:
 
 def _network(c: _Collector, net: Network, path: str) -> None:
     if net.confirmation_timeout:
-        seconds = fmt.parse_go_duration(net.confirmation_timeout)
-        if seconds is None and fmt.is_go_duration_syntax(net.confirmation_timeout):
-            seconds = math.inf  # beyond Go's range: reported as too long below
+        timeout = net.confirmation_timeout
+        # Beyond Go's range: reported as too long below.
+        seconds = math.inf if timeout.beyond_range else timeout.seconds
         if seconds is None or seconds <= 0:
             c.check(
                 child(path, "confirmation_timeout"),
@@ -171,9 +171,7 @@ def _link(c: _Collector, link: Interface | Bond, path: str) -> None:
     c.check(child(path, "name"), fmt.check_device_name(link.name))
     if isinstance(link, Interface) or link.hwaddr:
         c.check(child(path, "hwaddr"), fmt.check_hwaddr(link.hwaddr) if link.hwaddr else "required")
-    _addressing(
-        c, link.addresses, link.routes, link.mtu, link.roles, link.required_for_online, path
-    )
+    _addressing(c, link, path)
     seen: set[int] = set()
     for i, tag in enumerate(link.vlan_tags):
         where = child(child(path, "vlan_tags"), i)
@@ -190,20 +188,12 @@ def _vlan(c: _Collector, vlan: VLAN, path: str) -> None:
     c.check(child(path, "name"), fmt.check_device_name(vlan.name))
     if not 1 <= vlan.id <= 4094:
         c.check(child(path, "id"), f"{fmt.show_int(vlan.id)} is not a VLAN ID (1-4094)")
-    _addressing(
-        c, vlan.addresses, vlan.routes, vlan.mtu, vlan.roles, vlan.required_for_online, path
-    )
+    _addressing(c, vlan, path)
 
 
-def _addressing(
-    c: _Collector,
-    addresses: tuple[str, ...],
-    routes: tuple[Route, ...],
-    mtu: int,
-    roles: tuple[str, ...],
-    required_for_online: str,
-    path: str,
-) -> None:
+def _addressing(c: _Collector, link: Addressed, path: str) -> None:
+    addresses, routes, mtu = link.addresses, link.routes, link.mtu
+    roles, required_for_online = link.roles, link.required_for_online
     c.each(child(path, "addresses"), addresses, fmt.check_address)
     seen: set[str] = set()
     for i, address in enumerate(addresses):
@@ -392,8 +382,9 @@ def _update(c: _Collector, update: Update, path: str) -> None:
             f"{fmt.show(channel)} is not a channel name (e.g. stable, testing)",
         )
     if update.check_frequency != "never":
-        seconds = fmt.parse_go_duration(update.check_frequency)
-        if seconds is None and fmt.is_go_duration_syntax(update.check_frequency):
+        frequency = update.check_frequency
+        seconds = frequency.seconds
+        if frequency.beyond_range:
             seconds = math.inf  # beyond Go's range: reported as too long below
         if seconds is None or seconds < MIN_CHECK_FREQUENCY_S:
             c.check(

@@ -128,7 +128,7 @@ def _port(
 
 
 def _bond_netdev(bond: Bond, device: str) -> tuple[str, File]:
-    params = [("Mode", bond.mode)]
+    params: list[tuple[str, str]] = [("Mode", bond.mode)]
     if bond.mode in HASHING_MODES:
         params.append(("TransmitHashPolicy", "layer3+4"))
     if bond.mode == "802.3ad":

@@ -8,7 +8,6 @@ import os
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from ..config.formats import parse_go_duration
 from ..core.files import Owned
 from ..render.effective import effective_network
 from ..render.networkd import NETWORK_DIR, PREFIX, render_networkd
@@ -49,8 +48,7 @@ def read_state(ctx: Context) -> Any:
 
 def confirmation(config: Config) -> float:
     """The change waits this long for `:confirm` (IncusOS's confirmation_timeout)."""
-    timeout = config.network.confirmation_timeout
-    return (parse_go_duration(timeout) or 0.0) if timeout else 0.0
+    return config.network.confirmation_timeout.seconds or 0.0
 
 
 async def confirm(ctx: Context, body: Any) -> Any:
