@@ -110,7 +110,7 @@ def _no_state(ctx: Context) -> dict[str, Any]:
     return {}
 
 
-def _no_checks(new: Config, current: Config) -> list[FieldError]:
+def _no_checks(new: Config, current: Config, root: str) -> list[FieldError]:
     return []
 
 
@@ -128,9 +128,11 @@ class Section:
     listed: bool = True
     # The `state` half, read from the machine (in a worker thread).
     read_state: Callable[[Context], Any] = _no_state
-    # Rules a PUT must pass beyond the document's validation, given the stored config
-    # (errors name `config.<field>` as the client sees it).
-    check: Callable[[Config, Config], list[FieldError]] = _no_checks
+    # Rules a PUT must pass beyond the document's validation, given the stored config and
+    # the machine (read under `root`: a PCI address that is not there, say). Errors name
+    # the field by its document path (`kernel.pci_passthrough[0]`); the API shows it to
+    # the client as `config.<field>`.
+    check: Callable[[Config, Config, str], list[FieldError]] = _no_checks
     # Work on the machine before the new document is stored (all or nothing; an
     # exception refuses the PUT with nothing stored).
     before_store: Callable[[Context, Config, Config], Awaitable[None]] | None = None

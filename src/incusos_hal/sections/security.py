@@ -24,7 +24,7 @@ def read_state(ctx: Context) -> Any:
         return security_state(ctx.settings.root, handle, wanted)
 
 
-def check(new: Config, current: Config) -> list[FieldError]:
+def check(new: Config, current: Config, root: str) -> list[FieldError]:
     """IncusOS keeps at least one recovery key."""
     if not new.security.encryption_recovery_keys:
         return [FieldError("security.encryption_recovery_keys", "at least one key is required")]
