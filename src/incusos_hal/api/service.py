@@ -39,6 +39,10 @@ FLAGS_FILE = "state.json"
 UNCONFIRMED_FILE = "network.unconfirmed-previous.toml"
 # How long a network change may take to apply before it counts as failed (IncusOS: 30s).
 APPLY_TIMEOUT_SECONDS = 30.0
+# The longest a network change is held for its confirmation, whatever the document says
+# (a duration of hundreds of digits is an infinite float): a hold must end, and its
+# seconds left must be a finite JSON number.
+MAX_HOLD_SECONDS = 24 * 3600.0
 
 
 class ApiError(Exception):
@@ -276,6 +280,9 @@ class Service:
     # -- confirmation of a network change ----------------------------------------------
 
     def _hold(self, previous: bytes | None, timeout: float) -> None:
+        if not timeout <= MAX_HOLD_SECONDS:  # NaN and infinity included
+            self.log("warning", f"confirmation_timeout is held at {MAX_HOLD_SECONDS:g}s")
+            timeout = MAX_HOLD_SECONDS
         loop = asyncio.get_running_loop()
         self.pending = Pending(previous, loop.time() + timeout)
         self.pending.timer = loop.call_later(timeout, lambda: self.spawn(self._expire()))
@@ -326,7 +333,8 @@ class Service:
     def pending_seconds(self) -> float | None:
         if self.pending is None:
             return None
-        return max(0.0, self.pending.deadline - asyncio.get_running_loop().time())
+        left = self.pending.deadline - asyncio.get_running_loop().time()
+        return min(max(0.0, left), MAX_HOLD_SECONDS)
 
     # -- backup and restore -------------------------------------------------------------
 
