@@ -13,17 +13,26 @@
   connection without a restart.
 - The server certificate is generated on first start (ECDSA P-384, self-signed, ten
   years), key written 0600 atomically.
+- Whatever is stored, the service starts: a trusted certificate that cannot be loaded
+  is left out of the trust store with a warning (its index and why, never its text),
+  the others keep working. A PUT is refused before storing such a certificate
+  (`trust_problems`), so this covers files written by something else: an older version,
+  a restore, a damaged disk.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime
 import hashlib
+import logging
 import os
+import re
 import socket
 import ssl
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +40,15 @@ from ..core.files import atomic_write
 
 SERVER_CERT = "server.crt"
 SERVER_KEY = "server.key"
+# Where a server certificate or key that could not be used is kept (for a post-mortem)
+# when a new pair replaces it.
+DAMAGED_SUFFIX = ".damaged"
+
+log = logging.getLogger("incusos_hal.api")
+
+_PEM_BODY = re.compile(
+    r"-----BEGIN CERTIFICATE-----([A-Za-z0-9+/=\s]+)-----END CERTIFICATE-----", re.ASCII
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,15 +73,101 @@ def fingerprint_der(der: bytes) -> str:
     return hashlib.sha256(der).hexdigest()
 
 
+class CertificateError(ValueError):
+    """A PEM text that is not one loadable certificate; the message never quotes it."""
+
+
+def pem_to_der(pem: str) -> bytes:
+    """The DER bytes of one PEM certificate. Whitespace around and inside the base64
+    is harmless and ignored (ssl.PEM_cert_to_DER_cert refuses a leading newline, which
+    is how a certificate pasted into JSON often arrives)."""
+    m = _PEM_BODY.fullmatch(pem.strip())
+    if m is None:
+        raise CertificateError("not one PEM certificate (-----BEGIN CERTIFICATE----- ...)")
+    try:
+        return base64.b64decode("".join(m.group(1).split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise CertificateError("the PEM body is not base64") from None
+
+
 def fingerprint_pem(pem: str) -> str:
-    return fingerprint_der(ssl.PEM_cert_to_DER_cert(pem))
+    return fingerprint_der(pem_to_der(pem))
 
 
-def ensure_server_certificate(state_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
-    """The server's certificate and key in the state dir, generated if absent."""
+def _anchor(ctx: ssl.SSLContext, pem: str) -> str:
+    """Add one trusted certificate to `ctx`; its fingerprint. Raises CertificateError."""
+    der = pem_to_der(pem)
+    try:
+        ctx.load_verify_locations(cadata=der)
+    except ssl.SSLError as e:
+        # OpenSSL's reason ("not enough data"), never the certificate itself.
+        raise CertificateError(f"OpenSSL cannot load it ({e.reason or 'invalid'})") from None
+    return fingerprint_der(der)
+
+
+def trust_problems(trusted: Iterable[str]) -> list[tuple[int, str]]:
+    """(index, why) for each certificate that could not become a TLS trust anchor: what
+    a PUT is refused for, so that what is stored is what the listener will use."""
+    out = []
+    for i, pem in enumerate(trusted):
+        try:
+            _anchor(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), pem)
+        except CertificateError as e:
+            out.append((i, f"cannot be used as a TLS client certificate: {e}"))
+    return out
+
+
+def server_pair_problem(cert: Path, key: Path) -> str | None:
+    """Why the server's certificate and key cannot serve TLS (None: they can): missing,
+    unreadable, not PEM, or a key that does not match the certificate. OpenSSL's own
+    check, the same one the listener makes."""
+    if not cert.exists() or not key.exists():
+        return "missing"
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+    except ssl.SSLError as e:
+        return f"unusable ({e.reason or 'OpenSSL refused it'})"
+    except OSError as e:
+        return f"unreadable ({e.strerror})"
+    return None
+
+
+def ensure_server_certificate(
+    state_dir: str | os.PathLike[str], warn: Callable[[str], None] = log.error
+) -> tuple[Path, Path]:
+    """The server's certificate and key in the state dir: checked, and made anew when
+    missing or unusable.
+
+    Incus makes a missing server certificate on start, as this does. A damaged one (a
+    key that no longer matches, a truncated file) stops incusd from starting; here it
+    must not: this API is the only way into the machine, and a service that refuses to
+    start answers nobody, root included. So a pair that OpenSSL cannot load is moved
+    aside (`server.crt.damaged`, `server.key.damaged`, 0600, for a post-mortem) and a
+    new pair is made. The server's identity changes, loudly: `warn` gets the new
+    fingerprint, and clients that pinned the old one refuse it (incusos-hal remote add
+    says "pinned") rather than talking to an unknown server. A restore of a backup puts
+    the old identity back. If even a new pair cannot be written (a read-only state
+    directory), this raises, and the caller serves the unix socket without HTTPS."""
     cert_path, key_path = Path(state_dir, SERVER_CERT), Path(state_dir, SERVER_KEY)
-    if cert_path.exists() and key_path.exists():
+    problem = server_pair_problem(cert_path, key_path)
+    if problem is None:
         return cert_path, key_path
+    if problem != "missing" or cert_path.exists() or key_path.exists():
+        for path in (cert_path, key_path):
+            if path.exists():
+                os.chmod(path, 0o600)
+                os.replace(path, path.with_name(path.name + DAMAGED_SUFFIX))
+    _generate_server_certificate(cert_path, key_path)
+    if problem != "missing":
+        fingerprint = fingerprint_pem(cert_path.read_text())
+        warn(
+            f"the server certificate and key were {problem}: kept as *{DAMAGED_SUFFIX}, "
+            f"a new pair was made (fingerprint {fingerprint}); clients must trust it again"
+        )
+    return cert_path, key_path
+
+
+def _generate_server_certificate(cert_path: Path, key_path: Path) -> None:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -93,40 +197,55 @@ def ensure_server_certificate(state_dir: str | os.PathLike[str]) -> tuple[Path, 
     )
     atomic_write(key_path, key_pem, 0o600)
     atomic_write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
-    return cert_path, key_path
 
 
-def tls_context(cert: Path, key: Path, trusted: Iterable[str]) -> ssl.SSLContext:
-    """A server context: TLS 1.3 only, client certificates verified against `trusted`."""
+def tls_context(
+    cert: Path,
+    key: Path,
+    trusted: Iterable[str],
+    warn: Callable[[str], None] = log.warning,
+) -> tuple[ssl.SSLContext, frozenset[str]]:
+    """A server context: TLS 1.3 only, client certificates verified against `trusted`;
+    and the fingerprints of those it trusts. Each certificate is loaded on its own (one
+    that cannot be is skipped and `warn` told which and why), never as one concatenated
+    text, where a certificate without a final newline spoils the next."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
     ctx.load_cert_chain(cert, key)
     ctx.verify_mode = ssl.CERT_OPTIONAL
-    pems = "".join(trusted)
-    if pems:
-        ctx.load_verify_locations(cadata=pems)
+    fingerprints = set()
+    for i, pem in enumerate(trusted):
+        try:
+            fingerprints.add(_anchor(ctx, pem))
+        except CertificateError as e:
+            warn(f"listener.trusted_client_certificates[{i}]: skipped, {e}")
     # Self-signed client certificates are the common case (incus remote add does this):
     # verify them as their own anchors, and never let one stand in for another by name.
     ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     ctx.check_hostname = False
-    return ctx
+    return ctx, frozenset(fingerprints)
 
 
 class TrustStore:
     """The trusted fingerprints and the TLS context made from them, swapped as one."""
 
-    def __init__(self, cert: Path, key: Path, trusted: Iterable[str]) -> None:
-        self.cert, self.key = cert, key
+    def __init__(
+        self,
+        cert: Path,
+        key: Path,
+        trusted: Iterable[str],
+        warn: Callable[[str], None] = log.warning,
+    ) -> None:
+        self.cert, self.key, self.warn = cert, key, warn
         self.update(trusted)
         # The listener's own context: each handshake switches to the current one.
-        self.listener = tls_context(cert, key, ())
+        self.listener = tls_context(cert, key, ())[0]
         self.listener.sni_callback = self._pick
 
     def update(self, trusted: Iterable[str]) -> None:
-        pems = tuple(trusted)
-        self.fingerprints = frozenset(fingerprint_pem(p) for p in pems)
-        self.current = tls_context(self.cert, self.key, pems)
+        """Never raises for a certificate: one that cannot be loaded is skipped."""
+        self.current, self.fingerprints = tls_context(self.cert, self.key, trusted, self.warn)
 
     def _pick(self, conn: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext) -> None:
         conn.context = self.current

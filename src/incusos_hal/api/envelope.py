@@ -79,7 +79,8 @@ def error(code: int, message: str) -> dict[str, Any]:
 
 
 def canonical(data: Any) -> bytes:
-    return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+    """Sorted, compact JSON; a NaN or an infinity is a ValueError, never `NaN`."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
 
 def etag(data: Any) -> str:

@@ -13,15 +13,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import json
+import logging
+import os
+import re
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import envelope as env
+from .service import ApiError
 
 OPERATION_KEEP_SECONDS = 300.0
 EVENT_QUEUE = 256
+INTERNAL_ERROR = "internal error (details in the service's journal)"
+
+log = logging.getLogger("incusos_hal.api")
 
 
 def _now() -> str:
@@ -30,28 +38,65 @@ def _now() -> str:
 
 class Events:
     """Fan-out of events to subscribers (websocket clients); a slow one drops events
-    rather than holding up the service."""
+    rather than holding up the service. Each event is encoded once, as the text every
+    subscriber gets."""
 
     def __init__(self) -> None:
-        self._queues: dict[asyncio.Queue[dict[str, Any]], frozenset[str]] = {}
+        self._queues: dict[asyncio.Queue[str], frozenset[str]] = {}
 
-    def subscribe(self, types: frozenset[str]) -> asyncio.Queue[dict[str, Any]]:
-        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(EVENT_QUEUE)
+    def subscribe(self, types: frozenset[str]) -> asyncio.Queue[str]:
+        queue: asyncio.Queue[str] = asyncio.Queue(EVENT_QUEUE)
         self._queues[queue] = types
         return queue
 
-    def unsubscribe(self, queue: asyncio.Queue[dict[str, Any]]) -> None:
+    def unsubscribe(self, queue: asyncio.Queue[str]) -> None:
         self._queues.pop(queue, None)
 
     def send(self, kind: str, metadata: dict[str, Any]) -> None:
+        wanted = [queue for queue, types in self._queues.items() if kind in types]
+        if not wanted:
+            return
         event = {"type": kind, "timestamp": _now(), "metadata": metadata, "location": "none"}
-        for queue, types in self._queues.items():
-            if kind in types:
-                with contextlib.suppress(asyncio.QueueFull):
-                    queue.put_nowait(event)
+        try:
+            text = json.dumps(event, separators=(",", ":"), allow_nan=False)
+        except ValueError:  # a NaN or an infinity: never sent as not-JSON
+            log.warning("a %s event was dropped: it holds a value JSON cannot carry", kind)
+            return
+        for queue in wanted:
+            with contextlib.suppress(asyncio.QueueFull):
+                queue.put_nowait(text)
 
 
 Progress = Callable[[dict[str, Any]], None]
+
+
+def public_error(error: BaseException, state_dir: str | None = None) -> str:
+    """An operation's `err` as its client may see it: an ApiError's message, an OSError's
+    reason and the file it names, anything else a generic line (the journal has the
+    trace). Paths in the state directory are said relative to it, and the directory
+    itself and the ones made beside it as "the state directory", so an error tells what
+    went wrong without showing the service's internals."""
+    if isinstance(error, ApiError):
+        text = error.message
+    elif isinstance(error, OSError) and error.strerror:
+        name = error.filename if isinstance(error.filename, str) else ""
+        text = error.strerror + (f": {name}" if name else "")
+    else:
+        text = INTERNAL_ERROR
+    return hide_state_dir(text, state_dir) if state_dir else text
+
+
+def hide_state_dir(text: str, state_dir: str) -> str:
+    base = os.path.normpath(state_dir)
+    parent, name = os.path.split(base)
+    inside = re.escape(base) + r"(?:/([^\s'\"]*))?(?![^\s/'\"])"
+    beside = re.escape(os.path.join(parent, "")) + r"\.?" + re.escape(name) + r"[.~-][^\s'\"]*"
+
+    def relative(m: re.Match[str]) -> str:
+        return m.group(1) or "the state directory"
+
+    text = re.sub(beside, "a directory beside the state directory", text)
+    return re.sub(inside, relative, text)
 
 
 @dataclass
@@ -86,8 +131,9 @@ class Operation:
 
 
 class Operations:
-    def __init__(self, events: Events) -> None:
+    def __init__(self, events: Events, state_dir: str | None = None) -> None:
         self.events = events
+        self.state_dir = state_dir  # hidden from the errors operations report
         self._ops: dict[str, Operation] = {}
 
     def get(self, op_id: str) -> Operation | None:
@@ -122,7 +168,9 @@ class Operations:
         except asyncio.CancelledError:
             op.status_code, op.err = env.CANCELLED, "cancelled"
         except Exception as e:  # the operation reports it; the service keeps running
-            op.status_code, op.err = env.FAILURE, str(e) or type(e).__name__
+            op.status_code, op.err = env.FAILURE, public_error(e, self.state_dir)
+            if not isinstance(e, ApiError):  # unforeseen: the journal gets the trace
+                log.error("operation %s (%s) failed", op.id, op.description, exc_info=e)
         else:
             op.status_code = env.SUCCESS
             if result:

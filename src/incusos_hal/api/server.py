@@ -82,7 +82,9 @@ def _respond(
 
 
 def _dumps(data: Any) -> str:
-    return json.dumps(data, separators=(",", ":"))
+    """JSON as RFC 8259 has it: a NaN or an infinity is an error here (a 500 the journal
+    explains), never the `NaN`/`Infinity` tokens that no JSON parser has to accept."""
+    return json.dumps(data, separators=(",", ":"), allow_nan=False)
 
 
 def sync(metadata: Any, headers: dict[str, str] | None = None) -> web.Response:
@@ -116,6 +118,15 @@ async def _json_body(request: web.Request) -> Any:
 
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON value")
+
+
+def _query_int(request: web.Request, name: str, default: str, low: int, high: int) -> int:
+    """An integer query parameter in low..high. ASCII digits only: str.isdigit() and
+    int() also take other scripts' digits (and `²`, which int() then refuses)."""
+    text = request.query.get(name, default)
+    if not re.fullmatch(r"-?[0-9]{1,10}", text, re.ASCII) or not low <= int(text) <= high:
+        raise ApiError(400, f"{name}: must be an integer in {low}..{high}")
+    return int(text)
 
 
 def _not_built(what: str) -> ApiError:
@@ -246,8 +257,22 @@ async def _put_section(request: web.Request, name: str) -> web.Response:
         raise ApiError(
             412, "the resource changed since it was read (If-Match does not match its ETag)"
         )
+    if name == "fallback-listener":
+        _check_trust(svc.candidate(name, body))
     await svc.put_section(name, body)
     return sync({})
+
+
+def _check_trust(config: Config) -> None:
+    """What a PUT stores must be what the listener can load (a 400 naming the
+    certificate, before anything is stored), whether or not HTTPS is served now: the
+    next start, or the next listen_address, uses it."""
+    problems = auth.trust_problems(config.listener.trusted_client_certificates)
+    if problems:
+        raise ApiError(
+            400,
+            "; ".join(f"config.trusted_client_certificates[{i}]: {why}" for i, why in problems),
+        )
 
 
 def section_routes(name: str) -> list[Route]:
@@ -366,13 +391,10 @@ async def get_debug_log(request: web.Request) -> web.Response:
             raise ApiError(400, "unit: not a unit name")
         args += ["-u", q["unit"]]
     if "boot" in q:
-        if not re.fullmatch(r"-?[0-9]{1,4}", q["boot"]):
+        if not re.fullmatch(r"-?[0-9]{1,4}", q["boot"], re.ASCII):
             raise ApiError(400, "boot: not a boot offset (0, -1, ...)")
         args += ["-b", q["boot"]]
-    entries = q.get("entries", "100")
-    if not entries.isdigit() or not 0 < int(entries) <= 10000:
-        raise ApiError(400, "entries: must be 1..10000")
-    args += ["-n", entries]
+    args += ["-n", str(_query_int(request, "entries", "100", 1, 10000))]
     for name in ("since", "until"):
         if name in q:
             if not JOURNAL_TIME.fullmatch(q[name]):
@@ -391,17 +413,19 @@ async def get_debug_log(request: web.Request) -> web.Response:
     lines = []
     for line in out.splitlines():
         try:
-            lines.append(json.loads(line))
-        except ValueError:
+            lines.append(json.loads(line, parse_constant=_no_constant))
+        except (ValueError, RecursionError):
             continue  # journalctl emits one object per line; skip anything else
     return sync(lines)
 
 
 async def get_operations(request: web.Request) -> web.Response:
-    ops = request.app[OPERATIONS_KEY].all()
-    running = [url(request, f"/1.0/operations/{o.id}") for o in ops if not o.done.is_set()]
-    ended = [url(request, f"/1.0/operations/{o.id}") for o in ops if o.done.is_set()]
-    out = {k: v for k, v in (("running", running), ("success", ended)) if v}
+    """Incus's shape: the operations' URLs by their status in lower case (`running`,
+    `success`, `failure`, `cancelled`, ...), a status with none left out."""
+    out: dict[str, list[str]] = {}
+    for op in request.app[OPERATIONS_KEY].all():
+        status = env.STATUS_TEXT[op.status_code].lower()
+        out.setdefault(status, []).append(url(request, f"/1.0/operations/{op.id}"))
     return sync(out)
 
 
@@ -417,12 +441,13 @@ async def get_operation(request: web.Request) -> web.Response:
 
 
 async def get_operation_wait(request: web.Request) -> web.Response:
+    # Incus's: whole seconds, -1 (the default) for no limit; a fraction is taken too.
+    # Only ASCII decimals: float() would also take nan, inf, 1e999 and other digits.
+    text = request.query.get("timeout", "-1")
+    if not re.fullmatch(r"-?[0-9]{1,9}(\.[0-9]{1,6})?", text, re.ASCII):
+        raise ApiError(400, "timeout: must be -1 (no limit) or a number of seconds")
+    timeout = float(text)
     op = _operation(request)
-    timeout_text = request.query.get("timeout", "-1")
-    try:
-        timeout = float(timeout_text)
-    except ValueError:
-        raise ApiError(400, "timeout: not a number") from None
     await request.app[OPERATIONS_KEY].wait(op, None if timeout < 0 else min(timeout, 3600))
     return sync(op.to_dict())
 
@@ -449,17 +474,23 @@ async def get_events(request: web.Request) -> web.StreamResponse:
                 break
 
     reader = asyncio.ensure_future(drain())
+    getter: asyncio.Future[str] | None = None
     try:
         while not ws.closed:
             getter = asyncio.ensure_future(queue.get())
             done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
-            if getter not in done:
-                getter.cancel()
+            if reader in done:  # the subscriber closed or went away
                 break
-            await ws.send_str(_dumps(getter.result()))
+            await ws.send_str(getter.result())
+    except ConnectionError:
+        # Gone mid-send (a reset, a closing transport): the usual end of a subscriber,
+        # not a fault of the service's.
+        log.debug("an event subscriber went away while an event was sent")
     finally:
         events.unsubscribe(queue)
         reader.cancel()
+        if getter is not None:
+            getter.cancel()
     return ws
 
 
@@ -596,7 +627,7 @@ def make_app(service: Service, trust: auth.TrustStore | None = None) -> web.Appl
     app[NETWORK_BODY_KEY] = []
     events = Events()
     app[EVENTS_KEY] = events
-    app[OPERATIONS_KEY] = Operations(events)
+    app[OPERATIONS_KEY] = Operations(events, str(service.settings.state_dir))
     if trust is not None:
         app[TRUST_KEY] = trust
     for r in ROUTES:
@@ -637,6 +668,17 @@ class _suppress_missing:
         return kind is FileNotFoundError
 
 
+def _trust_store(settings: Settings, config: Config) -> auth.TrustStore | None:
+    """The HTTPS side's certificates, or None when they cannot be had: then only the
+    unix socket serves (root must always be answered), and the journal says why."""
+    try:
+        cert, key = auth.ensure_server_certificate(settings.state_dir)
+        return auth.TrustStore(cert, key, config.listener.trusted_client_certificates)
+    except Exception as e:  # an OSError, an SSLError: whatever it is, not fatal
+        log.error("HTTPS is not served, the server certificate cannot be used: %s", e)
+        return None
+
+
 async def serve(
     settings: Settings,
     *,
@@ -655,8 +697,7 @@ async def serve(
     listen = listen or config.listener.listen_address
     trust = None
     if listen:
-        cert, key = auth.ensure_server_certificate(settings.state_dir)
-        trust = auth.TrustStore(cert, key, config.listener.trusted_client_certificates)
+        trust = _trust_store(settings, config)
     app = make_app(service, trust)
     if systemd is not None:
         try:

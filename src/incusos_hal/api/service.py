@@ -46,6 +46,10 @@ FLAGS_FILE = "state.json"
 # none). Written before the change is stored, removed once confirmed or rolled back, so
 # a service that dies (or a machine that reboots) in between still rolls back.
 UNCONFIRMED_FILE = "network.unconfirmed-previous.toml"
+# The longest a network change is held for its confirmation, whatever the document says
+# (a duration of hundreds of digits is an infinite float): a hold must end, and its
+# seconds left must be a finite JSON number.
+MAX_HOLD_SECONDS = 24 * 3600.0
 
 
 class ApiError(Exception):
@@ -326,6 +330,9 @@ class Service:
     # -- confirmation of a network change ----------------------------------------------
 
     def _hold(self, previous: bytes | None, timeout: float) -> None:
+        if not timeout <= MAX_HOLD_SECONDS:  # NaN and infinity included
+            self.log("warning", f"confirmation_timeout is held at {MAX_HOLD_SECONDS:g}s")
+            timeout = MAX_HOLD_SECONDS
         loop = asyncio.get_running_loop()
         self.pending = Pending(previous, loop.time() + timeout)
         self.pending.timer = loop.call_later(timeout, lambda: self.spawn(self._expire()))
@@ -379,7 +386,8 @@ class Service:
     def pending_seconds(self) -> float | None:
         if self.pending is None:
             return None
-        return max(0.0, self.pending.deadline - asyncio.get_running_loop().time())
+        left = self.pending.deadline - asyncio.get_running_loop().time()
+        return min(max(0.0, left), MAX_HOLD_SECONDS)
 
     # -- backup and restore -------------------------------------------------------------
 
