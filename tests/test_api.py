@@ -514,7 +514,7 @@ def test_docs_api_md_is_generated_from_the_served_description() -> None:
 
     expected = markdown(spec(api_server.ROUTES))
     assert (REPO / "docs/api.md").read_text() == expected, (
-        "docs/api.md is stale: python -m incusos_hal.api.openapi > docs/api.md"
+        "docs/api.md is stale: python -m incusos_hal.api.docs > docs/api.md"
     )
 
 

@@ -23,6 +23,7 @@ from incusos_hal.api import auth
 from incusos_hal.api import server as api_server
 from incusos_hal.api.operations import hide_state_dir, public_error
 from incusos_hal.api.service import MAX_HOLD_SECONDS, ApiError
+from incusos_hal.core import tls
 from test_api import NETWORK, OTHER_NETWORK, concrete, state_digest
 
 import apiserver
@@ -159,7 +160,7 @@ def test_a_damaged_server_key_is_set_aside_and_a_new_pair_made(
         assert (api.state / "server.key.damaged").stat().st_mode & 0o777 == 0o600
         assert (api.state / "server.crt.damaged").exists()
         assert (api.state / "server.crt").read_bytes() != old_cert
-        new = auth.fingerprint_pem((api.state / "server.crt").read_text())
+        new = tls.fingerprint_pem((api.state / "server.crt").read_text())
         assert any(new in line and "new pair" in line for line in api.log), api.log
         assert damage.decode(errors="replace") not in "".join(api.log)
 
@@ -341,11 +342,11 @@ def test_trust_store_skips_what_it_cannot_load(
     garbage = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----"
     pems = [garbage, "\n" + first.strip(), "not a PEM", unloadable(second), second.strip()]
     store = auth.TrustStore(cert, key, pems, warnings.append)
-    assert store.fingerprints == {auth.fingerprint_pem(first), auth.fingerprint_pem(second)}
+    assert store.fingerprints == {tls.fingerprint_pem(first), tls.fingerprint_pem(second)}
     assert [w.split(":")[0] for w in warnings] == [
         f"listener.trusted_client_certificates[{i}]" for i in (0, 2, 3)
     ]
     assert all("AAAA" not in w for w in warnings)
-    assert [i for i, _ in auth.trust_problems(pems)] == [0, 2, 3]
+    assert [i for i, _ in tls.trust_problems(pems)] == [0, 2, 3]
     store.update([])
     assert store.fingerprints == frozenset()

@@ -22,13 +22,9 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import datetime
-import hashlib
 import logging
 import os
-import re
 import socket
 import ssl
 import struct
@@ -37,6 +33,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.files import atomic_write
+from ..core.tls import (
+    CertificateError,
+    anchor,
+    fingerprint_der,
+    fingerprint_pem,
+)
 
 SERVER_CERT = "server.crt"
 SERVER_KEY = "server.key"
@@ -45,11 +47,6 @@ SERVER_KEY = "server.key"
 DAMAGED_SUFFIX = ".damaged"
 
 log = logging.getLogger("incusos_hal.api")
-
-_PEM_BODY = re.compile(
-    r"-----BEGIN CERTIFICATE-----([A-Za-z0-9+/=\s]+)-----END CERTIFICATE-----", re.ASCII
-)
-
 
 @dataclass(frozen=True, slots=True)
 class Peer:
@@ -67,54 +64,6 @@ def peer_credentials(sock: socket.socket) -> Peer:
 
 def uid_allowed(uid: int, extra_uids: Iterable[int]) -> bool:
     return uid == 0 or uid in set(extra_uids)
-
-
-def fingerprint_der(der: bytes) -> str:
-    return hashlib.sha256(der).hexdigest()
-
-
-class CertificateError(ValueError):
-    """A PEM text that is not one loadable certificate; the message never quotes it."""
-
-
-def pem_to_der(pem: str) -> bytes:
-    """The DER bytes of one PEM certificate. Whitespace around and inside the base64
-    is harmless and ignored (ssl.PEM_cert_to_DER_cert refuses a leading newline, which
-    is how a certificate pasted into JSON often arrives)."""
-    m = _PEM_BODY.fullmatch(pem.strip())
-    if m is None:
-        raise CertificateError("not one PEM certificate (-----BEGIN CERTIFICATE----- ...)")
-    try:
-        return base64.b64decode("".join(m.group(1).split()), validate=True)
-    except (binascii.Error, ValueError):
-        raise CertificateError("the PEM body is not base64") from None
-
-
-def fingerprint_pem(pem: str) -> str:
-    return fingerprint_der(pem_to_der(pem))
-
-
-def _anchor(ctx: ssl.SSLContext, pem: str) -> str:
-    """Add one trusted certificate to `ctx`; its fingerprint. Raises CertificateError."""
-    der = pem_to_der(pem)
-    try:
-        ctx.load_verify_locations(cadata=der)
-    except ssl.SSLError as e:
-        # OpenSSL's reason ("not enough data"), never the certificate itself.
-        raise CertificateError(f"OpenSSL cannot load it ({e.reason or 'invalid'})") from None
-    return fingerprint_der(der)
-
-
-def trust_problems(trusted: Iterable[str]) -> list[tuple[int, str]]:
-    """(index, why) for each certificate that could not become a TLS trust anchor: what
-    a PUT is refused for, so that what is stored is what the listener will use."""
-    out = []
-    for i, pem in enumerate(trusted):
-        try:
-            _anchor(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), pem)
-        except CertificateError as e:
-            out.append((i, f"cannot be used as a TLS client certificate: {e}"))
-    return out
 
 
 def server_pair_problem(cert: Path, key: Path) -> str | None:
@@ -217,7 +166,7 @@ def tls_context(
     fingerprints = set()
     for i, pem in enumerate(trusted):
         try:
-            fingerprints.add(_anchor(ctx, pem))
+            fingerprints.add(anchor(ctx, pem))
         except CertificateError as e:
             warn(f"listener.trusted_client_certificates[{i}]: skipped, {e}")
     # Self-signed client certificates are the common case (incus remote add does this):

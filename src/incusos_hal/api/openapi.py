@@ -13,7 +13,7 @@ from typing import Any
 
 from .. import __version__
 from ..config import model
-from .service import SECTIONS
+from ..sections import by_name
 
 
 def schema_of(tp: Any) -> dict[str, Any]:
@@ -113,12 +113,11 @@ ERROR = {
 
 
 def _section_type(path: str) -> Any:
-    name = path.rsplit("/", 1)[-1]
-    section = SECTIONS.get(name)
-    if section is None:
+    row = by_name(path.rsplit("/", 1)[-1]) if path.startswith("/1.0/system/") else None
+    if row is None:
         return None
     hints = typing.get_type_hints(model.Config, vars(model))
-    return hints[section]
+    return hints[row.attribute]
 
 
 def spec(routes: Iterable[Any]) -> dict[str, Any]:
@@ -206,7 +205,7 @@ def markdown(document: dict[str, Any]) -> str:
         "# The incusos-hal API",
         "",
         "Generated from the OpenAPI description the service serves at `/1.0/openapi.json`",
-        "(`python -m incusos_hal.api.openapi > docs/api.md`; a test keeps them equal).",
+        "(`python -m incusos_hal.api.docs > docs/api.md`; a test keeps them equal).",
         "",
         "Every route needs authentication: on the unix socket (`/run/incusos-hal/unix.socket`)",
         "a root peer or a uid listed in `listener.socket_uids`; over HTTPS (TLS 1.3) a client",
@@ -260,9 +259,3 @@ def _what(prop: dict[str, Any]) -> str:
         values = ", ".join(f"`{v}`" for v in enum if v)
         text = f"{text} (one of {values})" if text else f"one of {values}"
     return text.replace("|", "\\|")
-
-
-if __name__ == "__main__":
-    from .server import ROUTES
-
-    print(markdown(spec(ROUTES)), end="")

@@ -23,10 +23,12 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from ..config import MAX_DOCUMENT_BYTES, Config
+from ..sections import SECTIONS
+from ..sections.base import Action, Section
 from . import auth, backup
 from . import envelope as env
 from .operations import Events, Operations, Progress
-from .service import SECTIONS, ApiError, Service, Settings
+from .service import ApiError, Service, Settings
 from .state import NetworkStateCache
 
 log = logging.getLogger("incusos_hal.api")
@@ -190,25 +192,10 @@ async def get_10(request: web.Request) -> web.Response:
 
 
 async def get_system(request: web.Request) -> web.Response:
-    names = [*SECTIONS, "resources", "storage", "provider", "kernel"]
+    # The areas IncusOS lists; those not built yet answer 501 with the reason.
+    names = {*(row.name for row in SECTIONS if row.listed), "resources", "storage", "provider"}
+    names.add("kernel")
     return sync([url(request, f"/1.0/system/{n}") for n in sorted(names)])
-
-
-def _section_state(request: web.Request, name: str, config: Config) -> Any:
-    svc = request.app[SERVICE_KEY]
-    if name == "security":
-        from .state import security_state
-
-        return security_state(svc.settings.root, svc.settings.tcti, svc.flags())
-    if name == "update":
-        return {
-            "last_check": "",
-            "status": "update checks are not built in this version",
-            "needs_reboot": False,
-        }
-    if name == "fallback-listener":
-        return {"active": request.app.get(TRUST_KEY) is not None}
-    return {}
 
 
 async def _get_section(request: web.Request, name: str) -> web.Response:
@@ -217,8 +204,7 @@ async def _get_section(request: web.Request, name: str) -> web.Response:
     section, tag = svc.section(name, config)
     if name == "network":
         return await _get_network(request, config, section, tag)
-    loop = asyncio.get_running_loop()
-    state = await loop.run_in_executor(None, _section_state, request, name, config)
+    state = await svc.run_in_thread(lambda: svc.table_row(name).read_state(svc))
     return sync({"config": section, "state": state}, {"ETag": tag})
 
 
@@ -257,55 +243,32 @@ async def _put_section(request: web.Request, name: str) -> web.Response:
         raise ApiError(
             412, "the resource changed since it was read (If-Match does not match its ETag)"
         )
-    if name == "fallback-listener":
-        _check_trust(svc.candidate(name, body))
     await svc.put_section(name, body)
     return sync({})
 
 
-def _check_trust(config: Config) -> None:
-    """What a PUT stores must be what the listener can load (a 400 naming the
-    certificate, before anything is stored), whether or not HTTPS is served now: the
-    next start, or the next listen_address, uses it."""
-    problems = auth.trust_problems(config.listener.trusted_client_certificates)
-    if problems:
-        raise ApiError(
-            400,
-            "; ".join(f"config.trusted_client_certificates[{i}]: {why}" for i, why in problems),
-        )
-
-
-def section_routes(name: str) -> list[Route]:
-    path = f"/1.0/system/{name}"
+def section_routes(row: Section) -> list[Route]:
+    """GET and PUT of a section's {config, state}, and a POST per action it has."""
 
     async def get(request: web.Request) -> web.Response:
-        return await _get_section(request, name)
+        return await _get_section(request, row.name)
 
     async def put(request: web.Request) -> web.Response:
-        return await _put_section(request, name)
+        return await _put_section(request, row.name)
 
-    return [
-        Route("GET", path, get, f"the {name} configuration and state"),
-        Route("PUT", path, put, f"replace the {name} configuration", body="section"),
+    routes = [
+        Route("GET", row.path, get, row.summary),
+        Route("PUT", row.path, put, f"replace the {row.name} configuration", body="section"),
     ]
+    return routes + [action_route(row, action) for action in row.actions]
 
 
-async def post_network_confirm(request: web.Request) -> web.Response:
-    await request.app[SERVICE_KEY].confirm()
-    return sync({})
+def action_route(row: Section, action: Action) -> Route:
+    async def post(request: web.Request) -> web.Response:
+        body = await _json_body(request) if request.can_read_body else None
+        return sync(await action.run(request.app[SERVICE_KEY], body))
 
-
-async def post_security_retrieved(request: web.Request) -> web.Response:
-    request.app[SERVICE_KEY].set_flag("encryption_recovery_keys_retrieved", True)
-    return sync({})
-
-
-async def post_security_tpm_rebind(request: web.Request) -> web.Response:
-    svc = request.app[SERVICE_KEY]
-    await svc.tpm_rebind()
-    # As IncusOS: reboot at once, so the next boot shows the new bindings unlock.
-    _schedule(svc, "reboot.target")
-    return sync({})
+    return Route("POST", f"{row.path}/:{action.name}", post, action.summary)
 
 
 async def get_resources(request: web.Request) -> web.Response:
@@ -350,21 +313,9 @@ async def post_restore(request: web.Request) -> web.Response:
     return _respond(env.async_(op.to_dict(), op_url), 202, {"Location": op_url})
 
 
-def _schedule(svc: Service, target: str) -> bool:
-    """Start reboot.target or poweroff.target half a second from now, after the answer has
-    gone out (the job takes this service down with the machine). False without systemd."""
-    systemd = svc.systemd
-    if systemd is None:
-        return False
-    asyncio.get_running_loop().call_later(
-        0.5, lambda: svc.spawn(systemd.start(target, "replace-irreversibly"))
-    )
-    return True
-
-
 async def post_power(request: web.Request) -> web.Response:
     target = "reboot.target" if request.path.endswith(":reboot") else "poweroff.target"
-    if not _schedule(request.app[SERVICE_KEY], target):
+    if not request.app[SERVICE_KEY].schedule(target):
         raise ApiError(503, "this service runs without systemd (a scratch target)")
     return sync({})
 
@@ -512,20 +463,7 @@ ROUTES: list[Route] = [
     Route("GET", "/1.0", get_10, "the server's environment"),
     Route("GET", "/1.0/openapi.json", get_openapi, "this API's OpenAPI 3 description"),
     Route("GET", "/1.0/system", get_system, "the system's sub-resources"),
-    *(r for name in SECTIONS for r in section_routes(name)),
-    Route("POST", "/1.0/system/network/:confirm", post_network_confirm, "keep a network change"),
-    Route(
-        "POST",
-        "/1.0/system/security/:retrieved",
-        post_security_retrieved,
-        "mark the recovery keys as retrieved",
-    ),
-    Route(
-        "POST",
-        "/1.0/system/security/:tpm-rebind",
-        post_security_tpm_rebind,
-        "re-seal the volumes the TPM no longer unseals to this boot's PCRs, then reboot",
-    ),
+    *(r for row in SECTIONS for r in section_routes(row)),
     Route(
         "GET",
         "/1.0/system/resources",
@@ -638,6 +576,7 @@ def make_app(service: Service, trust: auth.TrustStore | None = None) -> web.Appl
         events.send("logging", {"message": message, "level": level, "context": {}})
 
     service.log = emit
+    service.listener_active = lambda: trust is not None
     if trust is not None:
         service.on_config = lambda config: trust.update(config.listener.trusted_client_certificates)
     return app

@@ -36,7 +36,8 @@ from ..apply.deadline import Deadline, TimedOut, TimeLimit
 from ..apply.systemd import ApplyError, Systemd
 from ..config import Config, ConfigError, FieldError, from_dict, to_dict
 from ..core.files import atomic_write
-from ..sections import changes
+from ..sections import by_name, changes
+from ..sections.base import Refused, Section
 from ..state import store
 from . import backup
 from . import envelope as env
@@ -57,16 +58,6 @@ class ApiError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-
-
-# API name (/1.0/system/<name>) -> the Config section it edits.
-SECTIONS: dict[str, str] = {
-    "network": "network",
-    "logging": "logging",
-    "update": "update",
-    "security": "security",
-    "fallback-listener": "listener",
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +89,8 @@ class Service:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     pending: Pending | None = None
     on_config: Callable[[Config], None] = lambda config: None
+    # Whether HTTPS is served (set by the application that serves it).
+    listener_active: Callable[[], bool] = lambda: False
     _config: tuple[tuple[Any, ...], Config] | None = None
     _machine_id: str | None = None
     _sections: dict[str, tuple[Config, Any, str]] = field(default_factory=dict)
@@ -133,12 +126,18 @@ class Service:
         data = json.dumps(flags, indent=2, sort_keys=True).encode() + b"\n"
         atomic_write(Path(self.settings.state_dir, FLAGS_FILE), data, 0o600)
 
+    def table_row(self, name: str) -> Section:
+        row = by_name(name)
+        if row is None:
+            raise ApiError(404, f"no section {name!r}")
+        return row
+
     def section(self, name: str, config: Config | None = None) -> tuple[Any, str]:
         """A section as API data and its ETag, computed once per stored document."""
         config = config or self.config()
         cached = self._sections.get(name)
         if cached is None or cached[0] is not config:
-            data = to_dict(getattr(config, SECTIONS[name]))
+            data = to_dict(getattr(config, self.table_row(name).attribute))
             cached = (config, data, env.etag(data))
             self._sections[name] = cached
         return cached[1], cached[2]
@@ -159,7 +158,7 @@ class Service:
         section_raw = body.get("config", {})
         if not isinstance(section_raw, dict):
             raise ApiError(400, "config: must be an object")
-        attribute = SECTIONS[name]
+        attribute = self.table_row(name).attribute
         raw = to_dict(self.config())
         raw[attribute] = section_raw
         try:
@@ -168,48 +167,51 @@ class Service:
             raise ApiError(400, _client_paths(e.errors, attribute)) from None
 
     async def put_section(self, name: str, body: Any) -> None:
+        """Validate, run the section's checks and its work before storing, store, apply;
+        a change the section holds for confirmation is rolled back unless confirmed."""
+        row = self.table_row(name)
         async with self.lock:
             self._check_writable()
             config = self.candidate(name, body)
-            if name == "security" and not config.security.encryption_recovery_keys:
-                raise ApiError(400, "config.encryption_recovery_keys: at least one key is required")
+            current = self.config()
+            problems = row.check(config, current, self.settings.root)
+            if problems:
+                raise ApiError(400, _client_paths(problems, row.attribute))
             previous = _read_current(self.settings.state_dir)
-            if name == "security":
-                old = self.config().security.encryption_recovery_keys
-                await asyncio.get_running_loop().run_in_executor(
-                    None, self._sync_recovery_keys, old, config.security.encryption_recovery_keys
-                )
-            timeout = 0.0
-            if name == "network" and config.network.confirmation_timeout:
-                timeout = config.network.confirmation_timeout.seconds or 0.0
+            if row.before_store is not None:
+                try:
+                    await row.before_store(self, config, current)
+                except Refused as e:
+                    raise ApiError(e.status, e.message) from None
+            timeout = row.confirmation(config)
             if timeout > 0:
                 atomic_write(self._unconfirmed, previous or b"", 0o600)
             try:
-                await self._store_and_apply(
-                    config, previous, network=name == "network", mark_good=timeout <= 0
-                )
+                await self._store_and_apply(config, previous, mark_good=timeout <= 0)
             except BaseException:
                 self._unconfirmed.unlink(missing_ok=True)
                 raise
             if timeout > 0:
                 self._hold(previous, timeout)
 
-    def _sync_recovery_keys(self, old: tuple[str, ...], new: tuple[str, ...]) -> None:
-        """The volumes' keyslots first (all or nothing), then the config records them."""
-        from ..hal import tpm
-        from ..security.recovery import RecoveryKeyError, sync_recovery_keys
+    # -- what a section may use of the service (sections.base.Context) ----------------
 
-        with tpm.open_tpm_if_any(self.settings.tcti) as handle:
-            try:
-                changed = sync_recovery_keys(self.settings.root, handle, old, new)
-            except RecoveryKeyError as e:
-                raise ApiError(500, str(e)) from None
-        for change in changed:
-            self.log(
-                "info",
-                f"volume {change.volume}: {len(change.added)} recovery key(s) added, "
-                f"{len(change.removed)} removed",
-            )
+    def schedule(self, target: str) -> bool:
+        """Start reboot.target or poweroff.target half a second from now, after the answer
+        has gone out (the job takes this service down with the machine). False without
+        systemd."""
+        systemd = self.systemd
+        if systemd is None:
+            return False
+        asyncio.get_running_loop().call_later(
+            0.5, lambda: self.spawn(systemd.start(target, "replace-irreversibly"))
+        )
+        return True
+
+    async def run_in_thread(self, work: Callable[[], Any]) -> Any:
+        """Blocking work (the TPM, LUKS headers) off the event loop; a section's Refused
+        comes through as it was raised."""
+        return await asyncio.get_running_loop().run_in_executor(None, work)
 
     async def tpm_rebind(self) -> None:
         """IncusOS's tpm-rebind: re-seal the volumes the TPM no longer unseals, with the
@@ -241,13 +243,11 @@ class Service:
             self.log("warning", f"volume {name}: not rebound, {why}")
 
     async def _store_and_apply(
-        self, config: Config, previous: bytes | None, *, network: bool, mark_good: bool = True
+        self, config: Config, previous: bytes | None, *, mark_good: bool = True
     ) -> None:
         store.save(self.settings.state_dir, config)
         try:
-            await self.apply(
-                limit=self.settings.apply_limit if network else None, mark_good=mark_good
-            )
+            await self.apply(limit=self.settings.apply_limit, mark_good=mark_good)
         except Exception as e:  # whatever failed, the previous document goes back
             # apply() returns only once its worker thread has ended: nothing still
             # writes the new document's files while the previous one is applied.

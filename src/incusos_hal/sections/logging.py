@@ -27,7 +27,7 @@ def units(config: Config, inputs: UnitInputs) -> Tree:
 SECTION = Section(
     name="logging",
     attribute="logging",
-    summary="remote syslog",
+    summary="remote syslog: configuration and state",
     files=files,
     owns=(
         Owned(

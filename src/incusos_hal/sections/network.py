@@ -81,7 +81,7 @@ def _named(path: str) -> Owned:
 SECTION = Section(
     name="network",
     attribute="network",
-    summary="the network configuration and state",
+    summary="links, addresses, routes, DNS, time and proxy: configuration and state",
     read_state=read_state,
     confirmation=confirmation,
     files=files,

@@ -77,7 +77,7 @@ def keep_recovery_keys(archived: Config, running: Config) -> Config:
 SECTION = Section(
     name="security",
     attribute="security",
-    summary="recovery keys, custom CAs, and the TPM, Secure Boot and volume state",
+    summary="recovery keys and CAs; TPM, Secure Boot and volume state",
     read_state=read_state,
     check=check,
     before_store=sync_recovery_keys,

@@ -19,6 +19,6 @@ def read_state(ctx: Context) -> Any:
 SECTION = Section(
     name="update",
     attribute="update",
-    summary="the update configuration and state",
+    summary="the update channel, frequency and windows: configuration and state",
     read_state=read_state,
 )
