@@ -313,7 +313,8 @@ async def post_restore(request: web.Request) -> web.Response:
         raise ApiError(400, "no archive in the request body")
     skip = tuple(s for s in request.query.get("skip", "").split(",") if s)
     svc = request.app[SERVICE_KEY]
-    files = svc.check_restore(data, skip)
+    # Off the event loop: reading is bounded (backup.py), parsing the documents is not free.
+    files = await asyncio.get_running_loop().run_in_executor(None, svc.check_restore, data, skip)
     if svc.pending is not None:
         raise ApiError(409, "a network change is waiting for its confirmation")
 
