@@ -77,6 +77,7 @@ MAX_UNPACKED_BYTES = 16 << 20
 MAX_MEMBERS = 1024
 # A pax record set or GNU long name: a backup's are a few hundred bytes at most.
 MAX_HEADER_BYTES = 64 << 10
+MAX_CHAINED_HEADERS = 8
 MAX_READ_SECONDS = 10.0
 # What IncusOS's restore can be told to keep from the running machine (its third,
 # local-data-encryption-key, comes with the storage work: there is no such key yet).
@@ -190,17 +191,32 @@ class _BoundedStream(io.RawIOBase):
         return n
 
 
-class _CheckedTarInfo(tarfile.TarInfo):
-    @classmethod
-    def frombuf(cls, buf: bytes | bytearray, encoding: str, errors: str) -> _CheckedTarInfo:
-        info = super().frombuf(buf, encoding, errors)
-        # tarfile reads an extended header's body whole, whatever size it declares.
-        if info.type in _EXTENDED_HEADERS and info.size > MAX_HEADER_BYTES:
-            raise ArchiveError(
-                f"member {info.name!r}: an extended header of {info.size} bytes "
-                f"(at most {MAX_HEADER_BYTES})"
-            )
-        return info
+def _checked_tarinfo() -> type[tarfile.TarInfo]:
+    """A TarInfo that refuses, from its 512-byte header, an extended header (pax, GNU long
+    name) larger than MAX_HEADER_BYTES (tarfile reads its body whole, whatever size it
+    declares) or a chain of more than MAX_CHAINED_HEADERS of them (each is read by a
+    recursive call: a long chain exhausts the stack). One class per archive: it counts."""
+    chained = 0
+
+    class Checked(tarfile.TarInfo):
+        @classmethod
+        def frombuf(cls, buf: bytes | bytearray, encoding: str, errors: str) -> Checked:
+            nonlocal chained
+            info = super().frombuf(buf, encoding, errors)
+            if info.type not in _EXTENDED_HEADERS:
+                chained = 0
+                return info
+            chained += 1
+            if info.size > MAX_HEADER_BYTES:
+                raise ArchiveError(
+                    f"member {info.name!r}: an extended header of {info.size} bytes "
+                    f"(at most {MAX_HEADER_BYTES})"
+                )
+            if chained > MAX_CHAINED_HEADERS:
+                raise ArchiveError(f"more than {MAX_CHAINED_HEADERS} extended headers in a row")
+            return info
+
+    return Checked
 
 
 def _member_name(name: str) -> str:
@@ -219,7 +235,7 @@ def read_members(data: bytes) -> dict[str, bytes]:
     stream = _BoundedStream(data, MAX_UNPACKED_BYTES, MAX_READ_SECONDS)
     try:
         # "r|": one pass over the stream, no seeking back.
-        with tarfile.open(fileobj=stream, mode="r|", tarinfo=_CheckedTarInfo) as tar:
+        with tarfile.open(fileobj=stream, mode="r|", tarinfo=_checked_tarinfo()) as tar:
             for count, member in enumerate(tar, start=1):
                 if count > MAX_MEMBERS:
                     raise ArchiveError(f"more than {MAX_MEMBERS} members")
@@ -237,8 +253,10 @@ def read_members(data: bytes) -> dict[str, bytes]:
                 if handle is None:
                     raise ArchiveError(f"member {name!r}: unreadable")
                 files[name] = handle.read()
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+    except (tarfile.TarError, OSError, EOFError, zlib.error, UnicodeError) as e:
         raise ArchiveError(f"not a gzip'ed tar archive: {e}") from None
+    except RecursionError:  # not expected past the chain bound; never a 500
+        raise ArchiveError("not a gzip'ed tar archive: headers nested too deep") from None
     return files
 
 
