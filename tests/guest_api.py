@@ -78,10 +78,14 @@ def state_files() -> dict:
     }
 
 
+def main_pid() -> str:
+    return sh("systemctl", "show", "-P", "MainPID", "incusos-hal.service")["out"].strip()
+
+
 def backup_and_restore(spec: dict, changed: dict) -> dict:
     iface, extra = spec["iface"], spec["restore_added"]
     out: dict = {}
-    pid = sh("systemctl", "show", "-P", "MainPID", "incusos-hal.service")["out"].strip()
+    pid = main_pid()
     # What the sandbox makes of the state dir, seen from the service's own namespace.
     mounts = Path(f"/proc/{pid}/mountinfo").read_text().splitlines()
     out["state_mount"] = [m for m in mounts if m.split()[4] == str(STATE.parent)]
@@ -124,8 +128,7 @@ def backup_and_restore(spec: dict, changed: dict) -> dict:
     out["staging_left"] = [p.name for p in STATE.parent.iterdir() if p.name.startswith(".")]
     out["extra_gone_after_s"] = wait_for(lambda: extra not in addresses().get(iface, []), 60)
     out["get_after"] = call("GET", "/1.0")["status"]
-    out["pid_after"] = sh("systemctl", "show", "-P", "MainPID", "incusos-hal.service")["out"]
-    out["pid_before"] = pid
+    out["pid_before"], out["pid_after"] = pid, main_pid()
     return out
 
 

@@ -526,9 +526,9 @@ def complete_switches(state_dir: str | os.PathLike[str]) -> list[str]:
                 continue
             if marker is None:
                 if stage.is_dir() and not stage.is_symlink():
-                    shutil.rmtree(stage)
+                    shutil.rmtree(stage, ignore_errors=True)
                 else:
-                    stage.unlink()
+                    stage.unlink(missing_ok=True)
             elif not marker.done:
                 _move(state, stage, marker)
     return problems
