@@ -55,6 +55,8 @@ class Server:
     options: tuple[str, ...] = ()  # more `serve` options (--apply-time-limit)
     process: subprocess.Popen[bytes] | None = None
     log: list[str] = field(default_factory=list)
+    # A command the server runs under (it execs its arguments): a mount namespace, say.
+    wrapper: tuple[str, ...] = ()
 
     @property
     def config_file(self) -> Path:
@@ -64,7 +66,7 @@ class Server:
         env = dict(os.environ, PYTHONPATH=str(REPO / "src"), PYTHONUNBUFFERED="1")
         self.process = subprocess.Popen(
             [
-                sys.executable, "-m", "incusos_hal", "serve",
+                *self.wrapper, sys.executable, "-m", "incusos_hal", "serve",
                 "--state-dir", str(self.state), "--socket", str(self.socket),
                 "--listen", f"127.0.0.1:{self.port}", "--target", str(self.target),
                 *(["--root", str(self.root)] if self.root else []),

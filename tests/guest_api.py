@@ -7,18 +7,26 @@ socket:
      (the service's D-Bus calls: daemon-reload, networkd Reload);
   2. PUT a change that drops lan0's addresses, with confirmation_timeout, and never
      confirm: the addresses go, then come back when the service rolls back;
-  3. a non-root peer is refused by its credentials.
+  3. `:backup`, a change, then `:restore` of that backup under the unit's own sandbox
+     (the state dir a mount point, /var/lib read-only): the operation succeeds, the
+     stored document and networkd's addresses are the backup's, the service still
+     answers without a restart; a damaged archive is refused and changes no file;
+  4. a non-root peer is refused by its credentials.
 
 expect["api"]: {"iface": "lan0", "added": "10.99.0.3/24", "kept": "10.99.0.2/24",
 "timeout": "6s"}, optionally "idle_seconds" (a wait before the first change, past
-dbus-daemon's authentication timeout), and "vlan": a VLAN to add with the first change
+dbus-daemon's authentication timeout), "restore_added" (an address added after the
+backup, gone once it is restored: runs step 3), and "vlan": a VLAN to add with the first change
 ({"name", "parent", "id", "addresses"}; the VM guest adds one on its LACP bond).
 """
 
+import hashlib
 import http.client
+import io
 import json
 import socket
 import subprocess
+import tarfile
 import time
 from pathlib import Path
 
@@ -45,6 +53,82 @@ def call(method: str, path: str, body: object = None) -> dict:
     resp = conn.getresponse()
     out = {"status": resp.status, "body": json.loads(resp.read() or b"null")}
     conn.close()
+    return out
+
+
+def call_raw(method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+    conn = Unix()
+    conn.request(method, path, body=body, headers={"Content-Type": "application/gzip"})
+    resp = conn.getresponse()
+    out = (resp.status, resp.read())
+    conn.close()
+    return out
+
+
+def state_files() -> dict:
+    """Every file of the state dir: SHA-256 and mode (read as root, from outside the
+    service's namespace: the same files)."""
+    return {
+        str(p.relative_to(STATE.parent)): [
+            hashlib.sha256(p.read_bytes()).hexdigest(),
+            oct(p.stat().st_mode),
+        ]
+        for p in sorted(STATE.parent.rglob("*"))
+        if p.is_file()
+    }
+
+
+def main_pid() -> str:
+    return sh("systemctl", "show", "-P", "MainPID", "incusos-hal.service")["out"].strip()
+
+
+def backup_and_restore(spec: dict, changed: dict) -> dict:
+    iface, extra = spec["iface"], spec["restore_added"]
+    out: dict = {}
+    pid = main_pid()
+    # What the sandbox makes of the state dir, seen from the service's own namespace.
+    mounts = Path(f"/proc/{pid}/mountinfo").read_text().splitlines()
+    out["state_mount"] = [m for m in mounts if m.split()[4] == str(STATE.parent)]
+    out["root_mount"] = [m for m in mounts if m.split()[4] in ("/", "/var", "/var/lib")]
+    status, archive = call_raw("POST", "/1.0/system/:backup")
+    out["backup_status"] = status
+    stored = STATE.read_bytes()
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        out["backup_members"] = sorted(tar.getnames())
+    more = json.loads(json.dumps(changed))
+    for nic in more.get("interfaces", []) + more.get("vlans", []):
+        if nic["name"] == iface:
+            nic["addresses"] = [*nic.get("addresses", []), extra]
+    out["put_more"] = call("PUT", "/1.0/system/network", {"config": more})["status"]
+    out["more_after_s"] = wait_for(lambda: extra in addresses().get(iface, []), 60)
+
+    # A damaged archive: refused at once, not one file changed.
+    before = state_files()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, data in (("config.toml", stored), ("server.key", b"not a key")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    status, body = call_raw("POST", "/1.0/system/:restore", buf.getvalue())
+    out["damaged"] = {"status": status, "body": body.decode(errors="replace")[:400]}
+    out["damaged_unchanged"] = state_files() == before
+
+    status, body = call_raw("POST", "/1.0/system/:restore", archive)
+    out["restore_status"] = status
+    answer = json.loads(body or b"null") or {}
+    location = (answer.get("operation") or "").strip()
+    if status != 202 or not location:
+        out["restore_body"] = body.decode(errors="replace")[:400]
+        return out
+    waited = call("GET", f"{location}/wait?timeout=120")["body"] or {}
+    op = waited.get("metadata") or {}
+    out["restore_op"] = {"status": op.get("status"), "err": op.get("err")}
+    out["stored_is_backup"] = STATE.read_bytes() == stored
+    out["staging_left"] = [p.name for p in STATE.parent.iterdir() if p.name.startswith(".")]
+    out["extra_gone_after_s"] = wait_for(lambda: extra not in addresses().get(iface, []), 60)
+    out["get_after"] = call("GET", "/1.0")["status"]
+    out["pid_before"], out["pid_after"] = pid, main_pid()
     return out
 
 
@@ -130,7 +214,11 @@ def run(expect_all: dict) -> dict:
         "messages": [e.get("MESSAGE") for e in (log["body"] or {}).get("metadata") or []],
     }
 
-    # 3. peer credentials
+    # 3. backup and restore under the unit's sandbox
+    if spec.get("restore_added"):
+        out["restore"] = backup_and_restore(spec, changed)
+
+    # 4. peer credentials
     Path(SOCKET).chmod(0o666)
     nobody = subprocess.run(
         ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "python3", "-c",

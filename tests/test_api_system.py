@@ -23,6 +23,7 @@ API = {
     "kept": "10.99.0.2/24",
     "timeout": "6s",
     "idle_seconds": 35,
+    "restore_added": "10.99.0.4/24",
 }
 
 
@@ -68,6 +69,31 @@ def test_put_is_applied_by_networkd(booted: dict[str, Any]) -> None:
 
 def test_unconfirmed_cut_is_rolled_back(booted: dict[str, Any]) -> None:
     apiserver.check_rolled_back(booted)
+
+
+def test_restore_works_under_the_units_sandbox(booted: dict[str, Any]) -> None:
+    """`:backup`, an address added, `:restore`: under ProtectSystem=strict with the state
+    dir a mount point of its own (StateDirectory=), the operation succeeds, networkd
+    drops the address again, the service answers without having restarted."""
+    part = booted["restore"]
+    # The conditions the old restore failed under, seen in the service's namespace: the
+    # state dir a writable mount point, what holds it (/var/lib, /var or /) read-only.
+    options = {m.split()[4]: m.split()[5].split(",") for m in part["root_mount"]}
+    assert part["state_mount"] and "rw" in part["state_mount"][-1].split()[5].split(","), part
+    assert "ro" in options[max(options, key=len)], part["root_mount"]
+    assert part["backup_status"] == 200 and "config.toml" in part["backup_members"], part
+    assert part["put_more"] == 200 and part["more_after_s"] is not None, part
+    assert part["restore_status"] == 202, (part, booted["journal"])
+    assert part["restore_op"] == {"status": "Success", "err": ""}, (part, booted["journal"])
+    assert part["stored_is_backup"] and part["staging_left"] == [], part
+    assert part["extra_gone_after_s"] is not None, part
+    assert part["get_after"] == 200 and part["pid_after"] == part["pid_before"], part
+
+
+def test_a_damaged_archive_changes_nothing_under_the_unit(booted: dict[str, Any]) -> None:
+    damaged = booted["restore"]["damaged"]
+    assert damaged["status"] == 400 and "server.key without server.crt" in damaged["body"]
+    assert booted["restore"]["damaged_unchanged"]
 
 
 def test_other_users_are_refused_by_their_credentials(booted: dict[str, Any]) -> None:

@@ -39,12 +39,7 @@ from ..core.tls import (
     fingerprint_der,
     fingerprint_pem,
 )
-
-SERVER_CERT = "server.crt"
-SERVER_KEY = "server.key"
-# Where a server certificate or key that could not be used is kept (for a post-mortem)
-# when a new pair replaces it.
-DAMAGED_SUFFIX = ".damaged"
+from ..state.paths import DAMAGED_SUFFIX, SERVER_CERT, SERVER_KEY
 
 log = logging.getLogger("incusos_hal.api")
 

@@ -1,37 +1,93 @@
 """`:backup` and `:restore` of the state directory, as IncusOS does for /var/lib/incus-os.
 
-The archive is a gzip'ed tar of every regular file in the state dir: the config, its
-last good copy, the service's flags, and the API's server key. That makes it sensitive:
-whoever holds it can impersonate this machine's API and read its recovery keys.
+The archive is a gzip'ed tar of the files a restore takes back (`RESTORED`): the config,
+its last good copy, the service's flags and the API's server certificate and key. That
+makes it sensitive: whoever holds it can impersonate this machine's API and read its
+recovery keys. Derived and transient files stay out: the generator's cache, the staging
+directories of a restore, and the document a network change waits to go back to.
 
-A restore is checked whole before anything changes (`read_archive`): gzip and tar must
-parse, members must be regular files or directories with relative, normalised names
-(no `..`, no absolute paths, no links or devices), within count and size limits, and the
-config it carries must be a valid document. Only then does `swap_in` put it in place:
-extract beside the state dir, rename the state dir aside, rename the new one in, so a
-crash leaves one or the other, never a mix; `swap_back` undoes it if applying fails.
+Reading an archive (`read_archive`) is bounded in size and time whatever it claims: the
+gzip stream is read through `_BoundedStream`, which stops at MAX_UNPACKED_BYTES of
+decompressed data (tar headers, pax and GNU long-name records included) or after
+MAX_READ_SECONDS; a pax or GNU extended header larger than MAX_HEADER_BYTES is refused
+from its 512-byte header, before tarfile reads its body into memory. Members must be
+regular files (or directories, skipped) with relative, normalised names (no `..`, no
+absolute paths, no links, devices or sparse files), within count and size limits.
+
+Then the archive is checked whole (`check_files`), nothing touched yet:
+- only the files this service keeps; `generator.cache` is ignored (derived from the
+  config; a crafted one would be replayed by the generator at boot without any check);
+- config.toml (required) and config.last-good.toml must be valid documents;
+- state.json must be a JSON object;
+- server.crt and server.key come together or not at all: the key an unencrypted PEM
+  private key, the certificate a PEM certificate of that key. An archive without them
+  (a machine that never served HTTPS has none) keeps the running machine's identity:
+  the restore changes what the machine does, not which machine its clients talk to;
+- `network.unconfirmed-previous.toml` is refused. It means the backup was taken while a
+  network change waited for its confirmation, so the archived config.toml is a change
+  nobody confirmed (possibly the one that cut the machine off). Restored, the file
+  would silently roll the machine back at its next start, losing what was done since;
+  dropped, the unconfirmed change would count as confirmed. Either way the restore
+  would guess; the operator decides instead (back up again after confirming, or remove
+  the member from the archive to restore that document as confirmed).
+
+Once checked, the files go in through `state.switch`: staged inside the state directory
+and switched in one crash-safe step (see there), so a restore works where the service
+runs (the state directory a mount point under a read-only parent) and a failed apply
+puts every file back byte-identical with its mode.
 """
 
 from __future__ import annotations
 
+import fcntl
+import gzip
 import io
+import json
 import os
-import secrets
-import shutil
 import tarfile
-from dataclasses import dataclass, replace
+import time
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from ..config import Config, ConfigError, parse_toml
-from ..core.files import fsync_dir
-from ..state.store import CONFIG_FILE
+from ..sections import skip_options
+from ..state import switch
+from ..state.paths import (
+    CONFIG_FILE,
+    FLAGS_FILE,
+    GENERATOR_CACHE,
+    IDENTITY,
+    LAST_GOOD_FILE,
+    RESTORED,
+    SERVER_CERT,
+    SERVER_KEY,
+    UNCONFIRMED_FILE,
+)
+from ..state.switch import complete_switches, discard, recover, switch_back
 
 MAX_ARCHIVE_BYTES = 16 << 20
-MAX_UNPACKED_BYTES = 64 << 20
+MAX_UNPACKED_BYTES = 16 << 20
 MAX_MEMBERS = 1024
-# What IncusOS's restore can be told to keep from the running machine (its third,
-# local-data-encryption-key, comes with the storage work: there is no such key yet).
-SKIP_OPTIONS = ("encryption-recovery-keys", "network-macs")
+# A pax record set or GNU long name: a backup's are a few hundred bytes at most.
+MAX_HEADER_BYTES = 64 << 10
+MAX_CHAINED_HEADERS = 8
+MAX_READ_SECONDS = 10.0
+# What IncusOS's restore can be told to keep from the running machine, as the sections
+# offer it (its third, local-data-encryption-key, comes with the storage work).
+SKIP_OPTIONS = tuple(skip_options())
+
+_EXTENDED_HEADERS = frozenset(
+    {
+        tarfile.XHDTYPE,
+        tarfile.XGLTYPE,
+        tarfile.SOLARIS_XHDTYPE,
+        tarfile.GNUTYPE_LONGNAME,
+        tarfile.GNUTYPE_LONGLINK,
+    }
+)
 
 
 class ArchiveError(ValueError):
@@ -45,47 +101,92 @@ class Archive:
 
 
 def keep_running(archived: Config, running: Config, skip: tuple[str, ...]) -> Config:
-    """The archived config with what `skip` names taken from the running one: the
-    recovery keys, or the hardware addresses (restoring onto other hardware: each
-    interface and bond keeps this machine's MACs, matched by name)."""
+    """The archived config with what `skip` names taken from the running one, as each
+    section's restore skip options say (the recovery keys; the hardware addresses, for
+    restoring onto other hardware)."""
+    options = skip_options()
     out = archived
-    if "encryption-recovery-keys" in skip:
-        keys = running.security.encryption_recovery_keys
-        out = replace(out, security=replace(out.security, encryption_recovery_keys=keys))
-    if "network-macs" in skip:
-        nics = {i.name: i.hwaddr for i in running.network.interfaces}
-        bonds = {b.name: b for b in running.network.bonds}
-        interfaces = tuple(
-            replace(i, hwaddr=nics.get(i.name, i.hwaddr)) for i in out.network.interfaces
-        )
-        new_bonds = tuple(
-            replace(b, hwaddr=bonds[b.name].hwaddr, members=bonds[b.name].members)
-            if b.name in bonds
-            else b
-            for b in out.network.bonds
-        )
-        out = replace(out, network=replace(out.network, interfaces=interfaces, bonds=new_bonds))
+    for name in skip:
+        out = options[name](out, running)
     return out
 
 
+# -- backup --------------------------------------------------------------------------------
+
+
 def create(state_dir: str | os.PathLike[str]) -> bytes:
+    """The archive of the state dir's `RESTORED` files, read while no switch runs."""
     buf = io.BytesIO()
     base = Path(state_dir)
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for path in sorted(base.rglob("*")):
-            if path.is_symlink() or not (path.is_file() or path.is_dir()):
+    with switch.locked(base, fcntl.LOCK_SH), tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name in sorted(RESTORED):
+            path = base / name
+            try:
+                f = path.open("rb")
+            except FileNotFoundError:
                 continue
-            if path.name.startswith(".") and path.name.endswith(".tmp"):
-                continue  # an atomic write in flight
-            info = tar.gettarinfo(str(path), arcname=str(path.relative_to(base)))
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            if path.is_file():
-                with path.open("rb") as f:
-                    tar.addfile(info, f)
-            else:
-                tar.addfile(info)
+            with f:
+                st = os.fstat(f.fileno())
+                info = tarfile.TarInfo(name)
+                info.size, info.mode, info.mtime = st.st_size, st.st_mode & 0o7777, st.st_mtime
+                tar.addfile(info, f)
     return buf.getvalue()
+
+
+# -- reading an archive ------------------------------------------------------------------------
+
+
+class _BoundedStream(io.RawIOBase):
+    """The decompressed gzip stream, cut off at `limit` bytes and at `deadline`."""
+
+    def __init__(self, data: bytes, limit: int, seconds: float) -> None:
+        self._gz = gzip.GzipFile(fileobj=io.BytesIO(data), mode="rb")
+        self._left = limit
+        self._limit = limit
+        self._deadline = time.monotonic() + seconds
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if time.monotonic() > self._deadline:
+            raise ArchiveError(f"not read within {MAX_READ_SECONDS:g} seconds")
+        view = memoryview(buffer).cast("B")
+        if self._left <= 0:
+            if self._gz.read(1):
+                raise ArchiveError(f"unpacks to more than {self._limit} bytes")
+            return 0
+        n = self._gz.readinto(view[: min(len(view), self._left)])
+        self._left -= n
+        return n
+
+
+def _checked_tarinfo() -> type[tarfile.TarInfo]:
+    """A TarInfo that refuses, from its 512-byte header, an extended header (pax, GNU long
+    name) larger than MAX_HEADER_BYTES (tarfile reads its body whole, whatever size it
+    declares) or a chain of more than MAX_CHAINED_HEADERS of them (each is read by a
+    recursive call: a long chain exhausts the stack). One class per archive: it counts."""
+    chained = 0
+
+    class Checked(tarfile.TarInfo):
+        @classmethod
+        def frombuf(cls, buf: bytes | bytearray, encoding: str, errors: str) -> Checked:
+            nonlocal chained
+            info = super().frombuf(buf, encoding, errors)
+            if info.type not in _EXTENDED_HEADERS:
+                chained = 0
+                return info
+            chained += 1
+            if info.size > MAX_HEADER_BYTES:
+                raise ArchiveError(
+                    f"member {info.name!r}: an extended header of {info.size} bytes "
+                    f"(at most {MAX_HEADER_BYTES})"
+                )
+            if chained > MAX_CHAINED_HEADERS:
+                raise ArchiveError(f"more than {MAX_CHAINED_HEADERS} extended headers in a row")
+            return info
+
+    return Checked
 
 
 def _member_name(name: str) -> str:
@@ -95,33 +196,85 @@ def _member_name(name: str) -> str:
     return str(pure)
 
 
-def read_archive(data: bytes) -> Archive:
-    """Everything a restore will write, checked; nothing is touched."""
+def read_members(data: bytes) -> dict[str, bytes]:
+    """The archive's regular files by name, read within the bounds; nothing is touched."""
     if len(data) > MAX_ARCHIVE_BYTES:
         raise ArchiveError(f"archive larger than {MAX_ARCHIVE_BYTES} bytes")
     files: dict[str, bytes] = {}
     total = 0
+    stream = _BoundedStream(data, MAX_UNPACKED_BYTES, MAX_READ_SECONDS)
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+        # "r|": one pass over the stream, no seeking back.
+        with tarfile.open(fileobj=stream, mode="r|", tarinfo=_checked_tarinfo()) as tar:
             for count, member in enumerate(tar, start=1):
                 if count > MAX_MEMBERS:
                     raise ArchiveError(f"more than {MAX_MEMBERS} members")
                 name = _member_name(member.name)
                 if member.isdir():
                     continue
-                if not member.isfile():
+                if member.type not in (tarfile.REGTYPE, tarfile.AREGTYPE) or member.issparse():
                     raise ArchiveError(f"member {name!r}: only regular files are restored")
                 total += member.size
                 if total > MAX_UNPACKED_BYTES:
                     raise ArchiveError(f"unpacks to more than {MAX_UNPACKED_BYTES} bytes")
+                if name in files:
+                    raise ArchiveError(f"member {name!r}: appears twice")
                 handle = tar.extractfile(member)
                 if handle is None:
                     raise ArchiveError(f"member {name!r}: unreadable")
-                if name in files:
-                    raise ArchiveError(f"member {name!r}: appears twice")
                 files[name] = handle.read()
-    except (tarfile.TarError, OSError, EOFError) as e:
+    except (tarfile.TarError, OSError, EOFError, zlib.error, UnicodeError) as e:
         raise ArchiveError(f"not a gzip'ed tar archive: {e}") from None
+    except RecursionError:  # not expected past the chain bound; never a 500
+        raise ArchiveError("not a gzip'ed tar archive: headers nested too deep") from None
+    return files
+
+
+def check_identity(cert: bytes, key: bytes) -> None:
+    """The server certificate and key a restore would install: both parse, and the
+    certificate is the key's. Messages never quote the key."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        certificate = x509.load_pem_x509_certificate(cert)
+    except ValueError:
+        raise ArchiveError(f"{SERVER_CERT}: not a PEM certificate") from None
+    try:
+        private = serialization.load_pem_private_key(key, password=None)
+    except (ValueError, TypeError):  # TypeError: encrypted
+        raise ArchiveError(f"{SERVER_KEY}: not an unencrypted PEM private key") from None
+    except Exception:  # an unsupported algorithm, say; its text is not for the client
+        raise ArchiveError(f"{SERVER_KEY}: not a usable private key") from None
+
+    def spki(public: Any) -> bytes:
+        encoded: bytes = public.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        return encoded
+
+    try:
+        matches = spki(certificate.public_key()) == spki(private.public_key())
+    except Exception:
+        matches = False
+    if not matches:
+        raise ArchiveError(f"{SERVER_CERT}: not the certificate of {SERVER_KEY}")
+
+
+def check_files(files: Mapping[str, bytes]) -> Config:
+    """Everything a restore would put in place, checked whole (see the module doc);
+    returns the archived config."""
+    if UNCONFIRMED_FILE in files:
+        raise ArchiveError(
+            f"{UNCONFIRMED_FILE}: the backup was taken while a network change waited for "
+            f"its confirmation, so its {CONFIG_FILE} was never confirmed; back up again "
+            "after confirming, or remove this member to restore that document as it is"
+        )
+    for name in sorted(files):
+        if name not in RESTORED and name != GENERATOR_CACHE:
+            raise ArchiveError(
+                f"member {name!r}: not a file this service keeps ({', '.join(RESTORED)})"
+            )
     # A backup always holds the config: an archive without one (an empty tar is a
     # valid tar) would restore a blank machine.
     if CONFIG_FILE not in files:
@@ -130,40 +283,69 @@ def read_archive(data: bytes) -> Archive:
         config = parse_toml(files[CONFIG_FILE])
     except ConfigError as e:
         raise ArchiveError(f"{CONFIG_FILE}: {e.errors[0]}") from None
+    if LAST_GOOD_FILE in files:
+        try:
+            parse_toml(files[LAST_GOOD_FILE])
+        except ConfigError as e:
+            raise ArchiveError(f"{LAST_GOOD_FILE}: {e.errors[0]}") from None
+    if FLAGS_FILE in files:
+        try:
+            flags = json.loads(files[FLAGS_FILE])
+        except ValueError:
+            raise ArchiveError(f"{FLAGS_FILE}: not JSON") from None
+        if not isinstance(flags, dict):
+            raise ArchiveError(f"{FLAGS_FILE}: not a JSON object")
+    has_cert, has_key = SERVER_CERT in files, SERVER_KEY in files
+    if has_cert != has_key:
+        there, missing = (SERVER_CERT, SERVER_KEY) if has_cert else (SERVER_KEY, SERVER_CERT)
+        raise ArchiveError(f"{there} without {missing}: the server identity is incomplete")
+    if has_cert:
+        check_identity(files[SERVER_CERT], files[SERVER_KEY])
+    return config
+
+
+def read_archive(data: bytes) -> Archive:
+    """Everything a restore will write, checked; nothing is touched. The generator's
+    cache is left out (derived; rebuilt by the configure step)."""
+    files = read_members(data)
+    config = check_files(files)
+    files.pop(GENERATOR_CACHE, None)
     return Archive(files, config)
 
 
-def swap_in(state_dir: str | os.PathLike[str], files: dict[str, bytes]) -> Path:
-    """Replace the state dir's contents with `files`; returns where the old one went."""
-    base = Path(state_dir)
-    tag = secrets.token_hex(4)
-    new, old = (
-        base.with_name(f".{base.name}.restore-{tag}"),
-        base.with_name(f".{base.name}.old-{tag}"),
-    )
-    new.mkdir(mode=0o700)
+def check_loadable(directory: Path) -> None:
+    """The staged certificate and key as the service will load them (OpenSSL, through
+    the ssl module): what check_identity accepted must also start the service."""
+    import ssl
+
+    if not (directory / SERVER_CERT).exists():
+        return
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
-        for name, content in files.items():
-            path = new / name
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(content)
-                f.flush()
-                os.fsync(f.fileno())
-        os.rename(base, old)
-        os.rename(new, base)
-    except BaseException:
-        shutil.rmtree(new, ignore_errors=True)
-        raise
-    fsync_dir(base.parent)
-    return old
+        context.load_cert_chain(directory / SERVER_CERT, directory / SERVER_KEY)
+    except (ssl.SSLError, OSError):
+        raise ArchiveError(f"{SERVER_CERT}, {SERVER_KEY}: not loadable by OpenSSL") from None
 
 
-def swap_back(state_dir: str | os.PathLike[str], old: Path) -> None:
-    base = Path(state_dir)
-    failed = base.with_name(f"{old.name}.failed")
-    os.rename(base, failed)
-    os.rename(old, base)
-    fsync_dir(base.parent)
-    shutil.rmtree(failed, ignore_errors=True)
+def switch_in(state_dir: str | os.PathLike[str], files: Mapping[str, bytes]) -> Path:
+    """The checked files in, in one switch (state.switch); the running machine's identity
+    kept when the archive carries none; raises ArchiveError, with nothing changed, when
+    OpenSSL cannot load the staged certificate and key."""
+    return switch.switch_in(state_dir, files, IDENTITY, check_loadable)
+
+
+__all__ = [
+    "Archive",
+    "ArchiveError",
+    "check_files",
+    "check_loadable",
+    "complete_switches",
+    "create",
+    "discard",
+    "keep_running",
+    "read_archive",
+    "read_members",
+    "recover",
+    "switch_back",
+    "switch_in",
+]

@@ -22,8 +22,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..core.files import atomic_write
+from ..state.paths import SOCKET
 
-LOCAL = {"url": "unix:///run/incusos-hal/unix.socket"}
+LOCAL = {"url": f"unix://{SOCKET}"}
 
 
 class ClientError(Exception):

@@ -25,6 +25,7 @@ from aiohttp import WSMsgType, web
 from ..config import MAX_DOCUMENT_BYTES, Config
 from ..sections import SECTIONS
 from ..sections.base import Action, Section
+from ..state.paths import SOCKET
 from . import auth, backup
 from . import envelope as env
 from .operations import Events, Operations, Progress
@@ -33,7 +34,7 @@ from .state import NetworkStateCache
 
 log = logging.getLogger("incusos_hal.api")
 
-DEFAULT_SOCKET = "/run/incusos-hal/unix.socket"
+DEFAULT_SOCKET = SOCKET
 PROXY_HEADER = "X-IncusOS-Proxy"
 # A path segment of the prefix: URL-safe, and not "." or "..".
 PROXY_SEGMENT = re.compile(r"(?!\.{1,2}$)[A-Za-z0-9._~-]{1,64}")
@@ -301,7 +302,8 @@ async def post_restore(request: web.Request) -> web.Response:
         raise ApiError(400, "no archive in the request body")
     skip = tuple(s for s in request.query.get("skip", "").split(",") if s)
     svc = request.app[SERVICE_KEY]
-    files = svc.check_restore(data, skip)
+    # Off the event loop: reading is bounded (backup.py), parsing the documents is not free.
+    files = await asyncio.get_running_loop().run_in_executor(None, svc.check_restore, data, skip)
     if svc.pending is not None:
         raise ApiError(409, "a network change is waiting for its confirmation")
 

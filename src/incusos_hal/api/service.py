@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import socket
 import time
 from collections.abc import Callable
@@ -39,14 +38,10 @@ from ..core.files import atomic_write
 from ..sections import by_name, changes
 from ..sections.base import Refused, Section
 from ..state import store
+from ..state.paths import FLAGS_FILE, UNCONFIRMED_FILE
 from . import backup
 from . import envelope as env
 
-FLAGS_FILE = "state.json"
-# While a network change waits for its confirmation: the document to go back to (empty:
-# none). Written before the change is stored, removed once confirmed or rolled back, so
-# a service that dies (or a machine that reboots) in between still rolls back.
-UNCONFIRMED_FILE = "network.unconfirmed-previous.toml"
 # The longest a network change is held for its confirmation, whatever the document says
 # (a duration of hundreds of digits is an infinite float): a hold must end, and its
 # seconds left must be a finite JSON number.
@@ -371,8 +366,18 @@ class Service:
         return Path(self.settings.state_dir, UNCONFIRMED_FILE)
 
     async def recover(self) -> None:
-        """At start: a network change left unconfirmed by a service that stopped (or a
-        machine that rebooted) before its deadline is rolled back now."""
+        """At start: a restore interrupted by a crash is completed (forward once its
+        switch was committed, else discarded) and applied; a network change left
+        unconfirmed by a service that stopped (or a machine that rebooted) before its
+        deadline is rolled back now."""
+        done, problems = backup.recover(self.settings.state_dir)
+        for problem in problems:
+            self.log("error", f"restore staging left as it is: {problem}")
+        if done:
+            async with self.lock:
+                for what in done:
+                    self.log("warning", what)
+                await self._reapply("the state after an interrupted restore")
         try:
             previous = self._unconfirmed.read_bytes()
         except FileNotFoundError:
@@ -419,21 +424,32 @@ class Service:
     async def restore(
         self, files: dict[str, bytes], progress: Callable[[dict[str, Any]], None]
     ) -> None:
+        """`files` (from check_restore) in place of the state dir's in one switch inside
+        it (see backup.py), then applied; a failed apply switches the previous files
+        back, byte for byte, and applies them again. Cancelled (the service stopping)
+        after the switch, the staging directory stays: the next start keeps the
+        restored state and applies it, as after a crash (`recover`)."""
         async with self.lock:
             self._check_writable()
             state_dir = self.settings.state_dir
+            loop = asyncio.get_running_loop()
             progress({"stage": "swapping"})
-            old = backup.swap_in(state_dir, files)
+            try:
+                stage = await loop.run_in_executor(None, backup.switch_in, state_dir, files)
+            except backup.ArchiveError as e:
+                raise ApiError(400, f"archive: {e}") from None
             progress({"stage": "applying"})
             try:
                 await self.apply()
             except Exception as e:  # whatever failed, the previous state goes back
-                backup.swap_back(state_dir, old)
+                backup.switch_back(state_dir, stage)
+                backup.discard(stage)
+                self.log("error", f"applying the restored state failed, rolling back: {e}")
                 await self._reapply("the state from before the restore")
                 raise ApiError(
                     500, f"applying the restored state failed, previous kept: {e}"
                 ) from None
-            shutil.rmtree(old, ignore_errors=True)
+            await loop.run_in_executor(None, backup.discard, stage)
             self.on_config(self.config())
             self.log("info", "state restored from a backup")
 
@@ -511,5 +527,8 @@ def _client_paths(errors: list[FieldError], attribute: str) -> str:
 
 
 def ensure_state_dir(path: Path) -> None:
+    """The state dir, made whole: a restore interrupted by a crash is completed or
+    discarded before anything reads it (Service.recover says which and applies)."""
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(path, 0o700)
+    backup.complete_switches(path)

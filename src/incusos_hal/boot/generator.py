@@ -29,9 +29,10 @@ from ..core.kmsg import ERR, INFO, WARNING, kmsg
 from ..render import Symlink, Tree
 from ..sections import render_units
 from ..state import store
+from ..state.paths import GENERATOR_CACHE
 
 IDENT = "incusos-hal-generator"
-CACHE_FILE = "generator.cache"
+CACHE_FILE = GENERATOR_CACHE
 CACHE_MAGIC = b"incusos-hal-generator-cache 1\n"
 
 

@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 def parser() -> argparse.ArgumentParser:
     import argparse
 
+    from ..state.paths import SOCKET
+
     p = argparse.ArgumentParser(prog="incusos-hal", description=__doc__.split("\n")[0])
     p.add_argument("--version", action="version", version=__version__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -97,7 +99,7 @@ def parser() -> argparse.ArgumentParser:
 
     sr = sub.add_parser("serve", help="the API service")
     sr.add_argument("--state-dir")
-    sr.add_argument("--socket", default="/run/incusos-hal/unix.socket")
+    sr.add_argument("--socket", default=SOCKET)
     sr.add_argument("--listen", help="HTTPS on host:port (default: the config's listen_address)")
     sr.add_argument("--root", help="read the machine under this root")
     sr.add_argument(

@@ -113,8 +113,16 @@ def cmd_save(args: argparse.Namespace) -> int:
 def cmd_configure(args: argparse.Namespace) -> int:
     from ..apply.configure import configure
     from ..state import store
+    from ..state.switch import complete_switches
 
     state = store.state_dir(args.state_dir)
+    # A restore a crash interrupted is completed (or discarded) before the config is
+    # read: at boot this runs before the API service, whose start says which.
+    try:
+        for problem in complete_switches(state):
+            print(f"warning: {problem}", file=sys.stderr)
+    except OSError as e:  # the API service tries again; configure what is there
+        print(f"warning: cannot complete an interrupted restore: {e}", file=sys.stderr)
     try:
         root = root_of(None)
         # A re-rooted run, or one writing elsewhere, must not rename this machine's links

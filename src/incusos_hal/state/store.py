@@ -16,11 +16,19 @@ from pathlib import Path
 from ..config import ConfigError, dumps_toml, parse_toml
 from ..config.model import Config
 from ..core.files import atomic_write
+from .paths import CONFIG_FILE, DEFAULT_STATE_DIR, LAST_GOOD_FILE, STATE_DIR_ENV
 
-STATE_DIR_ENV = "INCUSOS_HAL_STATE_DIR"
-DEFAULT_STATE_DIR = "/var/lib/incusos-hal"
-CONFIG_FILE = "config.toml"
-LAST_GOOD_FILE = "config.last-good.toml"
+__all__ = [
+    "CONFIG_FILE",
+    "LAST_GOOD_FILE",
+    "STATE_DIR_ENV",
+    "Loaded",
+    "load",
+    "load_from",
+    "mark_good",
+    "save",
+    "state_dir",
+]
 
 
 def state_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
