@@ -6,23 +6,12 @@ expect["native"]: {"nvme": "/dev/nvme0", "scsi": "/dev/sda", "nic": "enp0s2",
 "label": "secureboot", "time": true}
 """
 
-import json
 import subprocess
 import time
-import traceback
 from dataclasses import asdict
 from pathlib import Path
 
-from guest_lib import sh
-
-
-def tool_json(*cmd: str) -> object:
-    r = sh(*cmd)
-    return (
-        json.loads(r["out"])
-        if r["rc"] == 0 and r["out"].strip()
-        else {"rc": r["rc"], "err": r["err"]}
-    )
+from guest_lib import crashed, data, failed, sh
 
 
 def run(expect_all: dict) -> dict:
@@ -34,8 +23,8 @@ def run(expect_all: dict) -> dict:
     for backend in ("cffi", "python"):
         try:
             _native.use(backend)
-        except ImportError as e:
-            out[backend] = {"error": str(e)}
+        except ImportError:
+            out[backend] = crashed(f"_native.use({backend!r})")
             continue
         ours: dict = {}
         for name, call in (
@@ -51,12 +40,12 @@ def run(expect_all: dict) -> dict:
             try:
                 ours[name] = call()
             except Exception:
-                ours[name] = {"error": traceback.format_exc()}
+                ours[name] = crashed(f"{name} through the {backend} backend")
         out[backend] = ours
     out["tools"] = {
-        "id_ctrl": tool_json("nvme", "id-ctrl", spec["nvme"], "-o", "json"),
-        "id_ns": tool_json("nvme", "id-ns", spec["nvme"] + "n1", "-n", "1", "-o", "json"),
-        "smart": tool_json("nvme", "smart-log", spec["nvme"], "-o", "json"),
+        "id_ctrl": data("nvme", "id-ctrl", spec["nvme"], "-o", "json"),
+        "id_ns": data("nvme", "id-ns", spec["nvme"] + "n1", "-n", "1", "-o", "json"),
+        "smart": data("nvme", "smart-log", spec["nvme"], "-o", "json"),
         "sg_inq": sh("sg_inq", spec["scsi"])["out"],
         "sg_vpd_80": sh("sg_vpd", "--page=0x80", spec["scsi"])["out"],
         "udev": sh("udevadm", "info", "--query=property", f"--name={spec['scsi']}")["out"],
@@ -69,16 +58,21 @@ def run(expect_all: dict) -> dict:
         proc = subprocess.run(
             ["incusos-hal", "record", str(tree)], capture_output=True, text=True, timeout=600
         )
-        recorded = {"rc": proc.returncode, "err": proc.stderr}
+        ran = {"rc": proc.returncode, "out": proc.stdout, "err": proc.stderr}
     except subprocess.TimeoutExpired as e:
-        recorded = {"rc": -1, "err": f"timed out: {e}"}
-    out["record"] = {**recorded, "seconds": time.monotonic() - started}
+        ran = {"rc": -1, "out": "", "err": f"timed out: {e}"}
+    seconds = time.monotonic() - started
+    out["record"] = (
+        {"seconds": seconds}
+        if ran["rc"] == 0
+        else failed(f"incusos-hal record {tree} (after {seconds:.0f}s)", ran)
+    )
     # Every section but those that move between two reads (memory, load).
     from incusos_hal.inventory import SCANNERS
 
     sections = [name for name in SCANNERS if name not in ("memory", "load")]
-    out["inventory_live"] = tool_json("incusos-hal", "inventory", "--format", "json", *sections)
-    out["inventory_tree"] = tool_json(
+    out["inventory_live"] = data("incusos-hal", "inventory", "--format", "json", *sections)
+    out["inventory_tree"] = data(
         "incusos-hal", "inventory", "--root", str(tree), "--format", "json", *sections
     )
     if spec.get("time"):

