@@ -16,7 +16,7 @@ import probe_result
 from conftest import require_root, require_tool
 from system_case import EXPECT, LAN1_MAC, config, new_lan
 
-pytestmark = pytest.mark.system
+pytestmark = pytest.mark.nspawn
 
 API = {
     "iface": "lan0",

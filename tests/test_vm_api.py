@@ -14,7 +14,7 @@ import apiserver
 import appliance
 import vm
 
-pytestmark = pytest.mark.system
+pytestmark = pytest.mark.vm
 
 
 @pytest.fixture(scope="module")

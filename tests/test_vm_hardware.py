@@ -20,7 +20,7 @@ import pytest
 import vm
 from appliance import LUKS, MULTIPATH, MULTIPATH_WWID, NVME, TPM_HANDLE
 
-pytestmark = pytest.mark.system
+pytestmark = pytest.mark.vm
 
 
 def hardware(boot: vm.Result) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import pytest
 import vm
 from appliance import MULTIPATH, MULTIPATH_WWID, NVME, TPM_HANDLE
 
-pytestmark = pytest.mark.system
+pytestmark = pytest.mark.vm
 BACKENDS = ("cffi", "python")
 
 

@@ -19,7 +19,7 @@ import pytest
 import vm
 from appliance import MEMBERS
 
-pytestmark = pytest.mark.system
+pytestmark = pytest.mark.vm
 
 
 @pytest.fixture(scope="module")

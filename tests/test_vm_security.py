@@ -20,7 +20,7 @@ from incusos_hal.hal import eventlog
 
 import vm
 
-pytestmark = pytest.mark.system
+pytestmark = pytest.mark.vm
 
 
 def security(boot: vm.Result) -> dict[str, Any]:
