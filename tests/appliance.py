@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import probe_result
 import system_case
 import vm
 
@@ -168,6 +169,7 @@ def boot(
     with vm.nspawn.lan(system_case.new_lan(guest.work / f"lan-{label}", kind="tap")) as lan:
         guest.netns = lan.name
         result = guest.boot(parts, expect(label, syslog_marker=syslog_marker))
-    if "error" not in result.result["system"]:
-        result.result["system"]["syslog_received"] = lan.syslog()
+    system = result.result.raw("system")
+    if not probe_result.is_failure(system):
+        system["syslog_received"] = lan.syslog()
     return result

@@ -18,6 +18,43 @@ if TYPE_CHECKING:
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 
+# What a test needs, as markers (registered in pyproject.toml, --strict-markers), so the
+# fast loop can leave out what boots a machine (ci/test --quick: not nspawn, not vm) and
+# a machine without root or swtpm can leave those out too. Tests using these fixtures
+# get the marker here; a module or test marks itself for what no fixture says
+# (`pytest.mark.vm`, `.nspawn`, `.root`).
+FIXTURE_MARKS = {
+    "swtpm": "swtpm",
+    "appliance": "vm",
+    "secure_boot": "vm",
+    "setup_mode": "vm",
+}
+# Booting a container or the VM guest needs root, and is what `system` has always meant.
+IMPLIED_MARKS = {"nspawn": ("system", "root"), "vm": ("system", "root")}
+_current: pytest.Item | None = None
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        for fixture in getattr(item, "fixturenames", ()):
+            if fixture in FIXTURE_MARKS:
+                item.add_marker(FIXTURE_MARKS[fixture])
+        for marker, implied in IMPLIED_MARKS.items():
+            if item.get_closest_marker(marker):
+                for name in implied:
+                    item.add_marker(name)
+        if item.get_closest_marker("system") and not (
+            item.get_closest_marker("nspawn") or item.get_closest_marker("vm")
+        ):
+            raise pytest.UsageError(f"{item.nodeid}: marked system but neither nspawn nor vm")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    # Before the item's fixtures are set up: require_root() in a fixture sees its test.
+    global _current
+    _current = item
+
 
 def require_tool(*names: str) -> None:
     """A test needing a missing tool fails, saying which: CI installs them (ci/setup)."""
@@ -27,6 +64,10 @@ def require_tool(*names: str) -> None:
 
 
 def require_root() -> None:
+    """A test needing root fails without it; and must be marked `root`, so that
+    `-m "not root"` leaves out every test that would fail that way."""
+    if _current is not None and _current.get_closest_marker("root") is None:
+        pytest.fail(f"{_current.nodeid} needs root but is not marked: add @pytest.mark.root")
     if os.geteuid() != 0:
         pytest.fail("needs root (network namespaces, systemd-nspawn, loop devices)")
 

@@ -12,10 +12,9 @@ import os
 import shutil
 import subprocess
 import time
-import traceback
 from pathlib import Path
 
-from guest_lib import nvme_namespace, sh
+from guest_lib import crashed, nvme_namespace, sh
 
 EFI_GLOBAL = "8be4df61-93ca-11d2-aa0d-00e098032b8c"
 EFI_IMAGE_SECURITY = "d719b2cb-3d3a-4596-a3bc-dad00e67656f"
@@ -202,6 +201,6 @@ def run(expect_all: dict) -> dict:
         try:
             out[name] = section()
         except Exception:
-            out[name] = {"error": traceback.format_exc()}
+            out[name] = crashed(f"hardware part, {name}")
     out["failed_units"] = sh("systemctl", "list-units", "--failed", "--plain", "--no-legend")["out"]
     return out

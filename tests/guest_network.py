@@ -14,16 +14,9 @@ import struct
 import time
 from pathlib import Path
 
-from guest_lib import journal, networkd_links, sh
+from guest_lib import data, journal, must, networkd_links, sh
 
 ETH_P_LLDP = 0x88CC
-
-
-def must(*cmd: str) -> str:
-    r = sh(*cmd)
-    if r["rc"] != 0:
-        raise RuntimeError(f"{cmd}: {r['err']}")
-    return r["out"]
 
 
 def lldp_tlvs(frame: bytes) -> dict:
@@ -173,7 +166,7 @@ def run(expect_all: dict) -> dict:
             for x in json.loads(must("ip", "-j", "addr"))
         },
         "links": json.loads(must("ip", "-j", "-d", "link")),
-        "bridge_vlans": json.loads(sh("bridge", "-j", "vlan", "show")["out"] or "[]"),
+        "bridge_vlans": data("bridge", "-j", "vlan", "show"),
         "vlan_filtering": Path(f"/sys/class/net/{expect['bridge']}/bridge/vlan_filtering")
         .read_text()
         .strip(),

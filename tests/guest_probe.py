@@ -3,26 +3,28 @@
 Marks /probe/started (the host times the first guest command by it), then runs each part
 named in /probe/expect.json's "parts": module guest_<part>.py beside this file, whose
 `run(expect)` returns a dict. Results go to /probe/result.json keyed by part, written
-atomically; a part that raises is recorded as {"error": traceback} and the rest still run.
+atomically; a part that raises is recorded as a failure record with its traceback
+(guest_lib.crashed) and the rest still run.
 """
 
 import importlib
 import json
 import sys
 import time
-import traceback
 from pathlib import Path
 
 PROBE = Path("/probe")
 (PROBE / "started").write_text(f"{time.monotonic()}\n")
 sys.path.insert(0, str(PROBE))
+from guest_lib import crashed  # noqa: E402  (beside this file in /probe)
+
 expect = json.loads((PROBE / "expect.json").read_text())
 result = {"uptime_at_start": float(Path("/proc/uptime").read_text().split()[0])}
 for part in expect.get("parts", []):
     try:
         result[part] = importlib.import_module(f"guest_{part}").run(expect)
     except Exception:
-        result[part] = {"error": traceback.format_exc()}
+        result[part] = crashed(f"probe part {part}")
 result["uptime"] = float(Path("/proc/uptime").read_text().split()[0])
 tmp = PROBE / "result.json.tmp"
 tmp.write_text(json.dumps(result, indent=1))
@@ -33,7 +35,7 @@ if expect.get("poweroff_by_api"):
     try:
         answer = importlib.import_module("guest_api").call("POST", "/1.0/system/:poweroff")
     except Exception:
-        answer = {"error": traceback.format_exc()}
+        answer = crashed("POST /1.0/system/:poweroff")
     (PROBE / "poweroff-by-api").write_text(json.dumps(answer))
     if answer.get("status") == 200:
         (PROBE / "poweroff-accepted").write_text("")

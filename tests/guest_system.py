@@ -5,13 +5,12 @@ expect["system"] may hold {"wait_addresses": {"ifname": "prefix" or [prefixes], 
 "syslog_marker": "text", "verify_units": [...], "active_units": [...], "ping": [...]}.
 """
 
-import json
 import os
 import socket
 import time
 from pathlib import Path
 
-from guest_lib import addresses, journal, networkd_links, sh
+from guest_lib import addresses, data, journal, networkd_links, sh
 
 
 def run(expect_all: dict) -> dict:
@@ -45,9 +44,9 @@ def run(expect_all: dict) -> dict:
         "hostname": socket.gethostname(),
         "environ": {k: os.environ.get(k) for k in ("http_proxy", "https_proxy", "no_proxy")},
         "addresses": addresses(),
-        "links": json.loads(sh("ip", "-j", "-d", "link")["out"] or "[]"),
+        "links": data("ip", "-j", "-d", "link"),
         "networkd": networkd_links(),
-        "routes": json.loads(sh("ip", "-j", "route", "show", "table", "main")["out"] or "[]"),
+        "routes": data("ip", "-j", "route", "show", "table", "main"),
         "ping": sh("ping", "-c", "1", "-W", "3", *expect.get("ping", ["127.0.0.1"])),
         "active": {
             u: sh("systemctl", "is-active", u)["out"].strip()

@@ -32,6 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import probe_result
+from guest_lib import failed
+
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("INCUSOS_HAL_CACHE") or "/var/cache/incusos-hal")
 MIRROR = os.environ.get("INCUSOS_HAL_MIRROR") or "http://deb.debian.org/debian"
@@ -348,7 +351,9 @@ StandardOutput=journal+console
 
 @dataclass
 class Boot:
-    result: dict[str, Any]
+    # Read through probe_result: a step that failed in the container raises with the
+    # container's own account when read.
+    result: probe_result.Reading
     console: str
 
 
@@ -458,12 +463,14 @@ def boot(
         )
     recorded = json.loads(result_file.read_text())
     system = recorded["system"]
-    if "error" in system:
-        raise AssertionError(f"the probe failed: {system['error']}")
+    if probe_result.is_failure(system):
+        raise probe_result.GuestStepFailed(
+            f"the container's probe part system failed: {probe_result.describe(system)}"
+        )
     for part in parts[1:]:
-        system[part] = recorded.get(part, {"error": "not run"})
+        system[part] = recorded.get(part, failed(f"probe part {part}", note="it never ran"))
     system["machine_exit"] = returncode  # -9: killed at the timeout, it never went down
     if poweroff_by_api:
         marker = probe_dir / "poweroff-by-api"
         system["poweroff_by_api"] = json.loads(marker.read_text()) if marker.exists() else None
-    return Boot(system, console_text)
+    return Boot(probe_result.Reading(system, "container"), console_text)

@@ -90,6 +90,7 @@ def test_root_over_the_socket_with_curl(api: apiserver.Server) -> None:
     assert isinstance(env["uptime"], int) and env["uptime"] > 0
 
 
+@pytest.mark.root
 def test_socket_is_root_only_and_checks_peer_credentials(api: apiserver.Server) -> None:
     require_root()
     assert api.socket.stat().st_mode & 0o777 == 0o600

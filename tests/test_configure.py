@@ -211,6 +211,7 @@ print(json.dumps({"done": done, "problems": problems}))
 """
 
 
+@pytest.mark.root
 def test_renames_real_links_and_leaves_up_ones(tmp_path: Path) -> None:
     require_root()
     require_tool("ip")

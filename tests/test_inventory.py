@@ -299,6 +299,7 @@ def test_survey_live_and_recorded() -> None:
     )
 
 
+@pytest.mark.root
 def test_survey_of_a_mounted_disk_image(tmp_path: Path) -> None:
     """Another machine's root filesystem, as an ext4 image mounted read-only: what its
     files tell is reported, what only the running machine could tell is unknown."""

@@ -112,6 +112,7 @@ def test_removing_a_keyslot_drops_its_token(volume: Path) -> None:
     assert "tokens" not in dump(volume) or not dump(volume)["tokens"]
 
 
+@pytest.mark.root
 def test_loop_device(tmp_path: Path) -> None:
     """The same on a block device, as on a machine's disk."""
     require_root()

@@ -73,6 +73,7 @@ def veth() -> Iterator[str]:
         subprocess.run(["ip", "link", "del", name], check=False)
 
 
+@pytest.mark.root  # the veth fixture makes a link
 def test_ethtool_matches_the_tool(backend: str, veth: str) -> None:
     info = ethtool.driver_info(veth)
     tool_i = subprocess.run(["ethtool", "-i", veth], capture_output=True, text=True).stdout

@@ -14,13 +14,12 @@ import apiserver
 import appliance
 import vm
 
-pytestmark = pytest.mark.system
+pytestmark = pytest.mark.vm
 
 
 @pytest.fixture(scope="module")
 def api(setup_mode: vm.Result) -> dict[str, Any]:
     part: dict[str, Any] = setup_mode.result["api"]
-    assert "error" not in part, part["error"]
     return part
 
 

@@ -14,28 +14,25 @@ import pytest
 import vm
 from appliance import MULTIPATH, MULTIPATH_WWID, NVME, TPM_HANDLE
 
-pytestmark = pytest.mark.system
+pytestmark = pytest.mark.vm
 BACKENDS = ("cffi", "python")
 
 
 @pytest.fixture(scope="module")
 def native(secure_boot: vm.Result) -> dict[str, Any]:
     part: dict[str, Any] = secure_boot.result["native"]
-    assert "error" not in part, part["error"]
     return part
 
 
 @pytest.fixture(scope="module")
 def native_off(setup_mode: vm.Result) -> dict[str, Any]:
     part: dict[str, Any] = setup_mode.result["native"]
-    assert "error" not in part, part["error"]
     return part
 
 
 def ours(native: dict[str, Any], backend: str, name: str) -> Any:
-    value = native[backend][name]
-    assert not (isinstance(value, dict) and "error" in value), value["error"]
-    return value
+    # A call that raised in the guest raises here, with its traceback (probe_result).
+    return native[backend][name]
 
 
 def test_the_extension_was_built_at_install(native: dict[str, Any]) -> None:
@@ -120,7 +117,6 @@ def test_backends_agree(native: dict[str, Any]) -> None:
 
 def test_guest_inventory(native: dict[str, Any], native_off: dict[str, Any]) -> None:
     live = native["inventory_live"]
-    assert "rc" not in live, live
     controllers = [c for s in live["nvme"]["subsystems"] for c in s["controllers"]]
     assert sorted(c["serial"] for c in controllers) == sorted(c.serial for c in NVME)
     assert all(c["transport"] == "pcie" and c["smart"]["passed"] for c in controllers)
@@ -145,7 +141,7 @@ def test_guest_inventory(native: dict[str, Any], native_off: dict[str, Any]) -> 
 
 
 def test_recorded_guest_replays(native: dict[str, Any]) -> None:
-    assert native["record"]["rc"] == 0, native["record"]["err"]
+    assert native["record"]["seconds"] > 0
     live, tree = native["inventory_live"], native["inventory_tree"]
     for section in tree:
         assert tree[section] == live[section], section

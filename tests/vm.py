@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import nspawn
+import probe_result
 
 GUEST_PACKAGES = (
     *nspawn.PACKAGES,
@@ -258,7 +259,9 @@ class MultipathDisk:
 
 @dataclass
 class Result:
-    result: dict[str, Any]
+    # Read through probe_result: a part or step that failed in the guest raises with
+    # the guest's own account when read.
+    result: probe_result.Reading
     console: str
     seconds: float  # qemu start to power-off
     first_command: float | None  # qemu start to the probe's first step
@@ -430,7 +433,7 @@ class Guest:
                 f"{seconds:.0f}s, {accelerator}); console:\n{console_text[-8000:]}"
             )
         return Result(
-            json.loads(result_file.read_text()),
+            probe_result.Reading(json.loads(result_file.read_text()), f"{self.firmware} boot"),
             console_text,
             seconds,
             first[0] if first else None,
@@ -609,9 +612,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
-    ran = result.result["command"]
+    ran = result.result.raw("command")
+    if probe_result.is_failure(ran):
+        sys.stderr.write(probe_result.describe(ran) + "\n")
+        ran = {"rc": 1}
     sys.stdout.write(ran.get("out", ""))
-    sys.stderr.write(ran.get("err", "") or ran.get("error", ""))
+    sys.stderr.write(ran.get("err", ""))
     print(
         f"ci/vm: {result.accel}, first command at {result.first_command or 0:.1f}s, "
         f"power-off at {result.seconds:.1f}s",
