@@ -347,7 +347,7 @@ class KernelPassthrough:
     vendor_id: Annotated[str, Help("PCI vendor ID, 4 hex digits (e.g. 10de)")]
     product_id: Annotated[str, Help("PCI device ID, 4 hex digits (e.g. 1eb8)")]
     pci_address: Annotated[
-        str, Help("one device's address (0000:65:00.0), bound to vfio-pci at once")
+        str, Help("one such device's address (0000:65:00.0), checked to carry these IDs")
     ] = ""
 
 
