@@ -48,9 +48,7 @@ WakeOnLanMode = Literal["phy", "unicast", "multicast", "broadcast", "arp", "magi
 ProxyAuth = Literal["anonymous", "basic", "kerberos"]
 SyslogProtocol = Literal["", "udp", "tcp", "tls", "dtls"]
 SyslogFormat = Literal["", "rfc5424", "rfc3339"]
-Weekday = Literal[
-    "", "Sunday", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"
-]
+Weekday = Literal["", "Sunday", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"]
 
 ROLES: tuple[str, ...] = get_args(Role)
 BOND_MODES: tuple[str, ...] = get_args(BondMode)
@@ -103,9 +101,7 @@ class Addressed:
     ] = ()
     routes: Annotated[tuple[Route, ...], Help("static routes through this link")] = ()
     mtu: Annotated[int, Help("MTU in bytes (68-9000); 0: 1500")] = 0
-    roles: Annotated[
-        tuple[Role, ...], Help("what the link carries")
-    ] = ()
+    roles: Annotated[tuple[Role, ...], Help("what the link carries")] = ()
     required_for_online: Annotated[
         RequiredForOnline,
         Help("which addresses network-online waits for (default: any)"),
@@ -135,9 +131,7 @@ class Bond(Port):
     name: Annotated[str, Help("the bridge's name (at most 13 characters)")]
     mode: Annotated[BondMode, Help("the bonding mode (802.3ad: LACP)")]
     # MAC addresses (or interface names, resolved like Interface.hwaddr).
-    members: Annotated[
-        tuple[str, ...], Help("the members' MAC addresses (or kernel names)")
-    ] = ()
+    members: Annotated[tuple[str, ...], Help("the members' MAC addresses (or kernel names)")] = ()
     # The bond's own MAC; empty means the first member's (switches reject the
     # machine-id derived MAC networkd would otherwise pick).
     hwaddr: Annotated[str, Help("the bond's MAC address (default: its first member's)")] = ""
@@ -303,6 +297,86 @@ class Listener:
     ] = ()
 
 
+# /1.0/system/kernel: IncusOS's SystemKernelConfig (incus-osd/api/system_kernel.go).
+# Names and omitempty-ness as there; checks against the machine (a PCI address that is
+# not there) are the section's (sections/kernel.py).
+# The rates termios names (stty takes these and no others above 38400).
+BAUD_RATES: tuple[int, ...] = (
+    1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200, 230400, 460800, 921600,
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class KernelConsole:
+    device: Annotated[str, Help("a console device, e.g. ttyS0 or tty0")]
+    baud_rate: Annotated[int, Help("its speed (a standard rate, e.g. 115200); 0: as it is")] = 0
+
+
+@dataclass(frozen=True, slots=True)
+class KernelCPU:
+    scaling_governor: Annotated[
+        str, Help("the cpufreq governor for every CPU (one the machine offers)")
+    ] = ""
+
+
+@dataclass(frozen=True, slots=True)
+class KernelMemory:
+    persistent_hugepages: Annotated[int, Help("huge pages reserved at boot (vm.nr_hugepages)")] = 0
+    zram_swap_size: Annotated[
+        str, Help("compressed swap in RAM, e.g. 4GiB or 512MB; empty or 0: none")
+    ] = ""
+
+
+@dataclass(frozen=True, slots=True)
+class KernelNetwork:
+    buffer_size: Annotated[
+        int, Help("the largest TCP/socket buffer in bytes (tcp_rmem/wmem, rmem/wmem_max)")
+    ] = 0
+    netdev_max_backlog: Annotated[
+        int, Help("packets queued per CPU before the kernel drops (default 1000)")
+    ] = 0
+    queuing_discipline: Annotated[str, Help("the default qdisc, e.g. fq or fq_codel")] = ""
+    tcp_congestion_algorithm: Annotated[
+        str, Help("TCP congestion control, one the kernel offers (e.g. bbr, cubic)")
+    ] = ""
+    tcp_mtu_probing: Annotated[bool, Help("probe the path MTU when ICMP is blocked")] = False
+
+
+@dataclass(frozen=True, slots=True)
+class KernelPassthrough:
+    vendor_id: Annotated[str, Help("PCI vendor ID, 4 hex digits (e.g. 10de)")]
+    product_id: Annotated[str, Help("PCI device ID, 4 hex digits (e.g. 1eb8)")]
+    pci_address: Annotated[
+        str, Help("one such device's address (0000:65:00.0), checked to carry these IDs")
+    ] = ""
+
+
+@dataclass(frozen=True, slots=True)
+class KernelSRIOV:
+    pci_address: Annotated[str, Help("the physical function's PCI address (0000:3b:00.0)")]
+    vf_count: Annotated[int, Help("virtual functions to create (0: none)")] = 0
+
+
+@dataclass(frozen=True, slots=True)
+class KernelPCI:
+    passthrough: Annotated[
+        tuple[KernelPassthrough, ...], Help("devices handed to vfio-pci for passthrough")
+    ] = ()
+    sriov: Annotated[tuple[KernelSRIOV, ...], Help("SR-IOV virtual functions per device")] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Kernel:
+    console: Annotated[tuple[KernelConsole, ...], Help("serial and virtual consoles")] = ()
+    blacklist_modules: Annotated[
+        tuple[str, ...], Help("kernel modules never to load (e.g. nouveau)")
+    ] = ()
+    cpu: Annotated[KernelCPU | None, Help("CPU frequency scaling")] = None
+    memory: Annotated[KernelMemory | None, Help("huge pages and zram swap")] = None
+    network: Annotated[KernelNetwork | None, Help("network sysctls")] = None
+    pci: Annotated[KernelPCI | None, Help("PCI passthrough and SR-IOV")] = None
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     version: Annotated[int, Help("the document's version")] = CURRENT_VERSION
@@ -313,3 +387,4 @@ class Config:
     security: Annotated[Security, Help("/1.0/system/security")] = Security()
     services: Annotated[Services, Help("/1.0/services (not built yet)")] = Services()
     listener: Annotated[Listener, Help("/1.0/system/fallback-listener")] = Listener()
+    kernel: Annotated[Kernel, Help("/1.0/system/kernel")] = Kernel()

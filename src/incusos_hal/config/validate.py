@@ -11,8 +11,10 @@ import re
 from collections.abc import Callable, Iterable
 
 from . import formats as fmt
+from .bytesize import ByteSizeError, parse_byte_size
 from .errors import FieldError, child
 from .model import (
+    BAUD_RATES,
     BOND_MODES,
     PROXY_AUTH,
     REQUIRED_FOR_ONLINE,
@@ -27,6 +29,7 @@ from .model import (
     Config,
     Ethernet,
     Interface,
+    Kernel,
     Listener,
     Logging,
     Network,
@@ -69,6 +72,7 @@ def validate(config: Config) -> list[FieldError]:
     _update(c, config.update, "update")
     _security(c, config.security, "security")
     _listener(c, config.listener, "listener")
+    c.errors += validate_kernel(config.kernel, "kernel")
     return c.errors
 
 
@@ -448,3 +452,165 @@ def _listener(c: _Collector, listener: Listener, path: str) -> None:
                 child(uids, i),
                 f"{fmt.show_int(uid)} is not a user id other than root (1..4294967294)",
             )
+
+
+# The kernel section. Bounds keep every value inside what its sysctl or sysfs file takes
+# (an int, or a u16 for a VF count) and far beyond any real machine.
+MAX_HUGEPAGES = 1 << 24  # 32 TiB of 2 MiB pages
+# tcp_rmem/tcp_wmem are "4096 65536 <max>": the max below the default makes no sense;
+# rmem_max and wmem_max are ints.
+MIN_BUFFER_SIZE, MAX_BUFFER_SIZE = 65536, 2**31 - 1
+MAX_NETDEV_BACKLOG = 2**31 - 1
+MAX_VF_COUNT = 65535
+# zram-generator computes the size in floating point (MiB): exact up to 2^53 bytes.
+MAX_ZRAM_BYTES = 2**53
+# As sysfs names devices: a device number is 5 bits, a function 3.
+PCI_ADDRESS = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[01][0-9a-f]\.[0-7]")
+PCI_ID = re.compile(r"[0-9a-fA-F]{4}")
+MODULE_NAME = re.compile(r"[A-Za-z0-9_-]+")
+# cpufreq governors, qdiscs and congestion algorithms: the kernel's own names.
+KERNEL_NAME = re.compile(r"[a-z0-9_-]+")
+CONSOLE_DEVICE = re.compile(r"tty[A-Za-z0-9]+")
+MAX_NAME = 64
+
+
+def check_pci_address(value: str) -> str | None:
+    if PCI_ADDRESS.fullmatch(value) is None:
+        return (
+            f"{fmt.show(value)} is not a PCI address "
+            "(domain:bus:device.function in lower-case hex, e.g. 0000:3b:00.0)"
+        )
+    return None
+
+
+def zram_swap_bytes(value: str) -> int | str:
+    """The zram size in bytes, or what is wrong with `value`."""
+    try:
+        size = parse_byte_size(value)
+    except ByteSizeError:
+        return f"{fmt.show(value)} is not a byte size (e.g. 4GiB, 512MB, 1073741824)"
+    if size > MAX_ZRAM_BYTES:
+        return f"{fmt.show(value)} is larger than the maximum of 8PiB"
+    return size
+
+
+def _kernel_name(value: str, what: str) -> str | None:
+    if KERNEL_NAME.fullmatch(value) is None or len(value) > MAX_NAME:
+        return f"{fmt.show(value)} is not {what} (lower-case letters, digits, '_' and '-')"
+    return None
+
+
+def validate_kernel(kernel: Kernel, path: str) -> list[FieldError]:
+    """IncusOS's rules for SystemKernelConfig (its texts where it has them), plus the
+    syntax every value needs to reach a file. Each error names one item, so the configure
+    step can skip that item and apply the rest."""
+    c = _Collector()
+    devices: set[str] = set()
+    for i, console in enumerate(kernel.console):
+        p = child(child(path, "console"), i)
+        if CONSOLE_DEVICE.fullmatch(console.device) is None or len(console.device) > 32:
+            c.check(
+                child(p, "device"),
+                f"{fmt.show(console.device)} is not a console device (tty followed by letters "
+                "and digits, e.g. ttyS0)",
+            )
+        elif console.device in devices:
+            c.check(child(p, "device"), f"{fmt.show(console.device)} is listed twice")
+        devices.add(console.device)
+        if console.baud_rate and console.baud_rate not in BAUD_RATES:
+            c.check(
+                child(p, "baud_rate"),
+                f"{fmt.show_int(console.baud_rate)} is not a standard rate "
+                f"({', '.join(map(str, BAUD_RATES))})",
+            )
+    for i, module in enumerate(kernel.blacklist_modules):
+        if MODULE_NAME.fullmatch(module) is None or len(module) > MAX_NAME:
+            c.check(
+                child(child(path, "blacklist_modules"), i),
+                f"{fmt.show(module)} is not a module name (letters, digits, '_' and '-')",
+            )
+    if kernel.cpu is not None and kernel.cpu.scaling_governor:
+        c.check(
+            child(child(path, "cpu"), "scaling_governor"),
+            _kernel_name(kernel.cpu.scaling_governor, "a cpufreq governor"),
+        )
+    if kernel.memory is not None:
+        p = child(path, "memory")
+        hugepages = kernel.memory.persistent_hugepages
+        if hugepages < 0:
+            c.check(
+                child(p, "persistent_hugepages"), "persistent hugepages count cannot be negative"
+            )
+        elif hugepages > MAX_HUGEPAGES:
+            c.check(
+                child(p, "persistent_hugepages"),
+                f"{fmt.show_int(hugepages)} is more than the maximum of {MAX_HUGEPAGES}",
+            )
+        size = zram_swap_bytes(kernel.memory.zram_swap_size)
+        if isinstance(size, str):
+            c.check(child(p, "zram_swap_size"), size)
+    if kernel.network is not None:
+        p, net = child(path, "network"), kernel.network
+        if net.buffer_size < 0:
+            c.check(child(p, "buffer_size"), "buffer size cannot be negative")
+        elif net.buffer_size and not MIN_BUFFER_SIZE <= net.buffer_size <= MAX_BUFFER_SIZE:
+            c.check(
+                child(p, "buffer_size"),
+                f"{fmt.show_int(net.buffer_size)} is out of range "
+                f"({MIN_BUFFER_SIZE}-{MAX_BUFFER_SIZE}, or 0 for the default)",
+            )
+        if net.netdev_max_backlog < 0:
+            c.check(child(p, "netdev_max_backlog"), "netdev max backlog cannot be negative")
+        elif net.netdev_max_backlog > MAX_NETDEV_BACKLOG:
+            c.check(
+                child(p, "netdev_max_backlog"),
+                f"{fmt.show_int(net.netdev_max_backlog)} is more than the maximum of "
+                f"{MAX_NETDEV_BACKLOG}",
+            )
+        if net.queuing_discipline:
+            c.check(
+                child(p, "queuing_discipline"),
+                _kernel_name(net.queuing_discipline, "a queuing discipline"),
+            )
+        if net.tcp_congestion_algorithm:
+            c.check(
+                child(p, "tcp_congestion_algorithm"),
+                _kernel_name(net.tcp_congestion_algorithm, "a TCP congestion algorithm"),
+            )
+    if kernel.pci is not None:
+        p = child(path, "pci")
+        for i, dev in enumerate(kernel.pci.passthrough):
+            q = child(child(p, "passthrough"), i)
+            if PCI_ID.fullmatch(dev.vendor_id) is None:
+                c.check(
+                    child(q, "vendor_id"),
+                    f"Vendor ID {fmt.show(dev.vendor_id)} is invalid (4 hex digits, e.g. 10de)",
+                )
+            if PCI_ID.fullmatch(dev.product_id) is None:
+                c.check(
+                    child(q, "product_id"),
+                    f"Product ID {fmt.show(dev.product_id)} is invalid (4 hex digits, e.g. 1eb8)",
+                )
+            if dev.pci_address:
+                c.check(child(q, "pci_address"), check_pci_address(dev.pci_address))
+        seen: dict[str, str] = {}
+        for i, sriov in enumerate(kernel.pci.sriov):
+            q = child(child(p, "sriov"), i)
+            message = check_pci_address(sriov.pci_address)
+            c.check(child(q, "pci_address"), message)
+            if message is None:
+                if sriov.pci_address in seen:
+                    c.check(
+                        child(q, "pci_address"),
+                        f"{fmt.show(sriov.pci_address)} is already {seen[sriov.pci_address]}",
+                    )
+                seen.setdefault(sriov.pci_address, q)
+            if sriov.vf_count < 0:
+                c.check(child(q, "vf_count"), "SR-IOV virtual function count cannot be negative")
+            elif sriov.vf_count > MAX_VF_COUNT:
+                c.check(
+                    child(q, "vf_count"),
+                    f"{fmt.show_int(sriov.vf_count)} is more than a PCI device can have "
+                    f"({MAX_VF_COUNT})",
+                )
+    return c.errors

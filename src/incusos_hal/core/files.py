@@ -137,7 +137,9 @@ def owned_paths(root: str | os.PathLike[str], owned: Iterable[Owned]) -> list[Pa
         except FileNotFoundError:
             continue
         out += [directory / n for n in names if rule.match(n)]
-    return out
+    # Two rules may claim one file (a section's .link files lie among networkd's): listed
+    # twice, it would be snapshotted again after its removal and lost on a rollback.
+    return list(dict.fromkeys(out))
 
 
 def _missing_dirs(directory: Path, base: Path) -> list[Path]:

@@ -25,7 +25,7 @@ Section = tuple[str, list[tuple[str, str]]]
 # be encoded as UTF-8 at all).
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 _SECTION = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
-_KEY = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+_KEY = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")  # SR-IOVVirtualFunctions= has a dash
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # What the proxy variables need (URLs with percent-encoded credentials, no_proxy lists),
 # and nothing an env-file reader or a shell treats specially.

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..render.units import configure_units
-from . import listener, logging, network, security, update
+from . import kernel, listener, logging, network, security, update
 from .base import Section, UnitInputs
 
 if TYPE_CHECKING:
@@ -37,6 +37,7 @@ SECTIONS: tuple[Section, ...] = (
     update.SECTION,
     security.SECTION,
     listener.SECTION,
+    kernel.SECTION,
 )
 _BY_NAME = {s.name: s for s in SECTIONS}
 
