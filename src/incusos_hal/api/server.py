@@ -195,7 +195,6 @@ async def get_10(request: web.Request) -> web.Response:
 async def get_system(request: web.Request) -> web.Response:
     # The areas IncusOS lists; those not built yet answer 501 with the reason.
     names = {*(row.name for row in SECTIONS if row.listed), "resources", "storage", "provider"}
-    names.add("kernel")
     return sync([url(request, f"/1.0/system/{n}") for n in sorted(names)])
 
 
@@ -500,21 +499,6 @@ ROUTES: list[Route] = [
         "/1.0/system/provider",
         _unbuilt("the provider"),
         "replace the provider configuration",
-        body="section",
-        built=False,
-    ),
-    Route(
-        "GET",
-        "/1.0/system/kernel",
-        _unbuilt("kernel configuration"),
-        "the kernel configuration",
-        built=False,
-    ),
-    Route(
-        "PUT",
-        "/1.0/system/kernel",
-        _unbuilt("kernel configuration"),
-        "replace the kernel configuration",
         body="section",
         built=False,
     ),
