@@ -411,6 +411,25 @@ def base_document() -> dict[str, Any]:
             "trusted_client_certificates": [CLIENT_PEM],
             "socket_uids": [1000],
         },
+        "kernel": {
+            "console": [{"device": "ttyS0", "baud_rate": 115200}],
+            "blacklist_modules": ["nouveau"],
+            "cpu": {"scaling_governor": "performance"},
+            "memory": {"persistent_hugepages": 16, "zram_swap_size": "4GiB"},
+            "network": {
+                "buffer_size": 16777216,
+                "netdev_max_backlog": 5000,
+                "queuing_discipline": "fq",
+                "tcp_congestion_algorithm": "bbr",
+                "tcp_mtu_probing": True,
+            },
+            "pci": {
+                "passthrough": [
+                    {"vendor_id": "10de", "product_id": "1eb8", "pci_address": "0000:65:00.0"}
+                ],
+                "sriov": [{"pci_address": "0000:3b:00.0", "vf_count": 8}],
+            },
+        },
     }
 
 

@@ -30,10 +30,15 @@ from .model import (
     Ethernet,
     Interface,
     Kernel,
+    KernelMemory,
+    KernelNetwork,
+    KernelPassthrough,
+    KernelSRIOV,
     Listener,
     Logging,
     Network,
     Proxy,
+    ProxyServer,
     Security,
     Update,
 )
@@ -78,19 +83,7 @@ def validate(config: Config) -> list[FieldError]:
 
 def _network(c: _Collector, net: Network, path: str) -> None:
     if net.confirmation_timeout:
-        timeout = net.confirmation_timeout
-        # Beyond Go's range: reported as too long below.
-        seconds = math.inf if timeout.beyond_range else timeout.seconds
-        if seconds is None or seconds <= 0:
-            c.check(
-                child(path, "confirmation_timeout"),
-                f"{fmt.show(net.confirmation_timeout)} is not a positive duration (e.g. 90s, 5m)",
-            )
-        elif seconds > MAX_CONFIRMATION_TIMEOUT_S:
-            c.check(
-                child(path, "confirmation_timeout"),
-                f"{fmt.show(net.confirmation_timeout)} is longer than the maximum of 24h",
-            )
+        _confirmation_timeout(c, net, child(path, "confirmation_timeout"))
     if net.dns is not None:
         p = child(path, "dns")
         if net.dns.hostname:
@@ -106,53 +99,79 @@ def _network(c: _Collector, net: Network, path: str) -> None:
             c.check(child(p, "timezone"), fmt.check_timezone(net.time.timezone))
     if net.proxy is not None:
         _proxy(c, net.proxy, child(path, "proxy"))
-
-    names: dict[str, str] = {}
-    hwaddrs: dict[str, str] = {}
-
-    def claim_name(name: str, where: str) -> None:
-        if name in names:
-            c.check(where, f"name {fmt.show(name)} is already used by {names[name]}")
-        else:
-            names[name] = where.rsplit(".", 1)[0]
-
-    def claim_hwaddr(hwaddr: str, where: str) -> None:
-        key = hwaddr.lower()
-        if key in hwaddrs:
-            c.check(where, f"{fmt.show(hwaddr)} is already used by {hwaddrs[key]}")
-        else:
-            hwaddrs[key] = where
-
+    claims = _Claims(c)
     mtus: dict[str, int] = {}
     for i, iface in enumerate(net.interfaces):
-        p = child(child(path, "interfaces"), i)
-        _link(c, iface, p)
-        claim_name(iface.name, child(p, "name"))
-        if iface.hwaddr:
-            claim_hwaddr(iface.hwaddr, child(p, "hwaddr"))
+        _interface(c, claims, iface, child(child(path, "interfaces"), i))
         mtus[iface.name] = iface.mtu or DEFAULT_MTU
     for i, bond in enumerate(net.bonds):
-        p = child(child(path, "bonds"), i)
-        _link(c, bond, p)
-        claim_name(bond.name, child(p, "name"))
-        if bond.mode not in BOND_MODES:
-            c.check(
-                child(p, "mode"), f"{fmt.show(bond.mode)} is not one of {', '.join(BOND_MODES)}"
-            )
-        if not bond.members:
-            c.check(child(p, "members"), "a bond needs at least one member")
-        for j, member in enumerate(bond.members):
-            where = child(child(p, "members"), j)
-            message = fmt.check_hwaddr(member)
-            c.check(where, message)
-            if message is None:
-                claim_hwaddr(member, where)
+        _bond(c, claims, bond, child(child(path, "bonds"), i))
         mtus[bond.name] = bond.mtu or DEFAULT_MTU
+    _vlans(c, claims, net.vlans, mtus, child(path, "vlans"))
+
+
+def _confirmation_timeout(c: _Collector, net: Network, where: str) -> None:
+    timeout = net.confirmation_timeout
+    # Beyond Go's range: reported as too long below.
+    seconds = math.inf if timeout.beyond_range else timeout.seconds
+    if seconds is None or seconds <= 0:
+        c.check(where, f"{fmt.show(timeout)} is not a positive duration (e.g. 90s, 5m)")
+    elif seconds > MAX_CONFIRMATION_TIMEOUT_S:
+        c.check(where, f"{fmt.show(timeout)} is longer than the maximum of 24h")
+
+
+class _Claims:
+    """Names and MAC addresses are each used once across interfaces, bonds and VLANs."""
+
+    def __init__(self, c: _Collector) -> None:
+        self.c = c
+        self.names: dict[str, str] = {}
+        self.hwaddrs: dict[str, str] = {}
+
+    def name(self, name: str, where: str) -> None:
+        if name in self.names:
+            self.c.check(where, f"name {fmt.show(name)} is already used by {self.names[name]}")
+        else:
+            self.names[name] = where.rsplit(".", 1)[0]
+
+    def hwaddr(self, hwaddr: str, where: str) -> None:
+        key = hwaddr.lower()
+        if key in self.hwaddrs:
+            self.c.check(where, f"{fmt.show(hwaddr)} is already used by {self.hwaddrs[key]}")
+        else:
+            self.hwaddrs[key] = where
+
+
+def _interface(c: _Collector, claims: _Claims, iface: Interface, p: str) -> None:
+    _link(c, iface, p)
+    claims.name(iface.name, child(p, "name"))
+    if iface.hwaddr:
+        claims.hwaddr(iface.hwaddr, child(p, "hwaddr"))
+
+
+def _bond(c: _Collector, claims: _Claims, bond: Bond, p: str) -> None:
+    _link(c, bond, p)
+    claims.name(bond.name, child(p, "name"))
+    if bond.mode not in BOND_MODES:
+        c.check(child(p, "mode"), f"{fmt.show(bond.mode)} is not one of {', '.join(BOND_MODES)}")
+    if not bond.members:
+        c.check(child(p, "members"), "a bond needs at least one member")
+    for j, member in enumerate(bond.members):
+        where = child(child(p, "members"), j)
+        message = fmt.check_hwaddr(member)
+        c.check(where, message)
+        if message is None:
+            claims.hwaddr(member, where)
+
+
+def _vlans(
+    c: _Collector, claims: _Claims, vlans: tuple[VLAN, ...], mtus: dict[str, int], path: str
+) -> None:
     vlan_ids: dict[tuple[str, int], str] = {}
-    for i, vlan in enumerate(net.vlans):
-        p = child(child(path, "vlans"), i)
+    for i, vlan in enumerate(vlans):
+        p = child(path, i)
         _vlan(c, vlan, p)
-        claim_name(vlan.name, child(p, "name"))
+        claims.name(vlan.name, child(p, "name"))
         if vlan.parent not in mtus:
             c.check(child(p, "parent"), f"{fmt.show(vlan.parent)} is not an interface or bond name")
             continue
@@ -257,41 +276,46 @@ def _ethernet(c: _Collector, eth: Ethernet, path: str) -> None:
 def _proxy(c: _Collector, proxy: Proxy, path: str) -> None:
     servers_path = child(path, "servers")
     for name, server in proxy.servers.items():
-        p = child(servers_path, name)
-        if name in ("direct", "none"):
-            c.check(p, f"{fmt.show(name)} is reserved for rule targets")
-        elif _NAME.fullmatch(name) is None:
-            c.check(p, "server names use letters, digits, '.', '_' and '-'")
-        c.check(child(p, "host"), _check_proxy_host(server.host))
-        if server.auth not in PROXY_AUTH:
-            c.check(
-                child(p, "auth"), f"{fmt.show(server.auth)} is not one of {', '.join(PROXY_AUTH)}"
-            )
-        elif server.auth == "kerberos":
-            c.check(
-                child(p, "auth"),
-                "kerberos needs the local authenticating proxy, which this version does not "
-                "provide yet",
-            )
-        elif server.auth == "basic":
-            if not server.username:
-                c.check(child(p, "username"), "required with auth basic")
-            if not server.password:
-                c.check(child(p, "password"), "required with auth basic")
-        # Free text, percent-encoded into the proxy URL; still no control characters, so
-        # that no file, log line or header ever carries one.
-        if server.username and ":" in server.username:
-            c.check(child(p, "username"), "must not contain ':' or line breaks")
-        else:
-            c.check(child(p, "username"), _free_text(server.username, "':' or line breaks"))
-        c.check(child(p, "password"), _free_text(server.password, "line breaks"))
-        c.check(child(p, "realm"), _free_text(server.realm, "line breaks"))
+        _proxy_server(c, name, server, child(servers_path, name))
+    _proxy_rules(c, proxy, child(path, "rules"))
 
+
+def _proxy_server(c: _Collector, name: str, server: ProxyServer, p: str) -> None:
+    if name in ("direct", "none"):
+        c.check(p, f"{fmt.show(name)} is reserved for rule targets")
+    elif _NAME.fullmatch(name) is None:
+        c.check(p, "server names use letters, digits, '.', '_' and '-'")
+    c.check(child(p, "host"), _check_proxy_host(server.host))
+    if server.auth not in PROXY_AUTH:
+        c.check(
+            child(p, "auth"), f"{fmt.show(server.auth)} is not one of {', '.join(PROXY_AUTH)}"
+        )
+    elif server.auth == "kerberos":
+        c.check(
+            child(p, "auth"),
+            "kerberos needs the local authenticating proxy, which this version does not "
+            "provide yet",
+        )
+    elif server.auth == "basic":
+        if not server.username:
+            c.check(child(p, "username"), "required with auth basic")
+        if not server.password:
+            c.check(child(p, "password"), "required with auth basic")
+    # Free text, percent-encoded into the proxy URL; still no control characters, so
+    # that no file, log line or header ever carries one.
+    if server.username and ":" in server.username:
+        c.check(child(p, "username"), "must not contain ':' or line breaks")
+    else:
+        c.check(child(p, "username"), _free_text(server.username, "':' or line breaks"))
+    c.check(child(p, "password"), _free_text(server.password, "line breaks"))
+    c.check(child(p, "realm"), _free_text(server.realm, "line breaks"))
+
+
+def _proxy_rules(c: _Collector, proxy: Proxy, rules_path: str) -> None:
     # Services are handed the proxy through the standard environment variables, which can
     # express "these destinations go direct, everything else through one proxy" and no
     # more. Rules beyond that need a local rules proxy (IncusOS runs kpx); refuse them
     # rather than route differently from what the operator wrote.
-    rules_path = child(path, "rules")
     catch_all: str | None = None
     for i, rule in enumerate(proxy.rules):
         p = child(rules_path, i)
@@ -505,6 +529,29 @@ def validate_kernel(kernel: Kernel, path: str) -> list[FieldError]:
     syntax every value needs to reach a file. Each error names one item, so the configure
     step can skip that item and apply the rest."""
     c = _Collector()
+    _kernel_consoles(c, kernel, path)
+    for i, module in enumerate(kernel.blacklist_modules):
+        if MODULE_NAME.fullmatch(module) is None or len(module) > MAX_NAME:
+            c.check(
+                child(child(path, "blacklist_modules"), i),
+                f"{fmt.show(module)} is not a module name (letters, digits, '_' and '-')",
+            )
+    if kernel.cpu is not None and kernel.cpu.scaling_governor:
+        c.check(
+            child(child(path, "cpu"), "scaling_governor"),
+            _kernel_name(kernel.cpu.scaling_governor, "a cpufreq governor"),
+        )
+    if kernel.memory is not None:
+        _kernel_memory(c, kernel.memory, child(path, "memory"))
+    if kernel.network is not None:
+        _kernel_network(c, kernel.network, child(path, "network"))
+    if kernel.pci is not None:
+        _kernel_passthrough(c, kernel.pci.passthrough, child(child(path, "pci"), "passthrough"))
+        _kernel_sriov(c, kernel.pci.sriov, child(child(path, "pci"), "sriov"))
+    return c.errors
+
+
+def _kernel_consoles(c: _Collector, kernel: Kernel, path: str) -> None:
     devices: set[str] = set()
     for i, console in enumerate(kernel.console):
         p = child(child(path, "console"), i)
@@ -523,94 +570,88 @@ def validate_kernel(kernel: Kernel, path: str) -> list[FieldError]:
                 f"{fmt.show_int(console.baud_rate)} is not a standard rate "
                 f"({', '.join(map(str, BAUD_RATES))})",
             )
-    for i, module in enumerate(kernel.blacklist_modules):
-        if MODULE_NAME.fullmatch(module) is None or len(module) > MAX_NAME:
-            c.check(
-                child(child(path, "blacklist_modules"), i),
-                f"{fmt.show(module)} is not a module name (letters, digits, '_' and '-')",
-            )
-    if kernel.cpu is not None and kernel.cpu.scaling_governor:
+
+
+def _kernel_memory(c: _Collector, memory: KernelMemory, p: str) -> None:
+    hugepages = memory.persistent_hugepages
+    if hugepages < 0:
+        c.check(child(p, "persistent_hugepages"), "persistent hugepages count cannot be negative")
+    elif hugepages > MAX_HUGEPAGES:
         c.check(
-            child(child(path, "cpu"), "scaling_governor"),
-            _kernel_name(kernel.cpu.scaling_governor, "a cpufreq governor"),
+            child(p, "persistent_hugepages"),
+            f"{fmt.show_int(hugepages)} is more than the maximum of {MAX_HUGEPAGES}",
         )
-    if kernel.memory is not None:
-        p = child(path, "memory")
-        hugepages = kernel.memory.persistent_hugepages
-        if hugepages < 0:
+    size = zram_swap_bytes(memory.zram_swap_size)
+    if isinstance(size, str):
+        c.check(child(p, "zram_swap_size"), size)
+
+
+def _kernel_network(c: _Collector, net: KernelNetwork, p: str) -> None:
+    if net.buffer_size < 0:
+        c.check(child(p, "buffer_size"), "buffer size cannot be negative")
+    elif net.buffer_size and not MIN_BUFFER_SIZE <= net.buffer_size <= MAX_BUFFER_SIZE:
+        c.check(
+            child(p, "buffer_size"),
+            f"{fmt.show_int(net.buffer_size)} is out of range "
+            f"({MIN_BUFFER_SIZE}-{MAX_BUFFER_SIZE}, or 0 for the default)",
+        )
+    if net.netdev_max_backlog < 0:
+        c.check(child(p, "netdev_max_backlog"), "netdev max backlog cannot be negative")
+    elif net.netdev_max_backlog > MAX_NETDEV_BACKLOG:
+        c.check(
+            child(p, "netdev_max_backlog"),
+            f"{fmt.show_int(net.netdev_max_backlog)} is more than the maximum of "
+            f"{MAX_NETDEV_BACKLOG}",
+        )
+    if net.queuing_discipline:
+        c.check(
+            child(p, "queuing_discipline"),
+            _kernel_name(net.queuing_discipline, "a queuing discipline"),
+        )
+    if net.tcp_congestion_algorithm:
+        c.check(
+            child(p, "tcp_congestion_algorithm"),
+            _kernel_name(net.tcp_congestion_algorithm, "a TCP congestion algorithm"),
+        )
+
+
+def _kernel_passthrough(
+    c: _Collector, devices: tuple[KernelPassthrough, ...], path: str
+) -> None:
+    for i, dev in enumerate(devices):
+        q = child(path, i)
+        if PCI_ID.fullmatch(dev.vendor_id) is None:
             c.check(
-                child(p, "persistent_hugepages"), "persistent hugepages count cannot be negative"
+                child(q, "vendor_id"),
+                f"Vendor ID {fmt.show(dev.vendor_id)} is invalid (4 hex digits, e.g. 10de)",
             )
-        elif hugepages > MAX_HUGEPAGES:
+        if PCI_ID.fullmatch(dev.product_id) is None:
             c.check(
-                child(p, "persistent_hugepages"),
-                f"{fmt.show_int(hugepages)} is more than the maximum of {MAX_HUGEPAGES}",
+                child(q, "product_id"),
+                f"Product ID {fmt.show(dev.product_id)} is invalid (4 hex digits, e.g. 1eb8)",
             )
-        size = zram_swap_bytes(kernel.memory.zram_swap_size)
-        if isinstance(size, str):
-            c.check(child(p, "zram_swap_size"), size)
-    if kernel.network is not None:
-        p, net = child(path, "network"), kernel.network
-        if net.buffer_size < 0:
-            c.check(child(p, "buffer_size"), "buffer size cannot be negative")
-        elif net.buffer_size and not MIN_BUFFER_SIZE <= net.buffer_size <= MAX_BUFFER_SIZE:
-            c.check(
-                child(p, "buffer_size"),
-                f"{fmt.show_int(net.buffer_size)} is out of range "
-                f"({MIN_BUFFER_SIZE}-{MAX_BUFFER_SIZE}, or 0 for the default)",
-            )
-        if net.netdev_max_backlog < 0:
-            c.check(child(p, "netdev_max_backlog"), "netdev max backlog cannot be negative")
-        elif net.netdev_max_backlog > MAX_NETDEV_BACKLOG:
-            c.check(
-                child(p, "netdev_max_backlog"),
-                f"{fmt.show_int(net.netdev_max_backlog)} is more than the maximum of "
-                f"{MAX_NETDEV_BACKLOG}",
-            )
-        if net.queuing_discipline:
-            c.check(
-                child(p, "queuing_discipline"),
-                _kernel_name(net.queuing_discipline, "a queuing discipline"),
-            )
-        if net.tcp_congestion_algorithm:
-            c.check(
-                child(p, "tcp_congestion_algorithm"),
-                _kernel_name(net.tcp_congestion_algorithm, "a TCP congestion algorithm"),
-            )
-    if kernel.pci is not None:
-        p = child(path, "pci")
-        for i, dev in enumerate(kernel.pci.passthrough):
-            q = child(child(p, "passthrough"), i)
-            if PCI_ID.fullmatch(dev.vendor_id) is None:
+        if dev.pci_address:
+            c.check(child(q, "pci_address"), check_pci_address(dev.pci_address))
+
+
+def _kernel_sriov(c: _Collector, devices: tuple[KernelSRIOV, ...], path: str) -> None:
+    seen: dict[str, str] = {}
+    for i, sriov in enumerate(devices):
+        q = child(path, i)
+        message = check_pci_address(sriov.pci_address)
+        c.check(child(q, "pci_address"), message)
+        if message is None:
+            if sriov.pci_address in seen:
                 c.check(
-                    child(q, "vendor_id"),
-                    f"Vendor ID {fmt.show(dev.vendor_id)} is invalid (4 hex digits, e.g. 10de)",
+                    child(q, "pci_address"),
+                    f"{fmt.show(sriov.pci_address)} is already {seen[sriov.pci_address]}",
                 )
-            if PCI_ID.fullmatch(dev.product_id) is None:
-                c.check(
-                    child(q, "product_id"),
-                    f"Product ID {fmt.show(dev.product_id)} is invalid (4 hex digits, e.g. 1eb8)",
-                )
-            if dev.pci_address:
-                c.check(child(q, "pci_address"), check_pci_address(dev.pci_address))
-        seen: dict[str, str] = {}
-        for i, sriov in enumerate(kernel.pci.sriov):
-            q = child(child(p, "sriov"), i)
-            message = check_pci_address(sriov.pci_address)
-            c.check(child(q, "pci_address"), message)
-            if message is None:
-                if sriov.pci_address in seen:
-                    c.check(
-                        child(q, "pci_address"),
-                        f"{fmt.show(sriov.pci_address)} is already {seen[sriov.pci_address]}",
-                    )
-                seen.setdefault(sriov.pci_address, q)
-            if sriov.vf_count < 0:
-                c.check(child(q, "vf_count"), "SR-IOV virtual function count cannot be negative")
-            elif sriov.vf_count > MAX_VF_COUNT:
-                c.check(
-                    child(q, "vf_count"),
-                    f"{fmt.show_int(sriov.vf_count)} is more than a PCI device can have "
-                    f"({MAX_VF_COUNT})",
-                )
-    return c.errors
+            seen.setdefault(sriov.pci_address, q)
+        if sriov.vf_count < 0:
+            c.check(child(q, "vf_count"), "SR-IOV virtual function count cannot be negative")
+        elif sriov.vf_count > MAX_VF_COUNT:
+            c.check(
+                child(q, "vf_count"),
+                f"{fmt.show_int(sriov.vf_count)} is more than a PCI device can have "
+                f"({MAX_VF_COUNT})",
+            )
