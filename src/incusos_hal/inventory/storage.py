@@ -12,10 +12,10 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..hal import nvme
 from . import probe
-from .model import Disk, Partition, Storage
+from .model import OMIT
 from .sysfs import (
     by_links,
     dev_number,
@@ -29,6 +29,55 @@ from .sysfs import (
     udev_properties,
     usb_address_of,
 )
+
+if TYPE_CHECKING:
+    # For a type only: the ioctls load when a device is asked (inventory.probe), so
+    # the storage section, which reads sysfs, does not pay for ctypes and the NVMe parser.
+    from ..hal import nvme
+
+
+@dataclass
+class Partition:
+    """Incus's ResourcesStorageDiskPartition."""
+
+    id: str
+    device: str
+    read_only: bool
+    size: int
+    partition: int
+
+
+@dataclass
+class Disk:
+    """Incus's ResourcesStorageDisk."""
+
+    id: str
+    device: str
+    model: str = field(default="", metadata=OMIT)
+    type: str = field(default="", metadata=OMIT)
+    read_only: bool = False
+    size: int = 0
+    removable: bool = False
+    wwn: str = field(default="", metadata=OMIT)
+    numa_node: int = 0
+    device_path: str = field(default="", metadata=OMIT)
+    block_size: int = 0
+    firmware_version: str = field(default="", metadata=OMIT)
+    rpm: int = 0
+    serial: str = field(default="", metadata=OMIT)
+    device_id: str = ""
+    partitions: list[Partition] = field(default_factory=list)
+    pci_address: str = field(default="", metadata=OMIT)
+    usb_address: str = field(default="", metadata=OMIT)
+
+
+@dataclass
+class Storage:
+    """Incus's ResourcesStorage."""
+
+    disks: list[Disk]
+    total: int
+
 
 SECTOR = 512
 
