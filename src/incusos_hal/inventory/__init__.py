@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
 
 from . import probe
-from .load import snake_case
 from .model import to_json
 
+# Not `typing.TYPE_CHECKING`: importing typing is a cost the inventory command does not pay.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+    from typing import Any
+
     from .cpu import scan_cpu
     from .fibrechannel import scan_fibre_channel
     from .gpu import scan_gpu
@@ -128,6 +130,8 @@ def scan(
             raise UnknownSection(f"no inventory section {name!r} (known: {', '.join(SCANNERS)})")
     out = {name: to_json(scanner(name)(root)) for name in wanted}
     if load_snake_case and "load" in out:
+        from .load import snake_case
+
         out["load"] = snake_case(out["load"])
     return out
 

@@ -12,7 +12,6 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from . import probe
 from .model import OMIT
@@ -30,6 +29,7 @@ from .sysfs import (
     usb_address_of,
 )
 
+TYPE_CHECKING = False  # not typing's: the storage section does not import typing
 if TYPE_CHECKING:
     # For a type only: the ioctls load when a device is asked (inventory.probe), so
     # the storage section, which reads sysfs, does not pay for ctypes and the NVMe parser.
