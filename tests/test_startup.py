@@ -36,7 +36,7 @@ NOT_INVENTORY = ("incusos_hal.config", "incusos_hal.state", "argparse", "typing"
 IOCTLS = ("incusos_hal.hal", "incusos_hal._native", "ctypes", "socket")
 OTHER_SECTIONS = tuple(
     f"incusos_hal.inventory.{s}"
-    for s in ("cpu", "memory", "gpu", "network", "usb", "pci", "system", "load", "serial")
+    for s in ("cpu", "memory", "gpu", "network", "usb", "pci", "system", "load", "serial", "nvme")
 )
 NOT_PCRS = ("argparse", "json", "pathlib", "dataclasses", "typing", "re")
 

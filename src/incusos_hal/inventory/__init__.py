@@ -30,10 +30,11 @@ if TYPE_CHECKING:
     from .memory import scan_memory
     from .multipath import scan_multipath
     from .network import scan_network
+    from .nvme import scan_nvme
     from .pci import scan_pci
     from .secureboot import scan_secure_boot
     from .serial import scan_serial
-    from .storage import scan_nvme, scan_storage
+    from .storage import scan_storage
     from .system import scan_system
     from .tpm import scan_tpm
     from .usb import scan_usb
@@ -53,7 +54,7 @@ SCANNERS: dict[str, tuple[str, str]] = {
     "load": ("load", "scan_load"),
     "serial": ("serial", "scan_serial"),
     # additions, not in Incus's resources
-    "nvme": ("storage", "scan_nvme"),
+    "nvme": ("nvme", "scan_nvme"),
     "tpm": ("tpm", "scan_tpm"),
     "secure_boot": ("secureboot", "scan_secure_boot"),
     "fibre_channel": ("fibrechannel", "scan_fibre_channel"),
