@@ -181,6 +181,56 @@ def test_cli_table_for_every_section() -> None:
         assert needle in out
 
 
+def test_cli_fast_path_reads_only_what_argparse_reads_the_same_way() -> None:
+    """`inventory` with --root, --format and sections is answered before argparse; every
+    other shape is left to the parser."""
+    from incusos_hal import cli
+
+    shapes = {
+        ("inventory",): (None, None, []),
+        ("inventory", "storage"): (None, None, ["storage"]),
+        ("inventory", "--format", "json", "cpu", "pci"): (None, "json", ["cpu", "pci"]),
+        ("inventory", "cpu", "pci", "--root", "/r"): ("/r", None, ["cpu", "pci"]),
+        ("inventory", "--root", "/r", "cpu", "--format", "yaml"): ("/r", "yaml", ["cpu"]),
+        ("inventory", ""): (None, None, [""]),  # argparse's too: an unknown section
+    }
+    for argv, expected in shapes.items():
+        assert cli._inventory_args(list(argv)) == expected, argv
+    for argv in (
+        [],
+        ["survey"],
+        ["inventory", "--help"],
+        ["inventory", "-h"],
+        ["inventory", "--format=json"],
+        ["inventory", "--form", "json"],  # argparse expands abbreviations
+        ["inventory", "--format", "xml"],
+        ["inventory", "--format"],
+        ["inventory", "--format", "json", "--format", "json"],
+        ["inventory", "--root", ""],
+        ["inventory", "--root", "-x"],
+        ["inventory", "--load-snake-case", "load"],
+        ["inventory", "cpu", "--root", "/r", "pci"],  # argparse refuses the second run
+        ["inventory", "--", "cpu"],
+    ):
+        assert cli._inventory_args(argv) is None, argv
+
+
+@pytest.mark.parametrize("tree", TREES)
+def test_cli_fast_path_answers_as_the_parser_path(tree: str) -> None:
+    """The same stdout, stderr and exit status with and without argparse, in every format,
+    for Incus's sections, the additions and an unknown section. (--load-snake-case, which
+    changes nothing without `load`, sends the same arguments through the parser.)"""
+    root = str(FIXTURES / tree)
+    extras = ["nvme", "tpm", "secure_boot", "fibre_channel", "multipath"]
+    no_load = [s for s in SECTIONS if s != "load"]
+    for fmt in ("json", "yaml", "table"):
+        for sections in (no_load, extras, ["storage"], ["storage", "bogus"]):
+            argv = ["inventory", "--root", root, "--format", fmt, *sections]
+            fast = run_cli(argv)
+            assert fast == run_cli([*argv, "--load-snake-case"]), (fmt, sections)
+            assert fast[0] == (2 if "bogus" in sections else 0), fast
+
+
 # Bad input: the scan reports what it can and never crashes.
 
 GARBAGE = [b"", b"\x00\xff\xfe garbage \x00", b"-1", b"99999999999999999999999999", b"0x", b"\n\n"]

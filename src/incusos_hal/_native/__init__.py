@@ -14,14 +14,18 @@ hal.ethtool), which trust no length field they did not check against the buffer.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import importlib
 import os
 import struct
-from types import ModuleType
-from typing import Any
+
+# Not `typing.TYPE_CHECKING`, and ctypes only in the "python" backend's functions: with
+# the extension built, an inventory's ioctls import neither.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from types import ModuleType
+    from typing import Any
 
 NVME_IOCTL_ADMIN_CMD = 0xC0484E41  # _IOWR('N', 0x41, struct nvme_admin_cmd), 72 bytes
 SG_IO = 0x2285
@@ -76,6 +80,8 @@ def nvme_admin(
             "NVMe admin",
         )
         return rc, bytes(ffi.buffer(buf, length))
+    import ctypes
+
     buf_py = ctypes.create_string_buffer(length)
     cmd = bytearray(
         struct.pack(
@@ -125,6 +131,8 @@ def sg_inquiry(fd: int, evpd: bool, page: int, length: int) -> tuple[int, bytes]
         )
         got = length - max(0, min(resid[0], length))
         return status[0], bytes(ffi.buffer(buf, got))
+    import ctypes
+
     data = ctypes.create_string_buffer(length)
     cdb = ctypes.create_string_buffer(
         bytes([0x12, 1 if evpd else 0, page, length >> 8, length & 0xFF, 0]), 6
@@ -178,6 +186,8 @@ def ethtool(sock: int, ifname: str, request: bytes) -> bytes:
         buf = ffi.new("unsigned char[]", request)
         _check(lib.ihal_ethtool(sock, name, buf), f"SIOCETHTOOL {ifname}")
         return bytes(ffi.buffer(buf, len(request)))
+    import ctypes
+
     buf_py = ctypes.create_string_buffer(request, len(request))
     ifreq = bytearray(struct.pack("16sP16x", name, ctypes.addressof(buf_py)))
     try:

@@ -33,7 +33,8 @@ if TYPE_CHECKING:
 # Each command lives in one of three modules, imported only when it runs: `admin` (this
 # machine's config and the service), `machine` (the HAL's readings) and `remote` (the
 # API's client, standard library only). A command pays for its own imports, no others;
-# `eventlog --pcrs FILE` answers before argparse is even loaded (see main).
+# `eventlog --pcrs FILE` and plain `inventory` answer before argparse is even loaded (see
+# main).
 
 
 def parser() -> argparse.ArgumentParser:
@@ -72,7 +73,7 @@ def parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("inventory", help="the Incus-shaped resources document")
     i.add_argument("--root", help="read a recorded tree (or a mounted root) instead of /")
-    i.add_argument("--format", choices=("json", "yaml", "table"), help="default: table on a tty")
+    i.add_argument("--format", choices=INVENTORY_FORMATS, help="default: table on a tty")
     i.add_argument(
         "--load-snake-case",
         action="store_true",
@@ -145,6 +146,41 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+INVENTORY_FORMATS = ("json", "yaml", "table")
+
+
+def _inventory_args(argv: list[str]) -> tuple[str | None, str | None, list[str]] | None:
+    """(root, format, sections) when the arguments are `inventory` with `--root DIR`,
+    `--format F` and SECTIONs in a shape argparse reads the same way: what main answers
+    without argparse (a third of the command's start-up). Anything else (another option,
+    --help, `--opt=value`, an abbreviation, a repeated option, a dash-led or empty value,
+    sections split by an option, which argparse refuses) goes through the parser."""
+    if not argv or argv[0] != "inventory":
+        return None
+    options: dict[str, str] = {}
+    sections: list[str] = []
+    after_sections = False  # an option came after the run of sections
+    rest = argv[1:]
+    i = 0
+    while i < len(rest):
+        arg = rest[i]
+        if arg in ("--root", "--format"):
+            value = rest[i + 1] if i + 1 < len(rest) else ""
+            if arg in options or not value or value.startswith("-"):
+                return None
+            if arg == "--format" and value not in INVENTORY_FORMATS:
+                return None
+            options[arg] = value
+            after_sections = bool(sections)
+            i += 2
+        elif arg.startswith("-") or after_sections:
+            return None
+        else:
+            sections.append(arg)
+            i += 1
+    return options.get("--root"), options.get("--format"), sections
+
+
 def _eventlog_pcrs_file(argv: list[str]) -> str | None:
     """FILE when the arguments are exactly `eventlog --pcrs FILE` (or `eventlog FILE
     --pcrs`): what main answers without argparse, the command a script runs at every boot to
@@ -174,9 +210,15 @@ def _eventlog_pcrs(file: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    fast = _eventlog_pcrs_file(sys.argv[1:] if argv is None else argv)
+    given = sys.argv[1:] if argv is None else argv
+    fast = _eventlog_pcrs_file(given)
     if fast is not None:
         return _eventlog_pcrs(fast)
+    inventory = _inventory_args(given)
+    if inventory is not None:
+        from .machine import inventory as run_inventory
+
+        return run_inventory(*inventory)
     import importlib
 
     args = parser().parse_args(argv)

@@ -4,27 +4,37 @@ Each imports only the part of the HAL its answer needs."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 from .common import EXIT_INVALID, root_of
 
+# Not `typing.TYPE_CHECKING`, and argparse for its type only: `inventory` answers without
+# either (see cli.main).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
+
 
 def cmd_inventory(args: argparse.Namespace) -> int:
+    return inventory(args.root, args.format, args.sections, args.load_snake_case)
+
+
+def inventory(
+    root: str | None, fmt: str | None, sections: list[str], load_snake_case: bool = False
+) -> int:
+    """`inventory`, from argparse's answer or from cli.main's reading of a plain shape."""
     from ..inventory import UnknownSection, scan_with_warnings
 
     try:
-        doc, warnings = scan_with_warnings(
-            root_of(args.root), args.sections, load_snake_case=args.load_snake_case
-        )
+        doc, warnings = scan_with_warnings(root_of(root), sections, load_snake_case=load_snake_case)
     except UnknownSection as e:
         print(e, file=sys.stderr)
         return EXIT_INVALID
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    fmt = args.format or ("table" if sys.stdout.isatty() else "json")
+    fmt = fmt or ("table" if sys.stdout.isatty() else "json")
     if fmt == "json":
         print(json.dumps(doc, indent=2))
     elif fmt == "yaml":

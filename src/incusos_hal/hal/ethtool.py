@@ -9,7 +9,8 @@ the handshake must be sane, and strings are cut at their NUL within their field.
 
 from __future__ import annotations
 
-import socket
+import _socket
+import contextlib
 import struct
 from dataclasses import dataclass, field
 
@@ -207,8 +208,10 @@ def parse_link_settings(raw: bytes, nwords: int) -> LinkSettings:
     )
 
 
-def _sock() -> socket.socket:
-    return socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+def _sock() -> contextlib.closing[_socket.socket]:
+    """A socket to aim the ioctl at, from the C module: `socket` would build its enums
+    and load selectors (milliseconds of a cold inventory) for one descriptor."""
+    return contextlib.closing(_socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM))
 
 
 def raw_drvinfo(ifname: str) -> bytes:

@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
 
 from . import probe
-from .load import snake_case
 from .model import to_json
 
+# Not `typing.TYPE_CHECKING`: importing typing is a cost the inventory command does not pay.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+    from typing import Any
+
     from .cpu import scan_cpu
     from .fibrechannel import scan_fibre_channel
     from .gpu import scan_gpu
@@ -28,10 +30,11 @@ if TYPE_CHECKING:
     from .memory import scan_memory
     from .multipath import scan_multipath
     from .network import scan_network
+    from .nvme import scan_nvme
     from .pci import scan_pci
     from .secureboot import scan_secure_boot
     from .serial import scan_serial
-    from .storage import scan_nvme, scan_storage
+    from .storage import scan_storage
     from .system import scan_system
     from .tpm import scan_tpm
     from .usb import scan_usb
@@ -51,7 +54,7 @@ SCANNERS: dict[str, tuple[str, str]] = {
     "load": ("load", "scan_load"),
     "serial": ("serial", "scan_serial"),
     # additions, not in Incus's resources
-    "nvme": ("storage", "scan_nvme"),
+    "nvme": ("nvme", "scan_nvme"),
     "tpm": ("tpm", "scan_tpm"),
     "secure_boot": ("secureboot", "scan_secure_boot"),
     "fibre_channel": ("fibrechannel", "scan_fibre_channel"),
@@ -128,6 +131,8 @@ def scan(
             raise UnknownSection(f"no inventory section {name!r} (known: {', '.join(SCANNERS)})")
     out = {name: to_json(scanner(name)(root)) for name in wanted}
     if load_snake_case and "load" in out:
+        from .load import snake_case
+
         out["load"] = snake_case(out["load"])
     return out
 

@@ -5,10 +5,75 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .model import CPU, CPUAddressSizes, CPUCache, CPUCore, CPUSocket, CPUThread
+from .model import OMIT
 from .sysfs import listdir, read, read_int
+
+
+@dataclass
+class CPUCache:
+    """Incus's ResourcesCPUCache."""
+
+    level: int
+    type: str
+    size: int
+
+
+@dataclass
+class CPUThread:
+    """Incus's ResourcesCPUThread."""
+
+    id: int
+    numa_node: int
+    thread: int
+    online: bool
+    isolated: bool
+
+
+@dataclass
+class CPUCore:
+    """Incus's ResourcesCPUCore."""
+
+    core: int
+    die: int
+    threads: list[CPUThread]
+    frequency: int = field(default=0, metadata=OMIT)
+    flags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CPUAddressSizes:
+    """Incus's ResourcesCPUAddressSizes."""
+
+    physical_bits: int
+    virtual_bits: int
+
+
+@dataclass
+class CPUSocket:
+    """Incus's ResourcesCPUSocket."""
+
+    name: str = field(default="", metadata=OMIT)
+    vendor: str = field(default="", metadata=OMIT)
+    socket: int = 0
+    cache: list[CPUCache] = field(default_factory=list, metadata=OMIT)
+    cores: list[CPUCore] = field(default_factory=list)
+    frequency: int = field(default=0, metadata=OMIT)
+    frequency_minimum: int = field(default=0, metadata=OMIT)
+    frequency_turbo: int = field(default=0, metadata=OMIT)
+    address_sizes: CPUAddressSizes | None = field(default=None, metadata=OMIT)
+
+
+@dataclass
+class CPU:
+    """Incus's ResourcesCPU."""
+
+    architecture: str
+    sockets: list[CPUSocket]
+    total: int
+
 
 SIZE = re.compile(r"^(\d+)([KMG]?)$")
 UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}

@@ -3,11 +3,49 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .model import GPU, GPUDRM, GPUCard
+from .model import OMIT
 from .pci import scan_pci
 from .sysfs import dev_number, listdir, read_int
+
+
+@dataclass
+class GPUDRM:
+    """Incus's ResourcesGPUCardDRM."""
+
+    id: int
+    card_name: str
+    card_device: str
+    control_name: str = field(default="", metadata=OMIT)
+    control_device: str = field(default="", metadata=OMIT)
+    render_name: str = field(default="", metadata=OMIT)
+    render_device: str = field(default="", metadata=OMIT)
+
+
+@dataclass
+class GPUCard:
+    """Incus's ResourcesGPUCard."""
+
+    driver: str = field(default="", metadata=OMIT)
+    driver_version: str = field(default="", metadata=OMIT)
+    drm: GPUDRM | None = field(default=None, metadata=OMIT)
+    numa_node: int = 0
+    pci_address: str = field(default="", metadata=OMIT)
+    vendor: str = field(default="", metadata=OMIT)
+    vendor_id: str = field(default="", metadata=OMIT)
+    product: str = field(default="", metadata=OMIT)
+    product_id: str = field(default="", metadata=OMIT)
+    usb_address: str = field(default="", metadata=OMIT)
+
+
+@dataclass
+class GPU:
+    """Incus's ResourcesGPU."""
+
+    cards: list[GPUCard]
+    total: int
 
 
 def _drm(device: Path) -> GPUDRM | None:

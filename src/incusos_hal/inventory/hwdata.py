@@ -4,11 +4,13 @@ same files lspci, lsusb and Incus read. Parsed once per root, lazily, tolerant o
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 
 PCI_IDS = ("usr/share/misc/pci.ids", "usr/share/hwdata/pci.ids")
 USB_IDS = ("usr/share/misc/usb.ids", "usr/share/hwdata/usb.ids")
 Names = tuple[dict[str, str], dict[tuple[str, str], str]]
+_BLOCK_END = re.compile(r"\n[^\t#\n]")
 
 
 def parse_ids(text: str) -> Names:
@@ -64,11 +66,10 @@ def _lookup(root: str, candidates: tuple[str, ...], vendor: str, device: str) ->
         return "", ""
     line_end = text.find("\n", start + 1)
     vendor_name = text[start : line_end if line_end >= 0 else None].split("  ", 1)[1].strip()
-    # The vendor's block ends at the next line that is not indented.
-    block_end = line_end
-    while block_end >= 0 and block_end + 1 < len(text) and text[block_end + 1] in "\t#\n":
-        block_end = text.find("\n", block_end + 1)
-    block = text[line_end : block_end if block_end >= 0 else None]
+    # The vendor's block ends at the next line that is not indented, a comment or empty
+    # (a regular expression: Intel's block is thousands of lines).
+    after = _BLOCK_END.search(text, line_end) if line_end >= 0 else None
+    block = text[line_end : after.start() if after else None]
     at = block.find("\n\t" + device + "  ")
     if at < 0:
         return vendor_name, ""

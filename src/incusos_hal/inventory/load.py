@@ -9,11 +9,25 @@ are kept by default, for clients written against Incus; `snake_case=True` gives
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from .model import Load
 from .sysfs import read
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+
+# Incus's struct has no json tags, so Go writes the field names as they are.
+@dataclass
+class Load:
+    """Incus's ResourcesLoad."""
+
+    Average1Min: float  # Incus's keys, see above
+    Average5Min: float
+    Average10Min: float  # Incus fills it from the 15 minute average
+    Processes: int
 
 
 def scan_load(root: str | os.PathLike[str] = "/") -> Load:

@@ -3,10 +3,34 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .model import Memory, MemoryNode
+from .model import OMIT
 from .sysfs import listdir, read
+
+
+@dataclass
+class MemoryNode:
+    """Incus's ResourcesMemoryNode."""
+
+    numa_node: int
+    hugepages_used: int
+    hugepages_total: int
+    used: int
+    total: int
+
+
+@dataclass
+class Memory:
+    """Incus's ResourcesMemory."""
+
+    nodes: list[MemoryNode] = field(default_factory=list, metadata=OMIT)
+    hugepages_total: int = 0
+    hugepages_used: int = 0
+    hugepages_size: int = 0
+    used: int = 0
+    total: int = 0
 
 
 def parse_meminfo(text: str | None) -> dict[str, int]:

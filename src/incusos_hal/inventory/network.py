@@ -12,12 +12,18 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
-from ..hal.net import ARPHRD_ETHER
 from . import probe
 from .hwdata import pci_names
 from .sysfs import driver_of, read, read_int
+
+TYPE_CHECKING = False  # not typing's: the network section does not import typing
+if TYPE_CHECKING:
+    from typing import Any
+
+# linux/if_arp.h, as hal.net has it: not imported from there, whose interface model this
+# section has no use for.
+ARPHRD_ETHER = 1
 
 
 def _int(path: Path, default: int = 0) -> int:

@@ -5,11 +5,45 @@ length checked against the buffer."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .hwdata import pci_names
-from .model import PCI, PCIVPD, PCIDevice
+from .model import OMIT
 from .sysfs import driver_of, link_name, listdir, numa_node_of, read_hex_id
+
+
+@dataclass
+class PCIVPD:
+    """Incus's ResourcesPCIVPD."""
+
+    product_name: str = field(default="", metadata=OMIT)
+    entries: dict[str, str] = field(default_factory=dict, metadata=OMIT)
+
+
+@dataclass
+class PCIDevice:
+    """Incus's ResourcesPCIDevice."""
+
+    driver: str
+    driver_version: str
+    numa_node: int
+    pci_address: str
+    vendor: str
+    vendor_id: str
+    product: str
+    product_id: str
+    iommu_group: int
+    vpd: PCIVPD
+
+
+@dataclass
+class PCI:
+    """Incus's ResourcesPCI."""
+
+    devices: list[PCIDevice]
+    total: int
+
 
 VPD_ID_STRING, VPD_RO, VPD_RW, VPD_END = 0x82, 0x90, 0x91, 0x78
 MAX_VPD = 32768

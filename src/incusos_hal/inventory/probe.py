@@ -15,13 +15,15 @@ from __future__ import annotations
 import contextvars
 import os
 import struct
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 # The HAL's device modules load at first use: a scan of one section, or of a recorded
-# tree with nothing to ask, does not pay for them.
+# tree with nothing to ask, does not pay for them. (Not `typing.TYPE_CHECKING`: importing
+# typing is a cost the inventory command does not pay.)
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from ..hal import ethtool, nvme
 
 IOCTL_DIR = "ioctl"

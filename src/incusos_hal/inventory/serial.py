@@ -4,11 +4,34 @@ UARTs), from /sys/class/tty, with their /dev/serial links and USB identity."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from .hwdata import usb_names
-from .model import Serial, SerialDevice
 from .sysfs import by_links, dev_number, link_name, listdir, read, read_hex_id, resolve
+
+
+@dataclass
+class SerialDevice:
+    """Incus's ResourcesSerialDevice."""
+
+    id: str
+    device: str
+    device_id: str
+    device_path: str
+    driver: str
+    vendor: str
+    vendor_id: str
+    product: str
+    product_id: str
+
+
+@dataclass
+class Serial:
+    """Incus's ResourcesSerial."""
+
+    devices: list[SerialDevice]
+    total: int
 
 
 def _usb_parent(device: Path) -> Path | None:

@@ -60,6 +60,9 @@ def listdir(path: Path) -> list[str]:
 
 def resolve(path: Path) -> Path | None:
     try:
+        # One stat first: a link that is not there (a virtual tty's `device`, most of
+        # /sys/class/tty) fails in one system call, not one lstat per path component.
+        os.stat(path)
         return path.resolve(strict=True)
     except (OSError, RuntimeError):
         return None

@@ -3,10 +3,57 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
-from .model import Chassis, Firmware, Motherboard, System
 from .sysfs import read
+
+
+@dataclass
+class Firmware:
+    """Incus's ResourcesSystemFirmware."""
+
+    vendor: str
+    date: str
+    version: str
+
+
+@dataclass
+class Chassis:
+    """Incus's ResourcesSystemChassis."""
+
+    vendor: str
+    type: str
+    serial: str
+    version: str
+
+
+@dataclass
+class Motherboard:
+    """Incus's ResourcesSystemMotherboard."""
+
+    vendor: str
+    product: str
+    serial: str
+    version: str
+
+
+@dataclass
+class System:
+    """Incus's ResourcesSystem."""
+
+    uuid: str
+    vendor: str
+    product: str
+    family: str
+    version: str
+    sku: str
+    serial: str
+    type: str
+    firmware: Firmware | None
+    chassis: Chassis | None
+    motherboard: Motherboard | None
+
 
 # SMBIOS 3.x, 7.4.1: chassis types.
 CHASSIS_TYPES = {

@@ -3,11 +3,48 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .hwdata import usb_names
-from .model import USB, USBDevice, USBInterface
 from .sysfs import driver_of, listdir, read, read_hex_id, read_int
+
+
+@dataclass
+class USBInterface:
+    """Incus's ResourcesUSBDeviceInterface."""
+
+    class_: str = field(metadata={"key": "class", "json": "class_"})
+    class_id: int = 0
+    driver: str = ""
+    driver_version: str = ""
+    number: int = 0
+    subclass: str = ""
+    subclass_id: int = 0
+
+
+@dataclass
+class USBDevice:
+    """Incus's ResourcesUSBDevice."""
+
+    bus_address: int
+    device_address: int
+    serial: str
+    interfaces: list[USBInterface]
+    vendor: str
+    vendor_id: str
+    product: str
+    product_id: str
+    speed: float
+
+
+@dataclass
+class USB:
+    """Incus's ResourcesUSB."""
+
+    devices: list[USBDevice]
+    total: int
+
 
 # The USB-IF's base classes (usb.ids "C" section has them too; these are the stable ones).
 CLASSES = {
