@@ -218,29 +218,7 @@ class Recorder:
             if (self.root / rel).is_dir():
                 self.copy_dir(self.root / rel)
         for rel in LINK_DIRS:
-            base = self.root / rel
-            try:
-                names = sorted(os.listdir(base))
-            except OSError:
-                continue
-            for name in names:
-                link = base / name
-                if not link.is_symlink():
-                    continue
-                self.copy_link(link)
-                try:
-                    device = link.resolve(strict=True)
-                except (OSError, RuntimeError):
-                    continue
-                virtual = self.root / "sys/devices/virtual"
-                if (
-                    rel in ("sys/class/tty", "sys/class/block")
-                    and virtual in device.parents
-                    and not name.startswith("dm-")  # multipath maps are virtual devices
-                ):
-                    continue  # ptys, consoles, loop and zram devices: not hardware
-                if self.root / "sys" in device.parents:
-                    self.copy_device(device)
+            self.copy_class(rel)
         for rel in DEV_LINK_DIRS:
             base = self.root / rel
             for name in sorted(os.listdir(base)) if base.is_dir() else []:
@@ -249,16 +227,46 @@ class Recorder:
         for name in sorted(os.listdir(udev)) if udev.is_dir() else []:
             if name[:1] in ("b", "c", "n"):
                 self.copy_file(udev / name)
+        self.copy_efi()
+        self.copy_names()
+        if self.root == Path("/"):
+            self.copy_ioctls()
+        return self.manifest
+
+    def copy_class(self, rel: str) -> None:
+        """A /sys/class directory's links and the hardware devices they point at."""
+        base = self.root / rel
+        try:
+            names = sorted(os.listdir(base))
+        except OSError:
+            return
+        virtual = self.root / "sys/devices/virtual"
+        for name in names:
+            link = base / name
+            if not link.is_symlink():
+                continue
+            self.copy_link(link)
+            try:
+                device = link.resolve(strict=True)
+            except (OSError, RuntimeError):
+                continue
+            if (
+                rel in ("sys/class/tty", "sys/class/block")
+                and virtual in device.parents
+                and not name.startswith("dm-")  # multipath maps are virtual devices
+            ):
+                continue  # ptys, consoles, loop and zram devices: not hardware
+            if self.root / "sys" in device.parents:
+                self.copy_device(device)
+
+    def copy_efi(self) -> None:
+        """The EFI variables the inventory reads (never the others: they can be secrets)."""
         efivars = self.root / "sys/firmware/efi/efivars"
         for name in sorted(os.listdir(efivars)) if efivars.is_dir() else []:
             if name.split("-", 1)[0] in EFI_VARIABLES:
                 self.copy_file(efivars / name)
         if (self.root / "sys/firmware/efi").is_dir():
             (self.dest / "sys/firmware/efi").mkdir(parents=True, exist_ok=True)
-        self.copy_names()
-        if self.root == Path("/"):
-            self.copy_ioctls()
-        return self.manifest
 
     def copy_ioctls(self) -> None:
         """The raw replies of the ioctls the inventory makes, for the tree to replay."""

@@ -63,14 +63,32 @@ def default_network(nics: tuple[Nic, ...]) -> tuple[Interface, ...]:
 
 
 def effective_network(network: Network, nics: tuple[Nic, ...]) -> Effective:
+    """The network to render on these NICs: defaults filled in, NIC names resolved to
+    MACs, items that cannot apply here dropped with a warning, and the renames."""
     warnings: list[str] = []
+    network = _with_defaults(network, nics)
+    interfaces, bonds = _resolve_macs(network, nics, warnings)
+    interfaces, bonds, vlans = _free_names(network, interfaces, bonds, nics, warnings)
+    network = replace(network, interfaces=tuple(interfaces), bonds=tuple(bonds), vlans=tuple(vlans))
+    return Effective(network, _renames(interfaces, bonds, nics), tuple(warnings))
+
+
+def _with_defaults(network: Network, nics: tuple[Nic, ...]) -> Network:
+    """IncusOS's first-boot network when none is configured, and UTC when no time zone."""
     if not network.has_devices:
         network = replace(network, interfaces=default_network(nics))
     if network.time is None:
-        network = replace(network, time=Time(timezone=DEFAULT_TIMEZONE))
-    elif not network.time.timezone:
-        network = replace(network, time=replace(network.time, timezone=DEFAULT_TIMEZONE))
+        return replace(network, time=Time(timezone=DEFAULT_TIMEZONE))
+    if not network.time.timezone:
+        return replace(network, time=replace(network.time, timezone=DEFAULT_TIMEZONE))
+    return network
 
+
+def _resolve_macs(
+    network: Network, nics: tuple[Nic, ...], warnings: list[str]
+) -> tuple[list[Interface], list[Bond]]:
+    """Interfaces and bonds with every NIC named by its kernel name resolved to its MAC;
+    one that names no NIC here is dropped (a bond only when none of its members is)."""
     by_name = {nic.name: nic for nic in nics}
 
     def resolve(hwaddr: str, what: str) -> str | None:
@@ -96,7 +114,18 @@ def effective_network(network: Network, nics: tuple[Nic, ...]) -> Effective:
             continue
         hwaddr = resolve(bond.hwaddr, f"bond {bond.name}") if bond.hwaddr else None
         bonds.append(replace(bond, members=resolved, hwaddr=hwaddr or resolved[0]))
+    return interfaces, bonds
 
+
+def _free_names(
+    network: Network,
+    interfaces: list[Interface],
+    bonds: list[Bond],
+    nics: tuple[Nic, ...],
+    warnings: list[str],
+) -> tuple[list[Interface], list[Bond], list[VLAN]]:
+    """What is left once names held by NICs this config does not manage are dropped, and
+    VLANs whose parent is gone with them."""
     # A bridge cannot take a name some other link already has. Our own NICs are renamed
     # to _p<mac> first, so only names held by NICs outside the config conflict.
     ours = {i.hwaddr for i in interfaces} | {m for b in bonds for m in b.members}
@@ -122,7 +151,13 @@ def effective_network(network: Network, nics: tuple[Nic, ...]) -> Effective:
             )
         elif free(vlan.name, "vlan"):
             vlans.append(vlan)
+    return interfaces, bonds, vlans
 
+
+def _renames(
+    interfaces: list[Interface], bonds: list[Bond], nics: tuple[Nic, ...]
+) -> tuple[tuple[str, str], ...]:
+    """Each managed NIC present under another name goes to its _p<mac> name."""
     present = {nic.hwaddr: nic for nic in nics}
     managed = {i.hwaddr for i in interfaces} | {m for b in bonds for m in b.members}
     renames = []
@@ -130,6 +165,4 @@ def effective_network(network: Network, nics: tuple[Nic, ...]) -> Effective:
         nic = present.get(mac)
         if nic is not None and nic.name != port_name(mac):
             renames.append((nic.name, port_name(mac)))
-
-    network = replace(network, interfaces=tuple(interfaces), bonds=tuple(bonds), vlans=tuple(vlans))
-    return Effective(network, tuple(renames), tuple(warnings))
+    return tuple(renames)
