@@ -241,12 +241,7 @@ async def _get_network(
 async def _put_section(request: web.Request, name: str) -> web.Response:
     svc = request.app[SERVICE_KEY]
     body = await _json_body(request)
-    current = svc.section(name)[1]
-    if not env.if_match_ok(request.headers.get("If-Match"), current):
-        raise ApiError(
-            412, "the resource changed since it was read (If-Match does not match its ETag)"
-        )
-    await svc.put_section(name, body)
+    await svc.put_section(name, body, request.headers.get("If-Match"))
     return sync({})
 
 
