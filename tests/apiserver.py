@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import socket
 import subprocess
 import sys
@@ -53,6 +54,8 @@ class Server:
     root: Path | None = None  # --root: read the machine (crypttab, sysfs) under it
     tcti: str | None = None  # --tcti: the TPM it uses
     options: tuple[str, ...] = ()  # more `serve` options (--apply-time-limit)
+    env: dict[str, str] = field(default_factory=dict)  # added to the environment
+    nofile: tuple[int, int] | None = None  # RLIMIT_NOFILE (soft, hard) for the server
     process: subprocess.Popen[bytes] | None = None
     log: list[str] = field(default_factory=list)
     # A command the server runs under (it execs its arguments): a mount namespace, say.
@@ -63,7 +66,13 @@ class Server:
         return self.state / "config.toml"
 
     def start(self) -> None:
-        env = dict(os.environ, PYTHONPATH=str(REPO / "src"), PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONPATH=str(REPO / "src"), PYTHONUNBUFFERED="1", **self.env)
+        nofile = self.nofile
+
+        def limit() -> None:
+            if nofile is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, nofile)
+
         self.process = subprocess.Popen(
             [
                 *self.wrapper, sys.executable, "-m", "incusos_hal", "serve",
@@ -76,6 +85,7 @@ class Server:
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
+            preexec_fn=limit,
         )  # fmt: skip
         assert self.process.stdout is not None
         deadline = time.monotonic() + 60

@@ -26,7 +26,7 @@ from ..config import MAX_DOCUMENT_BYTES, Config
 from ..sections import SECTIONS
 from ..sections.base import Action, Section
 from ..state.paths import SOCKET
-from . import auth, backup
+from . import auth, backup, listeners
 from . import envelope as env
 from .operations import Events, Operations, Progress
 from .service import ApiError, Service, Settings
@@ -238,12 +238,7 @@ async def _get_network(
 async def _put_section(request: web.Request, name: str) -> web.Response:
     svc = request.app[SERVICE_KEY]
     body = await _json_body(request)
-    current = svc.section(name)[1]
-    if not env.if_match_ok(request.headers.get("If-Match"), current):
-        raise ApiError(
-            412, "the resource changed since it was read (If-Match does not match its ETag)"
-        )
-    await svc.put_section(name, body)
+    await svc.put_section(name, body, request.headers.get("If-Match"))
     return sync({})
 
 
@@ -612,10 +607,17 @@ async def serve(
     systemd: Any = None,
     ready: Callable[[], None] = lambda: None,
     sockets: list[socket.socket] | None = None,
+    limits: listeners.Limits | None = None,
 ) -> None:
+    """Serve until cancelled (or SIGTERM). `limits` bound the connections that have not
+    authenticated and the deadlines of every connection; by default they scale with the
+    open-files limit, raised to its hard limit first, and the environment may override
+    each (listeners.ENVIRONMENT)."""
     from ..config.formats import split_host_port
     from .service import ensure_state_dir
 
+    nofile = listeners.raise_nofile()
+    limits = limits or listeners.limits_from(os.environ, nofile)
     ensure_state_dir(settings.state_dir)
     service = Service(settings, systemd)
     config = service.config()
@@ -630,19 +632,28 @@ async def serve(
         except Exception as e:  # reads still work; a write connects again or says why
             log.warning("the system bus is not reachable yet: %s", e)
     await service.recover()
-    runner = web.AppRunner(app, access_log=None, handle_signals=True)
+    runner = web.AppRunner(
+        app, access_log=None, handle_signals=True, keepalive_timeout=limits.idle_seconds
+    )
     await runner.setup()
-    # The unix socket: handed over by systemd (socket activation), or made here.
-    for sock in sockets or [unix_socket(socket_path)]:
-        await web.SockSite(runner, sock).start()
-    if listen and trust is not None:
-        parsed = split_host_port(listen)
-        if parsed is None or parsed[1] is None:
-            raise ValueError(f"listen address {listen!r}: not host:port")
-        site = web.TCPSite(runner, parsed[0] or None, parsed[1], ssl_context=trust.listener)
-        await site.start()
-    ready()
+    assert runner.server is not None
+    guard = listeners.Guard(
+        runner.server,
+        limits,
+        uid_allowed=lambda uid: auth.uid_allowed(uid, service.config().listener.socket_uids),
+        trusted=trust.allows if trust is not None else lambda der: False,
+    )
     try:
+        # The unix socket: handed over by systemd (socket activation), or made here.
+        for sock in sockets or [unix_socket(socket_path)]:
+            await guard.listen_unix(sock)
+        if listen and trust is not None:
+            parsed = split_host_port(listen)
+            if parsed is None or parsed[1] is None:
+                raise ValueError(f"listen address {listen!r}: not host:port")
+            await guard.listen_tls(parsed[0] or None, parsed[1], trust.listener)
+        ready()
         await asyncio.Event().wait()
     finally:
+        await guard.close()
         await runner.cleanup()

@@ -161,11 +161,20 @@ class Service:
         except ConfigError as e:
             raise ApiError(400, _client_paths(e.errors, attribute)) from None
 
-    async def put_section(self, name: str, body: Any) -> None:
+    async def put_section(self, name: str, body: Any, if_match: str | None = None) -> None:
         """Validate, run the section's checks and its work before storing, store, apply;
-        a change the section holds for confirmation is rolled back unless confirmed."""
+        a change the section holds for confirmation is rolled back unless confirmed.
+
+        `if_match` (the request's If-Match) is compared here, under the lock, with the
+        section as stored at that moment: of concurrent PUTs carrying the same ETag exactly
+        one wins, whatever the others await (the security section's keyslot sync runs in
+        an executor) before they store."""
         row = self.table_row(name)
         async with self.lock:
+            if not env.if_match_ok(if_match, self.section(name)[1]):
+                raise ApiError(
+                    412, "the resource changed since it was read (If-Match does not match its ETag)"
+                )
             self._check_writable()
             config = self.candidate(name, body)
             current = self.config()
