@@ -179,6 +179,7 @@ def test_idle_tcp_peers_that_never_start_tls_do_not_starve_authorised_clients(
         srv.stop()
 
 
+@pytest.mark.root
 def test_idle_unix_peers_of_another_uid_do_not_starve_root(
     tmp_path: Path, certs: dict[str, tuple[Path, Path]]
 ) -> None:
@@ -346,6 +347,7 @@ def test_the_oldest_pending_connection_makes_room_per_source_and_in_all(
         s.close()
 
 
+@pytest.mark.root
 def test_a_refused_uid_reads_its_403_and_is_closed(short: apiserver.Server) -> None:
     require_root()
     require_tool("setpriv", "curl")

@@ -558,6 +558,7 @@ def sandboxed(tmp_path: Path) -> Iterator[apiserver.Server]:
         srv.stop()
 
 
+@pytest.mark.root
 def test_restore_with_the_state_dir_a_mount_point_in_a_read_only_parent(
     sandboxed: apiserver.Server,
 ) -> None:
