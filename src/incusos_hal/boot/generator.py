@@ -92,6 +92,14 @@ def encode_cache(
     return seal(CACHE_MAGIC, b"".join(parts))
 
 
+def cache_bytes(
+    state: str | os.PathLike[str], unit_dir: str, current: bytes | None, last_good: bytes | None
+) -> bytes:
+    """`generator.cache` for these config file contents."""
+    tree, _ = units_for(state, current, last_good, unit_dir)
+    return encode_cache(__version__, unit_dir, str(state), current, last_good, tree)
+
+
 def refresh_cache(state: str | os.PathLike[str], unit_dir: str) -> bool:
     """Bring `generator.cache` up to date with the config files; True if rewritten.
 
@@ -101,8 +109,7 @@ def refresh_cache(state: str | os.PathLike[str], unit_dir: str) -> bool:
     current, last_good = store.read_sources(state)
     if isinstance(current, OSError) or isinstance(last_good, OSError):
         return False
-    tree, _ = units_for(state, current, last_good, unit_dir)
-    data = encode_cache(__version__, unit_dir, str(state), current, last_good, tree)
+    data = cache_bytes(state, unit_dir, current, last_good)
     path = Path(state, CACHE_FILE)
     try:
         if path.read_bytes() == data:
