@@ -55,11 +55,20 @@ def fsdecode(data: bytes) -> str:
 
 
 def _read(path: bytes) -> bytes | None:
+    """A whole file through posix (no io buffer objects: sysfs files are small, many)."""
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        fd = posix.open(path, posix.O_RDONLY | posix.O_CLOEXEC)
     except OSError:  # hal.net reads every unreadable file as absent
         return None
+    try:
+        chunks = []
+        while chunk := posix.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    except OSError:
+        return None
+    finally:
+        posix.close(fd)
 
 
 def _exists(path: bytes) -> bool:
@@ -235,24 +244,28 @@ def _fsync_dir(directory: bytes) -> None:
         posix.close(fd)
 
 
-def _makedirs(directory: bytes, created: list[bytes]) -> None:
-    """mkdir -p, noting each directory it made (outermost first) in `created`."""
+def _makedirs(directory: bytes, created: list[bytes], known: set[bytes]) -> None:
+    """mkdir -p, noting each directory it made (outermost first) in `created`; `known`
+    holds the directories already seen to exist."""
+    if directory in known:
+        return
     try:
         posix.stat(directory)
-        return
     except FileNotFoundError:
-        pass
-    parent = directory.rpartition(b"/")[0]
-    if parent and parent != directory:
-        _makedirs(parent, created)
-    posix.mkdir(directory, 0o777)
-    created.append(directory)
+        parent = directory.rpartition(b"/")[0]
+        if parent and parent != directory:
+            _makedirs(parent, created, known)
+        posix.mkdir(directory, 0o777)
+        created.append(directory)
+    known.add(directory)
 
 
-def _put(path: bytes, kind: str, mode: int, data: bytes) -> None:
-    """core.files' atomic_write / atomic_symlink: a temp file beside it, fsync'ed, renamed."""
+def _put(path: bytes, kind: str, mode: int, data: bytes, token: bytes) -> bytes:
+    """core.files' atomic_write / atomic_symlink: a temp file beside it (`.NAME.TOKEN.tmp`,
+    created exclusively), fsync'ed, renamed. Returns the directory, for the caller to
+    fsync (once per directory, not per file)."""
     directory, _, name = path.rpartition(b"/")
-    tmp = directory + b"/." + name + b"." + posix.urandom(4).hex().encode() + b".tmp"
+    tmp = directory + b"/." + name + b"." + token + b".tmp"
     try:
         if kind == "L":
             posix.symlink(data, tmp)
@@ -274,28 +287,33 @@ def _put(path: bytes, kind: str, mode: int, data: bytes) -> None:
         except OSError:
             pass
         raise
-    _fsync_dir(directory or b"/")
+    return directory or b"/"
 
 
 def _apply(entries: list[tuple[str, int, bytes, bytes]]) -> list[bytes]:
     """Write the entries that differ; on any failure put every one back and raise."""
     before: list[tuple[bytes, tuple[str, int, bytes] | None]] = []
     created: list[bytes] = []
+    known: set[bytes] = set()
+    directories: dict[bytes, None] = {}
+    token = posix.urandom(4).hex().encode()
     try:
         for kind, mode, path, data in entries:
             current = _current(path)
             if current == (kind, mode, data):
                 continue
             before.append((path, current))
-            _makedirs(path.rpartition(b"/")[0], created)
-            _put(path, kind, mode, data)
+            _makedirs(path.rpartition(b"/")[0], created, known)
+            directories[_put(path, kind, mode, data, token)] = None
+        for directory in directories:  # the renames durable, as apply_tree makes them
+            _fsync_dir(directory)
     except BaseException:
         for path, old in reversed(before):
             try:
                 if old is None:
                     posix.unlink(path)
                 else:
-                    _put(path, *old)
+                    _fsync_dir(_put(path, *old, token))
             except OSError:
                 pass  # the full path, run next, puts the files right or says why
         for directory in reversed(created):
