@@ -7,6 +7,17 @@ ways: N NICs, each a bridge with DHCPv4 and SLAAC, matched by MAC. `incusos-hal 
 (the configure step's work: every networkd file) is listed too, since netplan's generator
 writes the networkd files itself.
 
+Boot path: what systemd runs before networkd starts, the generator and then the configure
+unit's `incusos-hal configure --boot` (the unit's arguments, plus a scratch --target and
+INCUSOS_HAL_ROOT for a built sysfs), against netplan's generator, which writes the same
+networkd files. The NICs carry the `_p<mac>` names the .link files give them from the
+second boot on; the target is a fresh tmpfs directory each run (at boot /run is an empty
+tmpfs; these files live under it). Unchanged: config and NICs as the last boot saw them
+(both caches hold). Changed: config.toml edited by hand since (both caches miss: the
+generator's slow path, the configure step's full path, which writes the caches again).
+
+Run alone with `--boot` (the generator and the boot path).
+
 Inventory (`--inventory`, or all): `incusos-hal inventory` against `lshw -json` (the
 whole machine) and its storage section against `lsblk -J -O`, beside the interpreter's
 own start (`python3 -I [-S] -c pass`, the floor); then each CLI command's import time
@@ -67,6 +78,24 @@ def mac(i: int) -> str:
     return f"52:54:00:be:{i >> 8:02x}:{i & 0xFF:02x}"
 
 
+def booted_name(i: int) -> str:
+    """A NIC's name once the .link file the configure step wrote has named it."""
+    return "_p" + mac(i).replace(":", "")
+
+
+def toml_config(n: int, first_addresses: str = '["dhcp4", "slaac"]') -> str:
+    toml = ["version = 1"]
+    for i in range(n):
+        toml += [
+            "[[network.interfaces]]",
+            f'name = "br{i}"',
+            f'hwaddr = "{mac(i)}"',
+            "addresses = " + (first_addresses if i == 0 else '["dhcp4", "slaac"]'),
+            "",
+        ]
+    return "\n".join(toml)
+
+
 def write_inputs(work: Path, n: int) -> None:
     yaml = ["network:", "  version: 2", "  renderer: networkd", "  ethernets:"]
     for i in range(n):
@@ -90,17 +119,8 @@ def write_inputs(work: Path, n: int) -> None:
     netplan.write_text("\n".join(yaml) + "\n")
     netplan.chmod(0o600)
 
-    toml = ["version = 1"]
-    for i in range(n):
-        toml += [
-            "[[network.interfaces]]",
-            f'name = "br{i}"',
-            f'hwaddr = "{mac(i)}"',
-            'addresses = ["dhcp4", "slaac"]',
-            "",
-        ]
     config = work / "config.toml"
-    config.write_text("\n".join(toml))
+    config.write_text(toml_config(n))
     unit_dir = re.search(r'unit_dir="([^"]+)"', GENERATOR.read_text())
     assert unit_dir, GENERATOR
     for state, cached in (("state-cached", True), ("state-uncached", False)):
@@ -121,6 +141,36 @@ def write_inputs(work: Path, n: int) -> None:
         if not cached:
             (work / state / "generator.cache").unlink()
     build_sysfs(work / "sys", [{"name": f"eth{i}", "hwaddr": mac(i)} for i in range(n)])
+    build_sysfs(work / "booted", [{"name": booted_name(i), "hwaddr": mac(i)} for i in range(n)])
+
+
+def configure_command(work: Path, state: str, target: Path) -> str:
+    """The configure unit's ExecStart= (units/incusos-hal-configure.service.in), re-rooted."""
+    unit_dir = re.search(r'unit_dir="([^"]+)"', GENERATOR.read_text())
+    assert unit_dir, GENERATOR
+    return (
+        f"env INCUSOS_HAL_ROOT={work}/booted INCUSOS_HAL_STATE_DIR={work}/{state} {IHAL} "
+        f"configure --boot --unit-dir={unit_dir.group(1)} --target={target}"
+    )
+
+
+def write_boot_states(work: Path, scratch: Path, n: int) -> None:
+    """state-cached after one boot (configure's full path ran: both caches hold); and
+    state-edited: that, with config.toml then edited by hand (one bridge drops SLAAC)."""
+    run = configure_command(work, "state-cached", scratch / "first")
+    subprocess.run(run.split(), check=True, capture_output=True)
+    assert (work / "state-cached/configure.cache").is_file(), "the full path wrote no cache"
+    shutil.copytree(work / "state-cached", work / "state-edited-template", symlinks=True)
+    edited = work / "state-edited-template/config.toml"
+    edited.write_text(toml_config(n, '["dhcp4"]'))
+
+
+def tmpfs_dir() -> str:
+    """A tmpfs to write the configure step's target in, as /run is at boot."""
+    for candidate in ("/dev/shm", "/run"):
+        if os.path.isdir(candidate) and os.access(candidate, os.W_OK):
+            return candidate
+    raise SystemExit("ci/bench: no writable tmpfs (/dev/shm or /run) for the boot path")
 
 
 def hyperfine(
@@ -664,28 +714,8 @@ def starvation_check() -> bool:
     return ok
 
 
-def main() -> None:
-    only = sys.argv[1:]
-    if only == ["--api"]:
-        api_vs_bare()
-        return
-    if only == ["--starvation"]:
-        if not starvation_check():
-            raise SystemExit(1)
-        return
-    if only == ["--security"]:
-        security_vs_tools()
-        return
-    if only == ["--vm"]:
-        vm_rung()
-        return
-    if only == ["--inventory"]:
-        inventory_vs_tools()
-        import_times()
-        return
-    if only == ["--imports"]:
-        import_times()
-        return
+def boot_vs_netplan() -> None:
+    """The generator, the configure step and the boot path (both) against netplan's."""
     for tool in (NETPLAN, GENERATOR, IHAL):
         if not tool.exists():
             raise SystemExit(f"ci/bench: {tool} is missing; run ci/setup as root")
@@ -694,7 +724,10 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="ihal-bench-") as tmp:
             work = Path(tmp)
             write_inputs(work, n)
+            # At boot the configure step writes to /run, a tmpfs: so does it here.
+            scratch = Path(tempfile.mkdtemp(prefix="ihal-bench-run-", dir=tmpfs_dir()))
             g = f"{work}/g"
+            edited = f"{work}/state-edited"
             commands = {
                 "netplan generate (C)": (
                     f"env {NETPLAN} --root-dir {work}/netplan",
@@ -719,8 +752,25 @@ def main() -> None:
                     f"--out {work}/r",
                     f"rm -rf {work}/r",
                 ),
+                "configure --boot, unchanged (cached)": (
+                    configure_command(work, "state-cached", scratch / "t"),
+                    f"rm -rf {scratch}/t",
+                ),
+                "generator, config edited (slow path)": (
+                    f"env INCUSOS_HAL_STATE_DIR={edited} {GENERATOR} {g}/n {g}/e {g}/l",
+                    f"sh -c 'rm -rf {g} {edited} && cp -a {work}/state-edited-template {edited}'",
+                ),
+                "configure --boot, config edited (full)": (
+                    configure_command(work, "state-edited", scratch / "t"),
+                    f"sh -c 'rm -rf {scratch}/t {edited} && "
+                    f"cp -a {work}/state-edited-template {edited}'",
+                ),
             }
-            times = hyperfine(work, commands)
+            try:
+                write_boot_states(work, scratch, n)
+                times = hyperfine(work, commands)
+            finally:
+                shutil.rmtree(scratch)
         base, _, base_cpu = times["netplan generate (C)"]
         print(f"\n{n} NICs{'':37} wall (median +/- sd)   ratio    CPU (user+sys)   ratio")
         for name, (median, sd, cpu) in times.items():
@@ -728,6 +778,56 @@ def main() -> None:
                 f"  {name:42} {median:7.1f} +/- {sd:4.1f} ms  {median / base:5.2f}x"
                 f"   {cpu:7.1f} ms  {cpu / base_cpu:5.2f}x"
             )
+        for title, generator, configure, goal in (
+            (
+                "unchanged",
+                "incusos-hal-generator, cached",
+                "configure --boot, unchanged (cached)",
+                1,
+            ),
+            (
+                "config edited",
+                "generator, config edited (slow path)",
+                "configure --boot, config edited (full)",
+                3,
+            ),
+        ):
+            wall = times[generator][0] + times[configure][0]
+            cpu = times[generator][2] + times[configure][2]
+            verdict = "met" if wall / base <= goal else "NOT met"
+            print(
+                f"  boot path, {n} NICs, {title + ':':15} generator + configure {wall:7.1f} ms, "
+                f"netplan {base:6.1f} ms: {wall / base:5.2f}x wall (goal <= {goal}x: {verdict}),"
+                f" {cpu / base_cpu:5.2f}x CPU"
+            )
+
+
+def main() -> None:
+    only = sys.argv[1:]
+    if only == ["--api"]:
+        api_vs_bare()
+        return
+    if only == ["--security"]:
+        security_vs_tools()
+        return
+    if only == ["--vm"]:
+        vm_rung()
+        return
+    if only == ["--starvation"]:
+        if not starvation_check():
+            raise SystemExit(1)
+        return
+    if only == ["--inventory"]:
+        inventory_vs_tools()
+        import_times()
+        return
+    if only == ["--imports"]:
+        import_times()
+        return
+    if only == ["--boot"]:
+        boot_vs_netplan()
+        return
+    boot_vs_netplan()
     inventory_vs_tools()
     import_times()
     security_vs_tools()

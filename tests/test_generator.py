@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from incusos_hal import __version__
-from incusos_hal.boot.generator import CACHE_FILE, refresh_cache
+from incusos_hal.boot.generator import CACHE_FILE, encode_cache, refresh_cache
 from incusos_hal.config import parse_toml
 from incusos_hal.sections import render_units
 from incusos_hal.state import store
@@ -104,7 +104,7 @@ def test_cache_replays_identically_importing_only_os_and_sys(
     assert code == 0
     assert manifest(out) == manifest(tmp_path / "slow")
     # Against what the bare interpreter (-I -S, as the script's #! line) loads: nothing
-    # more but our two modules (not even os).
+    # more but our modules and the built-in BLAKE2 the cache's digest needs (not even os).
     bare = subprocess.run(
         [sys.executable, "-I", "-S", "-c", "import sys; print(repr(sorted(sys.modules)))"],
         env={"PATH": os.environ.get("PATH", "/usr/bin")},
@@ -114,7 +114,14 @@ def test_cache_replays_identically_importing_only_os_and_sys(
     )
     baseline = set(ast.literal_eval(bare.stdout))
     ours = sorted(set(modules) - baseline)
-    assert ours == ["incusos_hal", "incusos_hal.boot", "incusos_hal.boot.fast"]
+    assert ours == [
+        "_blake2",
+        "incusos_hal",
+        "incusos_hal.boot",
+        "incusos_hal.boot.fast",
+        "incusos_hal.state",
+        "incusos_hal.state.cachefile",
+    ]
 
 
 def test_changed_config_misses_the_cache(dirs: tuple[Path, Path, Path]) -> None:
@@ -135,6 +142,9 @@ def test_changed_config_misses_the_cache(dirs: tuple[Path, Path, Path]) -> None:
         lambda b: b.replace(b"L sysinit", b"L ../../etc/evil", 1),  # path traversal
         lambda b: b"\x00" * 64,  # garbage
         lambda b: b.replace(__version__.encode(), b"0.0.0-other", 1),  # other version
+        lambda b: b[:-2] + bytes([b[-2] ^ 1]) + b[-1:],  # hand-edited: a unit's content
+        lambda b: b + b"F 644 extra\n0\n\n",  # an entry appended
+        lambda b: b"",  # empty
     ],
 )
 def test_damaged_cache_falls_back_to_the_slow_path(
@@ -149,6 +159,27 @@ def test_damaged_cache_falls_back_to_the_slow_path(
     assert code == 0
     assert manifest(out)[0] == expected_tree(state, SYSLOG)
     assert not (out.parent / "etc").exists()
+
+
+def test_cache_of_another_version_or_directory_is_not_replayed(
+    dirs: tuple[Path, Path, Path],
+) -> None:
+    """Intact caches (valid digest) made for another version, unit or state directory."""
+    state, out, log = dirs
+    (state / store.CONFIG_FILE).write_bytes(SYSLOG)
+    current = (state / store.CONFIG_FILE).read_bytes()
+    tree = render_units(parse_toml(SYSLOG), source="/elsewhere/config.toml", unit_dir="/x")
+    for version, unit_dir, where in (
+        ("0.0.0-other", UNIT_DIR, str(state)),
+        (__version__, "/x", str(state)),
+        (__version__, UNIT_DIR, "/elsewhere"),
+    ):
+        data = encode_cache(version, unit_dir, where, current, None, tree)
+        (state / CACHE_FILE).write_bytes(data)
+        code, modules, _ = run_generator(state, out, log)
+        assert code == 0 and "incusos_hal.config" in modules
+        assert manifest(out)[0] == expected_tree(state, SYSLOG)
+        subprocess.run(["rm", "-rf", str(out)], check=True)
 
 
 def test_garbage_config_boots_with_last_good(dirs: tuple[Path, Path, Path]) -> None:

@@ -328,6 +328,12 @@ class Service:
         try:
             if store.mark_good(self.settings.state_dir, config):
                 self.log("info", "recorded as the last good configuration")
+                if self.settings.unit_dir is not None:
+                    from ..boot.generator import refresh_cache
+
+                    # generator.cache is keyed by both config files: the next boot's
+                    # generator (and the configure step, whose cache names it) stays fast.
+                    refresh_cache(self.settings.state_dir, self.settings.unit_dir)
         except OSError as e:  # the change is applied; only the fallback copy is stale
             self.log("warning", f"cannot record the last good configuration: {e}")
 

@@ -17,6 +17,7 @@ rollback's run can never interleave with the run it undoes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
@@ -25,14 +26,18 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from .. import __version__
+from ..boot.generator import cache_bytes as generator_cache_bytes
 from ..boot.generator import refresh_cache
+from ..config import dumps_toml
 from ..config.model import Config
-from ..core.files import Applied, apply_tree, owned_paths
+from ..core.files import Applied, Owned, apply_tree, atomic_write, owned_paths
 from ..hal import net, netlink
 from ..render import Symlink
 from ..render.system import LOCALTIME, ZONEINFO
 from ..sections import Plan, owned, render_files
 from ..state import store
+from . import fast
 from .deadline import Deadline, Interrupted
 
 # How long to wait for udev to finish with a NIC before renaming it ourselves.
@@ -74,17 +79,23 @@ class Result:
         return self.applied is not None and not self.problems
 
 
-def _plan(config: Config, nics: tuple[net.Nic, ...], target: Path) -> Plan:
+def _plan(
+    config: Config, nics: tuple[net.Nic, ...], target: Path
+) -> tuple[Plan, tuple[tuple[str, bool], ...]]:
+    """The files to write, and the files of the target it looked at (path, is a file)."""
     plan = render_files(config, nics)
     link = plan.files.get(LOCALTIME)
+    checked: tuple[tuple[str, bool], ...] = ()
     if isinstance(link, Symlink):
         zone = link.target.removeprefix(f"..{ZONEINFO}/")
-        if not (target / ZONEINFO.lstrip("/") / zone).is_file():
+        zone_file = target / ZONEINFO.lstrip("/") / zone
+        checked = ((str(zone_file), zone_file.is_file()),)
+        if not checked[0][1]:
             files = dict(plan.files)
             del files[LOCALTIME]
             warning = f"time zone {zone!r} is not installed here; {LOCALTIME} left as it is"
             plan = replace(plan, files=files, warnings=(*plan.warnings, warning))
-    return plan
+    return plan, checked
 
 
 def _is_up(sys_root: Path, name: str) -> bool:
@@ -152,23 +163,27 @@ def _configure(
     deadline: Deadline | None,
     mark_good: bool,
 ) -> Result:
-    loaded = store.load(state)
+    sources = store.read_sources(state)
+    loaded = store.load_from(state, *sources)
     problems = list(loaded.problems)
+    # What it warns about before writing: the fast path, replaying this run, says it too.
+    said: list[str] = []
     for p in loaded.problems:
-        warn(p)
+        said.append(p)
     if loaded.problems:
-        warn(f"using {loaded.path or 'the default configuration'}")
+        said.append(f"using {loaded.path or 'the default configuration'}")
+    for message in said:
+        warn(message)
 
+    facts = fast.nic_facts(str(sys_path))
     nics, nic_warnings = net.list_nics(sys_path)
+    # Read again: a NIC that came or went meanwhile makes this run's facts uncertain.
+    facts_held = fast.nic_facts(str(sys_path)) == facts
     problems += nic_warnings
-    try:
-        plan = _plan(loaded.config, nics, target_path)
-    except Exception as e:  # a rendering bug must not cost the machine its network
-        error(f"rendering failed ({type(e).__name__}: {e}); using the default configuration")
-        problems.append(f"rendering failed: {e}")
-        plan = _plan(Config(), nics, target_path)
+    plan, checked, rendered = _render(loaded.config, nics, target_path, problems)
     for w in plan.warnings:
         warn(w)
+    said += plan.warnings
     problems += plan.warnings
     if deadline is not None:
         # The allowance follows the work: files to write, files of ours that may go,
@@ -192,27 +207,139 @@ def _configure(
         raise
     except OSError as e:
         error(f"writing the configuration failed, previous files restored: {e}")
+        if unit_dir is not None:
+            # The next boot's fast path would only fail the same way: no cache.
+            with contextlib.suppress(OSError):
+                Path(state, fast.CACHE_FILE).unlink(missing_ok=True)
         return Result(loaded.source, loaded.config, None, tuple(renamed), (*problems, str(e)))
     for path in applied.written:
         info(f"wrote {path}")
     for path in applied.removed:
         info(f"removed {path}")
 
-    dns = loaded.config.network.dns
-    if live and dns is not None and dns.hostname and socket.gethostname() != dns.hostname:
-        try:
-            socket.sethostname(dns.hostname)
-            info(f"hostname set to {dns.hostname}")
-        except OSError as e:
-            problems.append(f"setting the hostname failed: {e}")
-            warn(problems[-1])
+    if live:
+        _set_hostname(loaded.config, problems)
 
     try:
         if mark_good and loaded.source == "config" and store.mark_good(state, loaded.config):
             info("recorded as the last good configuration")
         if unit_dir is not None:
             refresh_cache(state, unit_dir)
+            # Never cached: a run that renamed links, fell back to the default after a
+            # rendering bug, or saw the NICs change under it.
+            cacheable = rendered and facts_held and not plan.renames
+            boot = _BootRun(sources, loaded, facts, checked, tuple(said), plan)
+            _store_boot_cache(state, sys_path, target_path, live, unit_dir, boot, cacheable)
     except OSError as e:
         problems.append(f"cannot update {state}: {e}")
         warn(problems[-1])
     return Result(loaded.source, loaded.config, applied, tuple(renamed), tuple(problems))
+
+
+def _render(
+    config: Config, nics: tuple[net.Nic, ...], target: Path, problems: list[str]
+) -> tuple[Plan, tuple[tuple[str, bool], ...], bool]:
+    """The plan for `config`, or for the default one when rendering fails (a rendering
+    bug must not cost the machine its network); the last value says which."""
+    try:
+        plan, checked = _plan(config, nics, target)
+    except Exception as e:
+        error(f"rendering failed ({type(e).__name__}: {e}); using the default configuration")
+        problems.append(f"rendering failed: {e}")
+        plan, checked = _plan(Config(), nics, target)
+        return plan, checked, False
+    return plan, checked, True
+
+
+def _set_hostname(config: Config, problems: list[str]) -> None:
+    dns = config.network.dns
+    if dns is None or not dns.hostname or socket.gethostname() == dns.hostname:
+        return
+    try:
+        socket.sethostname(dns.hostname)
+        info(f"hostname set to {dns.hostname}")
+    except OSError as e:
+        problems.append(f"setting the hostname failed: {e}")
+        warn(problems[-1])
+
+
+@dataclass(frozen=True, slots=True)
+class _BootRun:
+    """What a run used and did, for `configure.cache`."""
+
+    sources: tuple[bytes | OSError | None, ...]
+    loaded: store.Loaded
+    facts: bytes
+    checked: tuple[tuple[str, bool], ...]
+    said: tuple[str, ...]
+    plan: Plan
+
+
+def _foreign(target: Path, rules: tuple[Owned, ...]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """Per owned directory: the names in it now that no rule claims."""
+    out: dict[str, tuple[str, ...]] = {}
+    for rule in rules:
+        directory = target / rule.directory.lstrip("/")
+        if str(directory) in out:
+            continue
+        try:
+            names = sorted(os.listdir(directory))
+        except FileNotFoundError:
+            names = []
+        claims = [r.match for r in rules if target / r.directory.lstrip("/") == directory]
+        out[str(directory)] = tuple(n for n in names if not any(m(n) for m in claims))
+    return tuple(out.items())
+
+
+def _store_boot_cache(
+    state: str | os.PathLike[str],
+    sys_path: Path,
+    target: Path,
+    live: bool,
+    unit_dir: str,
+    run: _BootRun,
+    cacheable: bool,
+) -> None:
+    """Record this run for the next boot's fast path (`apply.fast`), keyed by the state
+    directory as the boot's full path would leave it: config.toml as this run read it,
+    config.last-good.toml a copy of it when it was valid (as the run at boot, or the API
+    once the change is confirmed, records it), and generator.cache matching both. Not
+    cacheable, or the config changed meanwhile: the cache goes."""
+    path = Path(state, fast.CACHE_FILE)
+    current, last_good = run.sources
+    if not cacheable or store.read_sources(state)[0] != current:
+        path.unlink(missing_ok=True)
+        return
+    if isinstance(current, OSError) or isinstance(last_good, OSError):
+        path.unlink(missing_ok=True)
+        return
+    if run.loaded.source == "config":
+        last_good = dumps_toml(run.loaded.config)
+    dns = run.loaded.config.network.dns
+    entries = tuple(
+        ("L", 0, str(target / key.lstrip("/")), fast.fsencode(entry.target))
+        if isinstance(entry, Symlink)
+        else ("F", entry.mode, str(target / key.lstrip("/")), entry.content)
+        for key, entry in run.plan.files.items()
+    )
+    data = fast.encode_cache(
+        header=fast.header(__version__, unit_dir, str(state), str(sys_path), str(target), live),
+        inputs=(
+            current,
+            last_good,
+            run.facts,
+            generator_cache_bytes(state, unit_dir, current, last_good),
+        ),
+        file_checks=run.checked,
+        hostname=dns.hostname if dns is not None and dns.hostname else None,
+        warnings=run.said,
+        foreign=_foreign(target, owned()),
+        entries=entries,
+    )
+    try:
+        if path.read_bytes() == data:
+            return
+    except FileNotFoundError:
+        pass
+    # 0600: it holds a copy of the config, which may hold a proxy password.
+    atomic_write(path, data, 0o600)

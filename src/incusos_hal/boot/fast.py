@@ -1,48 +1,20 @@
 """The generator's entry point and fast path. Imports no module the interpreter has not
-already loaded: `posix` (not `os`, whose import is a sixth of this path's cost) and `sys`.
+already loaded but the caches' codec (`incusos_hal.state.cachefile`, which brings the
+built-in `_blake2`): `posix` (not `os`, whose import is a sixth of this path's cost) and `sys`.
 
 See `incusos_hal.boot.generator` for why there is a cache and how it stays correct. Here: if
-`generator.cache` matches the config files byte for byte, replay it; otherwise (or on
-any surprise at all) hand over to the slow path, which is always right.
+`generator.cache` is intact (its digest) and matches the config files byte for byte, replay
+it; otherwise (or on any surprise at all) hand over to the slow path, which is always right.
 """
 
 import posix
 import sys
 
+from ..state.cachefile import Reader, read_or_none, unseal
+
 STATE_DIR_ENV = "INCUSOS_HAL_STATE_DIR"
 DEFAULT_STATE_DIR = "/var/lib/incusos-hal"
-MAGIC = b"incusos-hal-generator-cache 1\n"
-
-
-class _Reader:
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.pos = 0
-
-    def line(self) -> bytes:
-        end = self.data.index(b"\n", self.pos)
-        out = self.data[self.pos : end]
-        self.pos = end + 1
-        return out
-
-    def blob(self) -> bytes | None:
-        size = int(self.line())
-        if size < 0:
-            return None
-        end = self.pos + size
-        if self.data[end : end + 1] != b"\n":
-            raise ValueError("truncated cache")
-        out = self.data[self.pos : end]
-        self.pos = end + 1
-        return out
-
-
-def _read_or_none(path: str) -> bytes | None:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        return None
+MAGIC = b"incusos-hal-generator-cache 2\n"
 
 
 def _makedirs(path: str) -> None:
@@ -60,16 +32,15 @@ def _makedirs(path: str) -> None:
 
 def replay(normal_dir: str, state: str, unit_dir: str, version: str) -> bool:
     """Write the cached tree if it is valid for the files on disk now; else False."""
-    cache = _read_or_none(state + "/generator.cache")
-    if cache is None or not cache.startswith(MAGIC):
+    body = unseal(MAGIC, read_or_none(state + "/generator.cache"))
+    if body is None:
         return False
-    r = _Reader(cache)
-    r.pos = len(MAGIC)
+    r = Reader(body)
     if r.line().decode() != version or r.line().decode() != unit_dir or r.line().decode() != state:
         return False
-    if r.blob() != _read_or_none(state + "/config.toml"):
+    if r.blob() != read_or_none(state + "/config.toml"):
         return False
-    if r.blob() != _read_or_none(state + "/config.last-good.toml"):
+    if r.blob() != read_or_none(state + "/config.last-good.toml"):
         return False
     entries: list[tuple[str, str, int, bytes]] = []
     for _ in range(int(r.line())):
@@ -81,7 +52,7 @@ def replay(normal_dir: str, state: str, unit_dir: str, version: str) -> bool:
             entries.append(("F", head[2], int(head[1], 8), data or b""))
         else:
             return False
-    if r.pos != len(cache):
+    if not r.at_end():
         return False
     written: list[str] = []
     try:

@@ -7,7 +7,8 @@ netplan's C generator does; parsing TOML costs twice that again. So the work is 
 - slow path (`generate`): read config.toml (falling back to the last good copy, then the
   default), validate, render the units, write them. Always correct.
 - fast path (`incusos_hal.boot.fast`): `generator.cache` in the state directory holds the
-  exact bytes of both config files the output was computed from, plus that output.
+  exact bytes of both config files the output was computed from, plus that output, under
+  a digest (`state.cachefile`, the codec the configure step's cache shares).
   When the files on disk are byte-identical (and the version and unit directory match),
   the cached tree is written out with no module imported beyond the interpreter's own.
 
@@ -29,11 +30,12 @@ from ..core.kmsg import ERR, INFO, WARNING, kmsg
 from ..render import Symlink, Tree
 from ..sections import render_units
 from ..state import store
+from ..state.cachefile import blob, seal
 from ..state.paths import GENERATOR_CACHE
 
 IDENT = "incusos-hal-generator"
 CACHE_FILE = GENERATOR_CACHE
-CACHE_MAGIC = b"incusos-hal-generator-cache 1\n"
+CACHE_MAGIC = b"incusos-hal-generator-cache 2\n"
 
 
 def units_for(
@@ -77,11 +79,7 @@ def encode_cache(
     last_good: bytes | None,
     tree: Tree,
 ) -> bytes:
-    def blob(data: bytes | None) -> bytes:
-        return b"-1\n" if data is None else b"%d\n%s\n" % (len(data), data)
-
     parts = [
-        CACHE_MAGIC,
         f"{version}\n{unit_dir}\n{state}\n".encode(),
         blob(current),
         blob(last_good),
@@ -92,7 +90,15 @@ def encode_cache(
             parts.append(f"L {path}\n{entry.target}\n".encode())
         else:
             parts.append(f"F {entry.mode:o} {path}\n".encode() + blob(entry.content))
-    return b"".join(parts)
+    return seal(CACHE_MAGIC, b"".join(parts))
+
+
+def cache_bytes(
+    state: str | os.PathLike[str], unit_dir: str, current: bytes | None, last_good: bytes | None
+) -> bytes:
+    """`generator.cache` for these config file contents."""
+    tree, _ = units_for(state, current, last_good, unit_dir)
+    return encode_cache(__version__, unit_dir, str(state), current, last_good, tree)
 
 
 def refresh_cache(state: str | os.PathLike[str], unit_dir: str) -> bool:
@@ -104,8 +110,7 @@ def refresh_cache(state: str | os.PathLike[str], unit_dir: str) -> bool:
     current, last_good = store.read_sources(state)
     if isinstance(current, OSError) or isinstance(last_good, OSError):
         return False
-    tree, _ = units_for(state, current, last_good, unit_dir)
-    data = encode_cache(__version__, unit_dir, str(state), current, last_good, tree)
+    data = cache_bytes(state, unit_dir, current, last_good)
     path = Path(state, CACHE_FILE)
     try:
         if path.read_bytes() == data:

@@ -20,10 +20,11 @@ Environment: INCUSOS_HAL_STATE_DIR (default /var/lib/incusos-hal), INCUSOS_HAL_R
 
 from __future__ import annotations
 
+import os
 import sys
 
 from .. import __version__
-from .common import DEFAULT_UNIT_DIR, EXIT_INVALID
+from .common import DEFAULT_UNIT_DIR, EXIT_INVALID, root_of
 
 # Not `typing.TYPE_CHECKING`: importing typing is a cost `eventlog --pcrs` does not pay.
 TYPE_CHECKING = False
@@ -33,8 +34,8 @@ if TYPE_CHECKING:
 # Each command lives in one of three modules, imported only when it runs: `admin` (this
 # machine's config and the service), `machine` (the HAL's readings) and `remote` (the
 # API's client, standard library only). A command pays for its own imports, no others;
-# `eventlog --pcrs FILE` and plain `inventory` answer before argparse is even loaded (see
-# main).
+# `eventlog --pcrs FILE`, plain `inventory` and the configure unit's `configure --boot`
+# (when its cache holds) answer before argparse is even loaded (see main).
 
 
 def parser() -> argparse.ArgumentParser:
@@ -209,11 +210,56 @@ def _eventlog_pcrs(file: str) -> int:
     return 0
 
 
+_CONFIGURE_BOOT_OPTIONS = ("--unit-dir", "--target", "--state-dir")
+
+
+def _configure_boot_options(argv: list[str]) -> dict[str, str] | None:
+    """The options when the arguments are `configure --boot` with at most one each of
+    --unit-dir, --target and --state-dir as `--opt=VALUE` or `--opt VALUE` (the
+    configure unit's ExecStart=, and a scratch run of it): what main tries the boot
+    cache for. Anything else (--help, an abbreviation argparse would expand, an empty or
+    dash-led value, a repeated option) goes through the parser."""
+    if not argv or argv[0] != "configure" or argv.count("--boot") != 1:
+        return None
+    rest = [arg for arg in argv[1:] if arg != "--boot"]
+    options: dict[str, str] = {}
+    i = 0
+    while i < len(rest):
+        name, eq, value = rest[i].partition("=")
+        if not eq and i + 1 < len(rest):
+            i += 1
+            value = rest[i]
+        i += 1
+        if name not in _CONFIGURE_BOOT_OPTIONS or name in options:
+            return None
+        if not value or value.startswith("-"):
+            return None
+        options[name] = value
+    return options
+
+
+def _configure_boot(options: dict[str, str]) -> bool:
+    """cmd_configure's `--boot` run from the cache (apply.fast); False: nothing done."""
+    from ..apply import fast
+
+    state = options.get("--state-dir") or os.environ.get(fast.STATE_DIR_ENV)
+    return fast.configure_boot(
+        state=state or fast.DEFAULT_STATE_DIR,
+        sys_root=root_of(None),
+        target=options.get("--target", "/"),
+        unit_dir=options.get("--unit-dir", DEFAULT_UNIT_DIR),
+        version=__version__,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     given = sys.argv[1:] if argv is None else argv
     fast = _eventlog_pcrs_file(given)
     if fast is not None:
         return _eventlog_pcrs(fast)
+    boot = _configure_boot_options(given)
+    if boot is not None and _configure_boot(boot):
+        return 0
     inventory = _inventory_args(given)
     if inventory is not None:
         from .machine import inventory as run_inventory
