@@ -132,6 +132,42 @@ def backup_and_restore(spec: dict, changed: dict) -> dict:
     return out
 
 
+def network_state() -> dict:
+    """GET /1.0/system/network's state, then what networkd and the kernel say right
+    after (the counters only grow, so the API's are at most these), the raw outputs the
+    host keeps as fixtures, and `:flush-dns` with resolved's own word for it."""
+    out: dict = {}
+    got = call("GET", "/1.0/system/network")
+    out["state"] = got["body"]["metadata"]["state"]
+    out["networkctl_status"] = sh("networkctl", "status", "--json=short")
+    out["networkctl_lldp"] = sh("networkctl", "lldp", "--json=short")
+    out["networkctl_list"] = sh("networkctl", "list", "--json=short")
+    out["ip_route"] = sh("ip", "-j", "route", "show", "table", "main")["out"]
+    sys_net = Path("/sys/class/net")
+    out["counters"] = {
+        link.name: {
+            name: int((link / "statistics" / name).read_text())
+            for name in ("rx_bytes", "rx_errors", "tx_bytes", "tx_errors")
+        }
+        for link in sys_net.iterdir()
+    }
+    out["speeds"] = {}
+    for link in sys_net.iterdir():
+        try:
+            out["speeds"][link.name] = (link / "speed").read_text().strip()
+        except OSError as e:
+            out["speeds"][link.name] = f"error: {e.strerror}"
+    # No bonding module in a container: only the VM guest has bonds to record.
+    out["bonding"] = {p.name: p.read_text() for p in Path("/proc/net/bonding").glob("*")}
+    before = journal("-u", "systemd-resolved.service").count("Flushed all caches")
+    out["flush_dns"] = call("POST", "/1.0/system/network/:flush-dns")
+    out["flushed_after_s"] = wait_for(
+        lambda: journal("-u", "systemd-resolved.service").count("Flushed all caches") > before,
+        30,
+    )
+    return out
+
+
 def wait_for(check, seconds: float) -> float | None:
     """Seconds until `check()` held, or None."""
     start = time.monotonic()
@@ -150,6 +186,7 @@ def run(expect_all: dict) -> dict:
     got = call("GET", "/1.0/system/network")
     out["get_status"] = got["status"]
     config = got["body"]["metadata"]["config"]
+    out["network"] = network_state()
     out["service"] = sh(
         "systemctl", "show", "incusos-hal.service", "-p", "ActiveState", "-p", "TriggeredBy"
     )["out"]
