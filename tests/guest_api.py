@@ -14,7 +14,8 @@ socket:
   4. a non-root peer is refused by its credentials.
 
 expect["api"]: {"iface": "lan0", "added": "10.99.0.3/24", "kept": "10.99.0.2/24",
-"timeout": "6s"}, optionally "idle_seconds" (a wait before the first change, past
+"timeout": "6s"}, optionally "lldp_on" (a port networkd hears an LLDP neighbour on: the
+state is read once it has),  "idle_seconds" (a wait before the first change, past
 dbus-daemon's authentication timeout), "restore_added" (an address added after the
 backup, gone once it is restored: runs step 3), and "vlan": a VLAN to add with the first change
 ({"name", "parent", "id", "addresses"}; the VM guest adds one on its LACP bond).
@@ -183,6 +184,12 @@ def run(expect_all: dict) -> dict:
     iface = spec["iface"]
     out: dict = {}
     out["socket_start"] = sh("systemctl", "start", "incusos-hal.socket")
+    if spec.get("lldp_on"):
+        # The LAN's switch announces itself every second; networkd hears it once the
+        # port is configured. Wait for that before the first read of the state.
+        out["lldp_after_s"] = wait_for(
+            lambda: spec["lldp_on"] in sh("networkctl", "lldp", "--json=short")["out"], 60
+        )
     got = call("GET", "/1.0/system/network")
     out["get_status"] = got["status"]
     config = got["body"]["metadata"]["config"]
