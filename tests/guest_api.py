@@ -192,6 +192,10 @@ def run(expect_all: dict) -> dict:
         )
     got = call("GET", "/1.0/system/network")
     out["get_status"] = got["status"]
+    if got["status"] != 200:  # nothing else can work: say why
+        out["get"] = got
+        out["journal"] = journal("-u", "incusos-hal.service")[-4000:]
+        return out
     config = got["body"]["metadata"]["config"]
     out["network"] = network_state()
     out["service"] = sh(
