@@ -66,8 +66,19 @@ def test_networkd_describe_as_recorded_in_the_container() -> None:
     assert links["_p525400990002"].addresses == ()
 
 
-def test_networkd_lldp_with_no_neighbours_as_recorded() -> None:
-    assert networkd.parse_lldp((CONTAINER / "networkctl-lldp.json").read_text()) == {}
+def test_networkd_lldp_as_recorded() -> None:
+    heard = networkd.parse_lldp((CONTAINER / "networkctl-lldp.json").read_text())
+    assert heard == {
+        "_p525400990002": (
+            Neighbour(
+                name="ihal-switch",
+                chassis_id="02:00:00:99:00:01",
+                port_id="swp7",
+                port="uplink to ihal-node",
+            ),
+        )
+    }
+    assert networkd.parse_lldp((CONTAINER / "networkctl-lldp-none.json").read_text()) == {}
 
 
 @pytest.mark.parametrize(
