@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from incusos_hal.api.state import NetworkStateCache
 from incusos_hal.config import from_dict
 from incusos_hal.hal import bonding, networkd
