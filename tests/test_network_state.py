@@ -394,3 +394,109 @@ def test_flush_dns_without_systemd_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ApiError) as caught:
         asyncio.run(service.flush_dns())
     assert caught.value.status == 503
+
+
+# Not a recording: no machine here has bonding but the VM guest, whose rung timed out
+# under load when this was written (see tests/fixtures/networkd/NOTE.md). The text
+# follows the format strings of drivers/net/bonding/bond_procfs.c (Linux 6.x) line by
+# line; replace it with the VM's /proc/net/bonding/_buplink once recorded.
+BOND_PROCFS_FORMAT = """Ethernet Channel Bonding Driver: v6.12.0
+
+Bonding Mode: IEEE 802.3ad Dynamic link aggregation
+Transmit Hash Policy: layer3+4 (1)
+MII Status: up
+MII Polling Interval (ms): 100
+Up Delay (ms): 200
+Down Delay (ms): 200
+Peer Notification Delay (ms): 0
+
+802.3ad info
+LACP active: on
+LACP rate: fast
+Min links: 0
+Aggregator selection policy (ad_select): stable
+System priority: 65535
+System MAC address: 52:54:00:12:00:01
+Active Aggregator Info:
+\tAggregator ID: 1
+\tNumber of ports: 1
+\tActor Key: 0
+\tPartner Key: 0
+\tPartner Mac Address: 52:54:00:12:00:03
+
+Slave Interface: _p525400120001
+MII Status: up
+Speed: Unknown
+Duplex: Unknown
+Link Failure Count: 0
+Permanent HW addr: 52:54:00:12:00:01
+Slave queue ID: 0
+Aggregator ID: 1
+Actor Churn State: none
+Partner Churn State: none
+Actor Churned Count: 0
+Partner Churned Count: 0
+details actor lacp pdu:
+    system priority: 65535
+    system mac address: 52:54:00:12:00:01
+    port key: 0
+    port priority: 255
+    port number: 1
+    port state: 63
+details partner lacp pdu:
+    system priority: 65535
+    system mac address: 52:54:00:12:00:03
+    oper key: 0
+    port priority: 255
+    port number: 1
+    port state: 63
+
+Slave Interface: _p525400120002
+MII Status: down
+Speed: Unknown
+Duplex: Unknown
+Link Failure Count: 1
+Permanent HW addr: 52:54:00:12:00:02
+Slave queue ID: 0
+Aggregator ID: 2
+Actor Churn State: churned
+Partner Churn State: churned
+Actor Churned Count: 1
+Partner Churned Count: 1
+details actor lacp pdu:
+    system priority: 65535
+    system mac address: 52:54:00:12:00:01
+    port key: 0
+    port priority: 255
+    port number: 2
+    port state: 69
+details partner lacp pdu:
+    system priority: 65535
+    system mac address: 00:00:00:00:00:00
+    oper key: 1
+    port priority: 255
+    port number: 1
+    port state: 1
+"""
+
+
+def test_bonding_procfs_gives_each_members_lacp_ends() -> None:
+    lacp = bonding.parse_bonding(BOND_PROCFS_FORMAT)
+    assert lacp == {
+        "_p525400120001": bonding.Lacp("52:54:00:12:00:01", "52:54:00:12:00:03", 1),
+        "_p525400120002": bonding.Lacp("52:54:00:12:00:01", bonding.NO_PARTNER, 2),
+    }
+
+
+def test_bonding_without_lacp_or_file_gives_nothing(tmp_path: Path) -> None:
+    active_backup = BOND_PROCFS_FORMAT.split("802.3ad info")[0] + (
+        "Slave Interface: eno1\nMII Status: up\nPermanent HW addr: aa:00:00:00:00:01\n"
+    )
+    assert bonding.parse_bonding(active_backup) == {}
+    assert bonding.parse_bonding("") == {}
+    assert bonding.read_lacp(tmp_path, "_buplink") == {}
+    for name in ("", "..", "../../etc/passwd"):
+        assert bonding.read_lacp(tmp_path, name) == {}
+    (tmp_path / "proc/net/bonding").mkdir(parents=True)
+    (tmp_path / "proc/net/bonding/_buplink").write_text(BOND_PROCFS_FORMAT)
+    assert sorted(bonding.read_lacp(tmp_path, "_buplink")) == ["_p525400120001", "_p525400120002"]
