@@ -14,7 +14,8 @@ socket:
   4. a non-root peer is refused by its credentials.
 
 expect["api"]: {"iface": "lan0", "added": "10.99.0.3/24", "kept": "10.99.0.2/24",
-"timeout": "6s"}, optionally "idle_seconds" (a wait before the first change, past
+"timeout": "6s"}, optionally "lldp_on" (a port networkd hears an LLDP neighbour on: the
+state is read once it has),  "idle_seconds" (a wait before the first change, past
 dbus-daemon's authentication timeout), "restore_added" (an address added after the
 backup, gone once it is restored: runs step 3), and "vlan": a VLAN to add with the first change
 ({"name", "parent", "id", "addresses"}; the VM guest adds one on its LACP bond).
@@ -132,6 +133,42 @@ def backup_and_restore(spec: dict, changed: dict) -> dict:
     return out
 
 
+def network_state() -> dict:
+    """GET /1.0/system/network's state, then what networkd and the kernel say right
+    after (the counters only grow, so the API's are at most these), the raw outputs the
+    host keeps as fixtures, and `:flush-dns` with resolved's own word for it."""
+    out: dict = {}
+    got = call("GET", "/1.0/system/network")
+    out["state"] = got["body"]["metadata"]["state"]
+    out["networkctl_status"] = sh("networkctl", "status", "--json=short")
+    out["networkctl_lldp"] = sh("networkctl", "lldp", "--json=short")
+    out["networkctl_list"] = sh("networkctl", "list", "--json=short")
+    out["ip_route"] = sh("ip", "-j", "route", "show", "table", "main")["out"]
+    sys_net = Path("/sys/class/net")
+    out["counters"] = {
+        link.name: {
+            name: int((link / "statistics" / name).read_text())
+            for name in ("rx_bytes", "rx_errors", "tx_bytes", "tx_errors")
+        }
+        for link in sys_net.iterdir()
+    }
+    out["speeds"] = {}
+    for link in sys_net.iterdir():
+        try:
+            out["speeds"][link.name] = (link / "speed").read_text().strip()
+        except OSError as e:
+            out["speeds"][link.name] = f"error: {e.strerror}"
+    # No bonding module in a container: only the VM guest has bonds to record.
+    out["bonding"] = {p.name: p.read_text() for p in Path("/proc/net/bonding").glob("*")}
+    before = journal("-u", "systemd-resolved.service").count("Flushed all caches")
+    out["flush_dns"] = call("POST", "/1.0/system/network/:flush-dns")
+    out["flushed_after_s"] = wait_for(
+        lambda: journal("-u", "systemd-resolved.service").count("Flushed all caches") > before,
+        30,
+    )
+    return out
+
+
 def wait_for(check, seconds: float) -> float | None:
     """Seconds until `check()` held, or None."""
     start = time.monotonic()
@@ -147,9 +184,20 @@ def run(expect_all: dict) -> dict:
     iface = spec["iface"]
     out: dict = {}
     out["socket_start"] = sh("systemctl", "start", "incusos-hal.socket")
+    if spec.get("lldp_on"):
+        # The LAN's switch announces itself every second; networkd hears it once the
+        # port is configured. Wait for that before the first read of the state.
+        out["lldp_after_s"] = wait_for(
+            lambda: spec["lldp_on"] in sh("networkctl", "lldp", "--json=short")["out"], 60
+        )
     got = call("GET", "/1.0/system/network")
     out["get_status"] = got["status"]
+    if got["status"] != 200:  # nothing else can work: say why
+        out["get"] = got
+        out["journal"] = journal("-u", "incusos-hal.service")[-4000:]
+        return out
     config = got["body"]["metadata"]["config"]
+    out["network"] = network_state()
     out["service"] = sh(
         "systemctl", "show", "incusos-hal.service", "-p", "ActiveState", "-p", "TriggeredBy"
     )["out"]

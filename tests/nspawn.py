@@ -222,6 +222,32 @@ class Veth:
     addresses: tuple[str, ...]
 
 
+# What the LAN's "switch" announces over LLDP (Lan.lldp_on), as networkd will show it.
+LLDP_SWITCH = {
+    "name": "ihal-switch",
+    "chassis_id": "02:00:00:99:00:01",
+    "port_id": "swp7",
+    "port": "uplink to ihal-node",
+}
+# One LLDPDU (IEEE 802.1AB): chassis ID (a MAC), port ID (an interface name), TTL, port
+# description, system name, end; sent from a raw socket, as a switch port would.
+_LLDP_SENDER = f"""
+import socket, struct, sys, time
+def tlv(kind, value):
+    return struct.pack("!H", kind << 9 | len(value)) + value
+mac = bytes.fromhex({LLDP_SWITCH["chassis_id"]!r}.replace(":", ""))
+body = (tlv(1, b"\\x04" + mac) + tlv(2, b"\\x05" + {LLDP_SWITCH["port_id"]!r}.encode())
+        + tlv(3, struct.pack("!H", 120)) + tlv(4, {LLDP_SWITCH["port"]!r}.encode())
+        + tlv(5, {LLDP_SWITCH["name"]!r}.encode()) + tlv(0, b""))
+frame = bytes.fromhex("0180c200000e") + mac + b"\\x88\\xcc" + body
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind((sys.argv[1], 0))
+while True:
+    s.send(frame)
+    time.sleep(1)
+"""
+
+
 @dataclass
 class Lan:
     """The far side of the container's NICs, in a network namespace of its own."""
@@ -232,6 +258,8 @@ class Lan:
     # `outside`) that a qemu running in the namespace attaches its NICs to.
     kind: str = "veth"
     syslog_port: int = 0
+    # A switch's LLDP announcements on this outside end, every second (LLDP_SWITCH).
+    lldp_on: str = ""
     name: str = field(default_factory=lambda: f"ihal-{secrets.token_hex(3)}")
     work: Path = Path("/tmp")
     _procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
@@ -298,6 +326,9 @@ class Lan:
                 [sys.executable, "-c", listener, str(self.work / "syslog.txt")],
                 self.work / "syslog.log",
             )
+
+        if self.lldp_on:
+            self._spawn([sys.executable, "-c", _LLDP_SENDER, self.lldp_on], self.work / "lldp.log")
 
     def _spawn(self, cmd: list[str], log: Path) -> None:
         with open(log, "wb") as out:  # the child keeps its own copy of the descriptor

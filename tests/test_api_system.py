@@ -14,11 +14,12 @@ import apiserver
 import nspawn
 import probe_result
 from conftest import require_root, require_tool
-from system_case import EXPECT, LAN1_MAC, config, new_lan
+from system_case import EXPECT, LAN0_MAC, LAN1_MAC, config, new_lan
 
 pytestmark = pytest.mark.nspawn
 
 API = {
+    "lldp_on": "_p" + LAN0_MAC.replace(":", ""),
     "iface": "lan0",
     "added": "10.99.0.3/24",
     "kept": "10.99.0.2/24",
@@ -42,7 +43,9 @@ def booted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         nspawn.nspawn_run(
             merged, "incusos-hal save --config /probe/config.toml", binds=(f"{probe}:/probe",)
         )
-        with nspawn.lan(new_lan(work / "lan")) as lan:
+        lan_ = new_lan(work / "lan")
+        lan_.lldp_on = "vh0"  # the far end of lan0, whose config has lldp = true
+        with nspawn.lan(lan_) as lan:
             boot = nspawn.boot(merged, lan, probe, EXPECT, more={"api": API}, poweroff_by_api=True)
     part: probe_result.Reading = boot.result["api"]
     # Still read through probe_result: a failed step raises with the container's words.
@@ -120,3 +123,46 @@ def test_poweroff_through_the_api_ends_the_machine(booted: dict[str, Any]) -> No
     assert booted["poweroff"]["body"]["status_code"] == 200
     assert booted["exit"] != -signal.SIGKILL, booted["console_end"]
     assert "Powering off." in booted["console_end"], booted["console_end"]
+
+
+def test_network_state_has_incusos_shape(booted: dict[str, Any]) -> None:
+    """GET /1.0/system/network's state as IncusOS gives it (SystemNetworkInterfaceState),
+    checked against networkd and the kernel read right after: keyed by the configured
+    names, never our `_p<mac>` ports; networkd's operational state; bare addresses without
+    link-local ones; gateway routes; roles derived as IncusOS derives them; speed and LLDP
+    from the port under the bridge; counters the kernel's (they only grow)."""
+    net = booted["network"]
+    interfaces = net["state"]["interfaces"]
+    assert sorted(interfaces) == ["lan0", "lan1"], interfaces  # veths are virtual: no "physical"
+    lan0, lan1 = interfaces["lan0"], interfaces["lan1"]
+    port0 = "_p" + LAN0_MAC.replace(":", "")
+    assert lan0["type"] == lan1["type"] == "interface"
+    assert lan0["state"] == lan1["state"] == "routable", interfaces
+    assert lan0["addresses"] == ["10.99.0.2", "fd00:99::2"], lan0
+    assert [a for a in lan1["addresses"] if a.startswith("10.99.1.")], lan1
+    assert any(a.startswith("fd00:99:1:0:") for a in lan1["addresses"]), lan1
+    assert not [a for i in interfaces.values() for a in i["addresses"] if a.startswith("fe80")]
+    assert lan0["routes"] == [{"to": "10.98.0.0/16", "via": "10.99.0.1"}], lan0
+    assert {"to": "default", "via": "10.99.1.1"} in lan1["routes"], lan1
+    assert (lan0["mtu"], lan1["mtu"]) == (1500, 1400)
+    assert (lan0["hwaddr"], lan1["hwaddr"]) == (LAN0_MAC, LAN1_MAC)
+    # lan0 is configured with "management" only: it gets "cluster" too; lan1 gets none.
+    assert lan0["roles"] == ["management", "cluster"] and "roles" not in lan1, interfaces
+    assert lan0["speed"] == net["speeds"][port0] == "10000", (lan0, net["speeds"])
+    assert booted["lldp_after_s"] is not None, net["networkctl_lldp"]
+    assert lan0["lldp"] == [nspawn.LLDP_SWITCH] and "lldp" not in lan1, interfaces
+    for name in ("lan0", "lan1"):
+        stats, later = interfaces[name]["stats"], net["counters"][name]
+        assert set(stats) == {"rx_bytes", "rx_errors", "tx_bytes", "tx_errors"}, stats
+        assert all(0 <= stats[k] <= later[k] for k in stats), (name, stats, later)
+        assert stats["tx_bytes"] > 0, stats
+    assert "members" not in lan0 and "lacp" not in lan0
+    assert net["state"]["configuration_in_process"] is False
+
+
+def test_flush_dns_empties_resolveds_cache(booted: dict[str, Any]) -> None:
+    """`POST /1.0/system/network/:flush-dns` reaches resolved over D-Bus (FlushCaches, as
+    `resolvectl flush-caches`): resolved logs that it flushed."""
+    net = booted["network"]
+    assert net["flush_dns"]["status"] == 200, (net["flush_dns"], booted["journal"])
+    assert net["flushed_after_s"] is not None, booted["journal"]

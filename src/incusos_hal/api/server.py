@@ -216,12 +216,12 @@ async def _get_network(
     svc, network = request.app[SERVICE_KEY], request.app[NETWORK_KEY]
     pending = svc.pending_seconds()
     kept = request.app[NETWORK_BODY_KEY]
-    if pending is None and kept and kept[0] is config and network.fresh() is kept[1]:
+    if pending is None and kept and kept[0] is config and network.fresh(config) is kept[1]:
         return web.Response(body=kept[2], content_type="application/json", headers={"ETag": tag})
-    state = network.fresh()
+    state = network.fresh(config)
     if state is None:
         loop = asyncio.get_running_loop()
-        state = await loop.run_in_executor(None, network.read)
+        state = await loop.run_in_executor(None, network.read, config)
     metadata = {
         "config": section,
         "state": {

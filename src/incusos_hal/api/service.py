@@ -217,6 +217,15 @@ class Service:
         comes through as it was raised."""
         return await asyncio.get_running_loop().run_in_executor(None, work)
 
+    async def flush_dns(self) -> None:
+        """resolved forgets every cached answer (IncusOS's `:flush-dns`), over D-Bus."""
+        if self.systemd is None:
+            raise ApiError(503, "this service runs without systemd (a scratch target)")
+        try:
+            await self.systemd.flush_dns_caches()
+        except ApplyError as e:
+            raise ApiError(500, str(e)) from None
+
     async def tpm_rebind(self) -> None:
         """IncusOS's tpm-rebind: re-seal the volumes the TPM no longer unseals, with the
         configured recovery keys to authorise it (see security.tpm_rebind)."""

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..config.model import Config
 
 
 def _read(path: Path) -> str:
@@ -14,29 +18,24 @@ def _read(path: Path) -> str:
         return ""
 
 
-def network_state(root: str) -> dict[str, Any]:
-    """IncusOS's SystemNetworkState, from sysfs (and netlink when reading this machine)."""
-    from ..hal import net, netlink
-
-    addresses: dict[str, list[str]] = {}
-    if root == "/":
-        with contextlib.suppress(OSError, ImportError):
-            addresses = netlink.addresses()
-    return net.links_state(root, addresses)
-
-
 class NetworkStateCache:
-    """network_state, re-read only after the kernel reported a link or address change.
+    """The network section's state, re-read only after the kernel reported a link or
+    address change, the stored document changed, or MAX_AGE_SECONDS passed.
 
     A thread listens to rtnetlink's link and address groups and counts messages; a state
-    read while the count was N stays valid until it moves. Reading the state costs a
-    netlink dump and a sysfs walk; a GET of /1.0/system/network between changes costs a
-    comparison. Without netlink (or re-rooted reads), every call reads afresh."""
+    read while the count was N for a given document stays valid until either moves.
+    Reading the state costs two networkctl runs and a sysfs walk; a GET of
+    /1.0/system/network between changes costs a comparison. Counters and LLDP neighbours
+    change without a netlink message, hence the age bound: they are at most that old.
+    Without netlink (or re-rooted reads), every call reads afresh."""
 
-    def __init__(self, root: str) -> None:
+    MAX_AGE_SECONDS = 2.0
+
+    def __init__(self, root: str, clock: Callable[[], float] = time.monotonic) -> None:
         self.root = root
         self.generation = 0
-        self._cached: tuple[int, dict[str, Any]] | None = None
+        self._clock = clock
+        self._cached: tuple[int, Config, float, dict[str, Any]] | None = None
         self.watching = False
         if root == "/":
             self._start()
@@ -69,16 +68,25 @@ class NetworkStateCache:
 
         threading.Thread(target=listen, name="rtnl-watch", daemon=True).start()
 
-    def fresh(self) -> dict[str, Any] | None:
+    def fresh(self, config: Config) -> dict[str, Any] | None:
         """The cached state if nothing changed since it was read, else None."""
-        if self.watching and self._cached is not None and self._cached[0] == self.generation:
-            return self._cached[1]
+        cached = self._cached
+        if (
+            self.watching
+            and cached is not None
+            and cached[0] == self.generation
+            and cached[1] is config
+            and self._clock() - cached[2] < self.MAX_AGE_SECONDS
+        ):
+            return cached[3]
         return None
 
-    def read(self) -> dict[str, Any]:
-        generation = self.generation
-        state = network_state(self.root)
-        self._cached = (generation, state)
+    def read(self, config: Config) -> dict[str, Any]:
+        from ..sections import network_state
+
+        generation, now = self.generation, self._clock()
+        state = network_state.read(self.root, config.network)
+        self._cached = (generation, config, now, state)
         return state
 
 

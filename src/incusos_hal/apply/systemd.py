@@ -30,9 +30,10 @@ class Systemd(Protocol):
     async def restart(self, unit: str) -> None: ...
     async def start(self, unit: str, mode: str) -> None: ...
     async def active_state(self, unit: str) -> str: ...
+    async def flush_dns_caches(self) -> None: ...
 
 
-def _proxies() -> tuple[Any, Any, Any]:
+def _proxies() -> tuple[Any, Any, Any, Any]:
     """sdbus interface classes, built on first use (importing sdbus costs start-up)."""
     from sdbus import (
         DbusInterfaceCommonAsync,
@@ -76,11 +77,16 @@ def _proxies() -> tuple[Any, Any, Any]:
         async def reload(self) -> None:
             raise NotImplementedError
 
-    return Manager, Unit, Network
+    class Resolve(DbusInterfaceCommonAsync, interface_name="org.freedesktop.resolve1.Manager"):
+        @dbus_method_async()
+        async def flush_caches(self) -> None:
+            raise NotImplementedError
+
+    return Manager, Unit, Network, Resolve
 
 
 class SdbusSystemd:
-    """The system manager and networkd on the system bus.
+    """The system manager, networkd and resolved on the system bus.
 
     The connection is opened inside the service's event loop (`connect`, at start) and
     processed from then on: a bus opened before the loop runs is never read, and
@@ -88,7 +94,8 @@ class SdbusSystemd:
     that finds the connection gone (dbus-daemon restarted, say) reconnects once."""
 
     def __init__(self) -> None:
-        self._manager_class, self._unit_class, self._network_class = _proxies()
+        classes = _proxies()
+        self._manager_class, self._unit_class, self._network_class, self._resolve_class = classes
         self._bus: Any = None
         self._subscribed = False
 
@@ -102,6 +109,9 @@ class SdbusSystemd:
         self._network = self._network_class.new_proxy(
             "org.freedesktop.network1", "/org/freedesktop/network1", self._bus
         )
+        self._resolve = self._resolve_class.new_proxy(
+            "org.freedesktop.resolve1", "/org/freedesktop/resolve1", self._bus
+        )
         self._subscribed = False
         # One round trip now: the connection authenticates while the loop runs.
         await self._manager.subscribe()
@@ -112,6 +122,10 @@ class SdbusSystemd:
 
     async def reload_networkd(self) -> None:
         await self._call("networkd reload", lambda: self._network.reload())
+
+    async def flush_dns_caches(self) -> None:
+        """resolved drops every cached answer (what `resolvectl flush-caches` asks)."""
+        await self._call("flush DNS caches", lambda: self._resolve.flush_caches())
 
     async def restart(self, unit: str) -> None:
         await self._job(f"restart {unit}", lambda: self._manager.restart_unit(unit, "replace"))

@@ -13,7 +13,6 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 # How the kernel prints an Ethernet address in sysfs. (Not the config's MAC check, which
 # also accepts what people type: importing the config package costs the inventory a
@@ -125,44 +124,68 @@ def udev_done(root: str | os.PathLike[str], name: str) -> bool:
     return ifindex is not None and Path(root, f"run/udev/data/n{ifindex}").exists()
 
 
-def links_state(root: str, addresses: dict[str, list[str]]) -> dict[str, Any]:
-    """Every link but lo as the API's network state shows it, from sysfs; `addresses`
-    (interface name -> address/prefix) come from netlink when reading this machine."""
+COUNTERS = ("rx_bytes", "rx_errors", "tx_bytes", "tx_errors")
+
+
+def counters(root: str | os.PathLike[str], name: str) -> dict[str, int]:
+    """The kernel's traffic counters of a link (IncusOS's SystemNetworkInterfaceStats);
+    0 for one it cannot read (a link that is gone)."""
+    base = Path(root, "sys/class/net", name, "statistics")
+    out: dict[str, int] = {}
+    for counter in COUNTERS:
+        text = _read(base / counter) or ""
+        out[counter] = int(text) if text.isdigit() else 0
+    return out
+
+
+def speed(root: str | os.PathLike[str], name: str) -> str:
+    """The link's speed in Mb/s as the kernel prints it ("-1" when the driver does not
+    know, as on virtio), or "unknown" when it cannot be read (IncusOS's words)."""
+    text = _read(Path(root, "sys/class/net", name, "speed"))
+    return text if text else "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class KernelLink:
+    """A link as sysfs shows it: for links networkd does not describe."""
+
+    name: str
+    hwaddr: str
+    mtu: int
+    up: bool
+    carrier: bool
+    # Backed by hardware: its sysfs device path is not under /devices/virtual/.
+    physical: bool
+
+
+def kernel_links(root: str | os.PathLike[str] = "/") -> dict[str, KernelLink]:
+    """Every link but lo, by name."""
     base = Path(root, "sys/class/net")
-    interfaces: dict[str, Any] = {}
     try:
         names = sorted(os.listdir(base))
     except OSError:
-        names = []
+        return {}
+    out: dict[str, KernelLink] = {}
     for name in names:
-        d = base / name
         if name == "lo":
             continue
-        kind = "ethernet"
-        if (d / "bridge").exists():
-            kind = "bridge"
-        elif (d / "bonding").exists():
-            kind = "bond"
-        elif not (d / "device").exists():
-            kind = "virtual"
-        speed = _read_or_empty(d / "speed")
-        entry: dict[str, Any] = {
-            "hwaddr": _read_or_empty(d / "address"),
-            "mtu": int(_read_or_empty(d / "mtu") or 0),
-            "state": _read_or_empty(d / "operstate") or "unknown",
-            "type": kind,
-            "addresses": addresses.get(name, []),
-        }
-        if speed.isdigit():
-            entry["speed"] = speed
-        members = sorted(p.name.removeprefix("lower_") for p in d.glob("lower_*"))
-        if kind == "bridge":
-            members = sorted(os.listdir(d / "brif")) if (d / "brif").is_dir() else []
-        if members:
-            entry["members"] = members
-        interfaces[name] = entry
-    return {"interfaces": interfaces}
-
-
-def _read_or_empty(path: Path) -> str:
-    return _read(path) or ""
+        d = base / name
+        try:
+            target = os.readlink(d)
+        except OSError:
+            target = ""
+        flags = _read(d / "flags") or "0"
+        try:
+            up = bool(int(flags, 16) & 1)  # IFF_UP
+        except ValueError:
+            up = False
+        mtu = _read(d / "mtu") or ""
+        out[name] = KernelLink(
+            name=name,
+            hwaddr=(_read(d / "address") or "").lower(),
+            mtu=int(mtu) if mtu.isdigit() else 0,
+            up=up,
+            carrier=_read(d / "carrier") == "1",
+            physical=bool(target) and "/virtual/" not in target,
+        )
+    return out

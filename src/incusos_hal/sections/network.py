@@ -35,15 +35,10 @@ def units(config: Config, inputs: UnitInputs) -> Tree:
 
 
 def read_state(ctx: Context) -> Any:
-    from ..hal import net, netlink
+    """IncusOS's SystemNetworkState, keyed by the configured names (network_state.py)."""
+    from . import network_state
 
-    addresses: dict[str, list[str]] = {}
-    if ctx.settings.root == "/":
-        try:
-            addresses = netlink.addresses()
-        except (OSError, ImportError):
-            addresses = {}
-    return net.links_state(ctx.settings.root, addresses)
+    return network_state.read(ctx.settings.root, ctx.config().network)
 
 
 def confirmation(config: Config) -> float:
@@ -53,6 +48,11 @@ def confirmation(config: Config) -> float:
 
 async def confirm(ctx: Context, body: Any) -> Any:
     await ctx.confirm()
+    return {}
+
+
+async def flush_dns(ctx: Context, body: Any) -> Any:
+    await ctx.flush_dns()
     return {}
 
 
@@ -97,6 +97,9 @@ SECTION = Section(
         Reload(TIMESYNCD_DROPIN, "systemd-timesyncd.service"),
     ),
     units=units,
-    actions=(Action("confirm", "keep a network change", confirm),),
+    actions=(
+        Action("confirm", "keep a network change", confirm),
+        Action("flush-dns", "empty resolved's DNS cache", flush_dns),
+    ),
     backup_skip={"network-macs": keep_macs},
 )
