@@ -474,3 +474,76 @@ def test_trust_unit_is_valid_and_wanted_by_the_configure_step() -> None:
     configure = (REPO / "units/incusos-hal-configure.service.in").read_text()
     assert "Wants=incusos-hal-trust.service" in configure.splitlines()
     assert "After=incusos-hal-configure.service local-fs.target" in TRUST_UNIT.read_text()
+
+
+# -- the recovery key of a first boot -------------------------------------------------------
+
+RECOVERY_KEY = re.compile(r"[cbdefghijklnrtuv]{8}(-[cbdefghijklnrtuv]{8}){7}")
+
+
+def test_recovery_key_format_is_systemds() -> None:
+    from incusos_hal.config.formats import check_recovery_key
+    from incusos_hal.security.firstboot import new_recovery_key
+
+    keys = {new_recovery_key() for _ in range(50)}
+    assert len(keys) == 50
+    assert all(RECOVERY_KEY.fullmatch(k) and check_recovery_key(k) is None for k in keys)
+
+
+def test_first_boot_with_encrypted_volumes_generates_a_recovery_key(
+    tmp_path: Path, client: tuple[Path, Path], swtpm: str
+) -> None:
+    """TestIncusOSAPISystemSecurity step 1 (the key part) and steps 4-5: a fresh machine
+    whose volumes the TPM opens, and no key in its config, gets one recovery key that
+    opens every volume, shown as not retrieved until :retrieved; a restart keeps it."""
+    from incusos_hal.hal import luks, tpm
+    from test_security import two_volumes
+
+    install_key = "install-time-key!"  # what the installer formatted with, then forgot
+    root, images = two_volumes(tmp_path, install_key)
+    with tpm.open_tpm(swtpm) as t:
+        for image in images:
+            luks.enroll_tpm2(image, install_key, t, t.current_policy("sha256", [7]))
+    srv = serve(tmp_path / "api", client, root)
+    srv.stop()  # started without the TPM: no way into the volumes, nothing stored
+    assert "encryption_recovery_keys" not in srv.config_file.read_text()
+    assert any("no recovery key could be enrolled" in line for line in srv.log), srv.log
+    srv.tcti = swtpm
+    srv.start()
+    try:
+        security = srv.curl("GET", "/1.0/system/security").json["metadata"]
+        keys = security["config"]["encryption_recovery_keys"]
+        assert len(keys) == 1 and RECOVERY_KEY.fullmatch(keys[0]), keys
+        assert security["state"]["encryption_recovery_keys_retrieved"] is False
+        for image in images:
+            assert luks.opens(image, keys[0]) and luks.opens(image, install_key)
+        assert srv.curl("POST", "/1.0/system/security/:retrieved").status == 200
+        state = srv.curl("GET", "/1.0/system/security").json["metadata"]["state"]
+        assert state["encryption_recovery_keys_retrieved"] is True
+    finally:
+        srv.stop()
+    srv.start()  # a second start: the stored key stays, nothing is added
+    try:
+        again = srv.curl("GET", "/1.0/system/security").json["metadata"]
+    finally:
+        srv.stop()
+    assert again["config"]["encryption_recovery_keys"] == keys
+    assert again["state"]["encryption_recovery_keys_retrieved"] is True
+    # The install key, the TPM token's and the recovery key: nothing added on the restart.
+    assert all(len(luks.header(i).keyslots) == 3 for i in images)
+    assert all(keys[0] not in line for line in srv.log)
+    assert any("a recovery key was generated" in line for line in srv.log), srv.log
+
+
+def test_no_recovery_key_without_encrypted_volumes(
+    tmp_path: Path, client: tuple[Path, Path]
+) -> None:
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    srv = serve(tmp_path / "api", client, root)
+    try:
+        security = srv.curl("GET", "/1.0/system/security").json["metadata"]
+    finally:
+        srv.stop()
+    assert not security["config"].get("encryption_recovery_keys")
+    assert not any("recovery key" in line for line in srv.log), srv.log

@@ -597,6 +597,7 @@ async def serve(
         except Exception as e:  # reads still work; a write connects again or says why
             log.warning("the system bus is not reachable yet: %s", e)
     await service.recover()
+    await service.first_boot_recovery_key()
     runner = web.AppRunner(app, access_log=None, handle_signals=True)
     await runner.setup()
     # The unix socket: handed over by systemd (socket activation), or made here.
