@@ -109,8 +109,8 @@ def journal_arguments(query: Any) -> list[str]:
     args += ["-b", boot]
     if query.get("entries"):
         entries = query["entries"]
-        if not re.fullmatch(r"[0-9]{1,6}", entries, re.ASCII) or int(entries) < 1:
-            raise ApiError(400, "entries: must be an integer in 1..999999")
+        if not re.fullmatch(r"[0-9]{1,5}", entries, re.ASCII) or not 1 <= int(entries) <= 10000:
+            raise ApiError(400, "entries: must be an integer in 1..10000")
         args += ["-n", entries]
     for name in ("since", "until"):
         if query.get(name):
