@@ -153,6 +153,11 @@ def spec(routes: Iterable[Any]) -> dict[str, Any]:
                 "required": True,
                 "content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}},
             }
+        elif r.body == "script":  # as `openssl smime -sign` writes it
+            op["requestBody"] = {
+                "required": True,
+                "content": {"multipart/signed": {"schema": {"type": "string", "format": "binary"}}},
+            }
         params: list[dict[str, Any]] = []
         if "{name}" in r.path:
             name_schema: dict[str, Any] = {"type": "string"}

@@ -26,7 +26,7 @@ from ..config import MAX_DOCUMENT_BYTES, Config
 from ..sections import SECTIONS
 from ..sections.base import Action, Section
 from ..state.paths import SOCKET
-from . import auth, backup, listeners
+from . import auth, backup, debug, listeners
 from . import envelope as env
 from .operations import Events, Operations, Progress
 from .service import ApiError, Service, Settings
@@ -51,8 +51,6 @@ SERVICES = (
     "usbip",
 )
 EVENT_TYPES = frozenset({"operation", "logging"})
-UNIT_NAME = re.compile(r"[A-Za-z0-9:_.@\\-]{1,256}")
-JOURNAL_TIME = re.compile(r"[0-9: T.+-]{1,40}|-?[0-9]+[smhdw]? ?(ago)?|today|yesterday|now")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SERVICE_KEY = web.AppKey("service", Service)
@@ -309,8 +307,15 @@ async def post_restore(request: web.Request) -> web.Response:
     return _respond(env.async_(op.to_dict(), op_url), 202, {"Location": op_url})
 
 
+POWER_TARGETS = {
+    ":reboot": "reboot.target",
+    ":poweroff": "poweroff.target",
+    ":suspend": "suspend.target",  # what `systemctl suspend` starts
+}
+
+
 async def post_power(request: web.Request) -> web.Response:
-    target = "reboot.target" if request.path.endswith(":reboot") else "poweroff.target"
+    target = POWER_TARGETS[request.path.rsplit("/", 1)[-1]]
     if not request.app[SERVICE_KEY].schedule(target):
         raise ApiError(503, "this service runs without systemd (a scratch target)")
     return sync({})
@@ -325,45 +330,6 @@ async def get_service(request: web.Request) -> web.Response:
     if name not in SERVICES:
         raise ApiError(404, f"no service {name!r}")
     raise _not_built(f"the {name} service")
-
-
-async def get_debug_log(request: web.Request) -> web.Response:
-    args = ["journalctl", "--no-pager", "-o", "json"]
-    q = request.query
-    unknown = sorted(set(q) - {"unit", "boot", "entries", "since", "until"})
-    if unknown:
-        raise ApiError(400, f"{unknown[0]}: unknown parameter (unit, boot, entries, since, until)")
-    if "unit" in q:
-        if not UNIT_NAME.fullmatch(q["unit"]):
-            raise ApiError(400, "unit: not a unit name")
-        args += ["-u", q["unit"]]
-    if "boot" in q:
-        if not re.fullmatch(r"-?[0-9]{1,4}", q["boot"], re.ASCII):
-            raise ApiError(400, "boot: not a boot offset (0, -1, ...)")
-        args += ["-b", q["boot"]]
-    args += ["-n", str(_query_int(request, "entries", "100", 1, 10000))]
-    for name in ("since", "until"):
-        if name in q:
-            if not JOURNAL_TIME.fullmatch(q[name]):
-                raise ApiError(400, f"{name}: not a journalctl time")
-            args += [f"--{name}={q[name]}"]
-    proc = await asyncio.create_subprocess_exec(
-        *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), 30)
-    except TimeoutError:
-        proc.kill()
-        raise ApiError(504, "journalctl did not answer in 30s") from None
-    if proc.returncode != 0:
-        raise ApiError(400, f"journalctl: {err.decode(errors='replace').strip()[:500]}")
-    lines = []
-    for line in out.splitlines():
-        try:
-            lines.append(json.loads(line, parse_constant=_no_constant))
-        except (ValueError, RecursionError):
-            continue  # journalctl emits one object per line; skip anything else
-    return sync(lines)
 
 
 async def get_operations(request: web.Request) -> web.Response:
@@ -499,6 +465,7 @@ ROUTES: list[Route] = [
     ),
     Route("POST", "/1.0/system/:reboot", post_power, "reboot"),
     Route("POST", "/1.0/system/:poweroff", post_power, "power off"),
+    Route("POST", "/1.0/system/:suspend", post_power, "suspend to RAM (suspend.target)"),
     Route(
         "POST", "/1.0/system/:backup", post_backup, "the state directory as a tar.gz (sensitive)"
     ),
@@ -525,7 +492,7 @@ ROUTES: list[Route] = [
         built=False,
         names=SERVICES,
     ),
-    Route("GET", "/1.0/debug/log", get_debug_log, "journal entries as JSON"),
+    *debug.routes(),
     Route("GET", "/1.0/operations", get_operations, "the operations"),
     Route("GET", "/1.0/operations/{id}", get_operation, "one operation"),
     Route("GET", "/1.0/operations/{id}/wait", get_operation_wait, "wait for an operation to end"),
@@ -632,6 +599,7 @@ async def serve(
         except Exception as e:  # reads still work; a write connects again or says why
             log.warning("the system bus is not reachable yet: %s", e)
     await service.recover()
+    await service.first_boot_recovery_key()
     runner = web.AppRunner(
         app, access_log=None, handle_signals=True, keepalive_timeout=limits.idle_seconds
     )

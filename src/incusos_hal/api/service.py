@@ -412,6 +412,40 @@ class Service:
             await self._reapply("the previous network configuration")
             self._unconfirmed.unlink(missing_ok=True)
 
+    async def first_boot_recovery_key(self) -> None:
+        """IncusOS's first boot: encrypted volumes and no recovery key in the config get
+        one (security.firstboot), stored and shown as not yet retrieved. A machine whose
+        volumes cannot be opened to add it is left as it is, and the journal says why."""
+        from dataclasses import replace
+
+        from ..security.firstboot import enroll_first_recovery_key, needs_recovery_key
+
+        s = self.settings
+        async with self.lock:
+            config = self.config()
+            if not needs_recovery_key(s.root, config.security.encryption_recovery_keys):
+                return
+
+            def work() -> str:
+                from ..hal import tpm
+
+                with tpm.open_tpm_if_any(s.tcti) as handle:
+                    return enroll_first_recovery_key(s.root, handle)
+
+            try:
+                key = await self.run_in_thread(work)
+            except Exception as e:  # RecoveryKeyError, OSError: never fatal to the service
+                self.log("error", f"no recovery key could be enrolled: {_reason(e)}")
+                return
+            security = replace(config.security, encryption_recovery_keys=(key,))
+            store.save(s.state_dir, replace(config, security=security))
+            self.set_flag("encryption_recovery_keys_retrieved", False)
+            self.log(
+                "warning",
+                "a recovery key was generated and enrolled on every encrypted "
+                "volume: read it from /1.0/system/security, then POST :retrieved",
+            )
+
     def pending_seconds(self) -> float | None:
         if self.pending is None:
             return None

@@ -1,6 +1,9 @@
 """`/1.0/system/security`: recovery keys, custom CAs, and the TPM, Secure Boot and volume
 state (IncusOS's SystemSecurity). A PUT first makes every crypttab volume open with
-exactly the new recovery keys, all volumes or none, then stores them."""
+exactly the new recovery keys, all volumes or none, then stores them.
+
+The custom CAs are files of the configure step (render/trust.py), at boot as after a PUT;
+when they change, incusos-hal-trust.service rebuilds the system trust store from them."""
 
 from __future__ import annotations
 
@@ -8,10 +11,13 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from ..config.errors import FieldError
-from .base import Action, Context, Refused, Section
+from ..core.files import Owned
+from ..render.trust import CUSTOM_CA_DIR, TRUST_UNIT, is_custom_ca_file, render_custom_cas
+from .base import Action, Context, Refused, Reload, Rendered, Section
 
 if TYPE_CHECKING:
     from ..config.model import Config
+    from ..hal.net import Nic
 
 
 def read_state(ctx: Context) -> Any:
@@ -56,6 +62,10 @@ async def sync_recovery_keys(ctx: Context, new: Config, current: Config) -> None
     await ctx.run_in_thread(work)
 
 
+def files(config: Config, nics: tuple[Nic, ...]) -> Rendered:
+    return Rendered(render_custom_cas(config.security.custom_ca_certs))
+
+
 async def retrieved(ctx: Context, body: Any) -> Any:
     ctx.set_flag("encryption_recovery_keys_retrieved", True)
     return {}
@@ -81,6 +91,9 @@ SECTION = Section(
     read_state=read_state,
     check=check,
     before_store=sync_recovery_keys,
+    files=files,
+    owns=(Owned(CUSTOM_CA_DIR, is_custom_ca_file),),
+    reloads=(Reload(f"{CUSTOM_CA_DIR}/", TRUST_UNIT),),
     actions=(
         Action("retrieved", "mark the recovery keys as retrieved", retrieved),
         Action(
