@@ -132,15 +132,20 @@ def configure(
     unit_dir: str | None = None,
     deadline: Deadline | None = None,
     mark_good: bool = True,
+    first_boot: bool = True,
 ) -> Result:
     """Apply the stored config. `live` allows acting on this machine's links and hostname.
 
     `deadline` is checked before renaming and between file writes (raising TimedOut with
     the files put back). `mark_good=False` leaves config.last-good.toml to the caller:
     the API records it only once systemd accepted the change, while at boot the files
-    written are the whole apply."""
+    written are the whole apply. `first_boot` (the boot's run) stores the default network
+    when none is configured, as IncusOS does (`store.store_first_boot`); the files are the
+    same either way."""
     with _ONE_AT_A_TIME:
-        return _configure(state, Path(sys_root), Path(target), live, unit_dir, deadline, mark_good)
+        return _configure(
+            state, Path(sys_root), Path(target), live, unit_dir, deadline, mark_good, first_boot
+        )
 
 
 def _configure(
@@ -151,6 +156,7 @@ def _configure(
     unit_dir: str | None,
     deadline: Deadline | None,
     mark_good: bool,
+    first_boot: bool,
 ) -> Result:
     loaded = store.load(state)
     problems = list(loaded.problems)
@@ -161,6 +167,11 @@ def _configure(
 
     nics, nic_warnings = net.list_nics(sys_path)
     problems += nic_warnings
+    if first_boot:
+        stored, _why = store.store_first_boot(state, nics)
+        if stored is not None:
+            info("first boot: the default network stored (every wired NIC: dhcp4, slaac)")
+            loaded = store.Loaded(stored, "config", str(Path(state, store.CONFIG_FILE)))
     try:
         plan = _plan(loaded.config, nics, target_path)
     except Exception as e:  # a rendering bug must not cost the machine its network
