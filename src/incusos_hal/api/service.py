@@ -143,7 +143,12 @@ class Service:
 
     def _check_writable(self) -> None:
         if self.pending is not None:
-            raise ApiError(409, "a network change is waiting for its confirmation")
+            # IncusOS's words (its tests compare them); 409, not its 400: a conflict.
+            raise ApiError(
+                409,
+                "a pending network configuration must first be confirmed before a new "
+                "configuration can be applied",
+            )
 
     def candidate(self, name: str, body: Any) -> Config:
         """The document a PUT of `body` to section `name` would store, validated."""
@@ -342,7 +347,7 @@ class Service:
     async def confirm(self) -> None:
         async with self.lock:
             if self.pending is None:
-                raise ApiError(400, "no network change is waiting for confirmation")
+                raise ApiError(400, "no network configuration is pending a confirmation")
             if self.pending.timer is not None:
                 self.pending.timer.cancel()
             self._unconfirmed.unlink(missing_ok=True)

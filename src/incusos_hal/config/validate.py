@@ -81,10 +81,17 @@ def _network(c: _Collector, net: Network, path: str) -> None:
         timeout = net.confirmation_timeout
         # Beyond Go's range: reported as too long below.
         seconds = math.inf if timeout.beyond_range else timeout.seconds
-        if seconds is None or seconds <= 0:
+        # IncusOS's words (its API tests compare them), after the field's path.
+        if seconds is None:
             c.check(
                 child(path, "confirmation_timeout"),
-                f"{fmt.show(net.confirmation_timeout)} is not a positive duration (e.g. 90s, 5m)",
+                "invalid confirmation timeout provided: time: invalid duration "
+                f"{fmt.show_go(net.confirmation_timeout)} (e.g. 90s, 5m)",
+            )
+        elif seconds <= 0:
+            c.check(
+                child(path, "confirmation_timeout"),
+                "confirmation timeout must be greater than zero",
             )
         elif seconds > MAX_CONFIRMATION_TIMEOUT_S:
             c.check(
