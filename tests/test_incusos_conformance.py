@@ -199,8 +199,9 @@ def test_incusos_api_system_network_rollback(srv: apiserver.Server) -> None:
     cfg["config"]["confirmation_timeout"] = "bizbaz"
     result = api_request(srv, "/1.0/system/network", "PUT", json.dumps(cfg))
     assert result["status_code"] != 200
-    assert 'invalid confirmation timeout provided: time: invalid duration "bizbaz"' in (
-        result["error"]
+    assert (
+        'invalid confirmation timeout provided: time: invalid duration "bizbaz"'
+        in (result["error"])
     )
 
     cfg["config"]["confirmation_timeout"] = "-1m"
