@@ -92,14 +92,24 @@ def sync(metadata: Any, headers: dict[str, str] | None = None) -> web.Response:
     return _respond(env.sync(metadata), headers=headers)
 
 
+OS_PREFIX = "/os"
+
+
 def _prefix(request: web.Request) -> str:
-    # Honoured on the unix socket only: there, the peer is a local reverse proxy that
-    # the admin put in front (IncusOS's Incus forwarding /os/...).
-    if request.get("listener") == "unix":
-        value = request.headers.get(PROXY_HEADER, "")
-        segments = value.strip("/").split("/")
-        if value.startswith("/") and all(PROXY_SEGMENT.fullmatch(s) for s in segments):
-            return "/" + "/".join(segments)
+    """The prefix of the URLs in an answer, as IncusOS's getAPIRoot makes it.
+
+    Over HTTPS it is always /os: IncusOS's own TLS listener sets X-IncusOS-Proxy to /os
+    (and takes paths with or without it). On the unix socket the peer is a local
+    reverse proxy the admin put in front: Incus's /os proxy adds "/os" to whatever the
+    client sent, and IncusOS reads the header's first value (Go's Header.Get), so a
+    client's own `X-IncusOS-Proxy: /` wins and lists read /1.0/..."""
+    if request.get("listener") == "https":
+        return OS_PREFIX
+    values = request.headers.getall(PROXY_HEADER, [])
+    value = values[0] if values else ""
+    segments = value.strip("/").split("/")
+    if value.startswith("/") and all(PROXY_SEGMENT.fullmatch(s) for s in segments):
+        return "/" + "/".join(segments)
     return ""
 
 
@@ -191,7 +201,8 @@ async def get_10(request: web.Request) -> web.Response:
 
 
 async def get_system(request: web.Request) -> web.Response:
-    # The areas IncusOS lists; those not built yet answer 501 with the reason.
+    # Exactly the eight areas IncusOS lists (not its fallback listener); those not built
+    # yet answer 501 with the reason.
     names = {*(row.name for row in SECTIONS if row.listed), "resources", "storage", "provider"}
     return sync([url(request, f"/1.0/system/{n}") for n in sorted(names)])
 
@@ -413,6 +424,18 @@ async def get_openapi(request: web.Request) -> web.Response:
     return web.json_response(spec(ROUTES), dumps=_dumps)
 
 
+def _https_only(handler: Handler) -> Handler:
+    """A route under /os: IncusOS's TLS listener trims a leading /os (as Incus's /os
+    proxy and the fallback listener's clients send it); its unix socket does not."""
+
+    async def os_prefixed(request: web.Request) -> web.StreamResponse:
+        if request.get("listener") != "https":
+            raise web.HTTPNotFound()
+        return await handler(request)
+
+    return os_prefixed
+
+
 def _unbuilt(what: str) -> Handler:
     async def handler(request: web.Request) -> web.Response:
         raise _not_built(what)
@@ -518,6 +541,8 @@ def make_app(service: Service, trust: auth.TrustStore | None = None) -> web.Appl
         app[TRUST_KEY] = trust
     for r in ROUTES:
         app.router.add_route(r.method, r.path, r.handler)
+        for path in (OS_PREFIX + r.path.rstrip("/"), *(["/os/"] if r.path == "/" else [])):
+            app.router.add_route(r.method, path, _https_only(r.handler))
 
     def emit(level: str, message: str) -> None:
         getattr(log, level if level != "warning" else "warning")(message)
@@ -599,6 +624,7 @@ async def serve(
         except Exception as e:  # reads still work; a write connects again or says why
             log.warning("the system bus is not reachable yet: %s", e)
     await service.recover()
+    service.store_first_boot()
     await service.first_boot_recovery_key()
     runner = web.AppRunner(
         app, access_log=None, handle_signals=True, keepalive_timeout=limits.idle_seconds

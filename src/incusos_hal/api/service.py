@@ -33,7 +33,7 @@ from typing import Any
 from .. import __version__
 from ..apply.deadline import Deadline, TimedOut, TimeLimit
 from ..apply.systemd import ApplyError, Systemd
-from ..config import Config, ConfigError, FieldError, from_dict, to_dict
+from ..config import Config, ConfigError, FieldError, from_dict, to_api, to_dict
 from ..core.files import atomic_write
 from ..sections import by_name, changes
 from ..sections.base import Refused, Section
@@ -128,11 +128,13 @@ class Service:
         return row
 
     def section(self, name: str, config: Config | None = None) -> tuple[Any, str]:
-        """A section as API data and its ETag, computed once per stored document."""
+        """A section as API data (as IncusOS writes it: its non-omitempty fields always
+        there) and its ETag, computed once per stored document."""
         config = config or self.config()
         cached = self._sections.get(name)
         if cached is None or cached[0] is not config:
-            data = to_dict(getattr(config, self.table_row(name).attribute))
+            row = self.table_row(name)
+            data = to_api(getattr(row.stored(config), row.attribute))
             cached = (config, data, env.etag(data))
             self._sections[name] = cached
         return cached[1], cached[2]
@@ -141,7 +143,12 @@ class Service:
 
     def _check_writable(self) -> None:
         if self.pending is not None:
-            raise ApiError(409, "a network change is waiting for its confirmation")
+            # IncusOS's words (its tests compare them); 409, not its 400: a conflict.
+            raise ApiError(
+                409,
+                "a pending network configuration must first be confirmed before a new "
+                "configuration can be applied",
+            )
 
     def candidate(self, name: str, body: Any) -> Config:
         """The document a PUT of `body` to section `name` would store, validated."""
@@ -188,6 +195,7 @@ class Service:
                 except Refused as e:
                     raise ApiError(e.status, e.message) from None
             timeout = row.confirmation(config)
+            config = row.stored(config)
             if timeout > 0:
                 atomic_write(self._unconfirmed, previous or b"", 0o600)
             try:
@@ -302,6 +310,7 @@ class Service:
                 unit_dir=s.unit_dir,
                 deadline=deadline,
                 mark_good=False,
+                first_boot=False,
             ),
         )
         try:
@@ -362,7 +371,7 @@ class Service:
     async def confirm(self) -> None:
         async with self.lock:
             if self.pending is None:
-                raise ApiError(400, "no network change is waiting for confirmation")
+                raise ApiError(400, "no network configuration is pending a confirmation")
             if self.pending.timer is not None:
                 self.pending.timer.cancel()
             self._unconfirmed.unlink(missing_ok=True)
@@ -445,6 +454,16 @@ class Service:
                 "a recovery key was generated and enrolled on every encrypted "
                 "volume: read it from /1.0/system/security, then POST :retrieved",
             )
+
+    def store_first_boot(self) -> None:
+        """At start, as the boot's configure step does: a machine with no network
+        configured stores the default it runs, so GET returns it (IncusOS's first boot)."""
+        from ..hal import net
+
+        nics, _ = net.list_nics(self.settings.root)
+        stored, _why = store.store_first_boot(self.settings.state_dir, nics)
+        if stored is not None:
+            self.log("info", "first boot: the default network stored")
 
     def pending_seconds(self) -> float | None:
         if self.pending is None:

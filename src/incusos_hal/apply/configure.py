@@ -143,15 +143,20 @@ def configure(
     unit_dir: str | None = None,
     deadline: Deadline | None = None,
     mark_good: bool = True,
+    first_boot: bool = True,
 ) -> Result:
     """Apply the stored config. `live` allows acting on this machine's links and hostname.
 
     `deadline` is checked before renaming and between file writes (raising TimedOut with
     the files put back). `mark_good=False` leaves config.last-good.toml to the caller:
     the API records it only once systemd accepted the change, while at boot the files
-    written are the whole apply."""
+    written are the whole apply. `first_boot` (the boot's run) stores the default network
+    when none is configured, as IncusOS does (`store.store_first_boot`); the files are the
+    same either way."""
     with _ONE_AT_A_TIME:
-        return _configure(state, Path(sys_root), Path(target), live, unit_dir, deadline, mark_good)
+        return _configure(
+            state, Path(sys_root), Path(target), live, unit_dir, deadline, mark_good, first_boot
+        )
 
 
 def _configure(
@@ -162,16 +167,13 @@ def _configure(
     unit_dir: str | None,
     deadline: Deadline | None,
     mark_good: bool,
+    first_boot: bool,
 ) -> Result:
     sources = store.read_sources(state)
     loaded = store.load_from(state, *sources)
     problems = list(loaded.problems)
     # What it warns about before writing: the fast path, replaying this run, says it too.
-    said: list[str] = []
-    for p in loaded.problems:
-        said.append(p)
-    if loaded.problems:
-        said.append(f"using {loaded.path or 'the default configuration'}")
+    said = _said_of(loaded)
     for message in said:
         warn(message)
 
@@ -180,6 +182,12 @@ def _configure(
     # Read again: a NIC that came or went meanwhile makes this run's facts uncertain.
     facts_held = fast.nic_facts(str(sys_path)) == facts
     problems += nic_warnings
+    if first_boot:
+        stored, _why = store.store_first_boot(state, nics)
+        if stored is not None:
+            info("first boot: the default network stored (every wired NIC: dhcp4, slaac)")
+            loaded = store.Loaded(stored, "config", str(Path(state, store.CONFIG_FILE)))
+            sources = store.read_sources(state)  # the boot cache keys on what is there now
     plan, checked, rendered = _render(loaded.config, nics, target_path, problems)
     for w in plan.warnings:
         warn(w)
@@ -234,6 +242,14 @@ def _configure(
         problems.append(f"cannot update {state}: {e}")
         warn(problems[-1])
     return Result(loaded.source, loaded.config, applied, tuple(renamed), tuple(problems))
+
+
+def _said_of(loaded: store.Loaded) -> list[str]:
+    """What a run warns about the stored documents before it writes anything."""
+    said = list(loaded.problems)
+    if loaded.problems:
+        said.append(f"using {loaded.path or 'the default configuration'}")
+    return said
 
 
 def _render(

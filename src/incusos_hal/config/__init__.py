@@ -10,9 +10,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import tomllib
+import typing
 from collections.abc import Mapping
 from typing import Any
 
+from . import model
 from .decode import decode
 from .errors import ConfigError, FieldError
 from .model import CURRENT_VERSION, Config
@@ -30,6 +32,7 @@ __all__ = [
     "parse",
     "parse_json",
     "parse_toml",
+    "to_api",
     "to_dict",
 ]
 
@@ -114,6 +117,46 @@ def to_dict(obj: Any, *, omit_defaults: bool = True) -> Any:
     if isinstance(obj, Mapping):
         return {k: to_dict(v, omit_defaults=omit_defaults) for k, v in obj.items()}
     return obj
+
+
+def to_api(obj: Any) -> Any:
+    """Plain data for `obj` as IncusOS's JSON has it: a field marked `ALWAYS` (no
+    `omitempty` there) is always present, even empty; any other is left out when empty
+    (false, 0, "", an empty list or table, or not set), whatever its default. A
+    sub-document that is set is present, as Go's non-nil pointers are."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        out: dict[str, Any] = {}
+        always = _always(type(obj))
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if value is None:
+                continue
+            if f.name not in always and not dataclasses.is_dataclass(value) and not value:
+                continue
+            out[f.name] = to_api(value)
+        return out
+    if isinstance(obj, tuple):
+        return [to_api(v) for v in obj]
+    if isinstance(obj, Mapping):
+        return {k: to_api(v) for k, v in obj.items()}
+    return obj
+
+
+_ALWAYS: dict[type, frozenset[str]] = {}
+
+
+def _always(cls: type) -> frozenset[str]:
+    """The fields of `cls` marked ALWAYS, read from its annotations once."""
+    names = _ALWAYS.get(cls)
+    if names is None:
+        hints = typing.get_type_hints(cls, vars(model), include_extras=True)
+        names = frozenset(
+            name
+            for name, hint in hints.items()
+            if any(isinstance(m, model.Always) for m in getattr(hint, "__metadata__", ()))
+        )
+        _ALWAYS[cls] = names
+    return names
 
 
 def _is_default(f: dataclasses.Field[Any], value: Any) -> bool:

@@ -316,6 +316,15 @@ def show(value: str) -> str:
     return repr(text)
 
 
+def show_go(value: str) -> str:
+    """A value quoted as Go's %q would (double quotes), shortened as `show` does: for
+    messages IncusOS writes with Go's quoting."""
+    import json
+
+    text = value if len(value) <= 64 else value[:61] + "..."
+    return json.dumps(text)
+
+
 def show_int(value: int) -> str:
     """An integer for an error message: TOML and JSON give Python's unbounded ints, and
     one of thousands of digits must neither fill the message nor hit str()'s limit."""

@@ -33,6 +33,16 @@ class Help:
     text: str
 
 
+@dataclass(frozen=True, slots=True)
+class Always:
+    """Marks a field IncusOS's JSON has without `omitempty`: the API always emits it, even
+    empty (`syslog.address: ""`), where other fields are left out when empty. The stored
+    TOML stays compact either way (see config.to_api and config.to_dict)."""
+
+
+ALWAYS = Always()
+
+
 Role = Literal["management", "cluster", "instances", "storage"]
 BondMode = Literal[
     "balance-rr",
@@ -70,8 +80,10 @@ UNSUPPORTED_KEYS: Mapping[str, str] = {
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    to: Annotated[str, Help("destination network with its prefix length (0.0.0.0/0: default)")]
-    via: Annotated[str, Help("gateway address, or dhcp4 / slaac for the one those provide")]
+    to: Annotated[
+        str, Help("destination network with its prefix length (0.0.0.0/0: default)"), ALWAYS
+    ]
+    via: Annotated[str, Help("gateway address, or dhcp4 / slaac for the one those provide"), ALWAYS]
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,15 +133,17 @@ class Port(Addressed):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Interface(Port):
-    name: Annotated[str, Help("the bridge's name (at most 13 characters)")]
+    name: Annotated[str, Help("the bridge's name (at most 13 characters)"), ALWAYS]
     # A MAC address, or an interface name resolved to its MAC on the running machine.
-    hwaddr: Annotated[str, Help("the NIC's MAC address, or its kernel name to resolve at boot")]
+    hwaddr: Annotated[
+        str, Help("the NIC's MAC address, or its kernel name to resolve at boot"), ALWAYS
+    ]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Bond(Port):
-    name: Annotated[str, Help("the bridge's name (at most 13 characters)")]
-    mode: Annotated[BondMode, Help("the bonding mode (802.3ad: LACP)")]
+    name: Annotated[str, Help("the bridge's name (at most 13 characters)"), ALWAYS]
+    mode: Annotated[BondMode, Help("the bonding mode (802.3ad: LACP)"), ALWAYS]
     # MAC addresses (or interface names, resolved like Interface.hwaddr).
     members: Annotated[tuple[str, ...], Help("the members' MAC addresses (or kernel names)")] = ()
     # The bond's own MAC; empty means the first member's (switches reject the
@@ -139,15 +153,15 @@ class Bond(Port):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class VLAN(Addressed):
-    name: Annotated[str, Help("the VLAN device's name (at most 13 characters)")]
-    parent: Annotated[str, Help("the interface or bond it is tagged on")]
-    id: Annotated[int, Help("the VLAN ID (1-4094)")]
+    name: Annotated[str, Help("the VLAN device's name (at most 13 characters)"), ALWAYS]
+    parent: Annotated[str, Help("the interface or bond it is tagged on"), ALWAYS]
+    id: Annotated[int, Help("the VLAN ID (1-4094)"), ALWAYS]
 
 
 @dataclass(frozen=True, slots=True)
 class DNS:
-    hostname: Annotated[str, Help("the machine's host name")] = ""
-    domain: Annotated[str, Help("its DNS domain")] = ""
+    hostname: Annotated[str, Help("the machine's host name"), ALWAYS] = ""
+    domain: Annotated[str, Help("its DNS domain"), ALWAYS] = ""
     nameservers: Annotated[
         tuple[str, ...], Help("DNS servers: IP addresses, optionally #name for DNS over TLS")
     ] = ()
@@ -165,9 +179,9 @@ class Time:
 
 @dataclass(frozen=True, slots=True)
 class ProxyServer:
-    host: Annotated[str, Help("host, host:port or http(s)://host:port")]
-    auth: Annotated[ProxyAuth, Help("anonymous, basic, or kerberos")]
-    use_tls: Annotated[bool, Help("reach the proxy over TLS")] = False
+    host: Annotated[str, Help("host, host:port or http(s)://host:port"), ALWAYS]
+    auth: Annotated[ProxyAuth, Help("anonymous, basic, or kerberos"), ALWAYS]
+    use_tls: Annotated[bool, Help("reach the proxy over TLS"), ALWAYS] = False
     username: Annotated[str, Help("for basic authentication")] = ""
     password: Annotated[str, Help("for basic authentication (a secret)")] = ""
     realm: Annotated[str, Help("the Kerberos realm")] = ""
@@ -176,9 +190,9 @@ class ProxyServer:
 @dataclass(frozen=True, slots=True)
 class ProxyRule:
     destination: Annotated[
-        str, Help("hosts, *.domains, addresses or networks, |-separated; *: all")
+        str, Help("hosts, *.domains, addresses or networks, |-separated; *: all"), ALWAYS
     ]
-    target: Annotated[str, Help("a server's name, direct, or none")]
+    target: Annotated[str, Help("a server's name, direct, or none"), ALWAYS]
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,33 +228,33 @@ class Network:
 
 @dataclass(frozen=True, slots=True)
 class Syslog:
-    address: Annotated[str, Help("host, host:port, IPv4:port or [IPv6]:port")] = ""
-    protocol: Annotated[SyslogProtocol, Help("udp (default), tcp, tls or dtls")] = ""
-    log_format: Annotated[SyslogFormat, Help("rfc5424 (default) or rfc3339")] = ""
+    address: Annotated[str, Help("host, host:port, IPv4:port or [IPv6]:port"), ALWAYS] = ""
+    protocol: Annotated[SyslogProtocol, Help("udp (default), tcp, tls or dtls"), ALWAYS] = ""
+    log_format: Annotated[SyslogFormat, Help("rfc5424 (default) or rfc3339"), ALWAYS] = ""
 
 
 @dataclass(frozen=True, slots=True)
 class Logging:
-    syslog: Annotated[Syslog, Help("a remote syslog server")] = Syslog()
+    syslog: Annotated[Syslog, Help("a remote syslog server"), ALWAYS] = Syslog()
 
 
 @dataclass(frozen=True, slots=True)
 class MaintenanceWindow:
-    start_hour: Annotated[int, Help("0-23")] = 0
-    start_minute: Annotated[int, Help("0-59")] = 0
-    end_hour: Annotated[int, Help("0-23")] = 0
-    end_minute: Annotated[int, Help("0-59")] = 0
+    start_hour: Annotated[int, Help("0-23"), ALWAYS] = 0
+    start_minute: Annotated[int, Help("0-59"), ALWAYS] = 0
+    end_hour: Annotated[int, Help("0-23"), ALWAYS] = 0
+    end_minute: Annotated[int, Help("0-59"), ALWAYS] = 0
     start_day_of_week: Annotated[Weekday, Help("Sunday...Saturday; empty: every day")] = ""
     end_day_of_week: Annotated[Weekday, Help("Sunday...Saturday; empty: every day")] = ""
 
 
 @dataclass(frozen=True, slots=True)
 class Update:
-    channel: Annotated[str, Help("the update channel (stable, testing)")] = "stable"
+    channel: Annotated[str, Help("the update channel (stable, testing)"), ALWAYS] = "stable"
     check_frequency: Annotated[
-        Duration, Help("how often to check: a duration of at least 1m, or never")
+        Duration, Help("how often to check: a duration of at least 1m, or never"), ALWAYS
     ] = DEFAULT_CHECK_FREQUENCY
-    auto_reboot: Annotated[bool, Help("reboot into a new OS version on its own")] = False
+    auto_reboot: Annotated[bool, Help("reboot into a new OS version on its own"), ALWAYS] = False
     maintenance_windows: Annotated[
         tuple[MaintenanceWindow, ...], Help("when updates may be applied (default: any time)")
     ] = ()
@@ -264,7 +278,7 @@ class Security:
     is mode 0600, and no error or log line repeats one."""
 
     encryption_recovery_keys: Annotated[
-        tuple[str, ...], Help("passphrases that open every encrypted volume (secrets)")
+        tuple[str, ...], Help("passphrases that open every encrypted volume (secrets)"), ALWAYS
     ] = ()
     # PEM certificates the machine trusts beyond the system's CA bundle.
     custom_ca_certs: Annotated[
@@ -308,7 +322,7 @@ BAUD_RATES: tuple[int, ...] = (
 
 @dataclass(frozen=True, slots=True)
 class KernelConsole:
-    device: Annotated[str, Help("a console device, e.g. ttyS0 or tty0")]
+    device: Annotated[str, Help("a console device, e.g. ttyS0 or tty0"), ALWAYS]
     baud_rate: Annotated[int, Help("its speed (a standard rate, e.g. 115200); 0: as it is")] = 0
 
 
@@ -321,9 +335,11 @@ class KernelCPU:
 
 @dataclass(frozen=True, slots=True)
 class KernelMemory:
-    persistent_hugepages: Annotated[int, Help("huge pages reserved at boot (vm.nr_hugepages)")] = 0
+    persistent_hugepages: Annotated[
+        int, Help("huge pages reserved at boot (vm.nr_hugepages)"), ALWAYS
+    ] = 0
     zram_swap_size: Annotated[
-        str, Help("compressed swap in RAM, e.g. 4GiB or 512MB; empty or 0: none")
+        str, Help("compressed swap in RAM, e.g. 4GiB or 512MB; empty or 0: none"), ALWAYS
     ] = ""
 
 
@@ -344,8 +360,8 @@ class KernelNetwork:
 
 @dataclass(frozen=True, slots=True)
 class KernelPassthrough:
-    vendor_id: Annotated[str, Help("PCI vendor ID, 4 hex digits (e.g. 10de)")]
-    product_id: Annotated[str, Help("PCI device ID, 4 hex digits (e.g. 1eb8)")]
+    vendor_id: Annotated[str, Help("PCI vendor ID, 4 hex digits (e.g. 10de)"), ALWAYS]
+    product_id: Annotated[str, Help("PCI device ID, 4 hex digits (e.g. 1eb8)"), ALWAYS]
     pci_address: Annotated[
         str, Help("one such device's address (0000:65:00.0), checked to carry these IDs")
     ] = ""
@@ -353,8 +369,8 @@ class KernelPassthrough:
 
 @dataclass(frozen=True, slots=True)
 class KernelSRIOV:
-    pci_address: Annotated[str, Help("the physical function's PCI address (0000:3b:00.0)")]
-    vf_count: Annotated[int, Help("virtual functions to create (0: none)")] = 0
+    pci_address: Annotated[str, Help("the physical function's PCI address (0000:3b:00.0)"), ALWAYS]
+    vf_count: Annotated[int, Help("virtual functions to create (0: none)"), ALWAYS] = 0
 
 
 @dataclass(frozen=True, slots=True)

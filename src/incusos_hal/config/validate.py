@@ -114,8 +114,15 @@ def _confirmation_timeout(c: _Collector, net: Network, where: str) -> None:
     timeout = net.confirmation_timeout
     # Beyond Go's range: reported as too long below.
     seconds = math.inf if timeout.beyond_range else timeout.seconds
-    if seconds is None or seconds <= 0:
-        c.check(where, f"{fmt.show(timeout)} is not a positive duration (e.g. 90s, 5m)")
+    # IncusOS's words (its API tests compare them), after the field's path.
+    if seconds is None:
+        c.check(
+            where,
+            "invalid confirmation timeout provided: time: invalid duration "
+            f"{fmt.show_go(timeout)} (e.g. 90s, 5m)",
+        )
+    elif seconds <= 0:
+        c.check(where, "confirmation timeout must be greater than zero")
     elif seconds > MAX_CONFIRMATION_TIMEOUT_S:
         c.check(where, f"{fmt.show(timeout)} is longer than the maximum of 24h")
 

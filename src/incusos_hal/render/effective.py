@@ -62,6 +62,22 @@ def default_network(nics: tuple[Nic, ...]) -> tuple[Interface, ...]:
     return tuple(out)
 
 
+def first_boot_network(network: Network, nics: tuple[Nic, ...]) -> Network | None:
+    """The network IncusOS stores on a first boot when none is configured: every wired
+    NIC as `default_network` makes it, and the time zone UTC. None when the network has
+    devices already (or there is no NIC to default to). Rendered, it gives the same files
+    as the unset network it replaces: `effective_network` fills in the same values."""
+    if network.has_devices:
+        return None
+    interfaces = default_network(nics)
+    if not interfaces:
+        return None
+    time = network.time or Time()
+    if not time.timezone:
+        time = replace(time, timezone=DEFAULT_TIMEZONE)
+    return replace(network, interfaces=interfaces, time=time)
+
+
 def effective_network(network: Network, nics: tuple[Nic, ...]) -> Effective:
     """The network to render on these NICs: defaults filled in, NIC names resolved to
     MACs, items that cannot apply here dropped with a warning, and the renames."""

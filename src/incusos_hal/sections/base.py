@@ -119,6 +119,10 @@ def _no_confirmation(config: Config) -> float:
     return 0.0
 
 
+def _as_sent(config: Config) -> Config:
+    return config
+
+
 @dataclass(frozen=True, slots=True)
 class Section:
     # /1.0/system/<name>, and the Config field whose value is the `config` half.
@@ -139,6 +143,9 @@ class Section:
     before_store: Callable[[Context, Config, Config], Awaitable[None]] | None = None
     # Seconds a change waits for `:confirm` before it is rolled back (0: applied at once).
     confirmation: Callable[[Config], float] = _no_confirmation
+    # What is stored (and served) of an accepted document: IncusOS clears the network's
+    # confirmation_timeout before storing, so a GET -> PUT never re-arms a rollback.
+    stored: Callable[[Config], Config] = _as_sent
     # The configure step's files for this section, from the config and the NICs.
     files: Callable[[Config, tuple[Nic, ...]], Rendered] | None = None
     # Files of the configure step's directories that belong to this section (stale ones

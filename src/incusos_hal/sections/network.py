@@ -8,8 +8,10 @@ import os
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from ..config.errors import FieldError
+from ..config.model import UNSET_DURATION, Time
 from ..core.files import Owned
-from ..render.effective import effective_network
+from ..render.effective import DEFAULT_TIMEZONE, effective_network
 from ..render.networkd import NETWORK_DIR, PREFIX, render_networkd
 from ..render.system import PROXY_ENV, TIMESYNCD_DROPIN, render_proxy, render_time
 from ..render.units import network_units
@@ -44,6 +46,52 @@ def read_state(ctx: Context) -> Any:
 def confirmation(config: Config) -> float:
     """The change waits this long for `:confirm` (IncusOS's confirmation_timeout)."""
     return config.network.confirmation_timeout.seconds or 0.0
+
+
+ZONEINFO_DIR = "usr/share/zoneinfo"
+
+
+def check(new: Config, current: Config, root: str) -> list[FieldError]:
+    """A time zone must be one the machine has installed (IncusOS lets timedatectl say
+    so when it applies): `Mars/Olympus` is a well-formed name, but no zone. Only a changed
+    zone is checked, so a GET -> PUT round trip is accepted whatever is installed."""
+    zone = new.network.time.timezone if new.network.time else ""
+    was = current.network.time.timezone if current.network.time else ""
+    if not zone or zone in (was, DEFAULT_TIMEZONE):
+        return []
+    if not _zone_installed(root, zone):
+        return [
+            FieldError(
+                "network.time.timezone",
+                f"{zone!r} is not a time zone installed on this machine "
+                f"(/{ZONEINFO_DIR}/{zone} is missing or not a TZif file)",
+            )
+        ]
+    return []
+
+
+def _zone_installed(root: str, zone: str) -> bool:
+    # The name passed the document's pattern (no "..", no leading "/"); the file must be
+    # a compiled zone (TZif), not a directory such as "America" or a stray text file.
+    path = os.path.join(root, ZONEINFO_DIR, zone)
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"TZif"
+    except OSError:
+        return False
+
+
+def stored(config: Config) -> Config:
+    """The network as IncusOS stores it: the confirmation timeout applied, never kept
+    (a GET -> PUT round trip must not hold the change again), and the time zone filled
+    in (UTC), as IncusOS's GET shows it; the render does the same, so the files do not
+    change."""
+    network = config.network
+    time = network.time or Time()
+    if not time.timezone:
+        time = replace(time, timezone=DEFAULT_TIMEZONE)
+    network = replace(network, confirmation_timeout=UNSET_DURATION, time=time)
+    return replace(config, network=network)
 
 
 async def confirm(ctx: Context, body: Any) -> Any:
@@ -83,7 +131,9 @@ SECTION = Section(
     attribute="network",
     summary="links, addresses, routes, DNS, time and proxy: configuration and state",
     read_state=read_state,
+    check=check,
     confirmation=confirmation,
+    stored=stored,
     files=files,
     owns=(
         Owned(NETWORK_DIR, lambda name: name.startswith(PREFIX)),

@@ -10,7 +10,8 @@ from .base import Context, Section
 
 def read_state(ctx: Context) -> Any:
     return {
-        "last_check": "",
+        # IncusOS's zero time.Time: never checked.
+        "last_check": "0001-01-01T00:00:00Z",
         "status": "update checks are not built in this version",
         "needs_reboot": False,
     }

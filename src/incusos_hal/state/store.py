@@ -10,13 +10,17 @@ default, and says which it used and why, so that a bad file never stops a boot.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..config import ConfigError, dumps_toml, parse_toml
 from ..config.model import Config
 from ..core.files import atomic_write
 from .paths import CONFIG_FILE, DEFAULT_STATE_DIR, LAST_GOOD_FILE, STATE_DIR_ENV
+
+if TYPE_CHECKING:
+    from ..hal.net import Nic
 
 __all__ = [
     "CONFIG_FILE",
@@ -28,6 +32,7 @@ __all__ = [
     "mark_good",
     "save",
     "state_dir",
+    "store_first_boot",
 ]
 
 
@@ -101,6 +106,34 @@ def save(directory: str | os.PathLike[str], config: Config) -> bytes:
     data = dumps_toml(config)
     atomic_write(Path(directory, CONFIG_FILE), data, 0o600)
     return data
+
+
+def store_first_boot(
+    directory: str | os.PathLike[str], nics: tuple[Nic, ...]
+) -> tuple[Config | None, str]:
+    """On a first boot (no document, or one whose network has no device), store the
+    network IncusOS would: the default it applies (render.effective.first_boot_network),
+    so that GET returns what runs. Returns the stored document (None when nothing was
+    stored) and why not. A document that does not parse is left alone: the fallback
+    rule, not this, decides what such a machine runs."""
+    from ..config.validate import validate
+    from ..render.effective import first_boot_network
+
+    current, last_good = read_sources(directory)
+    if isinstance(current, OSError):
+        return None, f"{CONFIG_FILE}: cannot read: {current.strerror}"
+    loaded = load_from(directory, current, last_good)
+    if current is not None and loaded.source != "config":
+        return None, f"{CONFIG_FILE} does not parse; left as it is"
+    network = first_boot_network(loaded.config.network, nics)
+    if network is None:
+        return None, "the network is configured (or there is no NIC to default to)"
+    config = replace(loaded.config, network=network)
+    problems = validate(config)
+    if problems:  # two NICs with one MAC, say: rendered as before, not stored
+        return None, f"the default network does not validate: {problems[0]}"
+    save(directory, config)
+    return config, ""
 
 
 def mark_good(directory: str | os.PathLike[str], config: Config) -> bool:
