@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import socket
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from ..config import MAX_DOCUMENT_BYTES, Config
+from ..core.tls import fingerprint_der
 from ..sections import SECTIONS
 from ..sections.base import Action, Section
 from ..state.paths import SOCKET
@@ -138,36 +140,62 @@ def _not_built(what: str) -> ApiError:
 
 # -- authentication and errors ------------------------------------------------------------
 
+# Who is at the other end of each open connection: ("unix", uid), ("https", the client
+# certificate's fingerprint or None), or ("", None) for any other transport. Read once
+# per connection: SO_PEERCRED is fixed at connect time and a TLS 1.3 peer's certificate
+# at the handshake (no renegotiation; no post-handshake authentication is asked for).
+# Only the identity is kept: whether it is admitted is decided on every request, against
+# the config and trust store of that moment.
+_PEERS: weakref.WeakKeyDictionary[asyncio.BaseTransport, tuple[str, Any]] = (
+    weakref.WeakKeyDictionary()
+)
 
-@web.middleware
-async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+
+def _peer(transport: asyncio.BaseTransport) -> tuple[str, Any]:
+    peer = _PEERS.get(transport)
+    if peer is None:
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            der = ssl_object.getpeercert(binary_form=True)
+            peer = ("https", None if der is None else fingerprint_der(der))
+        else:
+            sock = transport.get_extra_info("socket")
+            if sock is not None and sock.family == socket.AF_UNIX:
+                peer = ("unix", auth.peer_credentials(sock).uid)
+            else:
+                peer = ("", None)
+        _PEERS[transport] = peer
+    return peer
+
+
+def _refusal(request: web.Request) -> web.Response | None:
+    """The 403 for a peer not admitted now, or None."""
     transport = request.transport
     if transport is None:
         raise web.HTTPForbidden()
-    ssl_object = transport.get_extra_info("ssl_object")
-    trust = request.app.get(TRUST_KEY)
-    if ssl_object is not None:
-        request["listener"] = "https"
-        der = ssl_object.getpeercert(binary_form=True)
-        if trust is None or not trust.allows(der):
+    listener, who = _peer(transport)
+    request["listener"] = listener
+    if listener == "https":
+        trust = request.app.get(TRUST_KEY)
+        if trust is None or not trust.trusts(who):
             return _respond(env.error(403, "not authorized: no trusted client certificate"), 403)
+    elif listener == "unix":
+        if not auth.uid_allowed(who, request.app[SERVICE_KEY].config().listener.socket_uids):
+            message = f"not authorized: uid {who} may not use this socket"
+            return _respond(env.error(403, message), 403)
     else:
-        sock = transport.get_extra_info("socket")
-        if sock is None or sock.family != socket.AF_UNIX:
-            return _respond(env.error(403, "not authorized"), 403)
-        request["listener"] = "unix"
-        peer = auth.peer_credentials(sock)
-        allowed = request.app[SERVICE_KEY].config().listener.socket_uids
-        if not auth.uid_allowed(peer.uid, allowed):
-            return _respond(
-                env.error(403, f"not authorized: uid {peer.uid} may not use this socket"), 403
-            )
-    return await handler(request)
+        return _respond(env.error(403, "not authorized"), 403)
+    return None
 
 
 @web.middleware
-async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Authentication, then the handler, every error as an Incus error envelope. One
+    middleware, not two: each is a coroutine layer on every request."""
     try:
+        refused = _refusal(request)
+        if refused is not None:
+            return refused
         return await handler(request)
     except ApiError as e:
         return _respond(env.error(e.status, e.message), e.status)
@@ -543,9 +571,7 @@ ROUTES: list[Route] = [
 
 
 def make_app(service: Service, trust: auth.TrustStore | None = None) -> web.Application:
-    app = web.Application(
-        middlewares=[errors, authenticate], client_max_size=backup.MAX_ARCHIVE_BYTES
-    )
+    app = web.Application(middlewares=[guard], client_max_size=backup.MAX_ARCHIVE_BYTES)
     app[SERVICE_KEY] = service
     app[NETWORK_KEY] = NetworkStateCache(service.settings.root)
     app[NETWORK_BODY_KEY] = []
