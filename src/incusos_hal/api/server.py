@@ -10,6 +10,7 @@ the trace, the client no internals).
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -64,6 +65,8 @@ TRUST_KEY = web.AppKey("trust", auth.TrustStore)
 NETWORK_KEY = web.AppKey("network", NetworkStateCache)
 # The last GET /1.0/system/network answer: [config, state it was made from, bytes].
 NETWORK_BODY_KEY = web.AppKey("network-body", list)
+# The last GET /1.0 answer: [environment, bytes].
+ROOT_BODY_KEY = web.AppKey("root-body", list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,13 +86,26 @@ class Route:
 def _respond(
     data: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None
 ) -> web.Response:
-    return web.json_response(data, status=status, headers=headers, dumps=_dumps)
+    return _json_bytes(_dumps(data).encode(), status, headers)
+
+
+def _json_bytes(
+    body: bytes, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    # What web.json_response sends, without its text-to-bytes round of the body.
+    return web.Response(
+        body=body, status=status, headers=headers, content_type="application/json", charset="utf-8"
+    )
+
+
+# Made once: json.dumps with any option builds a new encoder on every call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 
 
 def _dumps(data: Any) -> str:
     """JSON as RFC 8259 has it: a NaN or an infinity is an error here (a 500 the journal
     explains), never the `NaN`/`Infinity` tokens that no JSON parser has to accept."""
-    return json.dumps(data, separators=(",", ":"), allow_nan=False)
+    return _ENCODER.encode(data)
 
 
 def sync(metadata: Any, headers: dict[str, str] | None = None) -> web.Response:
@@ -217,7 +233,13 @@ async def get_root(request: web.Request) -> web.Response:
 
 
 async def get_10(request: web.Request) -> web.Response:
-    return sync({"environment": request.app[SERVICE_KEY].environment()})
+    # The answer changes with the uptime's second (or the hostname): its bytes are kept
+    # for as long as the environment they were made from is equal to the current one.
+    environment = request.app[SERVICE_KEY].environment()
+    kept = request.app[ROOT_BODY_KEY]
+    if not kept or kept[0] != environment:
+        kept[:] = [environment, _dumps(env.sync({"environment": environment})).encode()]
+    return _json_bytes(kept[1])
 
 
 async def get_system(request: web.Request) -> web.Response:
@@ -575,6 +597,7 @@ def make_app(service: Service, trust: auth.TrustStore | None = None) -> web.Appl
     app[SERVICE_KEY] = service
     app[NETWORK_KEY] = NetworkStateCache(service.settings.root)
     app[NETWORK_BODY_KEY] = []
+    app[ROOT_BODY_KEY] = []
     events = Events()
     app[EVENTS_KEY] = events
     app[OPERATIONS_KEY] = Operations(events, str(service.settings.state_dir))
@@ -667,6 +690,11 @@ async def serve(
             raise ValueError(f"listen address {listen!r}: not host:port")
         site = web.TCPSite(runner, parsed[0] or None, parsed[1], ssl_context=trust.listener)
         await site.start()
+    # What start-up made (the modules, the app) lives as long as the process: kept out
+    # of the collector's view, a full collection walks what requests made, not tens of
+    # thousands of module objects (measured under load: a 50 ms pause, a p99 outlier).
+    gc.collect()
+    gc.freeze()
     ready()
     try:
         await asyncio.Event().wait()

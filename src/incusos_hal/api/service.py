@@ -58,16 +58,6 @@ class ApiError(Exception):
         self.message = message
 
 
-class _NoWatch:
-    """Where inotify cannot watch the state dir: every call stats the files."""
-
-    def changed(self) -> bool:
-        return True
-
-
-_NO_WATCH = _NoWatch()
-
-
 @dataclass(frozen=True, slots=True)
 class Settings:
     state_dir: Path
@@ -101,7 +91,8 @@ class Service:
     listener_active: Callable[[], bool] = lambda: False
     _config: tuple[tuple[Any, ...], Config] | None = None
     _config_lock: threading.Lock = field(default_factory=threading.Lock)
-    _watch: DirectoryWatch | _NoWatch | None = None
+    _watch: DirectoryWatch | None = None
+    _unwatchable: bool = False
     _plain: bool = False
     _machine_id: str | None = None
     _sections: dict[str, tuple[Config, Any, str]] = field(default_factory=dict)
@@ -118,27 +109,34 @@ class Service:
 
     def config(self) -> Config:
         """The stored document (with the store's fallbacks), parsed once per version of
-        the files: every request reads it (the peer check needs socket_uids). A stat of
-        the two files costs far less than parsing TOML, and an inotify watch on the state
-        dir less again: the files are stat'ed only after something in the directory
-        changed, or on every call while either file is a link (a change through another
-        name is not reported to the directory). The lock: a thread must not take the
-        old document while another has drained the change but not yet parsed it."""
+        the files: every request reads it (the peer check needs socket_uids).
+
+        With an inotify watch on the state dir (core.watch), "unchanged" is one poll of
+        an empty event queue, and any event there means read again (a rewrite in place
+        within one timestamp tick can keep a file's inode, mtime and size). Without one
+        (none to be had, the watch lost) or while either file is a link (a change through
+        another name is not reported to the directory), the files' stat decides, as it
+        did for every request before. The lock: a thread must not take the old document
+        while another has drained the event but not yet parsed the new one."""
         with self._config_lock:
-            if self._config is not None and self._plain and not self._watch_changed():
-                return self._config[1]
+            reread = False
+            watch = self._state_watch()
+            if watch is not None and self._plain and self._config is not None:
+                if not watch.changed():
+                    return self._config[1]
+                reread = True
             key, self._plain = _files_key(self.settings.state_dir)
-            if self._config is None or key != self._config[0]:
+            if reread or self._config is None or key != self._config[0]:
                 self._config = (key, store.load(self.settings.state_dir).config)
             return self._config[1]
 
-    def _watch_changed(self) -> bool:
-        if self._watch is None:
+    def _state_watch(self) -> DirectoryWatch | None:
+        if self._watch is None and not self._unwatchable:
             try:
                 self._watch = DirectoryWatch(self.settings.state_dir)
-            except OSError:  # no watch to be had: stat on every call, as before
-                self._watch = _NO_WATCH
-        return self._watch.changed()
+            except OSError:  # no watch to be had: the files' stat decides, every call
+                self._unwatchable = True
+        return None if self._watch is None or self._watch.lost else self._watch
 
     def flags(self) -> dict[str, Any]:
         try:

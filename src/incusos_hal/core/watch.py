@@ -48,9 +48,9 @@ _EVENT = struct.Struct("iIII")  # wd, mask, cookie, len; then len bytes of name
 
 
 class DirectoryWatch:
-    """`changed()`: whether the directory's entries may have changed since the last call
-    (True on the first call). Raises OSError when no watch can be had (no inotify, the
-    directory missing, the user's watch limit reached)."""
+    """`changed()`: whether the directory's entries may have changed since the last call,
+    or since the watch was made (so: make it before the first read). Raises OSError when
+    no watch can be had (no inotify, the directory missing, the watch limit reached)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -67,16 +67,13 @@ class DirectoryWatch:
         self._fd = fd
         self._poll = select.poll()
         self._poll.register(fd, select.POLLIN)
-        self._first = True
         self.lost = False
 
     def changed(self) -> bool:
         if self.lost:
             return True
         if not self._poll.poll(0):
-            first, self._first = self._first, False
-            return first
-        self._first = False
+            return False
         self._drain()
         return True
 
