@@ -43,6 +43,7 @@ from ..state.paths import DAMAGED_SUFFIX, SERVER_CERT, SERVER_KEY
 
 log = logging.getLogger("incusos_hal.api")
 
+
 @dataclass(frozen=True, slots=True)
 class Peer:
     pid: int
@@ -195,4 +196,8 @@ class TrustStore:
         conn.context = self.current
 
     def allows(self, der: bytes | None) -> bool:
-        return der is not None and fingerprint_der(der) in self.fingerprints
+        return der is not None and self.trusts(fingerprint_der(der))
+
+    def trusts(self, fingerprint: str | None) -> bool:
+        """Whether a certificate of this SHA-256 fingerprint is trusted now."""
+        return fingerprint is not None and fingerprint in self.fingerprints

@@ -24,6 +24,8 @@ import asyncio
 import json
 import os
 import socket
+import stat
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +37,7 @@ from ..apply.deadline import Deadline, TimedOut, TimeLimit
 from ..apply.systemd import ApplyError, Systemd
 from ..config import Config, ConfigError, FieldError, from_dict, to_api, to_dict
 from ..core.files import atomic_write
+from ..core.watch import DirectoryWatch
 from ..sections import by_name, changes
 from ..sections.base import Refused, Section
 from ..state import store
@@ -87,6 +90,10 @@ class Service:
     # Whether HTTPS is served (set by the application that serves it).
     listener_active: Callable[[], bool] = lambda: False
     _config: tuple[tuple[Any, ...], Config] | None = None
+    _config_lock: threading.Lock = field(default_factory=threading.Lock)
+    _watch: DirectoryWatch | None = None
+    _unwatchable: bool = False
+    _plain: bool = False
     _machine_id: str | None = None
     _sections: dict[str, tuple[Config, Any, str]] = field(default_factory=dict)
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
@@ -102,12 +109,34 @@ class Service:
 
     def config(self) -> Config:
         """The stored document (with the store's fallbacks), parsed once per version of
-        the files: every request reads it (the peer check needs socket_uids), and a stat
-        of two files costs far less than parsing TOML."""
-        key = _files_key(self.settings.state_dir)
-        if self._config is None or key != self._config[0]:
-            self._config = (key, store.load(self.settings.state_dir).config)
-        return self._config[1]
+        the files: every request reads it (the peer check needs socket_uids).
+
+        With an inotify watch on the state dir (core.watch), "unchanged" is one poll of
+        an empty event queue, and any event there means read again (a rewrite in place
+        within one timestamp tick can keep a file's inode, mtime and size). Without one
+        (none to be had, the watch lost) or while either file is a link (a change through
+        another name is not reported to the directory), the files' stat decides, as it
+        did for every request before. The lock: a thread must not take the old document
+        while another has drained the event but not yet parsed the new one."""
+        with self._config_lock:
+            reread = False
+            watch = self._state_watch()
+            if watch is not None and self._plain and self._config is not None:
+                if not watch.changed():
+                    return self._config[1]
+                reread = True
+            key, self._plain = _files_key(self.settings.state_dir)
+            if reread or self._config is None or key != self._config[0]:
+                self._config = (key, store.load(self.settings.state_dir).config)
+            return self._config[1]
+
+    def _state_watch(self) -> DirectoryWatch | None:
+        if self._watch is None and not self._unwatchable:
+            try:
+                self._watch = DirectoryWatch(self.settings.state_dir)
+            except OSError:  # no watch to be had: the files' stat decides, every call
+                self._unwatchable = True
+        return None if self._watch is None or self._watch.lost else self._watch
 
     def flags(self) -> dict[str, Any]:
         try:
@@ -552,17 +581,24 @@ class Service:
         }
 
 
-def _files_key(state_dir: Path) -> tuple[Any, ...]:
+def _files_key(state_dir: Path) -> tuple[tuple[Any, ...], bool]:
+    """What identifies a version of the two files, and whether both are plain (absent,
+    or a regular file with no other name), so that a directory watch sees their changes."""
     out: list[Any] = []
+    plain = True
     base = os.fspath(state_dir)
     for name in (store.CONFIG_FILE, store.LAST_GOOD_FILE):
+        path = f"{base}/{name}"
         try:
-            st = os.stat(f"{base}/{name}")
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                plain = False
+                st = os.stat(path)
         except OSError:
             out.append(None)
         else:
             out.append((st.st_ino, st.st_mtime_ns, st.st_size))
-    return tuple(out)
+    return tuple(out), plain
 
 
 def _reason(e: BaseException) -> str:
