@@ -648,10 +648,16 @@ async def serve(
         for sock in sockets or [unix_socket(socket_path)]:
             await guard.listen_unix(sock)
         if listen and trust is not None:
-            parsed = split_host_port(listen)
-            if parsed is None or parsed[1] is None:
-                raise ValueError(f"listen address {listen!r}: not host:port")
-            await guard.listen_tls(parsed[0] or None, parsed[1], trust.listener)
+            try:
+                parsed = split_host_port(listen)
+                if parsed is None or parsed[1] is None:
+                    raise ValueError(f"listen address {listen!r}: not host:port")
+                await guard.listen_tls(parsed[0] or None, parsed[1], trust.listener)
+            except (OSError, ValueError) as e:
+                # An address this machine no longer has, a port taken, a name that does
+                # not resolve: HTTPS is not served, root on the unix socket still is.
+                log.error("HTTPS is not served on %s: %s", listen, e)
+                service.listener_active = lambda: False
         ready()
         await asyncio.Event().wait()
     finally:
