@@ -6,13 +6,15 @@ that answer 500, internal paths in errors."""
 
 from __future__ import annotations
 
+import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from test_api import state_digest
+from incusos_hal.api import backup
+from test_api import NETWORK, OTHER_NETWORK, state_digest, wait_operation
 
 import apiserver
 from conftest import require_tool
@@ -84,3 +86,42 @@ def test_put_of_a_listen_address_the_machine_cannot_have_is_400(api: apiserver.S
     listener = api.curl("GET", "/1.0/system/fallback-listener").json["metadata"]["config"]
     r = api.put("/1.0/system/fallback-listener", {"config": {**listener, "listen_address": free}})
     assert r.status == 200, r.body
+
+
+# -- 2. a backup during a confirmation window ----------------------------------------------
+
+
+def test_backup_is_refused_while_a_network_change_waits_for_confirmation(
+    api: apiserver.Server,
+) -> None:
+    assert api.put("/1.0/system/network", NETWORK).status == 200
+    good = (api.state / "config.last-good.toml").read_bytes()
+    trial = {"config": {**OTHER_NETWORK["config"], "confirmation_timeout": "10m"}}
+    assert api.put("/1.0/system/network", trial).status == 200
+    before = state_digest(api.state)
+    r = api.curl("POST", "/1.0/system/:backup")
+    assert r.status == 409, r.body[:300]
+    assert "confirmation" in r.json["error"], r.json
+    assert state_digest(api.state) == before
+    assert (api.state / "config.last-good.toml").read_bytes() == good
+    # Confirmed, the change is a good one and the backup holds it.
+    assert api.curl("POST", "/1.0/system/network/:confirm").status == 200
+    saved = api.curl("POST", "/1.0/system/:backup")
+    assert saved.status == 200
+    assert backup.read_archive(saved.body).config.network.interfaces[0].name == "lan"
+
+
+def test_a_restore_whose_apply_fails_never_marks_it_last_good(api: apiserver.Server) -> None:
+    assert api.put("/1.0/system/network", NETWORK).status == 200
+    saved = api.curl("POST", "/1.0/system/:backup").body
+    assert api.put("/1.0/system/network", OTHER_NETWORK).status == 200
+    before = state_digest(api.state)
+    blocker = api.target / "etc/sysctl.d"  # a file where the configure step needs a dir
+    shutil.rmtree(blocker, ignore_errors=True)
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_text("")
+    r = api.curl("POST", "/1.0/system/:restore", body=saved)
+    assert r.status == 202, r.body
+    op = wait_operation(api, r.headers["location"])
+    assert op["status"] == "Failure", op
+    assert state_digest(api.state) == before

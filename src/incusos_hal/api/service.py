@@ -406,6 +406,10 @@ class Service:
     # -- backup and restore -------------------------------------------------------------
 
     def backup(self) -> bytes:
+        """Refused (409) while a network change waits for its confirmation, as a restore
+        is: the archive would hold a config.toml nobody confirmed, which a later restore
+        would apply (and record as the last good one) as if it had been."""
+        self._check_writable()
         return backup.create(self.settings.state_dir)
 
     def check_restore(self, data: bytes, skip: tuple[str, ...]) -> dict[str, bytes]:
