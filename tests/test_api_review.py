@@ -6,14 +6,22 @@ that answer 500, internal paths in errors."""
 
 from __future__ import annotations
 
+import io
+import json
+import os
 import shutil
 import socket
-from collections.abc import Iterator
+import subprocess
+import sys
+import tarfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from incusos_hal.api import backup
+from incusos_hal.config import dumps_toml, from_dict, parse_toml, to_dict
 from test_api import NETWORK, OTHER_NETWORK, state_digest, wait_operation
 
 import apiserver
@@ -125,3 +133,125 @@ def test_a_restore_whose_apply_fails_never_marks_it_last_good(api: apiserver.Ser
     op = wait_operation(api, r.headers["location"])
     assert op["status"] == "Failure", op
     assert state_digest(api.state) == before
+
+
+# -- 3. a restore makes the checks and the work a PUT makes ----------------------------------
+
+MISSING_PCI = {"vendor_id": "10de", "product_id": "1eb8", "pci_address": "0000:ff:1f.7"}
+
+
+def with_config(saved: bytes, change: Callable[[dict[str, Any]], None]) -> bytes:
+    """The archive `saved` with its config.toml changed by `change` (as a client editing
+    a backup would), every other member as it was."""
+    members = []
+    with tarfile.open(fileobj=io.BytesIO(saved)) as tar:
+        for info in tar.getmembers():
+            f = tar.extractfile(info)
+            assert f is not None
+            data = f.read()
+            if info.name == "config.toml":
+                raw = to_dict(parse_toml(data))
+                change(raw)
+                data = dumps_toml(from_dict(raw))
+            members.append((info.name, data))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o600
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_restore_refuses_what_a_put_of_each_section_refuses(api: apiserver.Server) -> None:
+    keys = {"config": {"encryption_recovery_keys": ["first-recovery-key!"]}}
+    assert api.put("/1.0/system/security", keys).status == 200
+    saved = api.curl("POST", "/1.0/system/:backup").body
+
+    def hostile(raw: dict[str, Any]) -> None:
+        raw["security"]["encryption_recovery_keys"] = []
+        raw["kernel"] = {"pci": {"passthrough": [MISSING_PCI]}}
+
+    before = state_digest(api.state)
+    r = api.curl("POST", "/1.0/system/:restore", body=with_config(saved, hostile))
+    assert r.status == 400, r.body
+    error = r.json["error"]
+    assert "security.encryption_recovery_keys: at least one key is required" in error, error
+    assert "kernel.pci.passthrough[0].pci_address" in error, error
+    assert state_digest(api.state) == before
+    # The same document passes validate alone (it checks the document), not --machine.
+    doc = api.base / "restored.json"
+    raw = to_dict(parse_toml(api.config_file.read_bytes()))
+    hostile(raw)
+    doc.write_text(json.dumps(raw))
+    assert cli("validate", "--config", str(doc)).returncode == 0
+    machine = cli(
+        "validate", "--config", str(doc), "--machine", "--root", str(api.target),
+        "--state-dir", str(api.state),
+    )  # fmt: skip
+    assert machine.returncode == 2, machine
+    assert "security.encryption_recovery_keys" in machine.stderr
+    assert "kernel.pci.passthrough[0].pci_address" in machine.stderr
+
+
+def test_restore_enrolls_the_archives_recovery_keys(
+    tmp_path: Path, certs: dict[str, tuple[Path, Path]]
+) -> None:
+    """As IncusOS's restore (unless skip=encryption-recovery-keys): the volumes open with
+    the archive's keys, not the replaced ones; a restore that does not take puts the
+    running keys back."""
+    from incusos_hal.hal import luks
+    from test_security import two_volumes
+
+    root, images = two_volumes(tmp_path, "first-recovery-key!")
+    (tmp_path / "api").mkdir()
+    srv = apiserver.make(tmp_path / "api", [certs["first"][0]])
+    srv.root = root
+    srv.start()
+    try:
+        first = {"config": {"encryption_recovery_keys": ["first-recovery-key!"]}}
+        assert srv.put("/1.0/system/security", first).status == 200
+        saved = srv.curl("POST", "/1.0/system/:backup").body
+        second = {"config": {"encryption_recovery_keys": ["second-recovery-key!"]}}
+        assert srv.put("/1.0/system/security", second).status == 200
+        # An apply that fails (a file where a directory goes): the keys go back too.
+        blocker = srv.target / "etc/sysctl.d"
+        blocker.parent.mkdir(parents=True, exist_ok=True)
+        blocker.write_text("")
+        r = srv.curl("POST", "/1.0/system/:restore", body=saved)
+        assert slow_operation(srv, r.headers["location"])["status"] == "Failure"
+        for image in images:
+            assert luks.opens(image, "second-recovery-key!")
+            assert not luks.opens(image, "first-recovery-key!")
+        blocker.unlink()
+        r = srv.curl("POST", "/1.0/system/:restore", body=saved)
+        assert slow_operation(srv, r.headers["location"])["status"] == "Success"
+        for image in images:
+            assert luks.opens(image, "first-recovery-key!")
+            assert not luks.opens(image, "second-recovery-key!")
+    finally:
+        srv.stop()
+    assert "first-recovery-key!" not in "".join(srv.log)
+
+
+def slow_operation(api: apiserver.Server, location: str) -> dict[str, Any]:
+    """An operation that changes LUKS keyslots: each new one is stretched with the
+    PBKDF cryptsetup benchmarks (seconds each, more on a loaded machine)."""
+    for _ in range(10):
+        r = api.curl("GET", f"{location}/wait?timeout=55")
+        assert r.status == 200, r.body
+        op: dict[str, Any] = r.json["metadata"]
+        if op["status"] != "Running":
+            return op
+    raise AssertionError(f"{location} still running: {op}")
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=str(apiserver.REPO / "src"))
+    return subprocess.run(
+        [sys.executable, "-m", "incusos_hal", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )

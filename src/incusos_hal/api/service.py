@@ -21,11 +21,12 @@ for confirmation, only its confirmation).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,9 +34,9 @@ from typing import Any
 from .. import __version__
 from ..apply.deadline import Deadline, TimedOut, TimeLimit
 from ..apply.systemd import ApplyError, Systemd
-from ..config import Config, ConfigError, FieldError, from_dict, to_dict
+from ..config import Config, ConfigError, FieldError, from_dict, parse_toml, to_dict
 from ..core.files import atomic_write
-from ..sections import by_name, changes
+from ..sections import SECTIONS, by_name, changes
 from ..sections.base import Refused, Section
 from ..state import store
 from ..state.paths import FLAGS_FILE, UNCONFIRMED_FILE
@@ -423,16 +424,52 @@ class Service:
         except backup.ArchiveError as e:
             raise ApiError(400, f"archive: {e}") from None
         files = dict(archive.files)
+        restored = archive.config
         if skip:
             from ..config import dumps_toml
             from ..config.validate import validate
 
-            kept = backup.keep_running(archive.config, self.config(), skip)
-            problems = validate(kept)
+            restored = backup.keep_running(archive.config, self.config(), skip)
+            problems = validate(restored)
             if problems:  # a kept MAC that clashes with an archived one, say
                 raise ApiError(400, f"archive with skip={','.join(skip)}: {problems[0]}")
-            files[store.CONFIG_FILE] = dumps_toml(kept)
+            files[store.CONFIG_FILE] = dumps_toml(restored)
+        checks = self._restore_checks(restored, self.config())
+        if checks:
+            raise ApiError(400, f"archive: config.toml: {'; '.join(map(str, checks))}")
         return files
+
+    def _restore_checks(self, restored: Config, running: Config) -> list[FieldError]:
+        """The checks a PUT of each section makes, for every section the restore changes
+        (one it leaves as it runs was taken already): against this machine, named by the
+        document's paths (`security.encryption_recovery_keys`), as the archive has them."""
+        problems: list[FieldError] = []
+        for row in SECTIONS:
+            if getattr(restored, row.attribute) != getattr(running, row.attribute):
+                problems += row.check(restored, running, self.settings.root)
+        return problems
+
+    async def _before_store(
+        self, new: Config, current: Config
+    ) -> list[Callable[[], Awaitable[None]]]:
+        """Each changed section's work before its document is stored (the volumes'
+        recovery keys, as IncusOS's restore enrolls the archive's), all or nothing; the
+        undo of each, for a restore that does not take."""
+        undo: list[Callable[[], Awaitable[None]]] = []
+        for row in SECTIONS:
+            hook = row.before_store
+            if hook is None or getattr(new, row.attribute) == getattr(current, row.attribute):
+                continue
+            try:
+                await hook(self, new, current)
+            except Refused as e:
+                await _undo(undo, self.log)
+                raise ApiError(e.status, e.message) from None
+            except BaseException:
+                await _undo(undo, self.log)
+                raise
+            undo.append(functools.partial(hook, self, current, new))
+        return undo
 
     async def restore(
         self, files: dict[str, bytes], progress: Callable[[dict[str, Any]], None]
@@ -446,11 +483,17 @@ class Service:
             self._check_writable()
             state_dir = self.settings.state_dir
             loop = asyncio.get_running_loop()
+            current = self.config()
+            restored = parse_toml(files[store.CONFIG_FILE])  # checked by check_restore
+            undo = await self._before_store(restored, current)
             progress({"stage": "swapping"})
             try:
                 stage = await loop.run_in_executor(None, backup.switch_in, state_dir, files)
-            except backup.ArchiveError as e:
-                raise ApiError(400, f"archive: {e}") from None
+            except BaseException as e:
+                await _undo(undo, self.log)
+                if isinstance(e, backup.ArchiveError):
+                    raise ApiError(400, f"archive: {e}") from None
+                raise
             progress({"stage": "applying"})
             try:
                 await self.apply()
@@ -458,6 +501,7 @@ class Service:
                 backup.switch_back(state_dir, stage)
                 backup.discard(stage)
                 self.log("error", f"applying the restored state failed, rolling back: {e}")
+                await _undo(undo, self.log)
                 await self._reapply("the state from before the restore")
                 raise ApiError(
                     500, f"applying the restored state failed, previous kept: {e}"
@@ -499,6 +543,17 @@ def _files_key(state_dir: Path) -> tuple[Any, ...]:
         else:
             out.append((st.st_ino, st.st_mtime_ns, st.st_size))
     return tuple(out)
+
+
+async def _undo(
+    steps: list[Callable[[], Awaitable[None]]], log: Callable[[str, str], None]
+) -> None:
+    """Sections' work undone, last first; a failure is logged and the rest still run."""
+    for step in reversed(steps):
+        try:
+            await step()
+        except Exception as e:  # logged: the caller reports the first failure
+            log("error", f"undoing a section's work failed: {_reason(e)}")
 
 
 def _reason(e: BaseException) -> str:
