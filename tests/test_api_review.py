@@ -255,3 +255,55 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
         env=env,
         check=False,
     )
+
+
+# -- 4. one NIC claimed twice ---------------------------------------------------------------
+
+
+def test_a_nic_claimed_by_name_and_by_mac_goes_to_its_first_claimant() -> None:
+    """What validation cannot see (a name and a MAC naming the same NIC): the boot drops
+    the second claimant with a warning, never two links with one MAC."""
+    from incusos_hal.config.model import Bond, Interface, Network
+    from incusos_hal.hal.net import Nic
+    from incusos_hal.render.effective import effective_network
+
+    mac = "02:fc:00:00:00:01"
+    nics = (Nic("eth0", mac, True), Nic("eth1", "02:fc:00:00:00:02", True))
+    network = Network(
+        interfaces=(Interface(name="a", hwaddr="eth0"), Interface(name="b", hwaddr=mac.upper())),
+        bonds=(
+            Bond(
+                name="bond0",
+                mode="active-backup",
+                members=("eth1", "02:FC:00:00:00:02", "eth0"),
+                hwaddr=mac,
+            ),
+        ),
+    )
+    effective = effective_network(network, nics)
+    assert [(i.name, i.hwaddr) for i in effective.network.interfaces] == [("a", mac)]
+    assert [b.members for b in effective.network.bonds] == [("02:fc:00:00:00:02",)]
+    assert effective.network.bonds[0].hwaddr == mac  # its own MAC is no claim
+    assert any(
+        "interface b" in w and "already used by interface a" in w for w in effective.warnings
+    )
+    assert sum("already used" in w for w in effective.warnings) == 3, effective.warnings
+
+
+def test_put_refuses_a_nic_claimed_twice_on_this_machine(api: apiserver.Server) -> None:
+    from incusos_hal.hal.net import list_nics
+
+    nic = list_nics("/")[0][0]
+    before = state_digest(api.state)
+    twice = {
+        "config": {
+            "interfaces": [
+                {"name": "a", "hwaddr": nic.name, "addresses": ["dhcp4"]},
+                {"name": "b", "hwaddr": nic.hwaddr, "addresses": ["dhcp4"]},
+            ]
+        }
+    }
+    r = api.put("/1.0/system/network", twice)
+    assert r.status == 400, r.body
+    assert r.json["error"].startswith("config.interfaces[1].hwaddr: "), r.json
+    assert state_digest(api.state) == before

@@ -8,6 +8,8 @@ import os
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from ..config.errors import FieldError
+from ..config.formats import is_mac, show
 from ..core.files import Owned
 from ..render.effective import effective_network
 from ..render.networkd import NETWORK_DIR, PREFIX, render_networkd
@@ -74,6 +76,40 @@ def keep_macs(archived: Config, running: Config) -> Config:
     return replace(archived, network=network)
 
 
+def check(new: Config, current: Config, root: str) -> list[FieldError]:
+    """A NIC claimed twice once its kernel name is resolved against the NICs under
+    `root` (`eth0` and eth0's MAC): the document's validation cannot see it, the boot
+    would drop the second claimant (render.effective), a PUT refuses it."""
+    from ..hal.net import list_nics
+
+    if new.network == current.network:
+        return []
+    by_name = {nic.name: nic.hwaddr for nic in list_nics(root)[0]}
+    claims: list[tuple[str, str]] = [
+        (f"network.interfaces[{i}].hwaddr", iface.hwaddr)
+        for i, iface in enumerate(new.network.interfaces)
+        if iface.hwaddr
+    ]
+    claims += [
+        (f"network.bonds[{i}].members[{j}]", member)
+        for i, bond in enumerate(new.network.bonds)
+        for j, member in enumerate(bond.members)
+    ]
+    seen: dict[str, str] = {}
+    errors: list[FieldError] = []
+    for where, value in claims:
+        mac = value.lower() if is_mac(value) else by_name.get(value)
+        if mac is None:
+            continue  # a NIC not here: skipped at boot with a warning, as IncusOS does
+        if mac in seen:
+            errors.append(
+                FieldError(where, f"{show(value)} is the NIC {mac}, already used by {seen[mac]}")
+            )
+        else:
+            seen[mac] = where
+    return errors
+
+
 def _named(path: str) -> Owned:
     return Owned(os.path.dirname(path), lambda name: name == os.path.basename(path))
 
@@ -83,6 +119,7 @@ SECTION = Section(
     attribute="network",
     summary="links, addresses, routes, DNS, time and proxy: configuration and state",
     read_state=read_state,
+    check=check,
     confirmation=confirmation,
     files=files,
     owns=(
