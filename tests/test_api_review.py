@@ -307,3 +307,31 @@ def test_put_refuses_a_nic_claimed_twice_on_this_machine(api: apiserver.Server) 
     assert r.status == 400, r.body
     assert r.json["error"].startswith("config.interfaces[1].hwaddr: "), r.json
     assert state_digest(api.state) == before
+
+
+# -- 6. an archive whose state.json nests too deep -------------------------------------------
+
+
+@pytest.mark.parametrize("flags", [b"[" * 200_000, b'{"a": 1e999999}', b'{"a": NaN}', b"\xff"])
+def test_restore_of_a_state_json_python_cannot_parse_is_400(
+    api: apiserver.Server, flags: bytes
+) -> None:
+    saved = api.curl("POST", "/1.0/system/:backup").body
+    members = []
+    with tarfile.open(fileobj=io.BytesIO(saved)) as tar:
+        for info in tar.getmembers():
+            f = tar.extractfile(info)
+            assert f is not None
+            members.append((info.name, f.read()))
+    members = [(n, d) for n, d in members if n != "state.json"] + [("state.json", flags)]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o600
+            tar.addfile(info, io.BytesIO(data))
+    before = state_digest(api.state)
+    r = api.curl("POST", "/1.0/system/:restore", body=buf.getvalue())
+    assert r.status == 400, r.body[:300]
+    assert "state.json" in r.json["error"], r.json
+    assert state_digest(api.state) == before
