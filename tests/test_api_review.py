@@ -335,3 +335,24 @@ def test_restore_of_a_state_json_python_cannot_parse_is_400(
     assert r.status == 400, r.body[:300]
     assert "state.json" in r.json["error"], r.json
     assert state_digest(api.state) == before
+
+
+# -- 8. paths inside messages ------------------------------------------------------------
+
+
+def test_a_field_named_in_a_message_is_written_as_the_client_wrote_it(
+    api: apiserver.Server,
+) -> None:
+    mac = "02:fc:00:00:00:99"
+    body = {
+        "config": {
+            "interfaces": [{"name": "a", "hwaddr": mac, "addresses": ["dhcp4"]}],
+            "bonds": [{"name": "b", "mode": "active-backup", "members": [mac]}],
+        }
+    }
+    r = api.put("/1.0/system/network", body)
+    assert r.status == 400, r.body
+    error = r.json["error"]
+    assert "config.bonds[0].members[0]: " in error, error
+    assert "already used by config.interfaces[0].hwaddr" in error, error
+    assert "network." not in error, error

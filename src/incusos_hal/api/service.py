@@ -24,6 +24,7 @@ import asyncio
 import functools
 import json
 import os
+import re
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -584,13 +585,16 @@ def _restore_current(state_dir: Path, previous: bytes | None) -> None:
 
 
 def _client_paths(errors: list[FieldError], attribute: str) -> str:
-    """Field paths as the client wrote them: `network.dns` -> `config.dns`."""
+    """Field paths as the client wrote them: `network.dns` -> `config.dns`, in the path
+    and where a message names another field (`... already used by network.bonds[0]...`;
+    only there: a value quoted in a message stays as it was)."""
     out = []
+    other = re.compile(rf"(already used by ){re.escape(attribute)}(?=[.\[])")
     for err in errors:
         path = err.path
         if path == attribute or path.startswith((attribute + ".", attribute + "[")):
             path = "config" + path[len(attribute) :]
-        out.append(str(FieldError(path, err.message)))
+        out.append(str(FieldError(path, other.sub(r"\1config", err.message))))
     return "; ".join(out)
 
 
