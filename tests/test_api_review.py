@@ -356,3 +356,42 @@ def test_a_field_named_in_a_message_is_written_as_the_client_wrote_it(
     assert "config.bonds[0].members[0]: " in error, error
     assert "already used by config.interfaces[0].hwaddr" in error, error
     assert "network." not in error, error
+
+
+# -- 7. no path of this machine in an error ---------------------------------------------------
+
+
+def test_describe_os_error_keeps_the_reason_and_drops_the_machines_paths() -> None:
+    from incusos_hal.core.files import describe_os_error
+
+    e = NotADirectoryError(20, "Not a directory", "/srv/scratch/target/etc/sysctl.d")
+    assert describe_os_error(e, "/srv/scratch/target") == "Not a directory: /etc/sysctl.d"
+    assert describe_os_error(e, "/srv/scratch/target/") == "Not a directory: /etc/sysctl.d"
+    assert describe_os_error(e, "/") == "Not a directory: /srv/scratch/target/etc/sysctl.d"
+    assert describe_os_error(e, "/srv/other") == "Not a directory: sysctl.d"
+    assert describe_os_error(e) == "Not a directory: sysctl.d"
+    assert describe_os_error(OSError(28, "No space left on device")) == "No space left on device"
+
+
+def test_a_failed_apply_or_restore_names_the_file_not_the_machines_path(
+    api: apiserver.Server,
+) -> None:
+    assert api.put("/1.0/system/network", NETWORK).status == 200
+    saved = api.curl("POST", "/1.0/system/:backup").body
+    blocker = api.target / "etc/sysctl.d"  # a file where the configure step needs a dir
+    shutil.rmtree(blocker, ignore_errors=True)
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_text("")
+    r = api.put("/1.0/system/network", OTHER_NETWORK)
+    assert r.status == 500, r.body
+    error = r.json["error"]
+    assert "Not a directory: /etc/sysctl.d" in error, error
+    assert str(api.base) not in error and "/tmp" not in error, error
+    r = api.curl("POST", "/1.0/system/:restore", body=saved)
+    op = wait_operation(api, r.headers["location"])
+    assert op["status"] == "Failure", op
+    assert "Not a directory: /etc/sysctl.d" in op["err"], op
+    assert str(api.base) not in op["err"] and "/tmp" not in op["err"], op
+    api.stop()
+    log = "\n".join(api.log)
+    assert str(api.target / "etc/sysctl.d") in log  # the journal has it all

@@ -36,7 +36,7 @@ from .. import __version__
 from ..apply.deadline import Deadline, TimedOut, TimeLimit
 from ..apply.systemd import ApplyError, Systemd
 from ..config import Config, ConfigError, FieldError, from_dict, parse_toml, to_dict
-from ..core.files import atomic_write
+from ..core.files import atomic_write, describe_os_error
 from ..sections import SECTIONS, by_name, changes
 from ..sections.base import Refused, Section
 from ..state import store
@@ -263,9 +263,17 @@ class Service:
             if isinstance(e, TimedOut):
                 raise ApiError(500, f"{e}; previous configuration restored") from None
             raise ApiError(
-                500, f"applying the configuration failed, previous one restored: {_reason(e)}"
+                500,
+                f"applying the configuration failed, previous one restored: {self._public(e)}",
             ) from None
         self.on_config(config)
+
+    def _public(self, e: BaseException) -> str:
+        """`e` for the client: an OSError without this machine's paths (the file as it
+        is under the target, or its base name); the journal has the full text."""
+        if isinstance(e, OSError):
+            return describe_os_error(e, self.settings.target)
+        return _reason(e)
 
     async def _reapply(self, what: str) -> None:
         """Apply what was just put back; a failure here is logged, the first one reported."""
@@ -505,7 +513,7 @@ class Service:
                 await _undo(undo, self.log)
                 await self._reapply("the state from before the restore")
                 raise ApiError(
-                    500, f"applying the restored state failed, previous kept: {e}"
+                    500, f"applying the restored state failed, previous kept: {self._public(e)}"
                 ) from None
             await loop.run_in_executor(None, backup.discard, stage)
             self.on_config(self.config())

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ..boot.generator import refresh_cache
 from ..config.model import Config
-from ..core.files import Applied, apply_tree, owned_paths
+from ..core.files import Applied, apply_tree, describe_os_error, owned_paths
 from ..hal import net, netlink
 from ..render import Symlink
 from ..render.system import LOCALTIME, ZONEINFO
@@ -192,7 +192,9 @@ def _configure(
         raise
     except OSError as e:
         error(f"writing the configuration failed, previous files restored: {e}")
-        return Result(loaded.source, loaded.config, None, tuple(renamed), (*problems, str(e)))
+        # The problem reaches API clients: the file as it is on the machine being written.
+        reason = f"writing the configuration failed: {describe_os_error(e, target_path)}"
+        return Result(loaded.source, loaded.config, None, tuple(renamed), (*problems, reason))
     for path in applied.written:
         info(f"wrote {path}")
     for path in applied.removed:
