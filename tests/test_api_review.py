@@ -395,3 +395,51 @@ def test_a_failed_apply_or_restore_names_the_file_not_the_machines_path(
     api.stop()
     log = "\n".join(api.log)
     assert str(api.target / "etc/sysctl.d") in log  # the journal has it all
+
+
+# -- 5. the Wake-on-LAN password ------------------------------------------------------------
+
+
+def test_a_link_file_with_a_wake_on_lan_password_is_root_s_alone(tmp_path: Path) -> None:
+    from incusos_hal.core.files import write_tree
+    from incusos_hal.core.tree import File
+    from incusos_hal.hal.net import Nic
+    from incusos_hal.sections import render_files
+
+    ethernet = {"wakeonlan": True, "wakeonlan_modes": ["secureon"]}
+    config = from_dict(
+        {
+            "version": 1,
+            "network": {
+                "interfaces": [
+                    {
+                        "name": "wol",
+                        "hwaddr": "52:54:00:0a:00:01",
+                        "addresses": ["dhcp4"],
+                        "ethernet": {**ethernet, "wakeonlan_password": "00:11:22:33:44:55"},
+                    },
+                    {
+                        "name": "plain",
+                        "hwaddr": "52:54:00:0a:00:02",
+                        "addresses": ["dhcp4"],
+                        "ethernet": ethernet,
+                    },
+                ]
+            },
+        }
+    )
+    nics = (Nic("eth0", "52:54:00:0a:00:01", True), Nic("eth1", "52:54:00:0a:00:02", True))
+    files = render_files(config, nics).files
+    links = {k: v for k, v in files.items() if k.endswith(".link") and isinstance(v, File)}
+    assert len(links) == 2, sorted(files)
+    modes = {}
+    for path, entry in links.items():
+        assert isinstance(entry, File)
+        secret = b"WakeOnLanPassword=00:11:22:33:44:55" in entry.content
+        modes[path] = entry.mode
+        assert entry.mode == (0o600 if secret else 0o644), (path, oct(entry.mode))
+    assert sorted(modes.values()) == [0o600, 0o644]
+    write_tree(tmp_path, files, durable=False)
+    for path, mode in modes.items():
+        on_disk = (tmp_path / path.lstrip("/")).stat().st_mode & 0o777
+        assert on_disk == mode, (path, oct(on_disk))
