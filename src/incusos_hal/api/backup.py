@@ -290,8 +290,10 @@ def check_files(files: Mapping[str, bytes]) -> Config:
             raise ArchiveError(f"{LAST_GOOD_FILE}: {e.errors[0]}") from None
     if FLAGS_FILE in files:
         try:
-            flags = json.loads(files[FLAGS_FILE])
-        except ValueError:
+            flags = json.loads(
+                files[FLAGS_FILE], parse_constant=_not_json, parse_float=_finite_float
+            )
+        except (ValueError, RecursionError):  # RecursionError: nesting deeper than the stack
             raise ArchiveError(f"{FLAGS_FILE}: not JSON") from None
         if not isinstance(flags, dict):
             raise ArchiveError(f"{FLAGS_FILE}: not a JSON object")
@@ -325,6 +327,19 @@ def check_loadable(directory: Path) -> None:
         context.load_cert_chain(directory / SERVER_CERT, directory / SERVER_KEY)
     except (ssl.SSLError, OSError):
         raise ArchiveError(f"{SERVER_CERT}, {SERVER_KEY}: not loadable by OpenSSL") from None
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    """JSON numbers that stay numbers: 1e999 is infinity to Python, which json.dumps
+    would write back as `Infinity`, not JSON."""
+    value = float(text)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{text[:20]} is out of range")
+    return value
 
 
 def switch_in(state_dir: str | os.PathLike[str], files: Mapping[str, bytes]) -> Path:

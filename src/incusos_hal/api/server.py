@@ -691,10 +691,16 @@ async def serve(
         for sock in sockets or [unix_socket(socket_path)]:
             await guard.listen_unix(sock)
         if listen and trust is not None:
-            parsed = split_host_port(listen)
-            if parsed is None or parsed[1] is None:
-                raise ValueError(f"listen address {listen!r}: not host:port")
-            await guard.listen_tls(parsed[0] or None, parsed[1], trust.listener)
+            try:
+                parsed = split_host_port(listen)
+                if parsed is None or parsed[1] is None:
+                    raise ValueError(f"listen address {listen!r}: not host:port")
+                await guard.listen_tls(parsed[0] or None, parsed[1], trust.listener)
+            except (OSError, ValueError) as e:
+                # An address this machine no longer has, a port taken, a name that does
+                # not resolve: HTTPS is not served, root on the unix socket still is.
+                log.error("HTTPS is not served on %s: %s", listen, e)
+                service.listener_active = lambda: False
         # What start-up made (the modules, the app) lives as long as the process: kept
         # out of the collector's view, a full collection walks what requests made, not
         # tens of thousands of module objects (measured under load: a 50 ms pause, a p99

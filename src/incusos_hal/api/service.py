@@ -21,13 +21,15 @@ for confirmation, only its confirmation).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
+import re
 import socket
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,10 +37,10 @@ from typing import Any
 from .. import __version__
 from ..apply.deadline import Deadline, TimedOut, TimeLimit
 from ..apply.systemd import ApplyError, Systemd
-from ..config import Config, ConfigError, FieldError, from_dict, to_api, to_dict
-from ..core.files import atomic_write
+from ..config import Config, ConfigError, FieldError, from_dict, parse_toml, to_api, to_dict
+from ..core.files import atomic_write, describe_os_error
 from ..core.watch import DirectoryWatch
-from ..sections import by_name, changes
+from ..sections import SECTIONS, by_name, changes
 from ..sections.base import Refused, Section
 from ..state import store
 from ..state.paths import FLAGS_FILE, UNCONFIRMED_FILE
@@ -307,9 +309,17 @@ class Service:
             if isinstance(e, TimedOut):
                 raise ApiError(500, f"{e}; previous configuration restored") from None
             raise ApiError(
-                500, f"applying the configuration failed, previous one restored: {_reason(e)}"
+                500,
+                f"applying the configuration failed, previous one restored: {self._public(e)}",
             ) from None
         self.on_config(config)
+
+    def _public(self, e: BaseException) -> str:
+        """`e` for the client: an OSError without this machine's paths (the file as it
+        is under the target, or its base name); the journal has the full text."""
+        if isinstance(e, OSError):
+            return describe_os_error(e, self.settings.target)
+        return _reason(e)
 
     async def _reapply(self, what: str) -> None:
         """Apply what was just put back; a failure here is logged, the first one reported."""
@@ -503,6 +513,10 @@ class Service:
     # -- backup and restore -------------------------------------------------------------
 
     def backup(self) -> bytes:
+        """Refused (409) while a network change waits for its confirmation, as a restore
+        is: the archive would hold a config.toml nobody confirmed, which a later restore
+        would apply (and record as the last good one) as if it had been."""
+        self._check_writable()
         return backup.create(self.settings.state_dir)
 
     def check_restore(self, data: bytes, skip: tuple[str, ...]) -> dict[str, bytes]:
@@ -516,16 +530,52 @@ class Service:
         except backup.ArchiveError as e:
             raise ApiError(400, f"archive: {e}") from None
         files = dict(archive.files)
+        restored = archive.config
         if skip:
             from ..config import dumps_toml
             from ..config.validate import validate
 
-            kept = backup.keep_running(archive.config, self.config(), skip)
-            problems = validate(kept)
+            restored = backup.keep_running(archive.config, self.config(), skip)
+            problems = validate(restored)
             if problems:  # a kept MAC that clashes with an archived one, say
                 raise ApiError(400, f"archive with skip={','.join(skip)}: {problems[0]}")
-            files[store.CONFIG_FILE] = dumps_toml(kept)
+            files[store.CONFIG_FILE] = dumps_toml(restored)
+        checks = self._restore_checks(restored, self.config())
+        if checks:
+            raise ApiError(400, f"archive: config.toml: {'; '.join(map(str, checks))}")
         return files
+
+    def _restore_checks(self, restored: Config, running: Config) -> list[FieldError]:
+        """The checks a PUT of each section makes, for every section the restore changes
+        (one it leaves as it runs was taken already): against this machine, named by the
+        document's paths (`security.encryption_recovery_keys`), as the archive has them."""
+        problems: list[FieldError] = []
+        for row in SECTIONS:
+            if getattr(restored, row.attribute) != getattr(running, row.attribute):
+                problems += row.check(restored, running, self.settings.root)
+        return problems
+
+    async def _before_store(
+        self, new: Config, current: Config
+    ) -> list[Callable[[], Awaitable[None]]]:
+        """Each changed section's work before its document is stored (the volumes'
+        recovery keys, as IncusOS's restore enrolls the archive's), all or nothing; the
+        undo of each, for a restore that does not take."""
+        undo: list[Callable[[], Awaitable[None]]] = []
+        for row in SECTIONS:
+            hook = row.before_store
+            if hook is None or getattr(new, row.attribute) == getattr(current, row.attribute):
+                continue
+            try:
+                await hook(self, new, current)
+            except Refused as e:
+                await _undo(undo, self.log)
+                raise ApiError(e.status, e.message) from None
+            except BaseException:
+                await _undo(undo, self.log)
+                raise
+            undo.append(functools.partial(hook, self, current, new))
+        return undo
 
     async def restore(
         self, files: dict[str, bytes], progress: Callable[[dict[str, Any]], None]
@@ -539,11 +589,17 @@ class Service:
             self._check_writable()
             state_dir = self.settings.state_dir
             loop = asyncio.get_running_loop()
+            current = self.config()
+            restored = parse_toml(files[store.CONFIG_FILE])  # checked by check_restore
+            undo = await self._before_store(restored, current)
             progress({"stage": "swapping"})
             try:
                 stage = await loop.run_in_executor(None, backup.switch_in, state_dir, files)
-            except backup.ArchiveError as e:
-                raise ApiError(400, f"archive: {e}") from None
+            except BaseException as e:
+                await _undo(undo, self.log)
+                if isinstance(e, backup.ArchiveError):
+                    raise ApiError(400, f"archive: {e}") from None
+                raise
             progress({"stage": "applying"})
             try:
                 await self.apply()
@@ -551,9 +607,10 @@ class Service:
                 backup.switch_back(state_dir, stage)
                 backup.discard(stage)
                 self.log("error", f"applying the restored state failed, rolling back: {e}")
+                await _undo(undo, self.log)
                 await self._reapply("the state from before the restore")
                 raise ApiError(
-                    500, f"applying the restored state failed, previous kept: {e}"
+                    500, f"applying the restored state failed, previous kept: {self._public(e)}"
                 ) from None
             await loop.run_in_executor(None, backup.discard, stage)
             self.on_config(self.config())
@@ -601,6 +658,17 @@ def _files_key(state_dir: Path) -> tuple[tuple[Any, ...], bool]:
     return tuple(out), plain
 
 
+async def _undo(
+    steps: list[Callable[[], Awaitable[None]]], log: Callable[[str, str], None]
+) -> None:
+    """Sections' work undone, last first; a failure is logged and the rest still run."""
+    for step in reversed(steps):
+        try:
+            await step()
+        except Exception as e:  # logged: the caller reports the first failure
+            log("error", f"undoing a section's work failed: {_reason(e)}")
+
+
 def _reason(e: BaseException) -> str:
     """An exception as a message that is never empty (str(TimeoutError()) is "")."""
     return str(e) or type(e).__name__
@@ -629,13 +697,16 @@ def _restore_current(state_dir: Path, previous: bytes | None) -> None:
 
 
 def _client_paths(errors: list[FieldError], attribute: str) -> str:
-    """Field paths as the client wrote them: `network.dns` -> `config.dns`."""
+    """Field paths as the client wrote them: `network.dns` -> `config.dns`, in the path
+    and where a message names another field (`... already used by network.bonds[0]...`;
+    only there: a value quoted in a message stays as it was)."""
     out = []
+    other = re.compile(rf"(already used by ){re.escape(attribute)}(?=[.\[])")
     for err in errors:
         path = err.path
         if path == attribute or path.startswith((attribute + ".", attribute + "[")):
             path = "config" + path[len(attribute) :]
-        out.append(str(FieldError(path, err.message)))
+        out.append(str(FieldError(path, other.sub(r"\1config", err.message))))
     return "; ".join(out)
 
 

@@ -31,7 +31,7 @@ from ..boot.generator import cache_bytes as generator_cache_bytes
 from ..boot.generator import refresh_cache
 from ..config import dumps_toml
 from ..config.model import Config
-from ..core.files import Applied, Owned, apply_tree, atomic_write, owned_paths
+from ..core.files import Applied, Owned, apply_tree, atomic_write, describe_os_error, owned_paths
 from ..hal import net, netlink
 from ..render import Symlink
 from ..render.system import LOCALTIME, ZONEINFO
@@ -219,7 +219,9 @@ def _configure(
             # The next boot's fast path would only fail the same way: no cache.
             with contextlib.suppress(OSError):
                 Path(state, fast.CACHE_FILE).unlink(missing_ok=True)
-        return Result(loaded.source, loaded.config, None, tuple(renamed), (*problems, str(e)))
+        # The problem reaches API clients: the file as it is on the machine being written.
+        reason = f"writing the configuration failed: {describe_os_error(e, target_path)}"
+        return Result(loaded.source, loaded.config, None, tuple(renamed), (*problems, reason))
     for path in applied.written:
         info(f"wrote {path}")
     for path in applied.removed:

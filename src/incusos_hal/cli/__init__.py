@@ -1,6 +1,6 @@
 """The `incusos-hal` command.
 
-    validate --config PATH                     exit 0, or 2 with one `field.path: message` line
+    validate --config PATH [--machine [--root DIR]]   exit 0, or 2 with `field.path: message`
     render [--config PATH] [--root DIR] --out DIR   what configure + generator would write
     save --config PATH [--state-dir DIR]       validate, then store atomically
     configure [--boot] [--state-dir DIR]       apply the stored config to this machine
@@ -47,8 +47,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=__version__)
     sub = p.add_subparsers(dest="command", required=True)
 
-    v = sub.add_parser("validate", help="check a config file")
+    v = sub.add_parser(
+        "validate",
+        help="check a config file",
+        description="Check the document alone (pure: the same answer on any machine). "
+        "With --machine, also the checks a PUT and a restore make against the machine "
+        "under --root, for what differs from the stored document (--state-dir): at least "
+        "one recovery key, PCI addresses that exist, the CPU governor and congestion "
+        "algorithm, a listen address this machine has, NIC names that resolve once.",
+    )
     v.add_argument("--config", required=True, help="TOML as stored, or .json in the API's shape")
+    v.add_argument("--machine", action="store_true", help="also check against this machine")
+    v.add_argument("--root", help="with --machine: read the machine under this root")
+    v.add_argument("--state-dir", help="with --machine: where the running document is stored")
     v.set_defaults(command=("admin", "cmd_validate"))
 
     r = sub.add_parser("render", help="write what configure and the generator would")

@@ -52,10 +52,25 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from ..config import ConfigError
 
     try:
-        _load_config_file(args.config)
+        config = _load_config_file(args.config)
     except ConfigError as e:
         _print_errors(e)
         return EXIT_INVALID
+    if args.machine:
+        from ..sections import SECTIONS
+        from ..state import store
+
+        running = store.load(store.state_dir(args.state_dir)).config
+        root = root_of(args.root)
+        problems = [
+            err
+            for row in SECTIONS
+            if getattr(config, row.attribute) != getattr(running, row.attribute)
+            for err in row.check(config, running, root)
+        ]
+        if problems:
+            _print_errors(ConfigError(problems))
+            return EXIT_INVALID
     return 0
 
 

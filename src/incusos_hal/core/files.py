@@ -16,6 +16,24 @@ from pathlib import Path
 from .tree import File, Symlink, Tree
 
 
+def describe_os_error(e: OSError, root: str | os.PathLike[str] | None = None) -> str:
+    """`e` without the paths of this machine it names, for a client: the reason and the
+    file as it is under `root` (`/etc/sysctl.d` when writing into a target), or only its
+    base name. The journal keeps str(e)."""
+    reason = e.strerror or type(e).__name__
+    name = e.filename
+    if name is None:
+        return reason
+    path = os.fsdecode(name)
+    if root is not None:
+        base = os.path.abspath(os.fspath(root))
+        full = os.path.abspath(path)
+        if full == base or full.startswith(base.rstrip("/") + "/"):
+            inside = os.path.relpath(full, base)
+            return f"{reason}: /{'' if inside == '.' else inside}"
+    return f"{reason}: {os.path.basename(path.rstrip('/')) or path}"
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename or unlink in `path` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

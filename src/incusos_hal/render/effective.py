@@ -104,17 +104,30 @@ def _resolve_macs(
     network: Network, nics: tuple[Nic, ...], warnings: list[str]
 ) -> tuple[list[Interface], list[Bond]]:
     """Interfaces and bonds with every NIC named by its kernel name resolved to its MAC;
-    one that names no NIC here is dropped (a bond only when none of its members is)."""
-    by_name = {nic.name: nic for nic in nics}
+    one that names no NIC here is dropped (a bond only when none of its members is).
 
-    def resolve(hwaddr: str, what: str) -> str | None:
+    A NIC claimed twice once names are resolved (`eth0` and eth0's MAC: validation
+    cannot see it, the NICs decide) goes to its first claimant; the second is dropped
+    with a warning, as a missing NIC is, so a boot never fails on it."""
+    by_name = {nic.name: nic for nic in nics}
+    claimed: dict[str, str] = {}
+
+    def resolve(hwaddr: str, what: str, *, claim: bool = True) -> str | None:
         if fmt.is_mac(hwaddr):
-            return hwaddr.lower()
-        nic = by_name.get(hwaddr)
-        if nic is None:
-            warnings.append(f"{what}: no interface named {hwaddr!r} on this machine; skipped")
+            mac = hwaddr.lower()
+        else:
+            nic = by_name.get(hwaddr)
+            if nic is None:
+                warnings.append(f"{what}: no interface named {hwaddr!r} on this machine; skipped")
+                return None
+            mac = nic.hwaddr
+        if not claim:  # a bond's own MAC (often a member's): the address, not the NIC
+            return mac
+        if mac in claimed:
+            warnings.append(f"{what}: {mac} is already used by {claimed[mac]}; skipped")
             return None
-        return nic.hwaddr
+        claimed[mac] = what
+        return mac
 
     interfaces: list[Interface] = []
     for iface in network.interfaces:
@@ -128,7 +141,7 @@ def _resolve_macs(
         if not resolved:
             warnings.append(f"bond {bond.name}: none of its members is present; skipped")
             continue
-        hwaddr = resolve(bond.hwaddr, f"bond {bond.name}") if bond.hwaddr else None
+        hwaddr = resolve(bond.hwaddr, f"bond {bond.name}", claim=False) if bond.hwaddr else None
         bonds.append(replace(bond, members=resolved, hwaddr=hwaddr or resolved[0]))
     return interfaces, bonds
 

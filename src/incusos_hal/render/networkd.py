@@ -37,10 +37,10 @@ HASHING_MODES = ("802.3ad", "balance-xor", "balance-tlb")
 _FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\.(link|network|netdev)")
 
 
-def _file(name: str, sections: list[Section]) -> tuple[str, File]:
+def _file(name: str, sections: list[Section], *, mode: int = 0o644) -> tuple[str, File]:
     if _FILE_NAME.fullmatch(name) is None:
         raise UnsafeTextError(f"{name!r} is not a safe networkd file name")
-    return f"{NETWORK_DIR}/{PREFIX}{name}", File(ini(sections, header=HEADER))
+    return f"{NETWORK_DIR}/{PREFIX}{name}", File(ini(sections, header=HEADER), mode)
 
 
 def render_networkd(network: Network) -> Tree:
@@ -107,7 +107,10 @@ def _link_file(port: str, mac: str, eth: Ethernet | None) -> tuple[str, File]:
                 link.append(("WakeOnLanPassword", eth.wakeonlan_password))
         if eth.disable_energy_efficient:
             sections.append(("EnergyEfficientEthernet", [("Enable", "no")]))
-    return _file(f"{port}.link", sections)
+    # A Wake-on-LAN password is a secret: its .link is root's alone (udev, which reads
+    # .link files, runs as root; networkd does not read them).
+    secret = eth is not None and eth.wakeonlan and bool(eth.wakeonlan_password)
+    return _file(f"{port}.link", sections, mode=0o600 if secret else 0o644)
 
 
 def _port(

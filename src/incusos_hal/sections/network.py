@@ -9,6 +9,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from ..config.errors import FieldError
+from ..config.formats import is_mac, show
 from ..config.model import UNSET_DURATION, Time
 from ..core.files import Owned
 from ..render.effective import DEFAULT_TIMEZONE, effective_network
@@ -52,6 +53,11 @@ ZONEINFO_DIR = "usr/share/zoneinfo"
 
 
 def check(new: Config, current: Config, root: str) -> list[FieldError]:
+    """What the machine decides: the time zone is installed, no NIC is claimed twice."""
+    return check_timezone(new, current, root) + check_claims(new, current, root)
+
+
+def check_timezone(new: Config, current: Config, root: str) -> list[FieldError]:
     """A time zone must be one the machine has installed (IncusOS lets timedatectl say
     so when it applies): `Mars/Olympus` is a well-formed name, but no zone. Only a changed
     zone is checked, so a GET -> PUT round trip is accepted whatever is installed."""
@@ -120,6 +126,40 @@ def keep_macs(archived: Config, running: Config) -> Config:
     )
     network = replace(archived.network, interfaces=interfaces, bonds=new_bonds)
     return replace(archived, network=network)
+
+
+def check_claims(new: Config, current: Config, root: str) -> list[FieldError]:
+    """A NIC claimed twice once its kernel name is resolved against the NICs under
+    `root` (`eth0` and eth0's MAC): the document's validation cannot see it, the boot
+    would drop the second claimant (render.effective), a PUT refuses it."""
+    from ..hal.net import list_nics
+
+    if new.network == current.network:
+        return []
+    by_name = {nic.name: nic.hwaddr for nic in list_nics(root)[0]}
+    claims: list[tuple[str, str]] = [
+        (f"network.interfaces[{i}].hwaddr", iface.hwaddr)
+        for i, iface in enumerate(new.network.interfaces)
+        if iface.hwaddr
+    ]
+    claims += [
+        (f"network.bonds[{i}].members[{j}]", member)
+        for i, bond in enumerate(new.network.bonds)
+        for j, member in enumerate(bond.members)
+    ]
+    seen: dict[str, str] = {}
+    errors: list[FieldError] = []
+    for where, value in claims:
+        mac = value.lower() if is_mac(value) else by_name.get(value)
+        if mac is None:
+            continue  # a NIC not here: skipped at boot with a warning, as IncusOS does
+        if mac in seen:
+            errors.append(
+                FieldError(where, f"{show(value)} is the NIC {mac}, already used by {seen[mac]}")
+            )
+        else:
+            seen[mac] = where
+    return errors
 
 
 def _named(path: str) -> Owned:
