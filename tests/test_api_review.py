@@ -109,7 +109,7 @@ def test_backup_is_refused_while_a_network_change_waits_for_confirmation(
     before = state_digest(api.state)
     r = api.curl("POST", "/1.0/system/:backup")
     assert r.status == 409, r.body[:300]
-    assert "confirmation" in r.json["error"], r.json
+    assert "confirm" in r.json["error"], r.json
     assert state_digest(api.state) == before
     assert (api.state / "config.last-good.toml").read_bytes() == good
     # Confirmed, the change is a good one and the backup holds it.
