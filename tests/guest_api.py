@@ -151,9 +151,10 @@ def network_state() -> dict:
             for name in ("rx_bytes", "rx_errors", "tx_bytes", "tx_errors")
         }
         for link in sys_net.iterdir()
+        if link.is_dir()  # not bonding_masters, a control file beside the links
     }
     out["speeds"] = {}
-    for link in sys_net.iterdir():
+    for link in (link for link in sys_net.iterdir() if link.is_dir()):
         try:
             out["speeds"][link.name] = (link / "speed").read_text().strip()
         except OSError as e:

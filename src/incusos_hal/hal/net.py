@@ -79,6 +79,8 @@ def list_nics(root: str | os.PathLike[str] = "/") -> tuple[tuple[Nic, ...], list
         return (), [f"cannot list {base}: {e.strerror}"]
     for name in names:
         d = base / name
+        if not d.is_dir():
+            continue  # bonding_masters: a control file beside the links, not a link
         address = _read(d / "address")
         arp_type_text = _read(d / "type")
         if address is None or arp_type_text is None or not arp_type_text.isdigit():
@@ -167,9 +169,9 @@ def kernel_links(root: str | os.PathLike[str] = "/") -> dict[str, KernelLink]:
         return {}
     out: dict[str, KernelLink] = {}
     for name in names:
-        if name == "lo":
-            continue
         d = base / name
+        if name == "lo" or not d.is_dir():
+            continue  # bonding_masters: a control file beside the links, not a link
         try:
             target = os.readlink(d)
         except OSError:

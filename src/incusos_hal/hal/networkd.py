@@ -40,7 +40,7 @@ class Link:
     mtu: int = 0
     hwaddr: str = ""
     permanent_hwaddr: str = ""
-    # Bare addresses (no prefix length), link-local ones left out, in networkd's order.
+    # Bare addresses (no prefix length), link-local ones left out, IPv4 first, sorted.
     addresses: tuple[str, ...] = ()
     routes: tuple[Route, ...] = ()
 
@@ -78,13 +78,15 @@ def _int(value: Any) -> int:
 
 
 def _addresses(entries: Any) -> tuple[str, ...]:
-    out: list[str] = []
+    """IPv4 then IPv6, each in address order: networkd lists them in the order they
+    came, which varies from boot to boot (DHCP and SLAAC race)."""
+    found: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = set()
     for entry in entries if isinstance(entries, list) else []:
         ip = _ip(entry.get("Address")) if isinstance(entry, dict) else None
         # IncusOS leaves out 169.254/16 and fe80::/10 (GetIPAddresses).
-        if ip is not None and not ip.is_link_local and str(ip) not in out:
-            out.append(str(ip))
-    return tuple(out)
+        if ip is not None and not ip.is_link_local:
+            found.add(ip)
+    return tuple(str(ip) for ip in sorted(found, key=lambda ip: (ip.version, ip)))
 
 
 def _routes(entries: Any) -> tuple[Route, ...]:
