@@ -38,6 +38,7 @@ from .. import __version__
 from ..apply.deadline import Deadline, TimedOut, TimeLimit
 from ..apply.systemd import ApplyError, Systemd
 from ..config import Config, ConfigError, FieldError, from_dict, parse_toml, to_api, to_dict
+from ..core.errors import Refusal
 from ..core.files import atomic_write, describe_os_error
 from ..core.watch import DirectoryWatch
 from ..sections import SECTIONS, by_name, changes
@@ -53,11 +54,8 @@ from . import envelope as env
 MAX_HOLD_SECONDS = 24 * 3600.0
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
+class ApiError(Refusal):
+    """The API refuses a request: answered with `status` and `message`."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from ..core.errors import Refusal
+
 if TYPE_CHECKING:
     from ..config.errors import FieldError
     from ..config.model import Config
@@ -37,13 +39,8 @@ class Where(Protocol):
     def tcti(self) -> str | None: ...
 
 
-class Refused(Exception):
+class Refused(Refusal):
     """A section refuses a request: the API answers `status` with `message`."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 class Context(Protocol):

@@ -18,6 +18,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..core.errors import Refusal
 from ..hal import secureboot
 
 MAX_SCRIPT_BYTES = 1 << 20  # IncusOS's limit on the request body
@@ -26,14 +27,9 @@ SMIME_MARKER = b'Content-Type: multipart/signed; protocol="application/x-pkcs7-s
 VERIFY_SECONDS = 30
 
 
-class ScriptRefused(Exception):
+class ScriptRefused(Refusal):
     """Not run: `status` is 400 for input that is not a signed script, 403 for a signature
     the firmware's db does not vouch for."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 @dataclass(frozen=True, slots=True)
