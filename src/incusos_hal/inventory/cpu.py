@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .model import OMIT
+from .omit import OMIT
 from .sysfs import listdir, read, read_int
 
 

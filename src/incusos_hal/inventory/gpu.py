@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .model import OMIT
+from .omit import OMIT
 from .pci import scan_pci
 from .sysfs import dev_number, listdir, read_int
 

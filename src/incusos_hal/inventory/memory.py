@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .model import OMIT
+from .omit import OMIT
 from .sysfs import listdir, read
 
 

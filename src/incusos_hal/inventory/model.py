@@ -15,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 import importlib
 
+from .omit import OMIT
+
 # Not `typing.TYPE_CHECKING`: importing typing is a cost the inventory command does not pay.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -30,7 +32,6 @@ if TYPE_CHECKING:
     from .system import Chassis, Firmware, Motherboard, System
     from .usb import USB, USBDevice, USBInterface
 
-OMIT = {"omitempty": True}
 
 # Class name -> the section module that defines it.
 _HOMES = {

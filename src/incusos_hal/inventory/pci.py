@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .hwdata import pci_names
-from .model import OMIT
+from .omit import OMIT
 from .sysfs import driver_of, link_name, listdir, numa_node_of, read_hex_id
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import probe
-from .model import OMIT
+from .omit import OMIT
 from .sysfs import (
     by_links,
     dev_number,
