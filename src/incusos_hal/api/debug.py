@@ -27,7 +27,7 @@ from aiohttp import web
 from .service import ApiError
 
 if TYPE_CHECKING:
-    from .server import Route
+    from .http import Route
 
 log = logging.getLogger("incusos_hal.api")
 
@@ -40,13 +40,13 @@ SCRIPT_SECONDS = 600.0
 
 
 def _sync(request: web.Request, metadata: Any) -> web.Response:
-    from .server import sync
+    from .http import sync
 
     return sync(metadata)
 
 
 def _url(request: web.Request, path: str) -> str:
-    from .server import url
+    from .http import url
 
     return url(request, path)
 
@@ -57,13 +57,13 @@ async def get_debug(request: web.Request) -> web.Response:
 
 
 async def _in_thread(request: web.Request, work: Any) -> Any:
-    from .server import SERVICE_KEY
+    from .http import SERVICE_KEY
 
     return await request.app[SERVICE_KEY].run_in_thread(work)
 
 
 def _root(request: web.Request) -> str:
-    from .server import SERVICE_KEY
+    from .http import SERVICE_KEY
 
     return request.app[SERVICE_KEY].settings.root
 
@@ -153,7 +153,7 @@ async def get_secureboot(request: web.Request) -> web.Response:
 
 async def get_event_log(request: web.Request) -> web.Response:
     from ..hal import debuginfo, eventlog, tpm
-    from .server import SERVICE_KEY
+    from .http import SERVICE_KEY
 
     settings = request.app[SERVICE_KEY].settings
 
@@ -173,7 +173,7 @@ async def post_run_script(request: web.Request) -> web.Response:
     """Verified first (nothing runs on a bad or missing signature), then run; the answer
     is the script's output, or an error with its exit status and output."""
     from ..security import script
-    from .server import SERVICE_KEY
+    from .http import SERVICE_KEY
 
     svc = request.app[SERVICE_KEY]
     body = await request.content.read(script.MAX_SCRIPT_BYTES + 1)
@@ -191,7 +191,7 @@ async def post_run_script(request: web.Request) -> web.Response:
 
 
 def routes() -> list[Route]:
-    from .server import Route
+    from .http import Route
 
     return [
         Route("GET", "/1.0/debug", get_debug, "the debug endpoints"),
