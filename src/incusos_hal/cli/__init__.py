@@ -269,8 +269,23 @@ def main(argv: list[str] | None = None) -> int:
     if fast is not None:
         return _eventlog_pcrs(fast)
     boot = _configure_boot_options(given)
-    if boot is not None and _configure_boot(boot):
-        return 0
+    if boot is not None:
+        if _configure_boot(boot):
+            return 0
+        # The full path, without building the parser: argparse is a tenth of its imports,
+        # and the boot waits for this step.
+        from types import SimpleNamespace
+
+        from .admin import cmd_configure
+
+        return cmd_configure(
+            SimpleNamespace(  # type: ignore[arg-type]  # the parser's Namespace, by duck
+                boot=True,
+                state_dir=boot.get("--state-dir"),
+                target=boot.get("--target", "/"),
+                unit_dir=boot.get("--unit-dir", DEFAULT_UNIT_DIR),
+            )
+        )
     inventory = _inventory_args(given)
     if inventory is not None:
         from .machine import inventory as run_inventory

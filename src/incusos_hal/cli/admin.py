@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import sys
@@ -12,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 from .common import EXIT_INVALID, GENERATOR_DIR, root_of
 
 if TYPE_CHECKING:
+    import argparse
+
     from ..apply.deadline import TimeLimit
     from ..config import Config, ConfigError
 
