@@ -294,9 +294,7 @@ def _proxy_server(c: _Collector, name: str, server: ProxyServer, p: str) -> None
         c.check(p, "server names use letters, digits, '.', '_' and '-'")
     c.check(child(p, "host"), _check_proxy_host(server.host))
     if server.auth not in PROXY_AUTH:
-        c.check(
-            child(p, "auth"), f"{fmt.show(server.auth)} is not one of {', '.join(PROXY_AUTH)}"
-        )
+        c.check(child(p, "auth"), f"{fmt.show(server.auth)} is not one of {', '.join(PROXY_AUTH)}")
     elif server.auth == "kerberos":
         c.check(
             child(p, "auth"),
@@ -622,9 +620,7 @@ def _kernel_network(c: _Collector, net: KernelNetwork, p: str) -> None:
         )
 
 
-def _kernel_passthrough(
-    c: _Collector, devices: tuple[KernelPassthrough, ...], path: str
-) -> None:
+def _kernel_passthrough(c: _Collector, devices: tuple[KernelPassthrough, ...], path: str) -> None:
     for i, dev in enumerate(devices):
         q = child(path, i)
         if PCI_ID.fullmatch(dev.vendor_id) is None:
