@@ -325,3 +325,51 @@ def test_nvme_subsystems_from_sysfs(tmp_path: Path) -> None:
         }
     ]
     assert os.path.isdir(sub)
+
+
+def test_multipath_devices_from_sysfs(tmp_path: Path) -> None:
+    """The layout the kernel gives a dm multipath map (uuid mpath-<WWID>, its paths as
+    slaves, each a SCSI disk at H:C:T:L): one device per listed WWN, its paths' state."""
+    from incusos_hal.services import Machine
+
+    blocks = tmp_path / "sys/class/block"
+    dm = blocks / "dm-0"
+    (dm / "dm").mkdir(parents=True)
+    (dm / "dm/uuid").write_text("mpath-35000c500a1b2c3d4\n")
+    (dm / "dm/name").write_text("35000c500a1b2c3d4\n")
+    (dm / "size").write_text(f"{64 * 2048}\n")
+    for hctl, name, state in (("2:0:0:0", "sda", "running"), ("3:0:0:0", "sdb", "offline")):
+        scsi = tmp_path / "sys/devices/pci0000:00" / hctl
+        scsi.mkdir(parents=True)
+        (scsi / "state").write_text(f"{state}\n")
+        (scsi / "vendor").write_text("QEMU    \n")
+        (scsi / "model").write_text("QEMU HARDDISK   \n")
+        (blocks / name).mkdir()
+        (blocks / name / "device").symlink_to(scsi)
+        (dm / "slaves").mkdir(exist_ok=True)
+        (dm / "slaves" / name).symlink_to(blocks / name)
+    config = ServiceMultipathConfig(True, (WWN, "0x5000c500a1b2c3ff"))
+    state = multipath.read_state(Machine(root=str(tmp_path)), config)
+    assert state == {
+        "controllers": [],
+        "devices": {
+            WWN: {
+                "vendor": "QEMU,QEMU HARDDISK",
+                "size": "64M",
+                "path_groups": [
+                    {
+                        "policy": "",
+                        "priority": 0,
+                        "status": "",
+                        "paths": [
+                            {"id": "2:0:0:0", "status": "running"},
+                            {"id": "3:0:0:0", "status": "offline"},
+                        ],
+                    }
+                ],
+            }
+        },
+    }
+    # Disabled: no devices (IncusOS reads them only while enabled).
+    off = multipath.read_state(Machine(root=str(tmp_path)), ServiceMultipathConfig(False, (WWN,)))
+    assert off["devices"] == {}
