@@ -113,6 +113,9 @@ ERROR = {
 
 
 def _section_type(path: str) -> Any:
+    if path.startswith("/1.0/services/") and "{" not in path:
+        service = path.rsplit("/", 1)[-1]
+        return typing.get_type_hints(model.Services, vars(model)).get(service)
     row = by_name(path.rsplit("/", 1)[-1]) if path.startswith("/1.0/system/") else None
     if row is None:
         return None

@@ -27,6 +27,8 @@ from ..config import MAX_DOCUMENT_BYTES, Config
 from ..core.tls import fingerprint_der
 from ..sections import SECTIONS
 from ..sections.base import Action, Section
+from ..services import SERVICES, SystemService
+from ..services import supported as supported_services
 from ..state.paths import SOCKET
 from . import auth, backup, debug, listeners
 from . import envelope as env
@@ -48,18 +50,6 @@ from .state import NetworkStateCache
 log = logging.getLogger("incusos_hal.api")
 
 DEFAULT_SOCKET = SOCKET
-SERVICES = (
-    "ceph",
-    "iscsi",
-    "linstor",
-    "lvm",
-    "multipath",
-    "netbird",
-    "nvme",
-    "ovn",
-    "tailscale",
-    "usbip",
-)
 EVENT_TYPES = frozenset({"operation", "logging"})
 
 OPERATIONS_KEY = web.AppKey("operations", Operations)
@@ -323,14 +313,49 @@ async def post_power(request: web.Request) -> web.Response:
 
 
 async def get_services(request: web.Request) -> web.Response:
-    return sync([url(request, f"/1.0/services/{n}") for n in SERVICES])
+    # Only the services built here whose tools this machine has: each one listed answers
+    # 200 (IncusOS lists its Supported() ones, and its test GETs every one).
+    return sync([url(request, row.path) for row in supported_services()])
 
 
-async def get_service(request: web.Request) -> web.Response:
-    name = request.match_info["name"]
-    if name not in SERVICES:
-        raise ApiError(404, f"no service {name!r}")
-    raise _not_built(f"the {name} service")
+async def get_unknown_service(request: web.Request) -> web.Response:
+    raise ApiError(404, f"no service {request.match_info['name']!r}")
+
+
+def service_routes(row: SystemService) -> list[Route]:
+    """GET and PUT of a service's {config, state}, and `:reset`; each a 404 on a machine
+    without the service's tools, as IncusOS answers for a service not Supported()."""
+
+    async def get(request: web.Request) -> web.Response:
+        svc = request.app[SERVICE_KEY]
+        config = svc.config()
+        data, tag = svc.service_doc(row.name, config)
+        machine = svc.machine()
+        part = row.config_of(config.services)
+        state = await svc.run_in_thread(lambda: row.read_state(machine, part))
+        return sync({"config": data, "state": state}, {"ETag": tag})
+
+    async def put(request: web.Request) -> web.Response:
+        svc = request.app[SERVICE_KEY]
+        svc.system_service(row.name)  # a 404 before the body is read
+        body = await _json_body(request)
+        await svc.put_service(row.name, body, request.headers.get("If-Match"))
+        return sync({})
+
+    async def reset(request: web.Request) -> web.Response:
+        await request.app[SERVICE_KEY].reset_service(row.name)
+        return sync({})
+
+    reset_summary = (
+        "connect to the targets again"
+        if row.reset is not None
+        else "400: this service has no reset (as on IncusOS)"
+    )
+    return [
+        Route("GET", row.path, get, row.summary),
+        Route("PUT", row.path, put, f"replace the {row.name} configuration", body="section"),
+        Route("POST", f"{row.path}/:reset", reset, reset_summary),
+    ]
 
 
 async def get_operations(request: web.Request) -> web.Response:
@@ -497,14 +522,15 @@ ROUTES: list[Route] = [
         built=False,
     ),
     Route("GET", "/1.0/services", get_services, "the services"),
+    *(r for row in SERVICES for r in service_routes(row)),
     Route(
         "GET",
         "/1.0/services/{name}",
-        get_service,
-        "one service's configuration and state",
-        built=False,
-        names=SERVICES,
+        get_unknown_service,
+        "any other service: 404 (not built, or its tools are not installed)",
     ),
+    Route("PUT", "/1.0/services/{name}", get_unknown_service, "any other service: 404"),
+    Route("POST", "/1.0/services/{name}/:reset", get_unknown_service, "any other service: 404"),
     *debug.routes(),
     Route("GET", "/1.0/operations", get_operations, "the operations"),
     Route("GET", "/1.0/operations/{id}", get_operation, "one operation"),
@@ -613,6 +639,9 @@ async def serve(
         except Exception as e:  # reads still work; a write connects again or says why
             log.warning("the system bus is not reachable yet: %s", e)
     await service.recover()
+    # In the background, under the write lock: a target that does not answer holds up
+    # neither the API nor the boot (nvme-cli and iscsiadm wait up to 30 s each).
+    service.spawn(service.start_services())
     service.store_first_boot()
     await service.first_boot_recovery_key()
     runner = web.AppRunner(

@@ -286,9 +286,67 @@ class Security:
     ] = ()
 
 
+NVMeTransport = Literal["tcp", "fc"]
+NVME_TRANSPORTS: tuple[str, ...] = get_args(NVMeTransport)
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceNVMETarget:
+    """IncusOS's ServiceNVMETarget (incus-osd/api/service_nvme.go)."""
+
+    transport: Annotated[NVMeTransport, Help("tcp or fc"), ALWAYS]
+    address: Annotated[
+        str, Help("tcp: the target's IP address; fc: nn-0x<WWNN>:pn-0x<WWPN>"), ALWAYS
+    ]
+    port: Annotated[int, Help("tcp: the target's port (discovery: 8009, I/O: 4420)"), ALWAYS] = 0
+    host_address: Annotated[
+        str, Help("fc: the local port to connect from (nn-0x..:pn-0x..); empty: every one")
+    ] = ""
+    nqn: Annotated[
+        str, Help("connect to this subsystem NQN directly instead of through discovery")
+    ] = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceNVMEConfig:
+    enabled: Annotated[bool, Help("connect to the targets (NVMe over TCP or FC)"), ALWAYS] = False
+    targets: Annotated[tuple[ServiceNVMETarget, ...], Help("the NVMe targets"), ALWAYS] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceISCSITarget:
+    """IncusOS's ServiceISCSITarget (incus-osd/api/service_iscsi.go)."""
+
+    target: Annotated[str, Help("the target's iSCSI name (iqn..., eui..., naa...)"), ALWAYS]
+    address: Annotated[str, Help("the portal's IP address or DNS name"), ALWAYS]
+    port: Annotated[int, Help("the portal's port; 0: iSCSI's 3260"), ALWAYS] = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceISCSIConfig:
+    enabled: Annotated[bool, Help("run iscsid and log in to the targets"), ALWAYS] = False
+    targets: Annotated[tuple[ServiceISCSITarget, ...], Help("the iSCSI targets"), ALWAYS] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceMultipathConfig:
+    """IncusOS's ServiceMultipathConfig (incus-osd/api/service_multipath.go)."""
+
+    enabled: Annotated[bool, Help("run multipathd for the WWNs below"), ALWAYS] = False
+    wwns: Annotated[
+        tuple[str, ...], Help("the disks' WWNs as /dev/disk/by-id names them (0x5abc...)"), ALWAYS
+    ] = ()
+
+
 @dataclass(frozen=True, slots=True)
 class Services:
-    pass
+    """The `config` halves of /1.0/services/<name> (IncusOS keeps them in its state)."""
+
+    nvme: Annotated[ServiceNVMEConfig, Help("/1.0/services/nvme")] = ServiceNVMEConfig()
+    iscsi: Annotated[ServiceISCSIConfig, Help("/1.0/services/iscsi")] = ServiceISCSIConfig()
+    multipath: Annotated[ServiceMultipathConfig, Help("/1.0/services/multipath")] = (
+        ServiceMultipathConfig()
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -401,6 +459,6 @@ class Config:
     update: Annotated[Update, Help("/1.0/system/update")] = Update()
     storage: Annotated[Storage, Help("/1.0/system/storage (not built yet)")] = Storage()
     security: Annotated[Security, Help("/1.0/system/security")] = Security()
-    services: Annotated[Services, Help("/1.0/services (not built yet)")] = Services()
+    services: Annotated[Services, Help("/1.0/services")] = Services()
     listener: Annotated[Listener, Help("/1.0/system/fallback-listener")] = Listener()
     kernel: Annotated[Kernel, Help("/1.0/system/kernel")] = Kernel()

@@ -16,6 +16,7 @@ from .errors import FieldError, child
 from .model import (
     BAUD_RATES,
     BOND_MODES,
+    NVME_TRANSPORTS,
     PROXY_AUTH,
     REQUIRED_FOR_ONLINE,
     ROLES,
@@ -40,6 +41,9 @@ from .model import (
     Proxy,
     ProxyServer,
     Security,
+    ServiceISCSITarget,
+    ServiceNVMETarget,
+    Services,
     Update,
 )
 
@@ -78,6 +82,7 @@ def validate(config: Config) -> list[FieldError]:
     _security(c, config.security, "security")
     _listener(c, config.listener, "listener")
     c.errors += validate_kernel(config.kernel, "kernel")
+    c.errors += validate_services(config.services, "services")
     return c.errors
 
 
@@ -658,3 +663,101 @@ def _kernel_sriov(c: _Collector, devices: tuple[KernelSRIOV, ...], path: str) ->
                 f"{fmt.show_int(sriov.vf_count)} is more than a PCI device can have "
                 f"({MAX_VF_COUNT})",
             )
+
+
+# -- /1.0/services ---------------------------------------------------------------------
+
+# NVMe Base Specification 2.0, 4.5 (NQN): "nqn." then the name, at most 223 bytes. Printable
+# ASCII without blanks: the value is one argument and one word of /etc/nvme/discovery.conf.
+NVME_NQN = re.compile(r"nqn\.[\x21-\x7e]{1,219}")
+# Fibre Channel addresses as nvme-cli takes them (traddr, host_traddr).
+FC_ADDRESS = re.compile(r"nn-0x[0-9a-f]{16}:pn-0x[0-9a-f]{16}")
+# RFC 7143 6.2: iqn.yyyy-mm.<reversed domain>[:<unique>], eui.<16 hex>, naa.<16 or 32 hex>;
+# iSCSI names are lower case (stringprep folds them) and at most 223 bytes.
+ISCSI_NAME = re.compile(
+    r"iqn\.[0-9]{4}-(0[1-9]|1[0-2])\.[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*"
+    r"(:[a-z0-9.:_-]+)?|eui\.[0-9a-f]{16}|naa\.([0-9a-f]{16}|[0-9a-f]{32})"
+)
+MAX_NAME_BYTES = 223
+# A disk's WWN as udev names /dev/disk/by-id/wwn-<WWN>: NAA 64-bit or 128-bit, lower case.
+WWN = re.compile(r"0x[0-9a-f]{16}([0-9a-f]{16})?")
+
+
+def validate_services(services: Services, path: str) -> list[FieldError]:
+    """IncusOS's service configs (incus-osd/api/service_*.go): every value reaches a
+    command line or a file, so each is held to the syntax its tool reads."""
+    c = _Collector()
+    _nvme_targets(c, services.nvme.targets, child(child(path, "nvme"), "targets"))
+    _iscsi_targets(c, services.iscsi.targets, child(child(path, "iscsi"), "targets"))
+    seen: dict[str, str] = {}
+    wwns = child(child(path, "multipath"), "wwns")
+    for i, wwn in enumerate(services.multipath.wwns):
+        where = child(wwns, i)
+        if WWN.fullmatch(wwn) is None:
+            c.check(where, f"{fmt.show(wwn)} is not a WWN (0x and 16 or 32 lower-case hex digits)")
+        elif wwn in seen:
+            c.check(where, f"{fmt.show(wwn)} is already {seen[wwn]}")
+        seen.setdefault(wwn, where)
+    return c.errors
+
+
+def _port(value: int, *, required: bool) -> str | None:
+    if value == 0 and not required:
+        return None
+    if not 0 < value < 65536:
+        return f"{fmt.show_int(value)} is not a port (1-65535)"
+    return None
+
+
+def _nvme_targets(c: _Collector, targets: tuple[ServiceNVMETarget, ...], path: str) -> None:
+    seen: dict[tuple[str, str, int, str], str] = {}
+    for i, t in enumerate(targets):
+        q = child(path, i)
+        if t.transport not in NVME_TRANSPORTS:
+            c.check(child(q, "transport"), f"{fmt.show(t.transport)} is not one of tcp, fc")
+            continue
+        if t.transport == "tcp":
+            if not fmt.is_ip(t.address):
+                c.check(child(q, "address"), f"{fmt.show(t.address)} is not an IP address")
+            c.check(child(q, "port"), _port(t.port, required=True))
+            if t.host_address:
+                c.check(child(q, "host_address"), "only Fibre Channel targets take a host address")
+        else:
+            for name in ("address", "host_address"):
+                value = getattr(t, name)
+                if (value or name == "address") and FC_ADDRESS.fullmatch(value) is None:
+                    c.check(
+                        child(q, name),
+                        f"{fmt.show(value)} is not a Fibre Channel address "
+                        "(nn-0x<16 hex digits>:pn-0x<16 hex digits>)",
+                    )
+            if t.port:
+                c.check(child(q, "port"), "Fibre Channel targets take no port")
+        if t.nqn and (NVME_NQN.fullmatch(t.nqn) is None or len(t.nqn) > MAX_NAME_BYTES):
+            c.check(
+                child(q, "nqn"),
+                f"{fmt.show(t.nqn)} is not an NVMe qualified name (nqn. and printable ASCII, "
+                f"at most {MAX_NAME_BYTES} characters)",
+            )
+        key = (t.transport, t.address, t.port, t.nqn)
+        if key in seen:
+            c.check(q, f"the same target as {seen[key]}")
+        seen.setdefault(key, q)
+
+
+def _iscsi_targets(c: _Collector, targets: tuple[ServiceISCSITarget, ...], path: str) -> None:
+    seen: dict[tuple[str, str, int], str] = {}
+    for i, t in enumerate(targets):
+        q = child(path, i)
+        if ISCSI_NAME.fullmatch(t.target) is None or len(t.target) > MAX_NAME_BYTES:
+            c.check(
+                child(q, "target"),
+                f"{fmt.show(t.target)} is not an iSCSI name (iqn.yyyy-mm.<domain>[:<name>], "
+                "eui.<16 hex digits> or naa.<hex digits>, lower case)",
+            )
+        c.check(child(q, "address"), fmt.check_host(t.address))
+        c.check(child(q, "port"), _port(t.port, required=False))
+        key = (t.target, t.address, t.port or 3260)
+        if key in seen:
+            c.check(q, f"the same target as {seen[key]}")
+        seen.setdefault(key, q)
