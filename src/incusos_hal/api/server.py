@@ -322,6 +322,16 @@ async def post_power(request: web.Request) -> web.Response:
     return sync({})
 
 
+async def post_factory_reset(request: web.Request) -> web.Response:
+    """An empty body is an empty request, as IncusOS reads it (its countWrapper)."""
+    data = await request.read()
+    body: Any = {}
+    if data.strip():
+        body = await _json_body(request)
+    await request.app[SERVICE_KEY].factory_reset(body)
+    return sync({})
+
+
 async def get_services(request: web.Request) -> web.Response:
     return sync([url(request, f"/1.0/services/{n}") for n in SERVICES])
 
@@ -492,9 +502,8 @@ ROUTES: list[Route] = [
     Route(
         "POST",
         "/1.0/system/:factory-reset",
-        _unbuilt("factory reset"),
-        "wipe and reinstall",
-        built=False,
+        post_factory_reset,
+        "back to first boot, with new seeds (IncusOS's SystemReset body)",
     ),
     Route("GET", "/1.0/services", get_services, "the services"),
     Route(
