@@ -18,6 +18,7 @@ JSON has no word for (dates, binary) are refused; `version`, when given, must be
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -140,6 +141,9 @@ def check_files(files: Mapping[str, bytes], base: model.Config) -> Checked:
         attribute = e.path.partition(".")[0]
         attribute = attribute.split("[", 1)[0]
         if attribute in by_attribute:
+            # A message naming another field names it as the file does.
+            message = re.sub(rf"(already used by ){re.escape(attribute)}\.", r"\1", e.message)
+            e = FieldError(e.path, message)
             problems.append(
                 Problem(by_attribute[attribute], e.path[len(attribute) :].lstrip("."), e.message)
             )
@@ -274,6 +278,10 @@ def _load_yaml(text: str) -> Any:
 
     try:
         return yaml.load(text, Loader=Strict)  # noqa: S506 - a SafeLoader, stricter
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise _Refused("", f"not valid YAML: {where}{e.problem}") from None
     except yaml.YAMLError as e:
         raise _Refused("", f"not valid YAML: {' '.join(str(e).split())}") from None
 

@@ -73,7 +73,7 @@ def find(root: str | Path = "/") -> Found | None:
     then the image's `seed-data` partition."""
     root = Path(root)
     link = root / "dev/disk/by-label" / SEED_FS_LABEL
-    if link.exists():
+    if link.is_symlink() and link.exists():
         return Found(
             root / "dev" / os.path.basename(os.readlink(link)), f"filesystem {SEED_FS_LABEL}"
         )
@@ -98,7 +98,9 @@ def find(root: str | Path = "/") -> Found | None:
         udev = _uevent(_read(root / "run/udev/data" / f"b{numbers}") or "")
         if numbers and udev.get("E:ID_FS_LABEL") == SEED_FS_LABEL and fs_label is None:
             fs_label = Found(root / "dev" / dev, f"filesystem {SEED_FS_LABEL}")
-    return fs_label or partition
+    found = fs_label or partition
+    # Only a node that is there: udev may not have made it yet (the caller waits or not).
+    return found if found is not None and found.path.exists() else None
 
 
 # -- reading --------------------------------------------------------------------------------
@@ -168,6 +170,8 @@ def read_tar(f: BinaryIO) -> dict[str, bytes]:
 
 _KINDS = {b"0": "file", b"\0": "file", b"7": "file", b"1": "hard link", b"2": "symbolic link"}
 _KINDS |= {b"3": "character device", b"4": "block device", b"5": "dir", b"6": "fifo"}
+_KINDS |= {b"x": "pax extended header", b"g": "pax global header", b"L": "GNU long name"}
+_KINDS |= {b"K": "GNU long link name", b"S": "GNU sparse file"}
 
 
 def _header(block: bytes) -> tuple[str, int, str]:
@@ -293,6 +297,10 @@ def write_tar(path: Path, files: Mapping[str, bytes]) -> None:
     """The seed tar at the start of a block device (the rest of which is left as it is:
     a tar reader stops at the end-of-archive blocks), or as a file, replaced atomically."""
     data = tar_bytes(files)
+    if not path.exists() and not path.parent.is_dir():
+        raise SeedReadError(f"{path.parent} is not a directory")
+    if path.exists() and not (path.is_block_device() or path.is_file()):
+        raise SeedReadError(f"{path} is neither a block device nor a file")
     if path.is_block_device():
         fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
         try:
