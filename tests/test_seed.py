@@ -358,3 +358,95 @@ def test_invalid_seed_applies_nothing_and_says_why(tmp_path: Path) -> None:
     _seed_dir(tmp_path, {"update.json": json.dumps(UPDATE)})
     assert run(*argv, env={"INCUSOS_HAL_KMSG": str(kmsg)})[0] == 0
     assert (state / "seed.applied").exists()
+
+
+# -- factory reset ------------------------------------------------------------------------------
+
+
+def _snapshot(directory: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(directory)): p.read_bytes() if p.is_file() else b"<dir>"
+        for p in sorted(directory.rglob("*"))
+    }
+
+
+def test_factory_reset_through_the_api(tmp_path: Path) -> None:
+    """A real `serve`: a bad seed (or body) is a 400 with the state dir and the seed
+    byte for byte as they were; a good reset leaves exactly the merged seed and an
+    empty state dir, and the next first boot applies that seed."""
+    require_tool("openssl", "curl")
+    from incusos_hal.hal import seed as media
+
+    cert, _ = apiserver.openssl_client_cert(tmp_path, "trusted")
+    (tmp_path / "api").mkdir()
+    server = apiserver.make(tmp_path / "api", [cert])
+    seed = tmp_path / "seed.tar"
+    image_seed = {
+        "update.yaml": b"channel: testing\n",
+        "network.json": json.dumps({"dns": {"hostname": "old"}}).encode(),
+    }
+    seed.write_bytes(media.tar_bytes(image_seed))
+    server.env = {"INCUSOS_HAL_SEED": str(seed)}
+    server.start()
+    try:
+        assert server.put("/1.0/system/update", {"config": UPDATE}).status == 200
+        before, seed_before = _snapshot(server.state), seed.read_bytes()
+        assert "config.toml" in before and "server.key" in before
+
+        def reset(body: object) -> apiserver.Result:
+            return server.curl("POST", "/1.0/system/:factory-reset", body=json.dumps(body).encode())
+
+        refused = {
+            "bad seed": (
+                {"seeds": {"network": {"dns": {"hostname": "bad host"}}}},
+                "network.json: dns.hostname: 'bad host' is not a valid host name",
+            ),
+            "unknown field": ({"keep_data": True}, "keep_data: unknown field"),
+            "install": ({"seeds": {"install": {}}}, "seeds.install: a factory reset"),
+            "null seed": ({"seeds": {"update": None}}, "seed data for 'update' is not defined"),
+            "not a seed": ({"seeds": {"storage": {}}}, "seeds.storage: not a seed"),
+            "type": ({"wipe_existing_seeds": "yes"}, "wipe_existing_seeds: expected true"),
+            "recovery key": (
+                {"seeds": {"security": {"encryption_recovery_keys": ["x"]}}},
+                "security.json: encryption_recovery_keys: cannot be set by a seed",
+            ),
+        }
+        for what, (body, message) in refused.items():
+            r = reset(body)
+            assert r.status == 400, (what, r.body)
+            assert message in r.json["error"], (what, r.json)
+            assert _snapshot(server.state) == before, what
+            assert seed.read_bytes() == seed_before, what
+
+        r = reset({"seeds": {"network": NETWORK}, "allow_tpm_reset_failure": True})
+        assert r.status == 200, r.body
+        assert os.listdir(server.state) == []
+        after = media.read(seed)
+        assert sorted(after) == ["network.json", "update.yaml"]
+        assert after["update.yaml"] == image_seed["update.yaml"]  # kept
+        assert json.loads(after["network.json"]) == NETWORK  # replaced
+    finally:
+        server.stop()
+    assert any("factory reset" in line for line in server.log), server.log
+
+    # The next boot: first boot applies the seed the reset left.
+    code, out, err = run(
+        "seed", "apply", "--state-dir", str(server.state), env={"INCUSOS_HAL_SEED": str(seed)}
+    )
+    assert code == 0, (out, err)
+    stored = (server.state / "config.toml").read_text()
+    assert 'hostname = "seeded"' in stored and 'channel = "testing"' in stored
+
+    # wipe_existing_seeds: only the new seeds, whatever was there.
+    server.start()
+    try:
+        r = server.curl(
+            "POST",
+            "/1.0/system/:factory-reset",
+            body=json.dumps({"wipe_existing_seeds": True, "seeds": {"kernel": KERNEL}}).encode(),
+        )
+        assert r.status == 200, r.body
+    finally:
+        server.stop()
+    assert sorted(media.read(seed)) == ["kernel.json"]
+    assert os.listdir(server.state) == []
