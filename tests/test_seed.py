@@ -450,3 +450,27 @@ def test_factory_reset_through_the_api(tmp_path: Path) -> None:
         server.stop()
     assert sorted(media.read(seed)) == ["kernel.json"]
     assert os.listdir(server.state) == []
+
+
+def test_seed_unit_runs_once_before_the_configure_step(tmp_path: Path) -> None:
+    require_tool("systemd-analyze")
+    from incusos_hal.cli import parser
+    from incusos_hal.state.paths import DEFAULT_STATE_DIR, SEED_APPLIED
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "incusos-hal").write_text("#!/bin/sh\n")
+    (bindir / "incusos-hal").chmod(0o755)
+    text = (REPO / "units/incusos-hal-seed.service.in").read_text()
+    unit = tmp_path / "incusos-hal-seed.service"
+    unit.write_text(text.replace("@BINDIR@", str(bindir)).replace("@DOCDIR@", str(tmp_path)))
+    done = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    lines = unit.read_text().splitlines()
+    assert f"ConditionPathExists=!{DEFAULT_STATE_DIR}/{SEED_APPLIED}" in lines
+    assert "Before=incusos-hal-configure.service sysinit.target shutdown.target" in lines
+    exec_start = next(line for line in lines if line.startswith("ExecStart="))
+    args = parser().parse_args(exec_start.split()[1:])
+    assert (args.command, args.boot) == (("seed", "cmd_seed_apply"), True)
+    configure = (REPO / "units/incusos-hal-configure.service.in").read_text().splitlines()
+    assert {"Wants=incusos-hal-seed.service", "After=incusos-hal-seed.service"} <= set(configure)
