@@ -474,3 +474,22 @@ def test_seed_unit_runs_once_before_the_configure_step(tmp_path: Path) -> None:
     assert (args.command, args.boot) == (("seed", "cmd_seed_apply"), True)
     configure = (REPO / "units/incusos-hal-configure.service.in").read_text().splitlines()
     assert {"Wants=incusos-hal-seed.service", "After=incusos-hal-seed.service"} <= set(configure)
+
+
+def test_seed_problems_readable_through_the_api(tmp_path: Path) -> None:
+    require_tool("openssl", "curl")
+    cert, _ = apiserver.openssl_client_cert(tmp_path, "trusted")
+    (tmp_path / "api").mkdir()
+    server = apiserver.make(tmp_path / "api", [cert])
+    seed = _seed_dir(tmp_path, {"update.json": json.dumps({"channel": 1})})
+    argv = ("seed", "apply", "--boot", "--state-dir", str(server.state), "--source", str(seed))
+    assert run(*argv)[0] == 0
+    server.start()
+    try:
+        r = server.curl("GET", "/1.0/debug/seed")
+    finally:
+        server.stop()
+    assert r.status == 200, r.body
+    meta = r.json["metadata"]
+    assert meta["applied"] is False and meta["source"] == str(seed)
+    assert meta["problems"] == ["update.json: channel: expected a string, got a number"]
