@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -285,9 +284,9 @@ def test_first_boot_stores_exactly_what_the_puts_store(tmp_path: Path) -> None:
     cert, _ = apiserver.openssl_client_cert(tmp_path, "trusted")
     (tmp_path / "api").mkdir()
     server = apiserver.make(tmp_path / "api", [cert])
+    for made in server.state.iterdir():  # a fresh machine: no document (root on the socket)
+        made.unlink()
     state = tmp_path / "state"
-    state.mkdir(mode=0o700)
-    shutil.copy(server.config_file, state / "config.toml")
     seed = _seed_dir(
         tmp_path,
         {
@@ -329,6 +328,14 @@ def test_first_boot_applies_once(tmp_path: Path) -> None:
     )
     assert code == 0, err
     assert sorted(os.listdir(other)) == ["seed.applied", "seed.status.json"]
+    # A machine configured before it had a seed step keeps what its operator stored.
+    upgraded = tmp_path / "upgraded"
+    upgraded.mkdir()
+    (upgraded / "config.toml").write_bytes(b"version = 1\n")
+    code, _, err = run("seed", "apply", "--state-dir", str(upgraded), "--source", str(seed))
+    assert code == 0, err
+    assert (upgraded / "config.toml").read_bytes() == b"version = 1\n"
+    assert (upgraded / "seed.applied").exists()
 
 
 def test_invalid_seed_applies_nothing_and_says_why(tmp_path: Path) -> None:
@@ -481,6 +488,8 @@ def test_seed_problems_readable_through_the_api(tmp_path: Path) -> None:
     cert, _ = apiserver.openssl_client_cert(tmp_path, "trusted")
     (tmp_path / "api").mkdir()
     server = apiserver.make(tmp_path / "api", [cert])
+    for made in server.state.iterdir():  # a fresh machine: no document yet
+        made.unlink()
     seed = _seed_dir(tmp_path, {"update.json": json.dumps({"channel": 1})})
     argv = ("seed", "apply", "--boot", "--state-dir", str(server.state), "--source", str(seed))
     assert run(*argv)[0] == 0

@@ -29,7 +29,7 @@ from ..core.files import atomic_write
 from ..hal import seed as media
 from ..sections import by_name
 from ..state import store
-from ..state.paths import SEED_APPLIED, SEED_PATH_ENV, SEED_STATUS
+from ..state.paths import CONFIG_FILE, SEED_APPLIED, SEED_PATH_ENV, SEED_STATUS
 
 Log = Callable[[str, str], None]
 
@@ -103,9 +103,17 @@ def first_boot(
     (`Section.stored`), in one atomic save, then `seed.applied`. Invalid: nothing stored
     or marked, every problem logged and in `seed.status.json` (the next boot tries
     again: the user may fix the seed). No seed at all: marked, so that a stick plugged in
-    later is never taken for one."""
+    later is never taken for one. A stored document from before the seed step ever ran
+    (no seed.status.json): marked, nothing applied."""
     applied = state_dir / SEED_APPLIED
     if applied.exists():
+        return Outcome("done")
+    if (state_dir / CONFIG_FILE).exists() and not (state_dir / SEED_STATUS).exists():
+        # A machine configured before it had a seed step (an upgrade): what the operator
+        # stored wins over whatever seed its disk still carries.
+        log("info", "seed: not applied; this machine was configured before it had a seed step")
+        write_status(state_dir, {"applied": False, "source": "", "files": [], "problems": []})
+        _mark(applied, {"source": "", "files": []})
         return Outcome("done")
     try:
         found = read_seed(source, root)
