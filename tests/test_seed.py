@@ -7,6 +7,7 @@ Set INCUSOS_HAL_REGEN_SEED=1 to rewrite the expected outputs (then read the diff
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -16,6 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import apiserver
 from conftest import require_root, require_tool
@@ -502,3 +505,49 @@ def test_seed_problems_readable_through_the_api(tmp_path: Path) -> None:
     meta = r.json["metadata"]
     assert meta["applied"] is False and meta["source"] == str(seed)
     assert meta["problems"] == ["update.json: channel: expected a string, got a number"]
+
+
+# -- whatever the bytes ---------------------------------------------------------------------
+
+
+def _valid_tar() -> bytes:
+    from incusos_hal.hal import seed as media
+
+    return media.tar_bytes({"network.json": b'{"dns": {"hostname": "a"}}', "x.txt": b"y" * 700})
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    flips=st.lists(st.tuples(st.integers(0, 4095), st.integers(0, 255)), max_size=8),
+    cut=st.integers(0, 4096),
+)
+def test_tar_reader_any_damage_is_a_read_error(flips: list[tuple[int, int]], cut: int) -> None:
+    """A damaged seed tar is refused with a SeedReadError (a problem line), never
+    anything else, and never a file larger than the bound."""
+    from incusos_hal.hal import seed as media
+
+    data = bytearray(_valid_tar())
+    for offset, value in flips:
+        if offset < len(data):
+            data[offset] = value
+    try:
+        files = media.read_tar(io.BytesIO(bytes(data[:cut])))
+    except media.SeedReadError:
+        return
+    assert all(len(v) <= media.MAX_FILE_BYTES for v in files.values())
+    assert all("/" not in name and name not in (".", "..") for name in files)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    name=st.sampled_from(["network.json", "network.yaml", "install.yml", "services.yaml"]),
+    text=st.text(max_size=300) | st.binary(max_size=300),
+)
+def test_any_seed_file_is_problems_or_valid(name: str, text: str | bytes) -> None:
+    from incusos_hal.config import Config
+    from incusos_hal.config.seed import check_files
+
+    data = text if isinstance(text, bytes) else text.encode()
+    checked = check_files({name: data}, Config())
+    for problem in checked.problems:
+        assert problem.file == name and "\n" not in str(problem)
