@@ -5,7 +5,8 @@ asserted; a broken budget names the heaviest imports that broke it.
 
 What a command must not import is what it has no use for: the API's client no server,
 config, renderer or HAL; `validate` no renderer or HAL; the inventory no config,
-renderer, argparse or typing, and its storage section no ioctls; `eventlog --pcrs` only
+renderer, argparse or typing, and its storage section no ioctls; `seed check` no API,
+inventory or security policy; `eventlog --pcrs` only
 the event log's records; the configure step no API, inventory or TPM. None of them
 loads aiohttp, cryptography, pyroute2 (the configure step renames links through netlink
 only on a live run), tpm2_pytss or sdbus.
@@ -28,6 +29,7 @@ from conftest import require_tool
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "tests/fixtures"
 GUEST_LOG = FIXTURES / "vm-guest/sys/kernel/security/tpm0/binary_bios_measurements"
+SEED_CASE = REPO / "tests/seed/valid-all/input"
 
 HEAVY = ("aiohttp", "cryptography", "pyroute2", "tpm2_pytss", "sdbus")
 SERVER = ("incusos_hal.api.server", "incusos_hal.api.service", "incusos_hal.api.state")
@@ -164,6 +166,11 @@ def test_get_through_the_client_loads_no_server(tmp_path: Path) -> None:
             ("inventory", "storage"),
             "incusos_hal.inventory.storage",
             (*HEAVY, *SERVER, *RENDER, *NOT_INVENTORY, *IOCTLS, *OTHER_SECTIONS),
+        ),
+        Budget(  # as first boot checks it, against a recorded machine; applies nothing
+            ("seed", "check", "--root", str(FIXTURES / "ci-host"), str(SEED_CASE)),
+            "incusos_hal.config.seed",
+            (*HEAVY, *SERVER, "incusos_hal.api", "incusos_hal.inventory", "incusos_hal.security"),
         ),
         Budget(
             ("eventlog", "--pcrs", str(GUEST_LOG)),

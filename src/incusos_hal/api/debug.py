@@ -9,6 +9,9 @@
                                              firmware's db vouches for its signer
     GET  /1.0/debug/secureboot               its one sub-resource
     GET  /1.0/debug/secureboot/event-log     {event_log, pcr4, pcr7}
+    GET  /1.0/debug/seed                     ours, not listed: what first boot did with the
+                                             install seed (seed.status.json: applied,
+                                             source, files, problems, notes, installed)
 
 The routes are appended to api.server's ROUTES; handlers take what they share with it
 (the envelope, the proxy prefix) from there when called.
@@ -190,6 +193,16 @@ async def post_run_script(request: web.Request) -> web.Response:
     return _sync(request, output)
 
 
+async def get_seed(request: web.Request) -> web.Response:
+    """The last first boot's seed outcome ({} when none ran, or after a factory reset):
+    where an invalid seed's problems can be read without the console."""
+    from ..apply.seed import status
+    from .http import SERVICE_KEY
+
+    state_dir = request.app[SERVICE_KEY].settings.state_dir
+    return _sync(request, await _in_thread(request, lambda: status(state_dir)))
+
+
 def routes() -> list[Route]:
     from .http import Route
 
@@ -212,4 +225,5 @@ def routes() -> list[Route]:
             get_event_log,
             "the TPM event log of PCRs 4, 7 and 11, and PCRs 4 and 7",
         ),
+        Route("GET", "/1.0/debug/seed", get_seed, "what first boot did with the install seed"),
     ]

@@ -511,6 +511,39 @@ class Service:
         left = self.pending.deadline - asyncio.get_running_loop().time()
         return min(max(0.0, left), MAX_HOLD_SECONDS)
 
+    # -- factory reset ------------------------------------------------------------------
+
+    async def factory_reset(self, body: Any) -> bool:
+        """IncusOS's `:factory-reset` (api/system_reset.go): any new seeds checked as
+        first boot will check them (over the default document: the machine starts
+        afresh), and only then: the seed written where first boot reads it (merged
+        with the existing one unless `wipe_existing_seeds`), the state dir emptied
+        (IncusOS wipes the whole root partition: nothing of it is kept), a reboot
+        scheduled. Returns whether one was (not on a scratch target). A bad seed is a
+        400 with nothing written or erased."""
+        from ..apply.reset import ResetRefused, factory_reset, parse_reset
+
+        try:
+            request = parse_reset(body)
+        except ResetRefused as e:
+            raise ApiError(400, str(e)) from None
+        async with self.lock:
+            self._check_writable()
+
+            def work() -> None:
+                factory_reset(self.settings.state_dir, self.settings.root, request, self.log)
+
+            try:
+                await self.run_in_thread(work)
+            except ResetRefused as e:
+                raise ApiError(e.status, str(e)) from None
+            self._config = None
+            self._sections.clear()
+        if self.schedule("reboot.target"):
+            return True
+        self.log("warning", "factory reset done; no reboot on a scratch target")
+        return False
+
     # -- backup and restore -------------------------------------------------------------
 
     def backup(self) -> bytes:

@@ -10,6 +10,9 @@
     eventlog [FILE | --root DIR] [--pcrs]      the TCG event log, or the PCRs it replays to
     security [--root DIR] [--tcti T]           GET /1.0/system/security's state (no secrets)
     serve [--socket P] [--listen A:P] [--target DIR]   the API service
+    seed check PATH [--root DIR | --no-machine]   an install seed, as first boot checks it:
+                                               exit 0, or 2 with `FILE: field.path: message`
+    seed apply [--boot] [--state-dir DIR] [--source PATH]   first boot: apply it once
     remote add NAME URL [--cert C --key K] | list | remove NAME   where the API is
     get PATH | edit PATH [--file F] | confirm | tpm-rebind | backup FILE | restore FILE
                                                [--remote NAME]
@@ -123,6 +126,32 @@ def parser() -> argparse.ArgumentParser:
     # BASE,PER_ITEM seconds (apply.deadline.TimeLimit): for tests that need an apply to run out.
     sr.add_argument("--apply-time-limit", help=argparse.SUPPRESS)
     sr.set_defaults(command=("admin", "cmd_serve"))
+
+    sd = sub.add_parser("seed", help="the install seed: check it, apply it on first boot")
+    seed_sub = sd.add_subparsers(dest="seed_command", required=True)
+    sc = seed_sub.add_parser(
+        "check",
+        help="validate a seed as first boot would; apply nothing",
+        description="Every file of the seed (a tar, a directory, or a device holding a "
+        "tar, a FAT or an ISO volume) decoded and validated as first boot does, and each "
+        "section as its PUT is checked against this machine (--root). One line per "
+        "problem, `FILE: field.path: message`; exit 0 when all are valid, 2 otherwise.",
+    )
+    sc.add_argument("path", metavar="PATH")
+    sc.add_argument("--root", help="check against the machine under this root")
+    sc.add_argument(
+        "--no-machine", action="store_true", help="the document's rules only (another machine's)"
+    )
+    sc.add_argument("--state-dir", help="the stored document the seed applies over")
+    sc.set_defaults(command=("seed", "cmd_seed_check"))
+    sa = seed_sub.add_parser("apply", help="first boot: apply the seed once, or install")
+    sa.add_argument("--boot", action="store_true", help="boot mode: log problems, exit 0")
+    sa.add_argument("--state-dir")
+    sa.add_argument("--root", help="read the machine under this root")
+    sa.add_argument("--source", help="the seed (default: $INCUSOS_HAL_SEED, else found)")
+    # The install media's disk (default: the disk under /usr): for tests on loop devices.
+    sa.add_argument("--install-from", help=argparse.SUPPRESS)
+    sa.set_defaults(command=("seed", "cmd_seed_apply"))
 
     def client(name: str, help_text: str, func: str) -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help_text)

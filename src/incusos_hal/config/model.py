@@ -462,3 +462,59 @@ class Config:
     services: Annotated[Services, Help("/1.0/services")] = Services()
     listener: Annotated[Listener, Help("/1.0/system/fallback-listener")] = Listener()
     kernel: Annotated[Kernel, Help("/1.0/system/kernel")] = Kernel()
+
+
+# -- the install seed (lxc/incus-os incus-osd/api/seed/*.go) --------------------------
+# Seed files that are not API sections: read from the seed at first boot, never stored.
+# `version` is read by config.seed for every file alike.
+
+SortOrder = Literal["", "smallest", "largest"]
+ProviderName = Literal["images", "operations-center", "debug"]
+
+
+@dataclass(frozen=True, slots=True)
+class InstallSeedTarget:
+    """Which disk to install to; the selectors are AND'ed."""
+
+    bus: Annotated[str, Help("the disk's bus (NVME, SCSI, USB...), case-insensitive")] = ""
+    id: Annotated[str, Help("a substring of the disk's /dev/disk/by-id name")] = ""
+    max_size: Annotated[str, Help("the largest disk to pick (1TiB)")] = ""
+    min_size: Annotated[str, Help("the smallest disk to pick (100GiB)")] = ""
+    sort_order: Annotated[SortOrder, Help("several match: pick the smallest or largest")] = ""
+
+
+@dataclass(frozen=True, slots=True)
+class InstallSeedSecurity:
+    """Degraded security IncusOS allows when asked (one of the two at most)."""
+
+    missing_tpm: Annotated[bool, Help("no TPM: allow a software TPM")] = False
+    missing_secure_boot: Annotated[bool, Help("Secure Boot disabled: allow it")] = False
+
+
+@dataclass(frozen=True, slots=True)
+class InstallSeed:
+    force_install: Annotated[bool, Help("install over a disk that has partitions")] = False
+    force_install_confirmation: Annotated[
+        str, Help("the installed system's confirmation value")
+    ] = ""
+    force_reboot: Annotated[bool, Help("reboot once installed")] = False
+    security: Annotated[InstallSeedSecurity | None, Help("degraded security")] = None
+    target: Annotated[InstallSeedTarget | None, Help("the target disk's selectors")] = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderSeed:
+    name: Annotated[ProviderName, Help("the update provider")] = "images"
+    config: Annotated[Mapping[str, str], Help("the provider's settings")] = field(
+        default_factory=dict
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ApplicationSeed:
+    name: Annotated[str, Help("the application's name")]
+
+
+@dataclass(frozen=True, slots=True)
+class ApplicationsSeed:
+    applications: Annotated[tuple[ApplicationSeed, ...], Help("what to install")] = ()

@@ -9,6 +9,9 @@
                                         document to go back to
     server.crt, server.key              the API's TLS identity
     .restore-<id>/                      a restore's switch in progress (state/switch.py)
+    seed.applied                        the install seed was handled on a first boot (JSON:
+                                        the files applied); never applied again while there
+    seed.status.json                    the last first boot's seed outcome (problems, notes)
 
 Standard library only: the API's client and the boot path import it.
 """
@@ -37,4 +40,9 @@ IDENTITY = (SERVER_CERT, SERVER_KEY)
 # A file's mode in the state directory when it is not 0600.
 MODES = {SERVER_CERT: 0o644}
 STAGING_PREFIX = ".restore-"
+SEED_APPLIED = "seed.applied"
+SEED_STATUS = "seed.status.json"
+# Where first boot reads the seed and a factory reset writes it, when not the seed-data
+# partition (a scratch machine, the tests): a seed tar file or a directory.
+SEED_PATH_ENV = "INCUSOS_HAL_SEED"
 MARKER = "switch"
