@@ -151,6 +151,11 @@ def parser() -> argparse.ArgumentParser:
     rs.add_argument("file")
     rs.add_argument("--skip", action="append", default=[], help="encryption-recovery-keys")
 
+    uc = client("update-check", "check for updates now (waits for the check)", "cmd_update_check")
+    uc.add_argument("--os-only", action="store_true", help="the OS only, no applications")
+    # The timer and the boot check say who asked: a timer check keeps to the windows.
+    uc.add_argument("--trigger", choices=("user", "boot", "timer"), default="user")
+
     rec = sub.add_parser("record", help="copy what inventory reads into DIR, to replay it")
     rec.add_argument("dir", metavar="DIR")
     rec.add_argument("--root", help="record from this root instead of /")
