@@ -341,6 +341,7 @@ async def post_update_check(request: web.Request) -> web.Response:
             state_dir=Path(svc.settings.state_dir),
             root=svc.settings.root,
             now=lambda: datetime.datetime.now().astimezone(),
+            bounds={"read_timeout": svc.settings.update_read_timeout},
         )
         try:
             state = await loop.run_in_executor(

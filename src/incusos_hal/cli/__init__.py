@@ -122,6 +122,8 @@ def parser() -> argparse.ArgumentParser:
     sr.add_argument("--unit-dir", default=DEFAULT_UNIT_DIR, help=argparse.SUPPRESS)
     # BASE,PER_ITEM seconds (apply.deadline.TimeLimit): for tests that need an apply to run out.
     sr.add_argument("--apply-time-limit", help=argparse.SUPPRESS)
+    # Seconds: for tests of an update server that hangs.
+    sr.add_argument("--update-read-timeout", type=float, help=argparse.SUPPRESS)
     sr.set_defaults(command=("admin", "cmd_serve"))
 
     def client(name: str, help_text: str, func: str) -> argparse.ArgumentParser:

@@ -194,6 +194,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tcti=args.tcti,
         unit_dir=None if scratch else args.unit_dir,
         **({"apply_limit": limit} if limit else {}),
+        **({"update_read_timeout": args.update_read_timeout} if args.update_read_timeout else {}),
     )
     systemd = None
     if not scratch:
