@@ -54,6 +54,8 @@ def _context(transport: Transport) -> ssl.SSLContext:
     context = ssl.create_default_context() if transport.use_system_store else None
     if context is None:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        # A pinned server certificate is trusted as itself, not only as a CA's child.
+        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     if transport.extra_cas:
         context.load_verify_locations(cadata="\n".join(transport.extra_cas))
     if transport.client_cert is not None:
