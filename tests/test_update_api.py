@@ -367,3 +367,9 @@ def test_operations_center_register_list_and_no_deregistration(tmp_path: Path, e
     finally:
         api.stop()
         fake.close()
+
+
+def test_operations_center_needs_its_url(env: Env) -> None:
+    r = env.api.put("/1.0/system/provider", {"config": {"name": "operations-center"}})
+    assert r.status == 400, r.body
+    assert "config.config.server_url" in r.json["error"]

@@ -491,7 +491,7 @@ def _provider(c: _Collector, provider: Provider, path: str) -> None:
             continue
         if key in ("update_ca", "server_certificate"):
             c.check(p, fmt.check_ca_certificate(value) if value else None)
-        elif any(ch in value for ch in "\r\n\t\0") or not value.isprintable():
+        elif not value.isprintable():
             # A token is a secret: say what is wrong without repeating it.
             c.check(p, "must be printable text without control characters")
         elif key == "server_url":
@@ -502,6 +502,8 @@ def _provider(c: _Collector, provider: Provider, path: str) -> None:
             c.check(p, f"{fmt.show(value)} is not true or false")
     if provider.name == "local" and not provider.config.get("path"):
         c.check(child(config_path, "path"), "the local provider needs the directory to read")
+    if provider.name == "operations-center" and not provider.config.get("server_url"):
+        c.check(child(config_path, "server_url"), "operations-center needs its server's URL")
     if provider.config.get("signed_index") == "false" and not provider.config.get(
         "server_url", ""
     ).startswith("https://"):
