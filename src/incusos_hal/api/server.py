@@ -508,6 +508,8 @@ ROUTES: list[Route] = [
         "/1.0/system/update/:check",
         post_update_check,
         "check for updates now (an operation; body {os_only}, query trigger=user|boot|timer)",
+        body="update-check",
+        operation=True,
     ),
     Route("POST", "/1.0/system/:reboot", post_power, "reboot"),
     Route("POST", "/1.0/system/:poweroff", post_power, "power off"),
