@@ -378,3 +378,47 @@ def test_secureboot_write_appends_through_efivarfs_layout(tmp_path: Path) -> Non
     written = (root / sb.EFIVARS / f"dbx-{sb.VARIABLE_GUIDS['dbx']}").read_bytes()
     assert struct.unpack("<I", written[:4])[0] & 0x40  # EFI_VARIABLE_APPEND_WRITE
     assert written[4:] == update.auth
+
+
+# -- the timer ------------------------------------------------------------------------------
+
+
+def test_timer_rendered_and_accepted_by_systemd(tmp_path: Path) -> None:
+    """The installed timer and service with the generator's drop-in (frequency 90m and a
+    Sunday window) pass `systemd-analyze verify`; the calendar expression is systemd's;
+    "never" wants no timer."""
+    import re
+    import subprocess
+    import sys
+
+    from incusos_hal.config import from_dict
+    from incusos_hal.core.tree import File
+    from incusos_hal.sections import render_units
+
+    require_tool("systemd-analyze")
+    window = {"start_hour": 2, "start_minute": 30, "end_hour": 4, "end_minute": 0,
+              "start_day_of_week": "Sunday", "end_day_of_week": "Sunday"}  # fmt: skip
+    config = from_dict({"update": {"check_frequency": "90m", "maintenance_windows": [window]}})
+    tree = render_units(config, source="/var/lib/incusos-hal/config.toml", unit_dir=str(tmp_path))
+    dropin = tree["incusos-hal-update-check.timer.d/50-incusos-hal.conf"]
+    assert isinstance(dropin, File)
+    text = dropin.content.decode()
+    assert "OnUnitActiveSec=5400s" in text and "OnCalendar=Sun *-*-* 02:30:00" in text
+    assert "timers.target.wants/incusos-hal-update-check.timer" in tree
+    never = from_dict({"update": {"check_frequency": "never"}})
+    assert not any("update-check" in k for k in render_units(never, source="x", unit_dir="/u"))
+    bindir = Path(sys.executable).parent
+    service = (REPO / "units/incusos-hal-update-check.service.in").read_text()
+    service = service.replace("@BINDIR@", str(bindir)).replace("@DOCDIR@", str(REPO / "docs"))
+    (tmp_path / "incusos-hal-update-check.service").write_text(service)
+    timer = tmp_path / "incusos-hal-update-check.timer"
+    timer.write_text((REPO / "units/incusos-hal-update-check.timer").read_text())
+    (tmp_path / "incusos-hal-update-check.timer.d").mkdir()
+    (tmp_path / "incusos-hal-update-check.timer.d/50-incusos-hal.conf").write_text(text)
+    done = subprocess.run(["systemd-analyze", "verify", "--man=no", str(timer)],
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    lines = [x for x in done.stderr.splitlines() if "update-check" in x]
+    assert done.returncode == 0 and not lines, done.stderr
+    calendar = subprocess.run(["systemd-analyze", "calendar", "Sun *-*-* 02:30:00"],
+                              capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert re.search(r"Next elapse: Sun \S+ 02:30:00", calendar), calendar
