@@ -373,3 +373,47 @@ def test_operations_center_needs_its_url(env: Env) -> None:
     r = env.api.put("/1.0/system/provider", {"config": {"name": "operations-center"}})
     assert r.status == 400, r.body
     assert "config.config.server_url" in r.json["error"]
+
+
+def test_check_progress_on_events_and_operation(fresh: Env) -> None:
+    import asyncio
+
+    import aiohttp
+
+    async def watch() -> list[dict[str, Any]]:
+        connector = aiohttp.UnixConnector(path=str(fresh.api.socket))
+        async with (
+            aiohttp.ClientSession(connector=connector) as session,
+            session.ws_connect("http://ihal/1.0/events?type=operation") as ws,
+        ):
+            r = await asyncio.to_thread(
+                fresh.api.curl, "POST", "/1.0/system/update/:check", body=b'{"os_only": true}'
+            )
+            assert r.status == 202, r.body
+            seen: list[dict[str, Any]] = []
+            while not any(e["metadata"]["status"] == "Success" for e in seen):
+                seen.append(await asyncio.wait_for(ws.receive_json(), 60))
+            return seen
+
+    ops = [e["metadata"] for e in asyncio.run(watch())]
+    assert ops[0]["description"] == "Checking for updates"
+    statuses = [o["metadata"].get("status") for o in ops]
+    assert "Running update check" in statuses
+    assert next(o["metadata"].get("step") for o in ops if o["metadata"].get("step")) == "os"
+    assert any(str(o["metadata"].get("progress", "")).endswith("%") for o in ops)
+    assert ops[-1]["metadata"]["status"] == "OS update 200 downloaded and verified"
+    assert ops[-1]["metadata"]["needs_reboot"] is False
+
+
+def test_one_check_at_a_time(fresh: Env) -> None:
+    fresh.updates.behaviour.hang = True
+    try:
+        first = fresh.api.curl("POST", "/1.0/system/update/:check")
+        assert first.status == 202, first.body
+        second = fresh.api.curl("POST", "/1.0/system/update/:check")
+        assert second.status == 409, second.body
+        assert second.json["error"] == "an update check is already running"
+        done = fresh.api.curl("GET", f"{first.json['operation']}/wait?timeout=120").json
+        assert "no answer in time" in done["metadata"]["metadata"]["status"]
+    finally:
+        fresh.updates.behaviour.hang = False

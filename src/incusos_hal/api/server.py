@@ -324,11 +324,10 @@ async def post_update_check(request: web.Request) -> web.Response:
     os_only = body.get("os_only", False)
     if not isinstance(os_only, bool):
         raise ApiError(400, "os_only: expected a boolean")
-    trigger = request.query.get("trigger", "user")
-    if trigger not in ("user", "boot", "timer"):
+    triggers: dict[str, checker.Trigger] = {"user": "user", "boot": "boot", "timer": "timer"}
+    trigger = triggers.get(request.query.get("trigger", "user"))
+    if trigger is None:
         raise ApiError(400, "trigger: expected user, boot or timer")
-    if checker.running():
-        raise ApiError(409, "an update check is already running")
     svc = request.app[SERVICE_KEY]
     loop = asyncio.get_running_loop()
 
@@ -336,23 +335,36 @@ async def post_update_check(request: web.Request) -> web.Response:
         def report(values: dict[str, Any]) -> None:
             loop.call_soon_threadsafe(progress, values)
 
-        inputs = checker.Inputs(
-            config=svc.config(),
-            state_dir=Path(svc.settings.state_dir),
-            root=svc.settings.root,
-            now=lambda: datetime.datetime.now().astimezone(),
-            bounds={"read_timeout": svc.settings.update_read_timeout},
-        )
         try:
-            state = await loop.run_in_executor(
-                None,
-                lambda: checker.check(inputs, trigger, os_only=os_only, progress=report),  # type: ignore[arg-type]
+            inputs = checker.Inputs(
+                config=svc.config(),
+                state_dir=Path(svc.settings.state_dir),
+                root=svc.settings.root,
+                now=lambda: datetime.datetime.now().astimezone(),
+                bounds={"read_timeout": svc.settings.update_read_timeout},
             )
-        except checker.Busy as e:
-            raise ApiError(409, str(e)) from None
+        except BaseException:
+            checker.release()  # the check never started: its slot is free again
+            raise
+        state = await loop.run_in_executor(
+            None,
+            lambda: checker.check(
+                inputs,
+                trigger,
+                os_only=os_only,
+                progress=report,
+                reserved=True,
+            ),
+        )
         return state.api()
 
-    op = request.app[OPERATIONS_KEY].start("Checking for updates", work)
+    if not checker.reserve():
+        raise ApiError(409, "an update check is already running")
+    try:
+        op = request.app[OPERATIONS_KEY].start("Checking for updates", work)
+    except BaseException:
+        checker.release()
+        raise
     op_url = url(request, f"/1.0/operations/{op.id}")
     return _respond(env.async_(op.to_dict(), op_url), 202, {"Location": op_url})
 

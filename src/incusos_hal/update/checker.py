@@ -151,6 +151,13 @@ def running() -> bool:
     return _RUNNING.locked()
 
 
+def reserve() -> bool:
+    """Take the one check slot now (False: a check is running); `check(...,
+    reserved=True)` then runs in it and frees it. The API reserves before it answers, so
+    a second request is refused at once rather than racing the first one's thread."""
+    return _RUNNING.acquire(blocking=False)
+
+
 def check(
     inputs: Inputs,
     trigger: Trigger,
@@ -158,9 +165,10 @@ def check(
     os_only: bool = False,
     progress: Progress | None = None,
     installers: handoff.Handoff | None = None,
+    reserved: bool = False,
 ) -> UpdateState:
     """Run one check; Busy if one is running already."""
-    if not _RUNNING.acquire(blocking=False):
+    if not reserved and not reserve():
         raise Busy("an update check is already running")
     try:
         return _check(inputs, trigger, os_only, progress or (lambda _: None), installers)
@@ -364,3 +372,8 @@ def _secureboot(root: str, directory: Path) -> tuple[bool, str]:
         return False, note
     sbupdate.write(root, made.steps[0])
     return True, note
+
+
+def release() -> None:
+    """Free a slot `reserve()` took when the check could not be started after all."""
+    _RUNNING.release()
