@@ -14,11 +14,11 @@ import datetime
 import socket
 from typing import TYPE_CHECKING, Any
 
-from ..update import checker, providers
 from .base import Context, Refused, Section
 
 if TYPE_CHECKING:
     from ..config.model import Config
+    from ..update import providers
 
 REGISTERED_FLAG = "provider_registered"
 
@@ -37,6 +37,8 @@ def _machine_id(root: str) -> str:
 
 
 def _source(ctx: Context, config: Config) -> providers.UpdateSource:
+    from ..update import checker, providers
+
     inputs = checker.Inputs(
         config=config,
         state_dir=ctx.settings.state_dir,
@@ -47,6 +49,9 @@ def _source(ctx: Context, config: Config) -> providers.UpdateSource:
 
 
 async def before_store(ctx: Context, new: Config, current: Config) -> None:
+    # Imported here: the generator loads the section table on the boot path.
+    from ..update import providers
+
     old_registered = ctx.flags().get(REGISTERED_FLAG) == current.provider.name
     changed = new.provider != current.provider
     if not changed:

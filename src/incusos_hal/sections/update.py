@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from ..core.tree import File
 from ..render.ini import ini
 from ..render.units import HEADER, want
-from ..update import checker, windows
+from ..update import windows
 from .base import Context, Section, UnitInputs
 
 if TYPE_CHECKING:
@@ -26,6 +26,8 @@ TIMER = "incusos-hal-update-check.timer"
 
 
 def read_state(ctx: Context) -> Any:
+    from ..update import checker  # (the generator loads this module: network code waits)
+
     return checker.read_state(ctx.settings.state_dir).api()
 
 
