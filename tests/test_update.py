@@ -20,7 +20,7 @@ import pytest
 
 from incusos_hal.config.model import MaintenanceWindow
 from incusos_hal.hal import secureboot as sb
-from incusos_hal.update import fetch, index, smime, windows
+from incusos_hal.update import fetch, index, providers, smime, windows
 from incusos_hal.update import secureboot as sbupdate
 from updateserver import PKI, ConnectProxy, UpdateServer, make_pki, os_files, release, sign
 
@@ -422,3 +422,64 @@ def test_timer_rendered_and_accepted_by_systemd(tmp_path: Path) -> None:
     calendar = subprocess.run(["systemd-analyze", "calendar", "Sun *-*-* 02:30:00"],
                               capture_output=True, text=True, check=True).stdout  # fmt: skip
     assert re.search(r"Next elapse: Sun \S+ 02:30:00", calendar), calendar
+
+
+# -- the images provider: cache and registration -------------------------------------------
+
+
+def images_provider(pki: PKI, server: UpdateServer, tmp_path: Path, clock: list[float],
+                    **settings: str) -> providers.Images:  # fmt: skip
+    from incusos_hal.config.model import Provider
+
+    inputs = providers.Inputs(
+        config=Provider("images", {"server_url": server.url, "update_ca": pki.ca, **settings}),
+        transport=transport(pki),
+        cache_dir=tmp_path / "cache",
+        now=lambda: datetime.datetime.fromtimestamp(clock[0], datetime.UTC),
+    )
+    return providers.Images(inputs)
+
+
+def test_images_index_cached_for_scheduled_checks(
+    pki: PKI, server: UpdateServer, tmp_path: Path
+) -> None:
+    server.publish(pki, [(release("200", ["stable"], os_files("200")), os_files("200"))])
+    clock = [1_800_000_000.0]
+    source = images_provider(pki, server, tmp_path, clock)
+
+    def fetched() -> int:
+        return sum(1 for _m, p, _r in server.log if p == "/index.sjson")
+
+    first = source.latest("stable", "x86_64", "", fresh=False)
+    assert first is not None and first.version == "200"
+    assert fetched() == 1
+    clock[0] += 1800  # within the hour: the verified index is reused
+    assert source.latest("stable", "x86_64", "", fresh=False) == first
+    assert fetched() == 1
+    source.latest("stable", "x86_64", "", fresh=True)  # an operator's check: always fetched
+    assert fetched() == 2
+    clock[0] += 7200
+    source.latest("stable", "x86_64", "", fresh=False)
+    assert fetched() == 3
+    # A tampered index is never cached: the next check fetches (and refuses) again.
+    server.behaviour.overrides["/index.sjson"] = server.files["/index.sjson"].replace(
+        b'"200"', b'"201"', 1
+    )
+    with pytest.raises(providers.ProviderError, match="does not verify"):
+        source.latest("stable", "x86_64", "", fresh=True)
+    clock[0] += 10
+    cached = source.latest("stable", "x86_64", "", fresh=False)
+    assert cached == first and fetched() == 4  # the good one, from before
+
+
+def test_images_registration_with_a_token(pki: PKI, server: UpdateServer, tmp_path: Path) -> None:
+    machine = providers.Machine("host", "0123456789abcdef")
+    clock = [1_800_000_000.0]
+    with pytest.raises(providers.Unsupported, match="registration unsupported"):
+        images_provider(pki, server, tmp_path, clock).register(machine)
+    bad = images_provider(pki, server, tmp_path, clock, token="wrong")
+    with pytest.raises(providers.ProviderError, match="unknown registration token"):
+        bad.register(machine)
+    good = images_provider(pki, server, tmp_path, clock, token="good-token")
+    good.register(machine)
+    assert server.registrations[-1] == {"token": "good-token", "machine_id": "0123456789abcdef"}

@@ -136,6 +136,7 @@ class UpdateServer:
         self.files: dict[str, bytes] = {}
         self.behaviour = Behaviour()
         self.log: list[tuple[str, str, str]] = []  # (method, path, Range)
+        self.registrations: list[dict[str, Any]] = []
         self._stop = threading.Event()
         server = self
 
@@ -179,6 +180,15 @@ class UpdateServer:
                     self.close_connection = True
                     return
                 self.wfile.write(body)
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", "0"))
+                body = json.loads(self.rfile.read(length) or b"{}")
+                server.registrations.append(body)
+                if self.path == "/register" and body.get("token") == "good-token":
+                    self._send(200, b"{}")
+                else:
+                    self._send(400, b"unknown registration token")
 
             def _send(self, status: int, body: bytes) -> None:
                 self.send_response(status)
