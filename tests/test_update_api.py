@@ -338,10 +338,11 @@ def test_operations_center_register_list_and_no_deregistration(tmp_path: Path, e
     try:
         oc = {"server_url": fake.url, "server_certificate": server_pem}
         # A wrong token: registration fails, nothing changes.
-        wrong = {"name": "operations-center", "config": {**oc, "server_token": "x"}}
+        wrong = {"name": "operations-center", "config": {**oc, "server_token": "wrong-secret-7"}}
         r = api.put("/1.0/system/provider", {"config": wrong})
         assert r.status == 500, r.body
         assert "registering with operations-center" in r.json["error"]
+        assert "wrong-secret-7" not in r.body.decode()  # a token is never repeated
         provider = api.curl("GET", "/1.0/system/provider").json["metadata"]
         assert provider == {"config": {"name": "images"}, "state": {"registered": False}}
         # The right one.

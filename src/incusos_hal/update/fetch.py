@@ -82,7 +82,7 @@ def _bypass(host: str, no_proxy: tuple[str, ...]) -> bool:
     return False
 
 
-def _safe(url: str) -> str:
+def safe_url(url: str) -> str:
     """A URL as messages show it: no credentials, no query (a token may be there)."""
     parts = urlsplit(url)
     host = parts.hostname or ""
@@ -110,7 +110,7 @@ def _connect(
     """A connection for `url` (through the proxy when it applies) and the request target."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise FetchError(f"{_safe(url)}: not an http(s) URL")
+        raise FetchError(f"{safe_url(url)}: not an http(s) URL")
     host = parts.hostname
     port = parts.port or (443 if parts.scheme == "https" else 80)
     target = parts.path or "/"
@@ -164,10 +164,12 @@ def _request(
         response = conn.getresponse()
     except ssl.SSLCertVerificationError as e:
         conn.close()
-        raise FetchError(f"{_safe(url)}: TLS certificate not trusted: {e.verify_message}") from None
+        raise FetchError(
+            f"{safe_url(url)}: TLS certificate not trusted: {e.verify_message}"
+        ) from None
     except (OSError, http.client.HTTPException) as e:
         conn.close()
-        raise FetchError(f"{_safe(url)}: {_describe(e)}") from None
+        raise FetchError(f"{safe_url(url)}: {_describe(e)}") from None
     return conn, response
 
 
@@ -211,20 +213,20 @@ def get_full(
     try:
         declared = response.getheader("Content-Length")
         if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-            raise FetchError(f"{_safe(url)}: larger than {max_bytes} bytes")
+            raise FetchError(f"{safe_url(url)}: larger than {max_bytes} bytes")
         chunks: list[bytes] = []
         got = 0
         while True:
-            deadline.check(_safe(url))
+            deadline.check(safe_url(url))
             try:
                 chunk = response.read1(CHUNK)
             except (OSError, http.client.HTTPException) as e:
-                raise FetchError(f"{_safe(url)}: {_describe(e)}") from None
+                raise FetchError(f"{safe_url(url)}: {_describe(e)}") from None
             if not chunk:
                 break
             got += len(chunk)
             if got > max_bytes:
-                raise FetchError(f"{_safe(url)}: larger than {max_bytes} bytes")
+                raise FetchError(f"{safe_url(url)}: larger than {max_bytes} bytes")
             chunks.append(chunk)
         answer = {k.lower(): v for k, v in response.getheaders()}
         return response.status, b"".join(chunks), answer
@@ -252,7 +254,7 @@ def download(
     deadline = _Deadline(transport.deadline)
     last_error = ""
     for _attempt in range(MAX_ATTEMPTS):
-        deadline.check(_safe(url))
+        deadline.check(safe_url(url))
         try:
             done = _attempt_download(transport, url, part, size, deadline, progress, headers)
         except _Retry as e:
@@ -261,7 +263,7 @@ def download(
         if done:
             break
     else:
-        raise FetchError(f"{_safe(url)}: {last_error or 'incomplete'} ({MAX_ATTEMPTS} attempts)")
+        raise FetchError(f"{safe_url(url)}: {last_error or 'incomplete'} ({MAX_ATTEMPTS} attempts)")
     digest = _hash_file(part)
     if os.path.getsize(part) != size or digest != sha256:
         part.unlink(missing_ok=True)
@@ -310,7 +312,7 @@ def _attempt_download(
         if response.status == 206 and have:
             content_range = response.getheader("Content-Range", "")
             if not content_range.startswith(f"bytes {have}-"):
-                raise FetchError(f"{_safe(url)}: the server resumed at the wrong place")
+                raise FetchError(f"{safe_url(url)}: the server resumed at the wrong place")
             mode = "ab"
         elif response.status == 200:
             have, mode = 0, "wb"  # no Range support: from the start
@@ -318,14 +320,14 @@ def _attempt_download(
             part.unlink()
             raise _Retry("the server refused to resume")
         else:
-            raise FetchError(f"{_safe(url)}: HTTP {response.status} {response.reason}"[:200])
+            raise FetchError(f"{safe_url(url)}: HTTP {response.status} {response.reason}"[:200])
         declared = response.getheader("Content-Length")
         if declared is not None and declared.isdigit() and have + int(declared) > size:
-            raise FetchError(f"{_safe(url)}: larger than the {size} bytes the index gives")
+            raise FetchError(f"{safe_url(url)}: larger than the {size} bytes the index gives")
         with open(part, mode) as f:
             while True:
                 if deadline.left() <= 0:
-                    raise FetchError(f"{_safe(url)}: not downloaded in time")
+                    raise FetchError(f"{safe_url(url)}: not downloaded in time")
                 try:
                     chunk = response.read1(CHUNK)
                 except (OSError, http.client.HTTPException) as e:
@@ -336,7 +338,9 @@ def _attempt_download(
                 if have > size:
                     f.close()
                     part.unlink()
-                    raise FetchError(f"{_safe(url)}: larger than the {size} bytes the index gives")
+                    raise FetchError(
+                        f"{safe_url(url)}: larger than the {size} bytes the index gives"
+                    )
                 f.write(chunk)
                 if progress is not None:
                     progress(have, size)

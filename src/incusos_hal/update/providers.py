@@ -189,7 +189,7 @@ class Images:
             _cache_write(self.inputs, key, cached[1], cached[2])
             return cached[2]
         if conn_status != 200:
-            raise ProviderError(f"{fetch._safe(url)}: HTTP {conn_status}")
+            raise ProviderError(f"{fetch.safe_url(url)}: HTTP {conn_status}")
         if self.signed:
             try:
                 content = smime.verify(body, _ca(self.settings))
@@ -329,6 +329,7 @@ class OperationsCenter:
         self.transport = replace(transport, client_cert=inputs.client_cert)
 
     def _api(self, method: str, path: str, body: Any = None) -> Any:
+        shown = path.split("?", 1)[0]  # the registration token rides in the query
         data = None if body is None else json.dumps(body).encode()
         status, answer = _get(
             self.transport,
@@ -340,12 +341,12 @@ class OperationsCenter:
         try:
             doc = json.loads(answer)
         except ValueError:
-            raise ProviderError(f"{path}: not an API answer (HTTP {status})") from None
+            raise ProviderError(f"{shown}: not an API answer (HTTP {status})") from None
         if not isinstance(doc, dict):
-            raise ProviderError(f"{path}: not an API answer (HTTP {status})")
+            raise ProviderError(f"{shown}: not an API answer (HTTP {status})")
         if doc.get("type") != "sync" or doc.get("status_code") != 200 or status != 200:
             error = doc.get("error") if isinstance(doc.get("error"), str) else ""
-            raise ProviderError(f"{path}: HTTP {status} {error}"[:300].strip())
+            raise ProviderError(f"{shown}: HTTP {status} {error}"[:300].strip())
         return doc.get("metadata")
 
     def register(self, machine: Machine) -> None:
