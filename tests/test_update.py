@@ -483,3 +483,16 @@ def test_images_registration_with_a_token(pki: PKI, server: UpdateServer, tmp_pa
     good = images_provider(pki, server, tmp_path, clock, token="good-token")
     good.register(machine)
     assert server.registrations[-1] == {"token": "good-token", "machine_id": "0123456789abcdef"}
+
+
+def test_needs_reboot_is_for_the_boot_that_set_it(tmp_path: Path) -> None:
+    from incusos_hal.update import checker
+
+    root = tmp_path / "root"
+    (root / "proc/sys/kernel/random").mkdir(parents=True)
+    (root / "proc/sys/kernel/random/boot_id").write_text("boot-one\n")
+    state = checker.UpdateState(status="x", needs_reboot=True, boot_id="boot-one")
+    checker.write_state(tmp_path, state)
+    assert checker.read_state(tmp_path, root).needs_reboot is True
+    (root / "proc/sys/kernel/random/boot_id").write_text("boot-two\n")  # rebooted
+    assert checker.read_state(tmp_path, root).needs_reboot is False

@@ -43,12 +43,13 @@ def start_server(base: Path, seed: dict[str, Any], root: Path) -> Server:
     state.mkdir(mode=0o700)
     target.mkdir()
     (base / "seed.json").write_text(json.dumps({"version": 1, **seed}))
-    subprocess.run(
+    saved = subprocess.run(
         [sys.executable, "-m", "incusos_hal", "save", "--config", str(base / "seed.json"),
          "--state-dir", str(state)],
         env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"},
-        check=True, capture_output=True,
+        capture_output=True, text=True, check=False,
     )  # fmt: skip
+    assert saved.returncode == 0, saved.stderr
     cert, key = openssl_client_cert(base, "client")
     sockets = Path(tempfile.mkdtemp(prefix="ihal-upd-"))
     server = Server(

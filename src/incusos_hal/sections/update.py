@@ -28,7 +28,7 @@ TIMER = "incusos-hal-update-check.timer"
 def read_state(ctx: Context) -> Any:
     from ..update import checker  # (the generator loads this module: network code waits)
 
-    return checker.read_state(ctx.settings.state_dir).api()
+    return checker.read_state(ctx.settings.state_dir, ctx.settings.root).api()
 
 
 def units(config: Config, inputs: UnitInputs) -> Tree:

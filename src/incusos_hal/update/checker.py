@@ -9,7 +9,8 @@ words where it has them:
 
     last_check     when the last check started (RFC 3339; IncusOS's zero time before)
     status         what happened, saying why when something was refused
-    needs_reboot   an installed update waits for a reboot
+    needs_reboot   an installed update waits for a reboot (recorded with the boot's id:
+                   once the machine has rebooted, it is false again)
 
 A scheduled check (the timer) outside every maintenance window does nothing but say so;
 a check an operator asks for, and the boot check, run at any time (IncusOS too). A file
@@ -28,7 +29,7 @@ import platform
 import shutil
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -56,6 +57,7 @@ class UpdateState:
     needs_reboot: bool = False
     secureboot_version: str = ""
     staged: Mapping[str, Any] = field(default_factory=dict)
+    boot_id: str = ""  # the boot needs_reboot was set in
 
     def api(self) -> dict[str, Any]:
         """IncusOS's SystemUpdateState."""
@@ -66,18 +68,30 @@ class UpdateState:
         }
 
 
-def read_state(state_dir: Path | str) -> UpdateState:
+def boot_id(root: Path | str) -> str:
+    try:
+        return Path(root, "proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def read_state(state_dir: Path | str, root: Path | str = "/") -> UpdateState:
+    """The stored state; a reboot asked for in an earlier boot has happened since."""
     try:
         doc = json.loads(Path(state_dir, UPDATE_STATE_FILE).read_bytes())
-        return UpdateState(
+        state = UpdateState(
             str(doc.get("last_check", ZERO_TIME)),
             str(doc.get("status", "")),
             bool(doc.get("needs_reboot", False)),
             str(doc.get("secureboot_version", "")),
             dict(doc.get("staged", {})),
+            str(doc.get("boot_id", "")),
         )
     except (OSError, ValueError, TypeError, AttributeError):
         return UpdateState()
+    if state.needs_reboot and state.boot_id != boot_id(root):
+        state = replace(state, needs_reboot=False)
+    return state
 
 
 def write_state(state_dir: Path | str, state: UpdateState) -> None:
@@ -87,6 +101,7 @@ def write_state(state_dir: Path | str, state: UpdateState) -> None:
         "needs_reboot": state.needs_reboot,
         "secureboot_version": state.secureboot_version,
         "staged": dict(state.staged),
+        "boot_id": state.boot_id,
     }
     data = json.dumps(doc, indent=2, sort_keys=True).encode() + b"\n"
     atomic_write(Path(state_dir, UPDATE_STATE_FILE), data, 0o600)
@@ -184,7 +199,7 @@ def _check(
     installers: handoff.Handoff | None,
 ) -> UpdateState:
     installers = installers or handoff.current()
-    state = read_state(inputs.state_dir)
+    state = read_state(inputs.state_dir, inputs.root)
     now = inputs.now()
     update = inputs.config.update
 
@@ -196,6 +211,7 @@ def _check(
             changes.get("needs_reboot", state.needs_reboot),
             changes.get("secureboot_version", state.secureboot_version),
             changes.get("staged", state.staged),
+            boot_id(inputs.root),
         )
         write_state(inputs.state_dir, state)
         progress({"status": status})
