@@ -41,6 +41,14 @@ then 2,000 unix connections from uid 65534; meanwhile authorised requests (root 
 unix socket, a trusted certificate over TLS) are timed, connect and handshake included.
 Each must answer within 1 s (the issue's bound); the exit status says whether all did.
 
+Update (`--update`, or all): one update check's network and trust work against the
+commands a user would run: the signed index fetched from a loopback HTTPS server (a CA
+made for the run, through TLS), its S/MIME signature verified, parsed, the latest
+release for the channel picked and planned, and the OS file of the release downloaded
+and its SHA-256 checked, in process (`update.providers.Images` + `index.plan` +
+`fetch.download`, what the service runs), against `curl` + `openssl smime -verify` +
+`curl` + `sha256sum`. Medians of BENCH_RUNS runs, and the ratio.
+
 VM rung (`--vm`, or all): time from starting qemu to the first command in the guest
 (tests/vm.py), with KVM and with software emulation (TCG), same image and firmware; in
 the guest, NVMe Identify Controller through the HAL (cffi, pure Python) against
@@ -802,8 +810,87 @@ def boot_vs_netplan() -> None:
             )
 
 
+def update_vs_tools() -> None:
+    import datetime
+    import hashlib
+
+    from incusos_hal.config.model import Provider
+    from incusos_hal.update import fetch, index, providers
+    from updateserver import UpdateServer, make_pki, os_files, release
+
+    runs = max(5, RUNS // 2)
+    with tempfile.TemporaryDirectory(prefix="ihal-bench-update-") as tmp:
+        work = Path(tmp)
+        (work / "pki").mkdir()
+        pki = make_pki(work / "pki")
+        server = UpdateServer(pki)
+        try:
+            releases = []
+            for i in range(50):
+                version = str(300 - i)
+                files = os_files(version) if i == 0 else {f"f{version}": b"x"}
+                if i == 0:  # an incompressible 16 MB /usr image, as a real one is
+                    usr_name = next(n for n in files if "usr-x86-64.raw" in n)
+                    files[usr_name] = os.urandom(16 << 20)
+                rel = release(version, ["stable"], files)
+                if i:
+                    rel["files"][0]["type"] = "update-usr"
+                releases.append((rel, files))
+            server.publish(pki, releases)
+            usr = next(f for f in releases[0][0]["files"] if f["type"] == "update-usr")
+            transport = fetch.Transport(extra_cas=(pki.ca,), use_system_store=False)
+            inputs = providers.Inputs(
+                config=Provider("images", {"server_url": server.url, "update_ca": pki.ca}),
+                transport=transport,
+                cache_dir=work / "cache",
+                now=lambda: datetime.datetime.now(datetime.UTC),
+            )
+
+            def ours() -> None:
+                source = providers.Images(inputs)
+                latest = source.latest("stable", "x86_64", "100", fresh=True)
+                made = index.plan(latest, os_version="100", os_only=True)
+                file = next(f for f in made.steps[0].files if f.type == "update-usr")
+                dest = work / "ours.bin"
+                dest.unlink(missing_ok=True)
+                assert latest is not None
+                source.fetch(latest, file, dest, None)
+
+            ca = work / "pki/ca.pem"
+            url = f"{server.url}/300/{usr['filename']}"
+            script = (
+                f"curl -sf --cacert {ca} {server.url}/index.sjson | openssl smime -verify "
+                f"-CAfile {ca} -no-CApath -no-CAstore -binary >/dev/null 2>&1 && "
+                f"curl -sf --cacert {ca} -o {work}/tools.bin {url} && "
+                f"echo '{usr['sha256']}  {work}/tools.bin' | sha256sum -c --quiet -"
+            )
+
+            def tools() -> None:
+                subprocess.run(["bash", "-c", script], check=True)
+
+            timings: dict[str, list[float]] = {"ours": [], "tools": []}
+            for _ in range(runs):
+                for name, run in (("ours", ours), ("tools", tools)):
+                    started = time.perf_counter()
+                    run()
+                    timings[name].append((time.perf_counter() - started) * 1000)
+            digest = hashlib.sha256((work / "ours.bin").read_bytes()).hexdigest()
+            assert digest == usr["sha256"]
+        finally:
+            server.close()
+    ours_ms, tools_ms = (statistics.median(timings[k]) for k in ("ours", "tools"))
+    size = usr["size"] / 1e6
+    print(f"update check: index of 50 releases, OS file of {size:.1f} MB, {runs} runs (median)")
+    print(f"  incusos-hal (fetch, verify, parse, plan, download, sha256): {ours_ms:8.1f} ms")
+    print(f"  curl + openssl smime -verify + curl + sha256sum:           {tools_ms:8.1f} ms")
+    print(f"  ratio (ours / tools): {ours_ms / tools_ms:.2f}")
+
+
 def main() -> None:
     only = sys.argv[1:]
+    if only == ["--update"]:
+        update_vs_tools()
+        return
     if only == ["--api"]:
         api_vs_bare()
         return
@@ -832,6 +919,7 @@ def main() -> None:
     import_times()
     security_vs_tools()
     api_vs_bare()
+    update_vs_tools()
     starved = not starvation_check()
     vm_rung()
     if starved:

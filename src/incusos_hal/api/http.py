@@ -33,6 +33,7 @@ class Route:
     body: str = ""  # "": none; "section": {config, state}; "archive": tar.gz
     built: bool = True
     names: tuple[str, ...] = ()  # the values {name} takes
+    operation: bool = False  # answers 202 with an operation (Incus's async)
 
 
 def _respond(

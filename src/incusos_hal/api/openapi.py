@@ -156,6 +156,24 @@ def spec(routes: Iterable[Any]) -> dict[str, Any]:
                 "required": True,
                 "content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}},
             }
+        elif r.body == "update-check":  # IncusOS's SystemUpdate :check body, optional
+            schema = {
+                "type": "object",
+                "properties": {"os_only": {"type": "boolean"}},
+                "additionalProperties": False,
+            }
+            op["requestBody"] = {
+                "required": False,
+                "content": {"application/json": {"schema": schema}},
+            }
+            op["parameters"] = [
+                {
+                    "name": "trigger",
+                    "in": "query",
+                    "required": False,
+                    "schema": {"type": "string", "enum": ["user", "boot", "timer"]},
+                }
+            ]
         elif r.body == "script":  # as `openssl smime -sign` writes it
             op["requestBody"] = {
                 "required": True,
@@ -172,7 +190,7 @@ def spec(routes: Iterable[Any]) -> dict[str, Any]:
                 {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
             )
         if params:
-            op["parameters"] = params
+            op["parameters"] = [*op.get("parameters", []), *params]
         if r.path == "/1.0/system/:backup":
             ok = {
                 "content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}}
@@ -183,7 +201,7 @@ def spec(routes: Iterable[Any]) -> dict[str, Any]:
             ok = {"content": {}}
         else:
             ok = {"content": {"application/json": {"schema": _envelope(metadata)}}}
-        if r.body == "archive":  # checked at once, then applied as an operation
+        if r.body == "archive" or r.operation:  # checked at once, then run as an operation
             async_ok = {"content": {"application/json": {"schema": _envelope({}, "async")}}}
             op["responses"]["202"] = {"description": "operation started", **async_ok}
         elif r.built:

@@ -183,7 +183,7 @@ async def get_10(request: web.Request) -> web.Response:
 async def get_system(request: web.Request) -> web.Response:
     # Exactly the eight areas IncusOS lists (not its fallback listener); those not built
     # yet answer 501 with the reason.
-    names = {*(row.name for row in SECTIONS if row.listed), "resources", "storage", "provider"}
+    names = {*(row.name for row in SECTIONS if row.listed), "resources", "storage"}
     return sync([url(request, f"/1.0/system/{n}") for n in sorted(names)])
 
 
@@ -294,6 +294,67 @@ async def post_restore(request: web.Request) -> web.Response:
         await svc.restore(files, progress)
 
     op = request.app[OPERATIONS_KEY].start("Restoring the system state", work)
+    op_url = url(request, f"/1.0/operations/{op.id}")
+    return _respond(env.async_(op.to_dict(), op_url), 202, {"Location": op_url})
+
+
+async def post_update_check(request: web.Request) -> web.Response:
+    """IncusOS's `:check` (body `{"os_only": bool}`, optional), run as an operation whose
+    metadata and /1.0/events carry its progress. `?trigger=timer` is the timer's check,
+    which keeps to the maintenance windows; an operator's runs at once."""
+    import datetime
+
+    from ..update import checker
+
+    body = await _json_body(request) if request.can_read_body else None
+    if body is None:
+        body = {}
+    if not isinstance(body, dict) or set(body) - {"os_only"}:
+        raise ApiError(400, 'the body is {"os_only": true|false}')
+    os_only = body.get("os_only", False)
+    if not isinstance(os_only, bool):
+        raise ApiError(400, "os_only: expected a boolean")
+    triggers: dict[str, checker.Trigger] = {"user": "user", "boot": "boot", "timer": "timer"}
+    trigger = triggers.get(request.query.get("trigger", "user"))
+    if trigger is None:
+        raise ApiError(400, "trigger: expected user, boot or timer")
+    svc = request.app[SERVICE_KEY]
+    loop = asyncio.get_running_loop()
+
+    async def work(progress: Progress) -> dict[str, Any]:
+        def report(values: dict[str, Any]) -> None:
+            loop.call_soon_threadsafe(progress, values)
+
+        try:
+            inputs = checker.Inputs(
+                config=svc.config(),
+                state_dir=Path(svc.settings.state_dir),
+                root=svc.settings.root,
+                now=lambda: datetime.datetime.now().astimezone(),
+                bounds={"read_timeout": svc.settings.update_read_timeout},
+            )
+        except BaseException:
+            checker.release()  # the check never started: its slot is free again
+            raise
+        state = await loop.run_in_executor(
+            None,
+            lambda: checker.check(
+                inputs,
+                trigger,
+                os_only=os_only,
+                progress=report,
+                reserved=True,
+            ),
+        )
+        return state.api()
+
+    if not checker.reserve():
+        raise ApiError(409, "an update check is already running")
+    try:
+        op = request.app[OPERATIONS_KEY].start("Checking for updates", work)
+    except BaseException:
+        checker.release()
+        raise
     op_url = url(request, f"/1.0/operations/{op.id}")
     return _respond(env.async_(op.to_dict(), op_url), 202, {"Location": op_url})
 
@@ -492,24 +553,10 @@ ROUTES: list[Route] = [
     Route(
         "POST",
         "/1.0/system/update/:check",
-        _unbuilt("the update check"),
-        "check for updates now",
-        built=False,
-    ),
-    Route(
-        "GET",
-        "/1.0/system/provider",
-        _unbuilt("the provider"),
-        "the update and configuration provider",
-        built=False,
-    ),
-    Route(
-        "PUT",
-        "/1.0/system/provider",
-        _unbuilt("the provider"),
-        "replace the provider configuration",
-        body="section",
-        built=False,
+        post_update_check,
+        "check for updates now (an operation; body {os_only}, query trigger=user|boot|timer)",
+        body="update-check",
+        operation=True,
     ),
     Route("POST", "/1.0/system/:reboot", post_power, "reboot"),
     Route("POST", "/1.0/system/:poweroff", post_power, "power off"),

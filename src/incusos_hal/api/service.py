@@ -71,6 +71,8 @@ class Settings:
     unit_dir: str | None = None
     # How long a network change may take to apply before it counts as failed.
     apply_limit: TimeLimit = field(default_factory=TimeLimit)
+    # How long an update server may stay silent (connecting, or between two reads).
+    update_read_timeout: float = 30.0
 
 
 @dataclass

@@ -125,6 +125,8 @@ def parser() -> argparse.ArgumentParser:
     sr.add_argument("--unit-dir", default=DEFAULT_UNIT_DIR, help=argparse.SUPPRESS)
     # BASE,PER_ITEM seconds (apply.deadline.TimeLimit): for tests that need an apply to run out.
     sr.add_argument("--apply-time-limit", help=argparse.SUPPRESS)
+    # Seconds: for tests of an update server that hangs.
+    sr.add_argument("--update-read-timeout", type=float, help=argparse.SUPPRESS)
     sr.set_defaults(command=("admin", "cmd_serve"))
 
     sd = sub.add_parser("seed", help="the install seed: check it, apply it on first boot")
@@ -179,6 +181,11 @@ def parser() -> argparse.ArgumentParser:
     rs = client("restore", "replace the state directory from a backup", "cmd_restore")
     rs.add_argument("file")
     rs.add_argument("--skip", action="append", default=[], help="encryption-recovery-keys")
+
+    uc = client("update-check", "check for updates now (waits for the check)", "cmd_update_check")
+    uc.add_argument("--os-only", action="store_true", help="the OS only, no applications")
+    # The timer and the boot check say who asked: a timer check keeps to the windows.
+    uc.add_argument("--trigger", choices=("user", "boot", "timer"), default="user")
 
     rec = sub.add_parser("record", help="copy what inventory reads into DIR, to replay it")
     rec.add_argument("dir", metavar="DIR")

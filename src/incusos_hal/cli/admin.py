@@ -187,6 +187,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.apply_time_limit and limit is None:
         print("serve: --apply-time-limit: expected BASE,PER_ITEM seconds in range", file=sys.stderr)
         return EXIT_INVALID
+    extra: dict[str, Any] = {"apply_limit": limit} if limit else {}
+    if args.update_read_timeout:
+        extra["update_read_timeout"] = float(args.update_read_timeout)
     settings = Settings(
         state_dir=store.state_dir(args.state_dir),
         root=root_of(args.root),
@@ -194,7 +197,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         live=not scratch and root_of(args.root) == "/",
         tcti=args.tcti,
         unit_dir=None if scratch else args.unit_dir,
-        **({"apply_limit": limit} if limit else {}),
+        **extra,
     )
     systemd = None
     if not scratch:

@@ -170,3 +170,18 @@ def cmd_restore(args: argparse.Namespace) -> int:
         raise ClientError(f"restore failed: {done['metadata']['err']}")
     print("restored")
     return 0
+
+
+def cmd_update_check(args: argparse.Namespace) -> int:
+    from ..api.client import ClientError, request
+
+    remote = _remote(args)
+    body = json.dumps({"os_only": bool(args.os_only)}).encode()
+    path = f"/1.0/system/update/:check?trigger={args.trigger}"
+    op = request(remote, "POST", path, body).envelope()
+    done = request(remote, "GET", f"{op['operation']}/wait?timeout=3600").envelope()
+    status = done["metadata"].get("metadata", {}).get("status", "")
+    if done["metadata"]["status"] != "Success":
+        raise ClientError(f"update check failed: {done['metadata']['err'] or status}")
+    print(status)
+    return 0

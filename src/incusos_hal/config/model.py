@@ -58,6 +58,7 @@ WakeOnLanMode = Literal["phy", "unicast", "multicast", "broadcast", "arp", "magi
 ProxyAuth = Literal["anonymous", "basic", "kerberos"]
 SyslogProtocol = Literal["", "udp", "tcp", "tls", "dtls"]
 SyslogFormat = Literal["", "rfc5424", "rfc3339"]
+ProviderName = Literal["images", "operations-center", "local"]
 Weekday = Literal["", "Sunday", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"]
 
 ROLES: tuple[str, ...] = get_args(Role)
@@ -68,6 +69,7 @@ PROXY_AUTH: tuple[str, ...] = get_args(ProxyAuth)
 SYSLOG_PROTOCOLS: tuple[str, ...] = get_args(SyslogProtocol)[1:]
 SYSLOG_FORMATS: tuple[str, ...] = get_args(SyslogFormat)[1:]
 WEEKDAYS: tuple[str, ...] = get_args(Weekday)[1:]
+PROVIDER_NAMES: tuple[str, ...] = get_args(ProviderName)
 
 # Names of keys IncusOS knows that this version recognises but cannot honour yet.
 # Rejecting them by name beats silently dropping a firewall rule.
@@ -265,6 +267,21 @@ class Update:
             object.__setattr__(self, "check_frequency", Duration(str(value)))
 
 
+@dataclass(frozen=True, slots=True)
+class Provider:
+    """IncusOS's SystemProviderConfig: where updates come from."""
+
+    name: Annotated[ProviderName, Help("images, operations-center or local"), ALWAYS] = "images"
+    config: Annotated[
+        Mapping[str, str],
+        Help(
+            "the provider's settings: images: server_url, update_ca, token, signed_index; "
+            "operations-center: server_url, server_token, server_certificate; "
+            "local: path, update_ca"
+        ),
+    ] = field(default_factory=dict)
+
+
 # Sections whose schema lands with their own issues (storage, services).
 # They exist so that the document's shape is stable; any key in them is rejected.
 @dataclass(frozen=True, slots=True)
@@ -457,6 +474,7 @@ class Config:
     network: Annotated[Network, Help("/1.0/system/network")] = Network()
     logging: Annotated[Logging, Help("/1.0/system/logging")] = Logging()
     update: Annotated[Update, Help("/1.0/system/update")] = Update()
+    provider: Annotated[Provider, Help("/1.0/system/provider")] = Provider()
     storage: Annotated[Storage, Help("/1.0/system/storage (not built yet)")] = Storage()
     security: Annotated[Security, Help("/1.0/system/security")] = Security()
     services: Annotated[Services, Help("/1.0/services")] = Services()

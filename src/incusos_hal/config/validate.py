@@ -17,6 +17,7 @@ from .model import (
     BAUD_RATES,
     BOND_MODES,
     NVME_TRANSPORTS,
+    PROVIDER_NAMES,
     PROXY_AUTH,
     REQUIRED_FOR_ONLINE,
     ROLES,
@@ -38,6 +39,7 @@ from .model import (
     Listener,
     Logging,
     Network,
+    Provider,
     Proxy,
     ProxyServer,
     Security,
@@ -79,6 +81,7 @@ def validate(config: Config) -> list[FieldError]:
     _network(c, config.network, "network")
     _logging(c, config.logging, "logging")
     _update(c, config.update, "update")
+    _provider(c, config.provider, "provider")
     _security(c, config.security, "security")
     _listener(c, config.listener, "listener")
     c.errors += validate_kernel(config.kernel, "kernel")
@@ -459,6 +462,77 @@ def _update(c: _Collector, update: Update, path: str) -> None:
             and (w.end_hour, w.end_minute) < (w.start_hour, w.start_minute)
         ):
             c.check(p, "ends before it starts on the same day")
+
+
+# The settings each provider reads (IncusOS's names where it has the provider); any other
+# key is a typo that would otherwise be silently ignored.
+PROVIDER_KEYS: dict[str, tuple[str, ...]] = {
+    "images": ("server_url", "update_ca", "token", "signed_index"),
+    "operations-center": ("server_url", "server_token", "server_certificate"),
+    "local": ("path", "update_ca"),
+}
+MAX_PROVIDER_VALUE = 16384
+
+
+def _provider(c: _Collector, provider: Provider, path: str) -> None:
+    if provider.name not in PROVIDER_NAMES:
+        # IncusOS's words for the empty name (internal/rest/api_system_provider.go).
+        message = (
+            "a provider name must be specified"
+            if not provider.name
+            else f"{fmt.show(provider.name)} is not one of {', '.join(PROVIDER_NAMES)}"
+        )
+        c.check(child(path, "name"), message)
+        return
+    known = PROVIDER_KEYS[provider.name]
+    config_path = child(path, "config")
+    for key, value in provider.config.items():
+        p = child(config_path, key)
+        if key not in known:
+            c.check(p, f"unknown setting for {provider.name} (known: {', '.join(known)})")
+            continue
+        if len(value) > MAX_PROVIDER_VALUE:
+            c.check(p, f"longer than {MAX_PROVIDER_VALUE} characters")
+            continue
+        if key in ("update_ca", "server_certificate"):
+            c.check(p, fmt.check_ca_certificate(value) if value else None)
+        elif not value.isprintable():
+            # A token is a secret: say what is wrong without repeating it.
+            c.check(p, "must be printable text without control characters")
+        elif key == "server_url":
+            c.check(p, _check_server_url(value))
+        elif key == "path" and not value.startswith("/"):
+            c.check(p, f"{fmt.show(value)} is not an absolute path")
+        elif key == "signed_index" and value not in ("true", "false"):
+            c.check(p, f"{fmt.show(value)} is not true or false")
+    if provider.name == "local" and not provider.config.get("path"):
+        c.check(child(config_path, "path"), "the local provider needs the directory to read")
+    if provider.name == "operations-center" and not provider.config.get("server_url"):
+        c.check(child(config_path, "server_url"), "operations-center needs its server's URL")
+    if provider.config.get("signed_index") == "false" and not provider.config.get(
+        "server_url", ""
+    ).startswith("https://"):
+        # IncusOS's rule: an unsigned index only over TLS.
+        c.check(
+            child(config_path, "signed_index"),
+            "an unsigned index needs an https:// server_url",
+        )
+
+
+def _check_server_url(value: str) -> str | None:
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError as e:
+        return f"{fmt.show(value)} is not a URL: {e}"
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        return f"{fmt.show(value)} is not an http:// or https:// URL"
+    if parts.query or parts.fragment or parts.username or parts.password:
+        return f"{fmt.show(value)} has a query, fragment or credentials"
+    del port
+    return None
 
 
 def _security(c: _Collector, security: Security, path: str) -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..render.units import configure_units
-from . import kernel, listener, logging, network, security, update
+from . import kernel, listener, logging, network, provider, security, update
 from .base import Section, UnitInputs
 
 if TYPE_CHECKING:
@@ -35,6 +35,7 @@ SECTIONS: tuple[Section, ...] = (
     network.SECTION,
     logging.SECTION,
     update.SECTION,
+    provider.SECTION,
     security.SECTION,
     listener.SECTION,
     kernel.SECTION,

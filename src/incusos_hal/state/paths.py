@@ -8,6 +8,10 @@
     network.unconfirmed-previous.toml   while a network change waits for `:confirm`: the
                                         document to go back to
     server.crt, server.key              the API's TLS identity
+    update.json                         the update checker's state (last check, status,
+                                        needs_reboot, what was handed on)
+    updates/                            downloads: `.part` files being resumed, verified
+                                        files waiting for their installer, the index cache
     .restore-<id>/                      a restore's switch in progress (state/switch.py)
     seed.applied                        the install seed was handled on a first boot (JSON:
                                         the files applied); never applied again while there
@@ -27,6 +31,8 @@ LAST_GOOD_FILE = "config.last-good.toml"
 GENERATOR_CACHE = "generator.cache"
 FLAGS_FILE = "state.json"
 UNCONFIRMED_FILE = "network.unconfirmed-previous.toml"
+UPDATE_STATE_FILE = "update.json"
+UPDATES_DIR = "updates"
 SERVER_CERT = "server.crt"
 SERVER_KEY = "server.key"
 # Where a server certificate or key that could not be used is kept (for a post-mortem)
