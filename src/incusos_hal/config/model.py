@@ -487,7 +487,6 @@ class Config:
 # `version` is read by config.seed for every file alike.
 
 SortOrder = Literal["", "smallest", "largest"]
-ProviderName = Literal["images", "operations-center", "debug"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -518,14 +517,6 @@ class InstallSeed:
     force_reboot: Annotated[bool, Help("reboot once installed")] = False
     security: Annotated[InstallSeedSecurity | None, Help("degraded security")] = None
     target: Annotated[InstallSeedTarget | None, Help("the target disk's selectors")] = None
-
-
-@dataclass(frozen=True, slots=True)
-class ProviderSeed:
-    name: Annotated[ProviderName, Help("the update provider")] = "images"
-    config: Annotated[Mapping[str, str], Help("the provider's settings")] = field(
-        default_factory=dict
-    )
 
 
 @dataclass(frozen=True, slots=True)

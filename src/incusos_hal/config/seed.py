@@ -35,12 +35,12 @@ SECTION_FILES: Mapping[str, str] = {
     "security": "security",
     "update": "update",
     "kernel": "kernel",
+    "provider": "provider",
 }
 # IncusOS's other seed files: checked as far as its structs go, not applied by this
 # version (no such section yet) except `install`, which the installer reads.
 OTHER_FILES = (
     "install",
-    "provider",
     "services",
     "applications",
     "incus",
@@ -350,19 +350,6 @@ def check_install(data: Mapping[str, Any], errors: list[FieldError]) -> model.In
     return seed
 
 
-def _check_provider(data: Mapping[str, Any], errors: list[FieldError]) -> None:
-    seed = decode(model.ProviderSeed, _fields(data), "", errors)
-    if errors:
-        return
-    if seed.name not in ("images", "operations-center", "debug"):
-        errors.append(
-            FieldError("name", f"{show(seed.name)} is not images, operations-center or debug")
-        )
-    for key, value in seed.config.items():
-        if has_control(key) or has_control(value):
-            errors.append(FieldError(child("config", key), "holds a control character"))
-
-
 def _check_applications(data: Mapping[str, Any], errors: list[FieldError]) -> None:
     seed = decode(model.ApplicationsSeed, _fields(data), "", errors)
     if errors:
@@ -428,7 +415,6 @@ def _check_services(data: Mapping[str, Any], errors: list[FieldError]) -> None:
 
 
 CHECKS = {
-    "provider": _check_provider,
     "services": _check_services,
     "applications": _check_applications,
     "incus": _check_incus,
