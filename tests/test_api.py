@@ -674,7 +674,8 @@ def test_resources_storage_and_debug_log(api: apiserver.Server) -> None:
     assert {"cpu", "memory", "network", "storage", "pci"} <= set(resources)
     assert resources["cpu"]["total"] >= 1
     storage = api.curl("GET", "/1.0/system/storage").json["metadata"]
-    assert storage["config"] == {} and isinstance(storage["state"]["drives"], list)
+    assert storage["config"] == {"scrub_schedule": "0 4 * * 0"}
+    assert isinstance(storage["state"]["drives"], list)
     for query, words in (
         ("?unit=a;b", "unit"),
         ("?entries=0", "entries"),

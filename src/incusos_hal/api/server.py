@@ -193,7 +193,7 @@ async def get_10(request: web.Request) -> web.Response:
 async def get_system(request: web.Request) -> web.Response:
     # Exactly the eight areas IncusOS lists (not its fallback listener); those not built
     # yet answer 501 with the reason.
-    names = {*(row.name for row in SECTIONS if row.listed), "resources", "storage", "provider"}
+    names = {*(row.name for row in SECTIONS if row.listed), "resources", "provider"}
     return sync([url(request, f"/1.0/system/{n}") for n in sorted(names)])
 
 
@@ -271,15 +271,6 @@ async def get_resources(request: web.Request) -> web.Response:
     root = request.app[SERVICE_KEY].settings.root
     doc = await asyncio.get_running_loop().run_in_executor(None, scan, root)
     return sync(doc)
-
-
-async def get_storage(request: web.Request) -> web.Response:
-    from ..inventory import scan
-
-    root = request.app[SERVICE_KEY].settings.root
-    doc = await asyncio.get_running_loop().run_in_executor(None, scan, root, ["storage"])
-    state = {"drives": doc.get("storage", {}).get("disks", [])}
-    return sync({"config": {}, "state": state}, {"ETag": env.etag({})})
 
 
 async def post_backup(request: web.Request) -> web.Response:
@@ -444,15 +435,6 @@ ROUTES: list[Route] = [
         "/1.0/system/resources",
         get_resources,
         "the hardware inventory (Incus's resources API)",
-    ),
-    Route("GET", "/1.0/system/storage", get_storage, "drives and pools"),
-    Route(
-        "PUT",
-        "/1.0/system/storage",
-        _unbuilt("storage configuration"),
-        "replace the storage configuration",
-        body="section",
-        built=False,
     ),
     Route(
         "POST",

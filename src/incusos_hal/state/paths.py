@@ -38,3 +38,9 @@ IDENTITY = (SERVER_CERT, SERVER_KEY)
 MODES = {SERVER_CERT: 0o644}
 STAGING_PREFIX = ".restore-"
 MARKER = "switch"
+
+# Storage keys (IncusOS's names): a pool's raw 32-byte ZFS key, zpool.<pool>.key (a pool
+# is "managed" while its key is here); an encrypted drive's LUKS key, luks.<by-id>.key.
+ZPOOL_KEY_PREFIX = "zpool."
+LUKS_KEY_PREFIX = "luks."
+KEY_SUFFIX = ".key"
