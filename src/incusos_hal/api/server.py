@@ -26,7 +26,7 @@ from aiohttp import WSMsgType, web
 from ..config import MAX_DOCUMENT_BYTES, Config
 from ..core.tls import fingerprint_der
 from ..sections import SECTIONS
-from ..sections.base import Action, Section
+from ..sections.base import Action, Refused, Section
 from ..state.paths import SOCKET
 from . import auth, backup, debug, listeners
 from . import envelope as env
@@ -260,7 +260,10 @@ def section_routes(row: Section) -> list[Route]:
 def action_route(row: Section, action: Action) -> Route:
     async def post(request: web.Request) -> web.Response:
         body = await _json_body(request) if request.can_read_body else None
-        return sync(await action.run(request.app[SERVICE_KEY], body))
+        try:
+            return sync(await action.run(request.app[SERVICE_KEY], body))
+        except Refused as e:  # a section's refusal, in its own status and words
+            raise ApiError(e.status, e.message) from None
 
     return Route("POST", f"{row.path}/:{action.name}", post, action.summary)
 
