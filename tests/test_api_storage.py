@@ -119,3 +119,21 @@ def test_action_refusals(
     r = post(api, action, body)
     assert r.status == status and message in r.json["error"], r.json
     assert digest(api.state) == before
+
+
+def test_cleanup_root_empties_the_target_cache_and_never_the_hosts(api: apiserver.Server) -> None:
+    # The service writes under --target: /var/cache there is emptied; a file outside
+    # it (and the host's own /var/cache, which this service does not write) is kept.
+    cache = api.target / "var/cache"
+    (cache / "apt/archives").mkdir(parents=True)
+    (cache / "apt/archives/x.deb").write_bytes(b"x")
+    (cache / "loose").write_bytes(b"y")
+    kept = api.target / "var/lib/kept"
+    kept.parent.mkdir(parents=True)
+    kept.write_bytes(b"z")
+    host = sorted(p.name for p in Path("/var/cache").iterdir())
+    r = post(api, "cleanup-root", {})
+    assert r.status == 200, r.json
+    assert cache.is_dir() and list(cache.iterdir()) == []
+    assert kept.read_bytes() == b"z"
+    assert sorted(p.name for p in Path("/var/cache").iterdir()) == host

@@ -735,14 +735,16 @@ def _run500(argv: list[str]) -> None:
 
 
 async def cleanup_root(ctx: Context, body: Any) -> Any:
-    """IncusOS's: the journal vacuumed to one file, /var/cache emptied."""
+    """IncusOS's: the journal vacuumed to one file, /var/cache emptied. Both are
+    deletions, so they act where the service writes (`target`), never where it only
+    reads: a service on a scratch target leaves the host's caches and journal alone."""
     import shutil
 
     def work() -> None:
-        root = Path(ctx.settings.root)
-        if ctx.settings.root == "/" and shutil.which("journalctl"):
+        target = Path(ctx.settings.target)
+        if ctx.settings.target == "/" and shutil.which("journalctl"):
             _run500(["journalctl", "--vacuum-files=1"])
-        cache = root / "var/cache"
+        cache = target / "var/cache"
         for entry in sorted(cache.iterdir()) if cache.is_dir() else []:
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)

@@ -148,8 +148,7 @@ def _seal_everywhere(tpm: Tpm, work: Sequence[_Work]) -> list[int]:
             )  # fmt: skip
         except (luks.LuksError, TPMError, OSError, ValueError) as e:
             raise RebindError(
-                f"volume {w.entry.name}: sealing a new TPM token failed ({e}); "
-                "no volume changed"
+                f"volume {w.entry.name}: sealing a new TPM token failed ({e}); no volume changed"
             ) from None
         slots.append(slot)
 
