@@ -33,6 +33,9 @@ class Route:
     body: str = ""  # "": none; "section": {config, state}; "archive": tar.gz
     built: bool = True
     names: tuple[str, ...] = ()  # the values {name} takes
+    # Server-side statuses the route answers by design (503: ZFS unavailable), with why;
+    # the OpenAPI description declares them, so a client (and the schema test) expects them.
+    failures: tuple[tuple[int, str], ...] = ()
 
 
 def _respond(

@@ -185,6 +185,11 @@ def spec(routes: Iterable[Any]) -> dict[str, Any]:
             op["responses"]["202"] = {"description": "operation started", **async_ok}
         elif r.built:
             op["responses"]["200"] = {"description": "success", **ok}
+        for status, why in r.failures:
+            op["responses"][str(status)] = {
+                "description": why,
+                "content": {"application/json": {"schema": ERROR}},
+            }
         op["responses"]["default"] = {
             "description": "an error (4xx: the request; 501: not built in this version)",
             "content": {"application/json": {"schema": ERROR}},

@@ -252,7 +252,14 @@ def section_routes(row: Section) -> list[Route]:
 
     routes = [
         Route("GET", row.path, get, row.summary),
-        Route("PUT", row.path, put, f"replace the {row.name} configuration", body="section"),
+        Route(
+            "PUT",
+            row.path,
+            put,
+            f"replace the {row.name} configuration",
+            body="section",
+            failures=row.put_failures,
+        ),
     ]
     return routes + [action_route(row, action) for action in row.actions]
 
@@ -265,7 +272,9 @@ def action_route(row: Section, action: Action) -> Route:
         except Refused as e:  # a section's refusal, in its own status and words
             raise ApiError(e.status, e.message) from None
 
-    return Route("POST", f"{row.path}/:{action.name}", post, action.summary)
+    return Route(
+        "POST", f"{row.path}/:{action.name}", post, action.summary, failures=action.failures
+    )
 
 
 async def get_resources(request: web.Request) -> web.Response:

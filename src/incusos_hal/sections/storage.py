@@ -29,6 +29,10 @@ if TYPE_CHECKING:
 BY_ID = "/dev/disk/by-id/"
 VOLUME_USES = ("incus", "linstor")
 
+# What IncusOS answers 500 for (its InternalError): the command on the machine failed.
+_UNAVAILABLE = (503, "ZFS unavailable (no zpool/zfs tools or no kernel module)")
+_FAILED = (500, "the command on the machine failed (IncusOS's status); nothing is left half done")
+
 
 # -- keys ---------------------------------------------------------------------------------
 
@@ -762,20 +766,63 @@ SECTION = Section(
     read_state=read_state,
     check=check,
     before_store=before_store,
+    put_failures=(
+        (503, "pools were asked for and ZFS is unavailable"),
+        (500, "a step of the change failed; every step before it was undone"),
+    ),
     stored=stored,
     actions=(
-        Action("import-pool", "import an existing ZFS pool (with its raw key)", import_pool),
-        Action("delete-pool", "destroy a pool and wipe its devices", delete_pool),
-        Action("scrub-pool", "start a scrub (409 while one runs)", scrub_pool),
-        Action("create-volume", "create a dataset in a pool", create_volume),
-        Action("delete-volume", "destroy a dataset in a pool", delete_volume),
-        Action("wipe-drive", "wipe a drive (never the boot drive or a pool member)", wipe_drive),
-        Action("encrypt-drive", "wipe and LUKS2-encrypt a drive with a new key", encrypt_drive),
+        Action(
+            "import-pool",
+            "import an existing ZFS pool (with its raw key)",
+            import_pool,
+            (_FAILED, _UNAVAILABLE),
+        ),
+        Action(
+            "delete-pool",
+            "destroy a pool and wipe its devices",
+            delete_pool,
+            (
+                (500, "the pool is `local`, which is never deleted, or zpool destroy failed"),
+                _UNAVAILABLE,
+            ),
+        ),
+        Action(
+            "scrub-pool",
+            "start a scrub (409 while one runs)",
+            scrub_pool,
+            ((500, "no such pool, or zpool scrub failed (IncusOS's status)"), _UNAVAILABLE),
+        ),
+        Action(
+            "create-volume",
+            "create a dataset in a pool",
+            create_volume,
+            (_FAILED, _UNAVAILABLE),
+        ),
+        Action(
+            "delete-volume",
+            "destroy a dataset in a pool",
+            delete_volume,
+            (_FAILED, _UNAVAILABLE),
+        ),
+        Action(
+            "wipe-drive",
+            "wipe a drive (never the boot drive or a pool member)",
+            wipe_drive,
+            (_FAILED,),
+        ),
+        Action(
+            "encrypt-drive",
+            "wipe and LUKS2-encrypt a drive with a new key",
+            encrypt_drive,
+            (_FAILED,),
+        ),
         Action(
             "import-encrypted-drive",
             "keep the key of a LUKS drive and open it",
             import_encrypted_drive,
+            ((500, "not a LUKS device, or the key does not open it (IncusOS's status)"),),
         ),
-        Action("cleanup-root", "free space on the root partition", cleanup_root),
+        Action("cleanup-root", "free space on the root partition", cleanup_root, (_FAILED,)),
     ),
 )
