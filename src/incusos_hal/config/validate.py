@@ -711,11 +711,11 @@ def _storage_pool(c: _Collector, pool: StoragePool, p: str) -> None:
     from .model import POOL_TYPES
 
     if pool.type not in POOL_TYPES:
-        c.check(child(p, "type"), f"unsupported pool type {pool.type}")
+        c.check(child(p, "type"), f"unsupported pool type, must be one of {', '.join(POOL_TYPES)}")
     if pool.special is not None and pool.special.type not in POOL_TYPES:
         c.check(
             child(child(p, "special"), "type"),
-            f"unsupported special device type {pool.special.type}",
+            f"unsupported special device type, must be one of {', '.join(POOL_TYPES)}",
         )
     groups = [("devices", pool.devices), ("cache", pool.cache), ("log", pool.log)]
     if pool.special is not None:

@@ -97,7 +97,7 @@ def availability(root: str = "/") -> Availability:
     return Availability(True)
 
 
-def run(argv: Sequence[str], *, timeout: float = TIMEOUT_S) -> str:
+def run(argv: Sequence[str], *, timeout: float | None = TIMEOUT_S) -> str:
     """Run one command; its stderr becomes the error's message, as IncusOS reports it
     ("Failed to run: zfs load-key mypool: exit status 255 (...)")."""
     try:

@@ -19,10 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 from ..config.errors import FieldError
 from ..state.paths import KEY_SUFFIX, LUKS_KEY_PREFIX, ZPOOL_KEY_PREFIX
-from .base import Action, Context, Refused, Section
+from .base import Action, Context, Refused, Section, UnitInputs
 
 if TYPE_CHECKING:
     from ..config.model import Config
+    from ..core.tree import Tree
     from ..hal.zfsparse import PoolStatus
     from ..render.zpool import Machine, Step
 
@@ -759,6 +760,12 @@ async def cleanup_root(ctx: Context, body: Any) -> Any:
     return {}
 
 
+def units(config: Config, inputs: UnitInputs) -> Tree:
+    from ..render.units import storage_units
+
+    return storage_units(config, source=inputs.source, unit_dir=inputs.unit_dir)
+
+
 SECTION = Section(
     name="storage",
     attribute="storage",
@@ -771,6 +778,7 @@ SECTION = Section(
         (500, "a step of the change failed; every step before it was undone"),
     ),
     stored=stored,
+    units=units,
     actions=(
         Action(
             "import-pool",

@@ -1,0 +1,75 @@
+"""`incusos-hal storage import` (incusos-hal-zfs-import.service at boot) and `storage
+scrub` (the scrub timer's service), run as systemd runs them, on this host where ZFS is
+unavailable: the import never fails the boot and says what it could not do, naming the
+pools and drives and never a key; the scrub fails visibly."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from incusos_hal.apply import storage
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run(*argv: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    return subprocess.run(
+        [sys.executable, "-m", "incusos_hal", "storage", *argv],
+        env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+
+
+def keys(state: Path) -> dict[str, bytes]:
+    state.mkdir(mode=0o700, exist_ok=True)
+    out = {
+        "zpool.tank.key": b"T" * 32,
+        "zpool.local.key": b"L" * 32,
+        "luks.ata-QEMU_HARDDISK_QM00002.key": b"D" * 32,
+        "zpool..key": b"E" * 32,  # no name: not a pool
+        "notes.txt": b"",
+    }
+    for name, data in out.items():
+        (state / name).write_bytes(data)
+    return out
+
+
+def test_managed_pools_and_drives_are_the_state_dirs_keys(tmp_path: Path) -> None:
+    keys(tmp_path / "state")
+    assert storage.managed_pools(tmp_path / "state") == ["local", "tank"]
+    assert storage.encrypted_drives(tmp_path / "state") == [
+        "/dev/disk/by-id/ata-QEMU_HARDDISK_QM00002"
+    ]
+    assert storage.managed_pools(tmp_path / "none") == []
+
+
+def test_import_at_boot_reports_and_never_fails(tmp_path: Path) -> None:
+    written = keys(tmp_path / "state")
+    root = tmp_path / "root"
+    (root / "dev/disk/by-id").mkdir(parents=True)
+    done = run("import", "--state-dir", str(tmp_path / "state"), "--root", str(root))
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert any(
+        "encrypted drive /dev/disk/by-id/ata-QEMU_HARDDISK_QM00002 is not present" in x
+        for x in lines
+    ), lines
+    assert any("ZFS unavailable" in x and "local, tank" in x for x in lines), lines
+    assert all(x.startswith("<4>") for x in lines), lines  # warnings for the journal
+    for data in written.values():
+        if data:
+            assert data.decode() not in done.stderr + done.stdout
+
+
+def test_import_with_nothing_to_do_is_silent(tmp_path: Path) -> None:
+    (tmp_path / "state").mkdir()
+    done = run("import", "--state-dir", str(tmp_path / "state"), "--root", str(tmp_path))
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+
+
+def test_scrub_without_zfs_fails_visibly(tmp_path: Path) -> None:
+    done = run("scrub", "--state-dir", str(tmp_path))
+    assert done.returncode == 1 and "ZFS unavailable" in done.stderr, done.stderr
