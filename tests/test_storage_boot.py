@@ -73,3 +73,63 @@ def test_import_with_nothing_to_do_is_silent(tmp_path: Path) -> None:
 def test_scrub_without_zfs_fails_visibly(tmp_path: Path) -> None:
     done = run("scrub", "--state-dir", str(tmp_path))
     assert done.returncode == 1 and "ZFS unavailable" in done.stderr, done.stderr
+
+
+# -- the local pool -----------------------------------------------------------------------
+
+
+def scratch_root(tmp_path: Path, labels: dict[str, str]) -> Path:
+    """sysfs block devices with their GPT labels (PARTNAME= as the kernel writes it) and
+    the udev by-id links to them."""
+    root = tmp_path / "root"
+    by_id = root / "dev/disk/by-id"
+    by_id.mkdir(parents=True)
+    for kname, label in labels.items():
+        d = root / "sys/class/block" / kname
+        d.mkdir(parents=True)
+        (d / "uevent").write_text(f"MAJOR=8\nMINOR=3\nDEVNAME={kname}\nDEVTYPE=partition\n"
+                                  f"PARTN=3\nPARTNAME={label}\n")  # fmt: skip
+        (by_id / f"ata-QEMU_HARDDISK_QM00001-{kname}").symlink_to(f"../../{kname}")
+    (by_id / "lvm-pv-uuid-x").symlink_to("../../sda3")
+    return root
+
+
+def test_the_local_data_partition_is_found_by_its_gpt_label(tmp_path: Path) -> None:
+    from incusos_hal.sections.storage import local_data_partition
+
+    root = scratch_root(tmp_path, {"sda2": "root-a", "sda3": "local-data", "sdb1": "local-data2"})
+    assert local_data_partition(str(root)) == "/dev/disk/by-id/ata-QEMU_HARDDISK_QM00001-sda3"
+    none = scratch_root(tmp_path / "n", {"sda2": "root-a", "sda4": "local-data-x"})
+    assert local_data_partition(str(none)) == ""
+    assert local_data_partition(str(tmp_path / "nothing")) == ""
+
+
+def test_what_the_boot_does_about_the_local_pool() -> None:
+    from incusos_hal.render.zpool import local_pool_decision
+
+    part = "/dev/disk/by-id/ata-x-part11"
+    assert local_pool_decision(True, True, part) == "present"
+    assert local_pool_decision(False, False, "") == "no-partition"
+    # A key and no pool: its disk is missing, and what the partition holds is kept.
+    assert local_pool_decision(False, True, part) == "key-without-pool"
+    assert local_pool_decision(False, False, part) == "import-or-create"
+
+
+def test_the_local_pool_and_application_datasets_as_incusos_makes_them() -> None:
+    import pytest
+
+    from incusos_hal.render.zpool import application_dataset_argv, local_create_argv
+
+    part = "/dev/disk/by-id/ata-x-part11"
+    assert local_create_argv(part, "/var/lib/incusos-hal/zpool.local.key") == [
+        "zpool", "create", "-o", "ashift=12", "-O", "mountpoint=none",
+        "-O", "encryption=aes-256-gcm", "-O", "keyformat=raw",
+        "-O", "keylocation=file:///var/lib/incusos-hal/zpool.local.key", "local", part,
+    ]  # fmt: skip
+    assert application_dataset_argv("operations-center") == [
+        "zfs", "create", "-o", "mountpoint=/var/lib/operations-center/",
+        "-o", "incusos:use=operations-center", "local/operations-center",
+    ]  # fmt: skip
+    for bad in ("", "../x", "a b", "a/b", "x\n"):
+        with pytest.raises(ValueError):
+            application_dataset_argv(bad)

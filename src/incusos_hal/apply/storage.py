@@ -4,7 +4,8 @@ scrub schedule (ScrubAllPools), as two commands systemd runs:
 
     incusos-hal storage import   incusos-hal-zfs-import.service, once per boot: every
                                  drive we hold a LUKS key for is opened, then every pool we
-                                 hold a key for is imported and its key loaded
+                                 hold a key for is imported and its key loaded, then the
+                                 `local` pool made on first boot (render/zpool.py decides)
     incusos-hal storage scrub    incusos-hal-scrub.service, from the generated timer: every
                                  imported pool scrubbed in turn, one at a time
 
@@ -20,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..sections.storage import BY_ID, drive_key_path, pool_key_path
+from ..sections.storage import BY_ID, drive_key_path, local_data_partition, pool_key_path
 from ..state.paths import KEY_SUFFIX, LUKS_KEY_PREFIX, ZPOOL_KEY_PREFIX
 
 Log = Callable[[str, str], None]
@@ -159,4 +160,55 @@ def scrub_pools(wait: bool = True) -> Report:
             out.problems.append(f"scrub of '{name}': {e}")
             continue
         out.done.append(name)
+    return out.report()
+
+
+def ensure_local_pool(state_dir: Path, root: str = "/") -> Report:
+    """The `local` pool, as IncusOS's first boot makes it: on the partition labelled
+    local-data, raid0, encrypted with a new key in the state dir. Never over a pool we
+    hold a key for, never with -f (zpool refuses a device that holds a filesystem)."""
+    from ..hal import zfs
+    from ..render.zpool import local_create_argv, local_pool_decision
+
+    out = _Collect()
+    if not zfs.availability().ok:
+        return out.report()  # import_pools said why
+    key = pool_key_path(state_dir, zfs.LOCAL_POOL)
+    partition = local_data_partition(root)
+    decision = local_pool_decision(zfs.pool_exists(zfs.LOCAL_POOL), key.exists(), partition)
+    if decision == "present":
+        return out.report()
+    if decision == "no-partition":
+        out.problems.append("no partition labelled local-data: no 'local' pool")
+        return out.report()
+    if decision == "key-without-pool":
+        out.problems.append(
+            f"storage pool 'local' did not import; its partition {partition} is left as it is"
+        )
+        return out.report()
+    try:
+        zfs.run(zfs.zpool_argv("import", zfs.LOCAL_POOL))
+    except zfs.ZfsError:
+        pass  # none there: a first boot
+    else:
+        # A reinstall: the pool is there, its key is not. Exported again, so the
+        # operator's :import-pool with the recovery key brings it back (as on IncusOS).
+        out.problems.append("storage pool 'local' is missing its encryption key")
+        try:
+            zfs.run(zfs.zpool_argv("export", zfs.LOCAL_POOL))
+        except zfs.ZfsError as e:
+            out.problems.append(f"storage pool 'local': {e}")
+        return out.report()
+    from ..core.files import atomic_write
+
+    try:
+        import secrets
+
+        atomic_write(key, secrets.token_bytes(32), 0o600)
+        zfs.run(local_create_argv(partition, str(key)))
+    except (zfs.ZfsError, OSError) as e:
+        key.unlink(missing_ok=True)
+        out.problems.append(f"cannot create storage pool 'local' on {partition}: {e}")
+        return out.report()
+    out.done.append(zfs.LOCAL_POOL)
     return out.report()

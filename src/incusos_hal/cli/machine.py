@@ -124,7 +124,12 @@ def cmd_storage(args: argparse.Namespace) -> int:
 
     state = store.state_dir(args.state_dir)
     if args.action == "import":
-        reports = [storage.open_drives(state, root_of(args.root)), storage.import_pools(state)]
+        root = root_of(args.root)
+        reports = [
+            storage.open_drives(state, root),
+            storage.import_pools(state),
+            storage.ensure_local_pool(state, root),
+        ]
     else:
         reports = [storage.scrub_pools()]
     for report in reports:

@@ -449,3 +449,49 @@ def plan(
     if planner.errors:
         return Plan((), tuple(planner.errors))
     return Plan(tuple(planner.steps + planner.wipes), ())
+
+
+# -- the local pool at boot ---------------------------------------------------------------
+
+LocalDecision = Literal["present", "no-partition", "key-without-pool", "import-or-create"]
+
+
+def local_pool_decision(imported: bool, have_key: bool, partition: str) -> LocalDecision:
+    """What the boot does about the `local` pool (IncusOS's LoadPools, made safe):
+
+    present            imported (with its key, by the import of every managed pool)
+    no-partition       no partition labelled local-data: nothing to build it on
+    key-without-pool   we hold its key but it did not import (its disk is missing, say):
+                       reported, and never a new pool over whatever the partition holds
+    import-or-create   first boot: a `local` pool already on the partition is imported
+                       (a reinstall; its key is then missing, the operator gives it with
+                       :import-pool), otherwise a new one is created on the partition
+    """
+    if imported:
+        return "present"
+    if not partition:
+        return "no-partition"
+    if have_key:
+        return "key-without-pool"
+    return "import-or-create"
+
+
+def local_create_argv(partition: str, keyfile: str) -> list[str]:
+    """IncusOS's first-boot pool: raid0 on the local-data partition, its usual options."""
+    return create_argv(LOCAL_POOL, "zfs-raid0", [partition], keyfile=keyfile)
+
+
+def application_dataset_argv(application: str) -> list[str]:
+    """IncusOS's dataset for an application's data (CreateApplicationDataset): local/<app>,
+    mounted at /var/lib/<app>/ and tagged incusos:use=<app>."""
+    if not application or not all(c.isascii() and (c.isalnum() or c in "-_") for c in application):
+        raise ValueError(f"not an application name: {application!r}")
+    return [
+        "zfs",
+        "create",
+        "-o",
+        f"mountpoint=/var/lib/{application}/",
+        "-o",
+        f"incusos:use={application}",
+        f"{LOCAL_POOL}/{application}",
+    ]

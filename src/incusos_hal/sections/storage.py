@@ -97,6 +97,31 @@ def _by_id_links(root: str) -> dict[str, str]:
     return out
 
 
+def local_data_partition(root: str) -> str:
+    """The by-id path of the partition whose GPT label is `local-data` (IncusOS's
+    repart.d/50-local-data.conf), read from sysfs (the kernel's PARTNAME=), so no udev
+    by-partlabel link is needed; "" when there is none. The first one, by kernel name,
+    when several disks carry one (a disk from another machine plugged in)."""
+    from ..hal.zfsparse import LOCAL_PARTLABEL
+
+    block = Path(root) / "sys/class/block"
+    try:
+        names = sorted(os.listdir(block))
+    except OSError:
+        return ""
+    links = _by_id_links(root)
+    for name in names:
+        try:
+            uevent = (block / name / "uevent").read_text()
+        except OSError:
+            continue
+        if f"PARTNAME={LOCAL_PARTLABEL}" in uevent.splitlines():
+            found = _drive_id(name, links)
+            if found:
+                return found
+    return ""
+
+
 def _drive_id(kname: str, links: dict[str, str]) -> str:
     """IncusOS's DeviceToID: the first by-id link (sorted) of the device, not lvm-pv-uuid."""
     for link, target in links.items():
@@ -338,9 +363,9 @@ def machine(root: str, state_dir: Path, pools: dict[str, PoolStatus]) -> Machine
             sizes.setdefault(link, size)
     layouts = {name: zfs.layout(p) for name, p in pools.items()}
     keys = frozenset(n for n in pool_recovery_keys(state_dir))
-    local_root = ""
+    local_root = local_data_partition(root)
     for d in drives.values():
-        if d.boot and (d.id + "-part11") in links:
+        if not local_root and d.boot and (d.id + "-part11") in links:
             local_root = d.id + "-part11"
     present = frozenset(link for link in links)
     return Machine(layouts, drives, resolve, present, keys, local_root, sizes)
