@@ -137,3 +137,67 @@ def test_cleanup_root_empties_the_target_cache_and_never_the_hosts(api: apiserve
     assert cache.is_dir() and list(cache.iterdir()) == []
     assert kept.read_bytes() == b"z"
     assert sorted(p.name for p in Path("/var/cache").iterdir()) == host
+
+
+def _restore(api: apiserver.Server, archive: bytes, skip: str = "") -> apiserver.Result:
+    r = api.curl("POST", "/1.0/system/:restore" + (f"?skip={skip}" if skip else ""), body=archive)
+    if r.status != 202:
+        return r
+    done = api.curl("GET", f"{r.headers['location']}/wait?timeout=60")
+    assert done.json["metadata"]["status"] == "Success", done.json
+    return done
+
+
+def test_backup_holds_the_storage_keys_and_restore_never_loses_one(api: apiserver.Server) -> None:
+    import io
+    import tarfile
+
+    keys = {
+        "zpool.local.key": b"A" * 32,
+        "zpool.tank.key": b"B" * 32,
+        "luks.ata-QEMU_HARDDISK_QM00002.key": b"C" * 32,
+    }
+    for name, data in keys.items():
+        (api.state / name).write_bytes(data)
+        (api.state / name).chmod(0o600)
+    saved = api.curl("POST", "/1.0/system/:backup").body
+    with tarfile.open(fileobj=io.BytesIO(saved)) as tar:
+        assert set(keys) <= set(tar.getnames())
+    # Since the backup: local's key changed, tank's went, a new pool came.
+    (api.state / "zpool.local.key").write_bytes(b"D" * 32)
+    (api.state / "zpool.tank.key").unlink()
+    (api.state / "zpool.new.key").write_bytes(b"E" * 32)
+    _restore(api, saved)
+    got = {p.name: p.read_bytes() for p in api.state.glob("*.key") if p.name != "server.key"}
+    assert got == {**keys, "zpool.new.key": b"E" * 32}  # the archive's, and none lost
+    assert all((api.state / n).stat().st_mode & 0o777 == 0o600 for n in got)
+    # skip=local-data-encryption-key: the running local key is kept over the archive's.
+    (api.state / "zpool.local.key").write_bytes(b"F" * 32)
+    _restore(api, saved, "local-data-encryption-key")
+    assert (api.state / "zpool.local.key").read_bytes() == b"F" * 32
+    assert (api.state / "zpool.tank.key").read_bytes() == b"B" * 32
+
+
+def test_restore_refuses_a_key_of_the_wrong_size_naming_it_not_its_bytes(
+    api: apiserver.Server,
+) -> None:
+    import io
+    import tarfile
+
+    saved = api.curl("POST", "/1.0/system/:backup").body
+    out = io.BytesIO()
+    with (
+        tarfile.open(fileobj=io.BytesIO(saved)) as src,
+        tarfile.open(fileobj=out, mode="w:gz") as dst,
+    ):
+        for member in src.getmembers():
+            dst.addfile(member, src.extractfile(member))
+        for name, data in (("zpool.bad.key", b"SECRETKEYBYTES"),):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            dst.addfile(info, io.BytesIO(data))
+    before = digest(api.state)
+    r = _restore(api, out.getvalue())
+    assert r.status == 400 and "zpool.bad.key: not a 32-byte raw key" in r.json["error"], r.json
+    assert "SECRETKEYBYTES" not in r.body.decode()
+    assert digest(api.state) == before

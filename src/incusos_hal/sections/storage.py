@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..config.errors import FieldError
-from ..state.paths import KEY_SUFFIX, LUKS_KEY_PREFIX, ZPOOL_KEY_PREFIX
+from ..state.paths import KEY_SUFFIX, LOCAL_KEY_SKIP, LUKS_KEY_PREFIX, ZPOOL_KEY_PREFIX
 from .base import Action, Context, Refused, Section, UnitInputs
 
 if TYPE_CHECKING:
@@ -804,6 +804,8 @@ SECTION = Section(
     ),
     stored=stored,
     units=units,
+    # The key is a file (api/backup.py keeps it); the document has nothing to keep.
+    backup_skip={LOCAL_KEY_SKIP: lambda archived, running: archived},
     actions=(
         Action(
             "import-pool",

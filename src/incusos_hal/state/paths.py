@@ -44,3 +44,17 @@ MARKER = "switch"
 ZPOOL_KEY_PREFIX = "zpool."
 LUKS_KEY_PREFIX = "luks."
 KEY_SUFFIX = ".key"
+# The restore option that keeps the running `local` pool's key over the archive's.
+LOCAL_KEY_SKIP = "local-data-encryption-key"
+STORAGE_KEY_BYTES = 32
+
+
+def is_storage_key(name: str) -> bool:
+    """zpool.<pool>.key or luks.<by-id name>.key: a plain file name, nothing else."""
+    if "/" in name or name.startswith(".") or not name.endswith(KEY_SUFFIX):
+        return False
+    for prefix in (ZPOOL_KEY_PREFIX, LUKS_KEY_PREFIX):
+        middle = name[len(prefix) : -len(KEY_SUFFIX)] if name.startswith(prefix) else ""
+        if middle and all(c.isascii() and (c.isalnum() or c in "-_.:+@=") for c in middle):
+            return True
+    return False
