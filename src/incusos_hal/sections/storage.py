@@ -484,8 +484,15 @@ def _drive(ctx: Context, drive_id: str) -> dict[str, Any]:
     raise Refused(400, f"drive '{drive_id}' doesn't exist")
 
 
+def _device(ctx: Context, drive_id: str) -> str:
+    """The drive's path as the machine under `root` names it (on a machine: the by-id
+    path itself; under a scratch root, its link there, which may lead to a real device)."""
+    root = ctx.settings.root
+    return drive_id if root == "/" else str(Path(root) / drive_id.lstrip("/"))
+
+
 def _wipe_checked(ctx: Context, drive_id: str) -> None:
-    from ..hal import luks
+    from ..hal import luks, zfs
 
     d = _drive(ctx, drive_id)
     if d["boot"]:
@@ -498,7 +505,10 @@ def _wipe_checked(ctx: Context, drive_id: str) -> None:
         if luks.mapped(name, ctx.settings.root):
             luks.close_volume(name)
         key.unlink()
-    wipe_device(drive_id)
+    try:
+        wipe_device(_device(ctx, drive_id))
+    except zfs.ZfsError as e:
+        raise Refused(500, str(e)) from None
 
 
 async def wipe_drive(ctx: Context, body: Any) -> Any:
@@ -517,8 +527,11 @@ def _encrypt(ctx: Context, drive_id: str) -> None:
     key = drive_key_path(ctx.settings.state_dir, drive_id)
     _new_key(key)
     try:
-        luks.format_volume(drive_id, key.read_bytes())
-    except Exception:
+        luks.format_volume(_device(ctx, drive_id), key.read_bytes())
+    except luks.LuksError as e:
+        key.unlink(missing_ok=True)
+        raise Refused(500, f"cannot encrypt {drive_id}: {e}") from None
+    except BaseException:
         key.unlink(missing_ok=True)
         raise
     _open_drive(ctx, drive_id, key)
@@ -530,7 +543,7 @@ def _open_drive(ctx: Context, drive_id: str, key: Path) -> None:
     name = "luks-" + os.path.basename(drive_id)
     if not luks.mapped(name, ctx.settings.root):
         try:
-            luks.open_volume(drive_id, name, key.read_bytes())
+            luks.open_volume(_device(ctx, drive_id), name, key.read_bytes())
         except luks.LuksError as e:
             # device-mapper may be unavailable (a container): the key is kept and the
             # drive opens at the next boot through crypttab.
@@ -552,11 +565,12 @@ def _import_drive(ctx: Context, drive_id: str, raw: bytes) -> None:
     from ..hal import luks
 
     _drive(ctx, drive_id)
+    device = _device(ctx, drive_id)
     try:
-        luks.header(drive_id)
+        luks.header(device)
     except luks.LuksError:
         raise Refused(500, f"Device {drive_id} is not a valid LUKS device") from None
-    if not luks.opens(drive_id, raw):
+    if not luks.opens(device, raw):
         raise Refused(500, f"the key does not open {drive_id}")
     key = drive_key_path(ctx.settings.state_dir, drive_id)
     luks.write_key_file(key, raw)
