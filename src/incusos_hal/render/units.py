@@ -1,4 +1,5 @@
-"""What the generator writes: `.wants/` symlinks and drop-ins, nothing else.
+"""What the generator writes: `.wants/` symlinks and drop-ins, and one whole unit, the
+scrub timer, whose only content is the stored schedule.
 
 systemd.generator(7): generators run before any unit loads, sandboxed, and may only write
 their output directories. So this renders unit-level wiring only; the daemons' own config
