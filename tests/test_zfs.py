@@ -206,3 +206,44 @@ def test_smartctl_nvme_and_scsi() -> None:
     )
     assert smart.parse_smartctl("").smart is None
     assert smart.parse_smartctl("{").smart is not None
+
+
+def test_nvme_smart_from_the_log_matches_what_smartctl_reports() -> None:
+    """The same drive state read two ways: the raw SMART / Health log page (NVMe Base
+    Specification 2.0, figure 207) through hal/nvme.py, and smartctl's JSON of it."""
+    from incusos_hal.hal import nvme
+
+    page = bytearray(512)
+    page[0] = 0  # critical warning
+    page[1:3] = (300).to_bytes(2, "little")  # kelvin
+    page[3], page[4], page[5] = 97, 10, 4  # spare, threshold, percent used
+    page[32:48] = (123456).to_bytes(16, "little")
+    page[48:64] = (654321).to_bytes(16, "little")
+    page[128:144] = (4242).to_bytes(16, "little")
+    ident = bytearray(4096)
+    ident[4:24] = b"IHALNVME0001".ljust(20)
+    ident[24:64] = b"QEMU NVMe Ctrl".ljust(40)
+    ours = smart.from_nvme(nvme.parse_id_ctrl(bytes(ident)), nvme.parse_smart_log(bytes(page)))
+    theirs = smart.parse_smartctl(
+        json.dumps(
+            {
+                "device": {"type": "nvme"},
+                "model_name": "QEMU NVMe Ctrl",
+                "serial_number": "IHALNVME0001",
+                "smart_support": {"available": True, "enabled": True},
+                "smart_status": {"passed": True},
+                "power_on_time": {"hours": 4242},
+                "nvme_smart_health_information_log": {
+                    "critical_warning": 0,
+                    "data_units_read": 123456,
+                    "data_units_written": 654321,
+                    "available_spare": 97,
+                    "percentage_used": 4,
+                },
+            }
+        )
+    )
+    assert ours == theirs
+    page[0] = 0x04  # reliability degraded: smartctl says FAILED
+    failed = smart.from_nvme(nvme.parse_id_ctrl(bytes(ident)), nvme.parse_smart_log(bytes(page)))
+    assert failed.smart is not None and failed.smart.passed is False

@@ -1,5 +1,6 @@
 """SMART through `smartctl -aj` (smartmontools' JSON), parsed purely into IncusOS's
-drive fields (its SystemStorageDriveSMART plus the identity smartctl reports).
+drive fields (its SystemStorageDriveSMART plus the identity smartctl reports); for NVMe,
+the same fields from the SMART / Health log read by hal/nvme.py's admin ioctl.
 
 smartctl answers non-zero for a device without SMART (a virtual disk) and still prints
 JSON: the exit status is not an error here, the JSON decides.
@@ -12,7 +13,10 @@ import shutil
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .nvme import IdController, SmartLog
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,3 +133,38 @@ def smartctl(device: str, timeout: float = 30) -> DriveInfo:
     except (OSError, subprocess.TimeoutExpired):
         return DriveInfo()
     return parse_smartctl(done.stdout)
+
+
+def from_nvme(ident: IdController, log: SmartLog) -> DriveInfo:
+    """An NVMe drive from its Identify Controller data and SMART / Health log (hal/nvme.py:
+    one ioctl each, no smartctl process): the values `smartctl -aj` reports for the same
+    log. smartctl's "passed" for NVMe is no critical warning bit set."""
+    return DriveInfo(
+        model_name=ident.mn,
+        serial_number=ident.sn,
+        bus="nvme",
+        smart=Smart(
+            enabled=True,
+            passed=log.critical_warning == 0,
+            power_on_hours=log.power_on_hours,
+            data_units_read=log.data_units_read,
+            data_units_written=log.data_units_written,
+            available_spare=log.avail_spare,
+            percentage_used=log.percent_used,
+        ),
+    )
+
+
+def nvme_or_smartctl(device: str) -> DriveInfo:
+    """SMART for one drive: an NVMe namespace through the admin ioctl, falling back to
+    smartctl when the ioctl is not answered (no native module, a fabric that refuses it)."""
+    import os
+
+    if os.path.basename(device).startswith("nvme"):
+        from . import nvme
+
+        try:
+            return from_nvme(nvme.identify_controller(device), nvme.smart_log(device))
+        except (OSError, ValueError, ImportError):
+            pass
+    return smartctl(device)

@@ -278,7 +278,7 @@ def read_drives(root: str, state_dir: Path, pools: dict[str, PoolStatus]) -> lis
         drive_id = _drive_id(disk.id, links)
         if not drive_id:
             continue  # IncusOS skips devices without an id link (mmcblk0boot0)
-        info = smart.smartctl(f"/dev/{disk.id}") if root == "/" else smart.DriveInfo()
+        info = smart.nvme_or_smartctl(f"/dev/{disk.id}") if root == "/" else smart.DriveInfo()
         out: dict[str, Any] = {
             "id": drive_id,
             "model_family": info.model_family,
