@@ -85,6 +85,9 @@ def test_the_import_unit_is_wired_before_the_pools_users() -> None:
     assert {"cryptsetup.target", "local-fs.target", "zfs-load-module.service"} <= set(after)
     assert {"sysinit.target", "zfs-mount.service", "zfs-import.target"} <= set(before)
     assert "DefaultDependencies=no" in text
+    # The scrub is skipped, not failed, where ZFS is unavailable.
+    scrub = (REPO / "units/incusos-hal-scrub.service.in").read_text()
+    assert "ConditionPathExists=/dev/zfs" in scrub.splitlines()
     # It never fails the boot: the command exits 0 whatever it found (test_storage_boot).
     tree = rendered("0 4 * * 0")
     link = tree["sysinit.target.wants/incusos-hal-zfs-import.service"]
