@@ -133,3 +133,21 @@ def test_the_local_pool_and_application_datasets_as_incusos_makes_them() -> None
     for bad in ("", "../x", "a b", "a/b", "x\n"):
         with pytest.raises(ValueError):
             application_dataset_argv(bad)
+
+
+def test_the_local_pool_grows_into_its_grown_partition_as_incusos_does() -> None:
+    from incusos_hal.hal.zfsparse import Layout
+    from incusos_hal.render.zpool import local_expand_argv
+
+    part = "/dev/disk/by-id/scsi-0QEMU_QEMU_HARDDISK_incus_root-part11"
+
+    def pool(kind: str, *devices: str) -> Layout:
+        return Layout(kind, devices, (), (), (), (), (), "", (), (), 0, 0, 0)
+
+    assert local_expand_argv(pool("zfs-raid0", part), 10 << 30) == [
+        ["zpool", "set", "autoexpand=on", "local"],
+        ["zpool", "online", "-e", "local", part],
+    ]
+    assert local_expand_argv(pool("zfs-raid0", part), 0) == []  # nothing to grow into
+    assert local_expand_argv(pool("zfs-raid1", part, "/dev/disk/by-id/x"), 1 << 30) == []
+    assert local_expand_argv(pool("zfs-raid0", part, "/dev/disk/by-id/x"), 1 << 30) == []

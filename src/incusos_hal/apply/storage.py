@@ -163,6 +163,24 @@ def scrub_pools(wait: bool = True) -> Report:
     return out.report()
 
 
+def _grow_local(out: _Collect) -> Report:
+    """The `local` pool grown into its partition when that grew (a VM's disk enlarged)."""
+    from ..hal import zfs
+    from ..render.zpool import local_expand_argv
+
+    try:
+        status = zfs.status(zfs.LOCAL_POOL).get(zfs.LOCAL_POOL)
+        if status is None:
+            return out.report()
+        text = zfs.run(["zpool", "get", "-Hp", "-o", "value", "expandsize", zfs.LOCAL_POOL])
+        expandsize = int(text.strip()) if text.strip().isdigit() else 0
+        for argv in local_expand_argv(zfs.layout(status), expandsize):
+            zfs.run(argv)
+    except zfs.ZfsError as e:
+        out.problems.append(f"storage pool 'local' not grown: {e}")
+    return out.report()
+
+
 def ensure_local_pool(state_dir: Path, root: str = "/") -> Report:
     """The `local` pool, as IncusOS's first boot makes it: on the partition labelled
     local-data, raid0, encrypted with a new key in the state dir. Never over a pool we
@@ -177,7 +195,7 @@ def ensure_local_pool(state_dir: Path, root: str = "/") -> Report:
     partition = local_data_partition(root)
     decision = local_pool_decision(zfs.pool_exists(zfs.LOCAL_POOL), key.exists(), partition)
     if decision == "present":
-        return out.report()
+        return _grow_local(out)
     if decision == "no-partition":
         out.problems.append("no partition labelled local-data: no 'local' pool")
         return out.report()

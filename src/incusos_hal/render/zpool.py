@@ -495,3 +495,15 @@ def application_dataset_argv(application: str) -> list[str]:
         f"incusos:use={application}",
         f"{LOCAL_POOL}/{application}",
     ]
+
+
+def local_expand_argv(layout: Layout, expandsize: int) -> list[list[str]]:
+    """IncusOS's ExpandLocalPool, when the partition under a single-device raid0 `local`
+    pool has grown (`expandsize`, the space the pool could take, is not zero): autoexpand
+    on, then the device brought online expanded. Nothing for a mirror or a two-disk pool."""
+    if layout.type != "zfs-raid0" or len(layout.devices) != 1 or expandsize <= 0:
+        return []
+    return [
+        zpool_argv("set", LOCAL_POOL, "autoexpand=on"),
+        ["zpool", "online", "-e", LOCAL_POOL, layout.devices[0]],
+    ]
