@@ -430,6 +430,23 @@ def base_document() -> dict[str, Any]:
                 "sriov": [{"pci_address": "0000:3b:00.0", "vf_count": 8}],
             },
         },
+        "storage": {
+            "scrub_schedule": "0 4 * * 0",
+            "pools": [
+                {
+                    "name": "tank",
+                    "type": "zfs-raid1",
+                    "devices": ["/dev/disk/by-id/ata-a", "/dev/disk/by-id/ata-b"],
+                    "cache": ["/dev/disk/by-id/nvme-c"],
+                    "log": ["/dev/disk/by-id/nvme-d"],
+                    "special": {
+                        "type": "zfs-raid0",
+                        "special_small_blocks_size_in_kb": 64,
+                        "devices": ["/dev/disk/by-id/nvme-e"],
+                    },
+                }
+            ],
+        },
     }
 
 

@@ -62,6 +62,12 @@ def test_meson_install_places_generator_and_unit_for_systemd(tmp_path: Path) -> 
     assert script.startswith("#!/usr/bin/python3 -IS\n")  # one #! argument
     assert f'unit_dir="{unit_dir}"' in script and f'version="{__version__}"' in script
     assert "ExecStart=/usr/bin/incusos-hal configure --boot" in unit.read_text()
+    for name, command in (
+        ("incusos-hal-zfs-import.service", "storage import"),
+        ("incusos-hal-scrub.service", "storage scrub"),
+    ):
+        text = (dest / unit_dir.lstrip("/") / name).read_text()
+        assert f"ExecStart=/usr/bin/incusos-hal {command}\n" in text and "@" not in text, name
     assert os.access(dest / "usr/bin/incusos-hal", os.X_OK)
     modules = list(dest.glob("usr/lib/python3*/*-packages/incusos_hal/config/model.py"))
     assert modules, "the package was not installed where Debian's python3 finds it"

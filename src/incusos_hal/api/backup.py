@@ -61,10 +61,14 @@ from ..state.paths import (
     GENERATOR_CACHE,
     IDENTITY,
     LAST_GOOD_FILE,
+    LOCAL_KEY_SKIP,
     RESTORED,
     SERVER_CERT,
     SERVER_KEY,
+    STORAGE_KEY_BYTES,
     UNCONFIRMED_FILE,
+    ZPOOL_KEY_PREFIX,
+    is_storage_key,
 )
 from ..state.switch import complete_switches, discard, recover, switch_back
 
@@ -76,7 +80,8 @@ MAX_HEADER_BYTES = 64 << 10
 MAX_CHAINED_HEADERS = 8
 MAX_READ_SECONDS = 10.0
 # What IncusOS's restore can be told to keep from the running machine, as the sections
-# offer it (its third, local-data-encryption-key, comes with the storage work).
+# offer it (local-data-encryption-key: the storage section's; the key itself is a file,
+# kept by `with_running_keys`).
 SKIP_OPTIONS = tuple(skip_options())
 
 _EXTENDED_HEADERS = frozenset(
@@ -114,12 +119,42 @@ def keep_running(archived: Config, running: Config, skip: tuple[str, ...]) -> Co
 # -- backup --------------------------------------------------------------------------------
 
 
+def _storage_keys(state_dir: Path) -> list[str]:
+    """The pools' and drives' keys in the state dir (IncusOS's backup holds them too:
+    without them a restored machine could not open its own pools)."""
+    try:
+        return sorted(n for n in os.listdir(state_dir) if is_storage_key(n))
+    except OSError:
+        return []
+
+
+def with_running_keys(
+    files: Mapping[str, bytes], state_dir: str | os.PathLike[str], skip: tuple[str, ...]
+) -> dict[str, bytes]:
+    """The archive's files plus every storage key the running machine holds that the
+    archive does not: a restore never costs a pool or drive its key. With
+    `local-data-encryption-key` in `skip`, the running `local` pool's key is kept over
+    the archive's (as IncusOS's restore does; none kept when the machine has none)."""
+    out = dict(files)
+    base = Path(state_dir)
+    local = f"{ZPOOL_KEY_PREFIX}local.key"
+    if LOCAL_KEY_SKIP in skip:
+        out.pop(local, None)
+    for name in _storage_keys(base):
+        if name not in out:
+            try:
+                out[name] = (base / name).read_bytes()
+            except OSError:
+                continue
+    return out
+
+
 def create(state_dir: str | os.PathLike[str]) -> bytes:
     """The archive of the state dir's `RESTORED` files, read while no switch runs."""
     buf = io.BytesIO()
     base = Path(state_dir)
     with switch.locked(base, fcntl.LOCK_SH), tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for name in sorted(RESTORED):
+        for name in [*sorted(RESTORED), *_storage_keys(base)]:
             path = base / name
             try:
                 f = path.open("rb")
@@ -271,9 +306,14 @@ def check_files(files: Mapping[str, bytes]) -> Config:
             "after confirming, or remove this member to restore that document as it is"
         )
     for name in sorted(files):
+        if is_storage_key(name):
+            if len(files[name]) != STORAGE_KEY_BYTES:  # the size only: never the bytes
+                raise ArchiveError(f"{name}: not a {STORAGE_KEY_BYTES}-byte raw key")
+            continue
         if name not in RESTORED and name != GENERATOR_CACHE:
             raise ArchiveError(
-                f"member {name!r}: not a file this service keeps ({', '.join(RESTORED)})"
+                f"member {name!r}: not a file this service keeps "
+                f"({', '.join(RESTORED)}, zpool.<pool>.key, luks.<drive>.key)"
             )
     # A backup always holds the config: an archive without one (an empty tar is a
     # valid tar) would restore a blank machine.
@@ -363,4 +403,5 @@ __all__ = [
     "recover",
     "switch_back",
     "switch_in",
+    "with_running_keys",
 ]

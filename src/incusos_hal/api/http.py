@@ -34,6 +34,9 @@ class Route:
     built: bool = True
     names: tuple[str, ...] = ()  # the values {name} takes
     operation: bool = False  # answers 202 with an operation (Incus's async)
+    # Server-side statuses the route answers by design (503: ZFS unavailable), with why;
+    # the OpenAPI description declares them, so a client (and the schema test) expects them.
+    failures: tuple[tuple[int, str], ...] = ()
 
 
 def _respond(

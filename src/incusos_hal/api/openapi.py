@@ -123,6 +123,54 @@ def _section_type(path: str) -> Any:
     return hints[row.attribute]
 
 
+def _request(op: dict[str, Any], r: Any, section: Any) -> None:
+    """The route's request body (and the query parameters that go with it) into `op`."""
+    if r.body == "section" and section is not None:
+        op["requestBody"] = {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {
+                            "config": schema_of(section),
+                            "state": {"type": "object"},
+                        },
+                        "additionalProperties": False,
+                    }
+                }
+            },
+        }
+    elif r.body == "archive":
+        op["requestBody"] = {
+            "required": True,
+            "content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}},
+        }
+    elif r.body == "update-check":  # IncusOS's SystemUpdate :check body, optional
+        schema = {
+            "type": "object",
+            "properties": {"os_only": {"type": "boolean"}},
+            "additionalProperties": False,
+        }
+        op["requestBody"] = {
+            "required": False,
+            "content": {"application/json": {"schema": schema}},
+        }
+        op["parameters"] = [
+            {
+                "name": "trigger",
+                "in": "query",
+                "required": False,
+                "schema": {"type": "string", "enum": ["user", "boot", "timer"]},
+            }
+        ]
+    elif r.body == "script":  # as `openssl smime -sign` writes it
+        op["requestBody"] = {
+            "required": True,
+            "content": {"multipart/signed": {"schema": {"type": "string", "format": "binary"}}},
+        }
+
+
 def spec(routes: Iterable[Any]) -> dict[str, Any]:
     paths: dict[str, Any] = {}
     for r in routes:
@@ -135,50 +183,7 @@ def spec(routes: Iterable[Any]) -> dict[str, Any]:
                 "required": ["config", "state"],
                 "properties": {"config": schema_of(section), "state": {"type": "object"}},
             }
-        if r.body == "section" and section is not None:
-            op["requestBody"] = {
-                "required": True,
-                "content": {
-                    "application/json": {
-                        "schema": {
-                            "type": "object",
-                            "properties": {
-                                "config": schema_of(section),
-                                "state": {"type": "object"},
-                            },
-                            "additionalProperties": False,
-                        }
-                    }
-                },
-            }
-        elif r.body == "archive":
-            op["requestBody"] = {
-                "required": True,
-                "content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}},
-            }
-        elif r.body == "update-check":  # IncusOS's SystemUpdate :check body, optional
-            schema = {
-                "type": "object",
-                "properties": {"os_only": {"type": "boolean"}},
-                "additionalProperties": False,
-            }
-            op["requestBody"] = {
-                "required": False,
-                "content": {"application/json": {"schema": schema}},
-            }
-            op["parameters"] = [
-                {
-                    "name": "trigger",
-                    "in": "query",
-                    "required": False,
-                    "schema": {"type": "string", "enum": ["user", "boot", "timer"]},
-                }
-            ]
-        elif r.body == "script":  # as `openssl smime -sign` writes it
-            op["requestBody"] = {
-                "required": True,
-                "content": {"multipart/signed": {"schema": {"type": "string", "format": "binary"}}},
-            }
+        _request(op, r, section)
         params: list[dict[str, Any]] = []
         if "{name}" in r.path:
             name_schema: dict[str, Any] = {"type": "string"}
@@ -206,6 +211,11 @@ def spec(routes: Iterable[Any]) -> dict[str, Any]:
             op["responses"]["202"] = {"description": "operation started", **async_ok}
         elif r.built:
             op["responses"]["200"] = {"description": "success", **ok}
+        for status, why in r.failures:
+            op["responses"][str(status)] = {
+                "description": why,
+                "content": {"application/json": {"schema": ERROR}},
+            }
         op["responses"]["default"] = {
             "description": "an error (4xx: the request; 501: not built in this version)",
             "content": {"application/json": {"schema": ERROR}},

@@ -26,7 +26,7 @@ from aiohttp import WSMsgType, web
 from ..config import MAX_DOCUMENT_BYTES, Config
 from ..core.tls import fingerprint_der
 from ..sections import SECTIONS
-from ..sections.base import Action, Section
+from ..sections.base import Action, Refused, Section
 from ..services import SERVICES, SystemService
 from ..services import supported as supported_services
 from ..state.paths import SOCKET
@@ -183,7 +183,7 @@ async def get_10(request: web.Request) -> web.Response:
 async def get_system(request: web.Request) -> web.Response:
     # Exactly the eight areas IncusOS lists (not its fallback listener); those not built
     # yet answer 501 with the reason.
-    names = {*(row.name for row in SECTIONS if row.listed), "resources", "storage"}
+    names = {*(row.name for row in SECTIONS if row.listed), "resources"}
     return sync([url(request, f"/1.0/system/{n}") for n in sorted(names)])
 
 
@@ -242,7 +242,14 @@ def section_routes(row: Section) -> list[Route]:
 
     routes = [
         Route("GET", row.path, get, row.summary),
-        Route("PUT", row.path, put, f"replace the {row.name} configuration", body="section"),
+        Route(
+            "PUT",
+            row.path,
+            put,
+            f"replace the {row.name} configuration",
+            body="section",
+            failures=row.put_failures,
+        ),
     ]
     return routes + [action_route(row, action) for action in row.actions]
 
@@ -250,9 +257,14 @@ def section_routes(row: Section) -> list[Route]:
 def action_route(row: Section, action: Action) -> Route:
     async def post(request: web.Request) -> web.Response:
         body = await _json_body(request) if request.can_read_body else None
-        return sync(await action.run(request.app[SERVICE_KEY], body))
+        try:
+            return sync(await action.run(request.app[SERVICE_KEY], body))
+        except Refused as e:  # a section's refusal, in its own status and words
+            raise ApiError(e.status, e.message) from None
 
-    return Route("POST", f"{row.path}/:{action.name}", post, action.summary)
+    return Route(
+        "POST", f"{row.path}/:{action.name}", post, action.summary, failures=action.failures
+    )
 
 
 async def get_resources(request: web.Request) -> web.Response:
@@ -261,15 +273,6 @@ async def get_resources(request: web.Request) -> web.Response:
     root = request.app[SERVICE_KEY].settings.root
     doc = await asyncio.get_running_loop().run_in_executor(None, scan, root)
     return sync(doc)
-
-
-async def get_storage(request: web.Request) -> web.Response:
-    from ..inventory import scan
-
-    root = request.app[SERVICE_KEY].settings.root
-    doc = await asyncio.get_running_loop().run_in_executor(None, scan, root, ["storage"])
-    state = {"drives": doc.get("storage", {}).get("disks", [])}
-    return sync({"config": {}, "state": state}, {"ETag": env.etag({})})
 
 
 async def post_backup(request: web.Request) -> web.Response:
@@ -540,15 +543,6 @@ ROUTES: list[Route] = [
         "/1.0/system/resources",
         get_resources,
         "the hardware inventory (Incus's resources API)",
-    ),
-    Route("GET", "/1.0/system/storage", get_storage, "drives and pools"),
-    Route(
-        "PUT",
-        "/1.0/system/storage",
-        _unbuilt("storage configuration"),
-        "replace the storage configuration",
-        body="section",
-        built=False,
     ),
     Route(
         "POST",

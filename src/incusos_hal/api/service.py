@@ -579,7 +579,7 @@ class Service:
         checks = self._restore_checks(restored, self.config())
         if checks:
             raise ApiError(400, f"archive: config.toml: {'; '.join(map(str, checks))}")
-        return files
+        return backup.with_running_keys(files, self.settings.state_dir, skip)
 
     def _restore_checks(self, restored: Config, running: Config) -> list[FieldError]:
         """The checks a PUT of each section makes, for every section the restore changes

@@ -113,6 +113,15 @@ def parser() -> argparse.ArgumentParser:
     se.add_argument("--tcti", help="the TPM (default: $TPM2TOOLS_TCTI or device:/dev/tpmrm0)")
     se.set_defaults(command=("machine", "cmd_security"))
 
+    st = sub.add_parser(
+        "storage",
+        help="open encrypted drives and import managed pools (boot), or scrub every pool",
+    )
+    st.add_argument("action", choices=("import", "scrub"))
+    st.add_argument("--state-dir")
+    st.add_argument("--root", help="import: find the drives under this root")
+    st.set_defaults(command=("machine", "cmd_storage"))
+
     sr = sub.add_parser("serve", help="the API service")
     sr.add_argument("--state-dir")
     sr.add_argument("--socket", default=SOCKET)

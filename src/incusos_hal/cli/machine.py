@@ -113,3 +113,30 @@ def cmd_security(args: argparse.Namespace) -> int:
     with tpm.open_tpm_if_any(args.tcti, lambda e: print(f"warning: {e}", file=sys.stderr)) as t:
         print(json.dumps(security_state(root, t), indent=2))
     return 0
+
+
+def cmd_storage(args: argparse.Namespace) -> int:
+    """`storage import` never fails (a boot must go on without a missing disk): each
+    problem is a warning line in the journal. `storage scrub` fails when a scrub did,
+    so the timer's service shows it."""
+    from ..apply import storage
+    from ..state import store
+
+    state = store.state_dir(args.state_dir)
+    if args.action == "import":
+        root = root_of(args.root)
+        reports = [
+            storage.open_drives(state, root),
+            storage.import_pools(state),
+            storage.ensure_local_pool(state, root),
+        ]
+    else:
+        reports = [storage.scrub_pools()]
+    for report in reports:
+        for done in report.done:
+            print(f"<6>{args.action}: {done}", file=sys.stderr)
+        for problem in report.problems:
+            print(f"<4>{problem}", file=sys.stderr)
+    if args.action == "scrub":
+        return 1 if reports[0].problems else 0
+    return 0

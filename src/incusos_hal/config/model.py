@@ -284,9 +284,48 @@ class Provider:
 
 # Sections whose schema lands with their own issues (storage, services).
 # They exist so that the document's shape is stable; any key in them is rejected.
+PoolType = Literal["zfs-raid0", "zfs-raid1", "zfs-raid10", "zfs-raidz1", "zfs-raidz2", "zfs-raidz3"]
+POOL_TYPES: tuple[str, ...] = get_args(PoolType)
+DEFAULT_SCRUB_SCHEDULE = "0 4 * * 0"
+
+
+@dataclass(frozen=True, slots=True)
+class StoragePoolSpecial:
+    """IncusOS's SystemStoragePoolSpecial: the special vdev for metadata and small blocks."""
+
+    type: Annotated[PoolType, Help("the special vdev's layout"), ALWAYS]
+    special_small_blocks_size_in_kb: Annotated[
+        int, Help("blocks up to this size (KiB, a power of two) go to the special vdev"), ALWAYS
+    ] = 0
+    devices: Annotated[tuple[str, ...], Help("its devices"), ALWAYS] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class StoragePool:
+    """IncusOS's SystemStoragePool (its configuration half). Device lists are positional:
+    an empty entry takes that device offline, a different one replaces it, extra ones
+    are added; a list never shrinks."""
+
+    name: Annotated[str, Help("the pool's name (cannot change)"), ALWAYS]
+    type: Annotated[PoolType, Help("the pool's layout (cannot change, but raid0 -> raid1)"), ALWAYS]
+    allow_mixed_dev_sizes: Annotated[
+        bool, Help("allow devices of different sizes when creating the pool")
+    ] = False
+    devices: Annotated[tuple[str, ...], Help("data devices, positional"), ALWAYS] = ()
+    cache: Annotated[tuple[str, ...], Help("L2ARC cache devices, positional")] = ()
+    log: Annotated[tuple[str, ...], Help("ZIL log devices (mirrored when several)")] = ()
+    special: Annotated[StoragePoolSpecial | None, Help("the special vdev")] = None
+
+
 @dataclass(frozen=True, slots=True)
 class Storage:
-    pass
+    """IncusOS's SystemStorageConfig. `pools` is a request, never stored (as on IncusOS):
+    the pools themselves are the truth, shown in the state."""
+
+    scrub_schedule: Annotated[
+        str, Help("when every pool is scrubbed: cron, five fields"), ALWAYS
+    ] = DEFAULT_SCRUB_SCHEDULE
+    pools: Annotated[tuple[StoragePool, ...], Help("pools to create or change")] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -475,7 +514,7 @@ class Config:
     logging: Annotated[Logging, Help("/1.0/system/logging")] = Logging()
     update: Annotated[Update, Help("/1.0/system/update")] = Update()
     provider: Annotated[Provider, Help("/1.0/system/provider")] = Provider()
-    storage: Annotated[Storage, Help("/1.0/system/storage (not built yet)")] = Storage()
+    storage: Annotated[Storage, Help("/1.0/system/storage")] = Storage()
     security: Annotated[Security, Help("/1.0/system/security")] = Security()
     services: Annotated[Services, Help("/1.0/services")] = Services()
     listener: Annotated[Listener, Help("/1.0/system/fallback-listener")] = Listener()

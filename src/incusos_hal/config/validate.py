@@ -46,6 +46,8 @@ from .model import (
     ServiceISCSITarget,
     ServiceNVMETarget,
     Services,
+    Storage,
+    StoragePool,
     Update,
 )
 
@@ -86,6 +88,7 @@ def validate(config: Config) -> list[FieldError]:
     _listener(c, config.listener, "listener")
     c.errors += validate_kernel(config.kernel, "kernel")
     c.errors += validate_services(config.services, "services")
+    c.errors += validate_storage(config.storage, "storage")
     return c.errors
 
 
@@ -835,3 +838,77 @@ def _iscsi_targets(c: _Collector, targets: tuple[ServiceISCSITarget, ...], path:
         if key in seen:
             c.check(q, f"the same target as {seen[key]}")
         seen.setdefault(key, q)
+# The storage section. A pool name as `zpool create` takes it and as a key file name can
+# carry it (zpool.<name>.key): ZFS's own rule, ASCII only, minus its reserved words.
+_POOL_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.:-]{0,199}", re.ASCII)
+_POOL_RESERVED = re.compile(r"(mirror|raidz|draid|spare).*|log|cache|special|dedup", re.ASCII)
+# A device as the operator names it: a path under /dev, no spaces, commas or controls
+# (it goes into zpool's argv and into error text). "" is a positional "take it offline".
+_DEVICE = re.compile(r"/dev/[A-Za-z0-9_.:+@/=-]{1,240}", re.ASCII)
+# special_small_blocks: ZFS takes a power of two up to 16 MiB (OpenZFS 2.3).
+MAX_SPECIAL_SMALL_BLOCKS_KB = 16384
+
+
+def check_pool_name(name: str) -> str | None:
+    if not _POOL_NAME.fullmatch(name) or _POOL_RESERVED.fullmatch(name):
+        return "a pool name: a letter, then letters, digits, _ . : - (not a ZFS reserved word)"
+    return None
+
+
+def check_device(path: str) -> str | None:
+    if path == "":
+        return None
+    if not _DEVICE.fullmatch(path) or "/../" in path + "/" or "/./" in path + "/":
+        return "a device path under /dev (e.g. /dev/disk/by-id/...)"
+    return None
+
+
+def validate_storage(storage: Storage, path: str) -> list[FieldError]:
+    from .cron import CronError, parse_cron
+
+    c = _Collector()
+    try:
+        parse_cron(storage.scrub_schedule)
+    except CronError as e:
+        c.check(child(path, "scrub_schedule"), str(e))
+    names: dict[str, int] = {}
+    for i, pool in enumerate(storage.pools):
+        p = child(child(path, "pools"), i)
+        c.check(child(p, "name"), check_pool_name(pool.name))
+        if pool.name in names:
+            c.check(child(p, "name"), f"pool {pool.name!r} is listed twice")
+        names.setdefault(pool.name, i)
+        _storage_pool(c, pool, p)
+    return c.errors
+
+
+def _storage_pool(c: _Collector, pool: StoragePool, p: str) -> None:
+    from .model import POOL_TYPES
+
+    if pool.type not in POOL_TYPES:
+        c.check(child(p, "type"), f"unsupported pool type, must be one of {', '.join(POOL_TYPES)}")
+    if pool.special is not None and pool.special.type not in POOL_TYPES:
+        c.check(
+            child(child(p, "special"), "type"),
+            f"unsupported special device type, must be one of {', '.join(POOL_TYPES)}",
+        )
+    groups = [("devices", pool.devices), ("cache", pool.cache), ("log", pool.log)]
+    if pool.special is not None:
+        sp = pool.special
+        kb = sp.special_small_blocks_size_in_kb
+        if kb < 0 or kb > MAX_SPECIAL_SMALL_BLOCKS_KB or (kb & (kb - 1)):
+            c.check(
+                child(child(p, "special"), "special_small_blocks_size_in_kb"),
+                f"0, or a power of two up to {MAX_SPECIAL_SMALL_BLOCKS_KB}",
+            )
+        groups.append(("special.devices", sp.devices))
+    seen: dict[str, str] = {}
+    for group, devices in groups:
+        for j, dev in enumerate(devices):
+            where = f"{p}.{group}[{j}]"
+            problem = check_device(dev)
+            c.check(where, problem)
+            if problem is None and dev:
+                if dev in seen:
+                    c.check(where, f"device {dev} is already used by {seen[dev]}")
+                seen.setdefault(dev, where)

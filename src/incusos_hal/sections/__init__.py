@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..render.units import configure_units
-from . import kernel, listener, logging, network, provider, security, update
+from . import kernel, listener, logging, network, provider, security, storage, update
 from .base import Section, UnitInputs
 
 if TYPE_CHECKING:
@@ -39,6 +39,7 @@ SECTIONS: tuple[Section, ...] = (
     security.SECTION,
     listener.SECTION,
     kernel.SECTION,
+    storage.SECTION,
 )
 _BY_NAME = {s.name: s for s in SECTIONS}
 

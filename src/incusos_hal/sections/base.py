@@ -35,6 +35,10 @@ class Where(Protocol):
     def state_dir(self) -> Path: ...
     @property
     def root(self) -> str: ...
+    # Where the service writes (and so may delete): "/" on a machine, a scratch
+    # directory for a service that must leave the host alone.
+    @property
+    def target(self) -> str: ...
     @property
     def tcti(self) -> str | None: ...
 
@@ -93,6 +97,8 @@ class Action:
     name: str
     summary: str
     run: Callable[[Context, Any], Awaitable[Any]]
+    # 5xx statuses it answers by design, with why (declared in the OpenAPI description).
+    failures: tuple[tuple[int, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +144,8 @@ class Section:
     # Work on the machine before the new document is stored (all or nothing; an
     # exception refuses the PUT with nothing stored).
     before_store: Callable[[Context, Config, Config], Awaitable[None]] | None = None
+    # 5xx statuses the PUT answers by design (from before_store), with why.
+    put_failures: tuple[tuple[int, str], ...] = ()
     # Seconds a change waits for `:confirm` before it is rolled back (0: applied at once).
     confirmation: Callable[[Config], float] = _no_confirmation
     # What is stored (and served) of an accepted document: IncusOS clears the network's

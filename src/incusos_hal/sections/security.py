@@ -25,7 +25,14 @@ def read_state(ctx: Context) -> Any:
     from ..security.state import Flags, security_state
 
     flags = ctx.flags()
-    wanted = Flags(recovery_keys_retrieved=bool(flags.get("encryption_recovery_keys_retrieved")))
+    from .storage import drive_recovery_keys, pool_recovery_keys
+
+    state_dir = ctx.settings.state_dir
+    wanted = Flags(
+        recovery_keys_retrieved=bool(flags.get("encryption_recovery_keys_retrieved")),
+        drive_recovery_keys=drive_recovery_keys(state_dir),
+        pool_recovery_keys=pool_recovery_keys(state_dir),
+    )
     with tpm.open_tpm_if_any(ctx.settings.tcti) as handle:
         return security_state(ctx.settings.root, handle, wanted)
 

@@ -52,3 +52,23 @@ SEED_STATUS = "seed.status.json"
 # partition (a scratch machine, the tests): a seed tar file or a directory.
 SEED_PATH_ENV = "INCUSOS_HAL_SEED"
 MARKER = "switch"
+
+# Storage keys (IncusOS's names): a pool's raw 32-byte ZFS key, zpool.<pool>.key (a pool
+# is "managed" while its key is here); an encrypted drive's LUKS key, luks.<by-id>.key.
+ZPOOL_KEY_PREFIX = "zpool."
+LUKS_KEY_PREFIX = "luks."
+KEY_SUFFIX = ".key"
+# The restore option that keeps the running `local` pool's key over the archive's.
+LOCAL_KEY_SKIP = "local-data-encryption-key"
+STORAGE_KEY_BYTES = 32
+
+
+def is_storage_key(name: str) -> bool:
+    """zpool.<pool>.key or luks.<by-id name>.key: a plain file name, nothing else."""
+    if "/" in name or name.startswith(".") or not name.endswith(KEY_SUFFIX):
+        return False
+    for prefix in (ZPOOL_KEY_PREFIX, LUKS_KEY_PREFIX):
+        middle = name[len(prefix) : -len(KEY_SUFFIX)] if name.startswith(prefix) else ""
+        if middle and all(c.isascii() and (c.isalnum() or c in "-_.:+@=") for c in middle):
+            return True
+    return False

@@ -1,0 +1,203 @@
+"""/1.0/system/storage through a real `incusos-hal serve` on a scratch socket, on this
+host where ZFS is unavailable: the state says so, a PUT with pools and the pool actions
+are refused clearly with the stored document byte-identical, the scrub schedule is kept,
+and every action's bad body is a 4xx in IncusOS's words."""
+
+# ruff: noqa: E501 (a table of refusals, one a line)
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import apiserver
+from conftest import require_tool
+
+
+@pytest.fixture
+def api(tmp_path: Path) -> Iterator[apiserver.Server]:
+    require_tool("curl")
+    srv = apiserver.make(tmp_path, [])
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def digest(state: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(state)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(state.rglob("*"))
+        if p.is_file()
+    }
+
+
+def put(api: apiserver.Server, doc: object) -> apiserver.Result:
+    return api.curl("PUT", "/1.0/system/storage", body=json.dumps(doc).encode())
+
+
+def post(api: apiserver.Server, action: str, doc: object) -> apiserver.Result:
+    return api.curl("POST", f"/1.0/system/storage/:{action}", body=json.dumps(doc).encode())
+
+
+def test_state_without_zfs(api: apiserver.Server) -> None:
+    got = api.curl("GET", "/1.0/system/storage").json["metadata"]
+    assert got["config"] == {"scrub_schedule": "0 4 * * 0"}
+    state = got["state"]
+    assert state["pools"] == [] and state["zfs"].startswith("ZFS unavailable")
+    assert state["root_partition"]["size_in_bytes"] > 0
+    assert [d["id"] for d in state["drives"]] == sorted(d["id"] for d in state["drives"])
+    security = api.curl("GET", "/1.0/system/security").json["metadata"]["state"]
+    assert security["pool_recovery_keys"] == {} and security["drive_recovery_keys"] == {}
+
+
+def test_put_pools_refused_and_nothing_stored(api: apiserver.Server) -> None:
+    before = digest(api.state)
+    doc = {"config": {"pools": [{"name": "mypool", "type": "zfs-raid0", "devices": ["/dev/sda"]}]}}
+    r = put(api, doc)
+    assert r.status == 503 and r.json["error"].startswith("config.pools: ZFS unavailable"), r.json
+    for bad, words in (
+        ({"config": {"scrub_schedule": "61 * * * *"}}, "config.scrub_schedule: invalid cron"),
+        ({"config": {"pools": [{"name": "mirror", "type": "zfs-raid0"}]}}, "config.pools[0].name"),
+        ({"config": {"pools": [{"name": "p", "type": "zfs-raid5"}]}}, "config.pools[0].type"),
+        (
+            {
+                "config": {
+                    "pools": [{"name": "p", "type": "zfs-raid1", "devices": ["/dev/a", "/dev/a"]}]
+                }
+            },
+            "config.pools[0].devices[1]: device /dev/a is already used by config.pools[0].devices[0]",
+        ),
+        (
+            {"config": {"pools": [{"name": "p", "type": "zfs-raid0", "devices": ["/etc/passwd"]}]}},
+            "config.pools[0].devices[0]",
+        ),
+    ):
+        r = put(api, bad)
+        assert r.status == 400 and words in r.json["error"], (bad, r.json)
+    assert digest(api.state) == before
+
+
+def test_scrub_schedule_stored_and_pools_never(api: apiserver.Server) -> None:
+    r = put(api, {"config": {"scrub_schedule": "0 0 * * 5"}})
+    assert r.status == 200, r.json
+    got = api.curl("GET", "/1.0/system/storage").json["metadata"]
+    assert got["config"] == {"scrub_schedule": "0 0 * * 5"}
+    assert "pools" not in (api.state / "config.toml").read_text()
+
+
+@pytest.mark.parametrize(
+    ("action", "body", "status", "message"),
+    [
+        ("import-pool", {}, 400, "missing pool name and type"),
+        ("import-pool", {"name": "p", "type": "lvm"}, 400, "unsupported pool type 'lvm'"),
+        ("import-pool", {"name": "p", "type": "zfs", "encryption_key": "AAAA"}, 400, "expected a 32 byte raw encryption key, got 3 bytes"),
+        ("import-pool", {"name": "p", "type": "zfs"}, 503, "ZFS unavailable"),
+        ("delete-pool", {}, 400, "no pool name provided"),
+        ("delete-pool", {"name": "local"}, 500, "cannot destroy special zpool 'local'"),
+        ("scrub-pool", {"name": "../x"}, 400, "invalid pool name provided"),
+        ("scrub-pool", {"name": "local"}, 503, "ZFS unavailable"),
+        ("create-volume", {"pool": "local", "name": "v"}, 400, "no volume use provided"),
+        ("create-volume", {"pool": "local", "name": "v", "use": "lxd"}, 400, "invalid volume use provided"),
+        ("create-volume", {"pool": "a/b", "name": "v", "use": "incus"}, 400, "invalid pool name provided"),
+        ("delete-volume", {"pool": "local"}, 400, "no volume name provided"),
+        ("wipe-drive", {}, 400, "no drive specified"),
+        ("wipe-drive", {"id": "/dev/disk/by-id/nothing-here"}, 400, "drive '/dev/disk/by-id/nothing-here' doesn't exist"),
+        ("encrypt-drive", {"id": "/dev/sda"}, 400, "invalid disk id"),
+        ("import-encrypted-drive", {"id": "/dev/disk/by-id/x", "key": "!"}, 400, "key: not base64"),
+        ("wipe-drive", [], 400, "the request body must be a JSON object"),
+    ],
+)  # fmt: skip
+def test_action_refusals(
+    api: apiserver.Server, action: str, body: object, status: int, message: str
+) -> None:
+    before = digest(api.state)
+    r = post(api, action, body)
+    assert r.status == status and message in r.json["error"], r.json
+    assert digest(api.state) == before
+
+
+def test_cleanup_root_empties_the_target_cache_and_never_the_hosts(api: apiserver.Server) -> None:
+    # The service writes under --target: /var/cache there is emptied; a file outside
+    # it (and the host's own /var/cache, which this service does not write) is kept.
+    cache = api.target / "var/cache"
+    (cache / "apt/archives").mkdir(parents=True)
+    (cache / "apt/archives/x.deb").write_bytes(b"x")
+    (cache / "loose").write_bytes(b"y")
+    kept = api.target / "var/lib/kept"
+    kept.parent.mkdir(parents=True)
+    kept.write_bytes(b"z")
+    host = sorted(p.name for p in Path("/var/cache").iterdir())
+    r = post(api, "cleanup-root", {})
+    assert r.status == 200, r.json
+    assert cache.is_dir() and list(cache.iterdir()) == []
+    assert kept.read_bytes() == b"z"
+    assert sorted(p.name for p in Path("/var/cache").iterdir()) == host
+
+
+def _restore(api: apiserver.Server, archive: bytes, skip: str = "") -> apiserver.Result:
+    r = api.curl("POST", "/1.0/system/:restore" + (f"?skip={skip}" if skip else ""), body=archive)
+    if r.status != 202:
+        return r
+    done = api.curl("GET", f"{r.headers['location']}/wait?timeout=60")
+    assert done.json["metadata"]["status"] == "Success", done.json
+    return done
+
+
+def test_backup_holds_the_storage_keys_and_restore_never_loses_one(api: apiserver.Server) -> None:
+    import io
+    import tarfile
+
+    keys = {
+        "zpool.local.key": b"A" * 32,
+        "zpool.tank.key": b"B" * 32,
+        "luks.ata-QEMU_HARDDISK_QM00002.key": b"C" * 32,
+    }
+    for name, data in keys.items():
+        (api.state / name).write_bytes(data)
+        (api.state / name).chmod(0o600)
+    saved = api.curl("POST", "/1.0/system/:backup").body
+    with tarfile.open(fileobj=io.BytesIO(saved)) as tar:
+        assert set(keys) <= set(tar.getnames())
+    # Since the backup: local's key changed, tank's went, a new pool came.
+    (api.state / "zpool.local.key").write_bytes(b"D" * 32)
+    (api.state / "zpool.tank.key").unlink()
+    (api.state / "zpool.new.key").write_bytes(b"E" * 32)
+    _restore(api, saved)
+    got = {p.name: p.read_bytes() for p in api.state.glob("*.key") if p.name != "server.key"}
+    assert got == {**keys, "zpool.new.key": b"E" * 32}  # the archive's, and none lost
+    assert all((api.state / n).stat().st_mode & 0o777 == 0o600 for n in got)
+    # skip=local-data-encryption-key: the running local key is kept over the archive's.
+    (api.state / "zpool.local.key").write_bytes(b"F" * 32)
+    _restore(api, saved, "local-data-encryption-key")
+    assert (api.state / "zpool.local.key").read_bytes() == b"F" * 32
+    assert (api.state / "zpool.tank.key").read_bytes() == b"B" * 32
+
+
+def test_restore_refuses_a_key_of_the_wrong_size_naming_it_not_its_bytes(
+    api: apiserver.Server,
+) -> None:
+    import io
+    import tarfile
+
+    saved = api.curl("POST", "/1.0/system/:backup").body
+    out = io.BytesIO()
+    with (
+        tarfile.open(fileobj=io.BytesIO(saved)) as src,
+        tarfile.open(fileobj=out, mode="w:gz") as dst,
+    ):
+        for member in src.getmembers():
+            dst.addfile(member, src.extractfile(member))
+        for name, data in (("zpool.bad.key", b"SECRETKEYBYTES"),):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            dst.addfile(info, io.BytesIO(data))
+    before = digest(api.state)
+    r = _restore(api, out.getvalue())
+    assert r.status == 400 and "zpool.bad.key: not a 32-byte raw key" in r.json["error"], r.json
+    assert "SECRETKEYBYTES" not in r.body.decode()
+    assert digest(api.state) == before
