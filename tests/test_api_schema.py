@@ -4,6 +4,7 @@ response matches the described schema and status codes."""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ from schemathesis import checks
 
 import apiserver
 from conftest import require_tool
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 # The server's certificate is self-signed; this test is about the API, not the pinning.
 pytestmark = pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
@@ -54,6 +57,10 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[apiserver.Serve
     cert, _ = apiserver.openssl_client_cert(base, "client")
     (base / "srv").mkdir()
     srv = apiserver.make(base / "srv", [cert])
+    # A copy of a recorded machine, never this one: generated requests reach the drive
+    # actions (:wipe-drive, :encrypt-drive), which act on what --root names.
+    srv.root = base / "machine"
+    shutil.copytree(FIXTURES / "vm-guest", srv.root, symlinks=True)
     srv.start()
     yield srv
     srv.stop()

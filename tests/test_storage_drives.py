@@ -158,3 +158,27 @@ def test_the_boot_drive_is_refused_and_untouched(
     assert (first_mib(boot), first_mib(data)) == before
     assert signatures(boot) == "ext4"
     assert sorted(p.name for p in api.state.iterdir()) == keys
+
+
+@pytest.mark.parametrize("action", ["wipe-drive", "encrypt-drive"])
+def test_a_drive_whose_node_is_no_block_device_is_refused_and_untouched(
+    drives: tuple[apiserver.Server, str, str], action: str
+) -> None:
+    """A recorded tree's /dev holds files where a machine has disks: a drive whose node is
+    not a block device is never wiped or formatted, whatever its by-id link says."""
+    api, _, _ = drives
+    root = api.root
+    assert root is not None
+    block = root / "sys/class/block/sdw"
+    (block / "device").mkdir(parents=True)
+    (block / "dev").write_text("8:48\n")
+    (block / "size").write_text("131072\n")
+    (block / "removable").write_text("0\n")
+    stand_in = root / "dev/sdw"
+    stand_in.write_bytes(b"recorded, not a disk\n" * 100)
+    (root / "dev/disk/by-id/scsi-recorded").symlink_to("../../sdw")
+    before = stand_in.read_bytes()
+    r = post(api, action, {"id": "/dev/disk/by-id/scsi-recorded"})
+    assert r.status == 400 and "not a block device" in r.json["error"], r.json
+    assert stand_in.read_bytes() == before
+    assert not any("scsi-recorded" in p.name for p in api.state.iterdir())

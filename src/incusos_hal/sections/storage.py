@@ -14,6 +14,7 @@ import base64
 import contextlib
 import os
 import secrets
+import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -488,7 +489,16 @@ def _device(ctx: Context, drive_id: str) -> str:
     """The drive's path as the machine under `root` names it (on a machine: the by-id
     path itself; under a scratch root, its link there, which may lead to a real device)."""
     root = ctx.settings.root
-    return drive_id if root == "/" else str(Path(root) / drive_id.lstrip("/"))
+    path = drive_id if root == "/" else str(Path(root) / drive_id.lstrip("/"))
+    # What is wiped or formatted must be a disk: never a file a link in a recorded tree
+    # (or a stale by-id name) happens to lead to.
+    try:
+        is_disk = stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        is_disk = False
+    if not is_disk:
+        raise Refused(400, f"drive '{drive_id}' is not a block device here")
+    return path
 
 
 def _wipe_checked(ctx: Context, drive_id: str) -> None:
