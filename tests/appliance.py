@@ -85,6 +85,17 @@ NETWORK_EXPECT = {
     "bridge": "uplink",
 }
 PARTS = ("system", "network", "hardware", "native", "security")
+# Boot 1 ends with the kernel part (tests/guest_kernel.py): sysctls and zram swap through
+# the API, and the bond's LACP in the network state. No passthrough: the next boot would
+# hand the device to vfio-pci.
+FIRST_BOOT_PARTS = (*PARTS, "kernel")
+KERNEL = {
+    "zram": ["96MiB", "128MiB"],
+    "zram_bytes": [96 << 20, 128 << 20],
+    "passthrough": False,
+    "bond": "uplink",
+    "lldp_name": "ihal-sw",  # tests/guest_network.py's lldpd
+}
 # Boot 2 ends with the API part (tests/guest_api.py): a VLAN added on the bond and an
 # address on a host VLAN through the API, then an unconfirmed change rolled back.
 API = {
@@ -116,6 +127,7 @@ def expect(label: str, *, syslog_marker: bool) -> dict[str, object]:
         },
         "security": {**SECURITY, "label": label},
         "api": API,
+        "kernel": KERNEL,
         "hardware": {
             "label": label,
             "tpm_handle": TPM_HANDLE,
