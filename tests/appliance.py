@@ -90,6 +90,7 @@ PARTS = ("system", "network", "hardware", "native", "security")
 # hand the device to vfio-pci.
 FIRST_BOOT_PARTS = (*PARTS, "kernel")
 KERNEL = {
+    "algorithms": ["reno", "cubic"],
     "zram": ["96MiB", "128MiB"],
     "zram_bytes": [96 << 20, 128 << 20],
     "passthrough": False,

@@ -17,7 +17,8 @@ real systemd and a real kernel, through the API's unix socket.
      `lacp` read from the bonding driver, beside /proc/net/bonding, and their `lldp`:
      the switch's lldpd (named expect["lldp_name"]), as networkd heard it.
 
-expect["kernel"]: {"zram": ["96MiB", "128MiB"] or [], "zram_bytes": [their bytes],
+expect["kernel"]: {"algorithms": [two TCP congestion algorithms], "zram": ["96MiB",
+"128MiB"] or [], "zram_bytes": [their bytes],
 "passthrough": bool, "bond": "" or the bond's configured name, "zram_refused": "" or a
 size to ask for on a machine that has no zram (the container)}.
 """
@@ -154,7 +155,7 @@ def config(spec: dict, step: int, device: dict | None) -> dict:
             "buffer_size": 8388608 if step == 0 else 4194304,
             "netdev_max_backlog": 2000,
             "queuing_discipline": "fq",
-            "tcp_congestion_algorithm": "reno" if step == 0 else "cubic",
+            "tcp_congestion_algorithm": spec["algorithms"][step],
             "tcp_mtu_probing": True,
         },
         "memory": {"persistent_hugepages": 0, "zram_swap_size": ""},
@@ -208,9 +209,9 @@ def run(expect_all: dict) -> dict:
     out["after_configure"] = seen()
     out["sysctl_restart"] = sh("systemctl", "restart", "systemd-sysctl.service")
     out["after_sysctl"] = seen()
-    out["sysctl_journal"] = journal("-u", "systemd-sysctl.service")[-3000:]
+    out["sysctl_journal"] = journal("-u", "systemd-sysctl.service")[-6000:]
     out["verify"] = sh(
-        "systemd-analyze", "verify", "--no-pager",
+        "systemd-analyze", "verify", "--no-pager", "--man=no",
         "systemd-sysctl.service", "systemd-modules-load.service",
         *(["systemd-zram-setup@zram0.service", "dev-zram0.swap"] if spec["zram"] else []),
     )  # fmt: skip
