@@ -181,7 +181,9 @@ def boot(
     guest.firmware = firmware
     with vm.nspawn.lan(system_case.new_lan(guest.work / f"lan-{label}", kind="tap")) as lan:
         guest.netns = lan.name
-        result = guest.boot(parts, expect(label, syslog_marker=syslog_marker))
+        # The kernel part adds a few minutes under TCG (seen: 900 s passed under load).
+        timeout = 1200 if "kernel" in parts else 900
+        result = guest.boot(parts, expect(label, syslog_marker=syslog_marker), timeout=timeout)
     system = result.result.raw("system")
     if not probe_result.is_failure(system):
         system["syslog_received"] = lan.syslog()
