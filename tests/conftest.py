@@ -154,7 +154,9 @@ def secure_boot(appliance: vm.Guest) -> vm.Result:
     """Boot 1: Secure Boot on (snakeoil keys enrolled, the kernel signed with them)."""
     import appliance as machine
 
-    return machine.boot(appliance, "secureboot", "secureboot", syslog_marker=True)
+    return machine.boot(
+        appliance, "secureboot", "secureboot", syslog_marker=True, parts=machine.FIRST_BOOT_PARTS
+    )
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,8 @@
 """Probe part, in the VM guest (stdlib only). Plays the switch on the far end of the
 cables: the partner NICs go into a network namespace `sw` holding an 802.3ad bond with
 VLAN devices, while a raw socket records the LLDP frames arriving from the machine under
-test. Then waits for LACP to aggregate and records what the tests assert on.
+test. Then waits for LACP to aggregate and records what the tests assert on; last,
+starts lldpd on the switch's ports (named LLDPD_NAME), for later parts to see.
 
 expect["network"]: {"partner_macs": [...], "partner_vlans": {"10": "10.10.0.1/24"},
 "ping": [...], "wait_addresses": {...}, "bond": "_buplink", "bridge": "uplink"}
@@ -17,6 +18,8 @@ from pathlib import Path
 from guest_lib import data, journal, must, networkd_links, sh
 
 ETH_P_LLDP = 0x88CC
+LLDPD_SOCKET = "/run/lldpd-sw.socket"
+LLDPD_NAME = "ihal-sw"
 
 
 def lldp_tlvs(frame: bytes) -> dict:
@@ -145,7 +148,23 @@ def run(expect_all: dict) -> dict:
             break
         time.sleep(1)
 
+    # Then a real LLDP agent on the switch's ports (the listeners above are done: its
+    # own frames would count as the machine's): lldpd, whose neighbour networkd records
+    # on the machine's bond members for the API's state (tests/guest_kernel.py).
+    Path("/run/lldpd").mkdir(exist_ok=True)  # its chroot, which its masked unit would make
+    lldpd = [sh("ip", "netns", "exec", "sw", "lldpd", "-u", LLDPD_SOCKET, "-I", ",".join(partner))]
+    for command in (f"configure system hostname {LLDPD_NAME}", "configure lldp tx-interval 5"):
+        time.sleep(1)  # its control socket is there once it has started
+        lldpd.append(
+            sh("ip", "netns", "exec", "sw", "lldpcli", "-u", LLDPD_SOCKET, *command.split())
+        )
+
     result = {
+        "lldpd": lldpd,
+        "partner_ports": {
+            nic: json.loads(must("ip", "-n", "sw", "-j", "link", "show", nic))[0]["address"]
+            for nic in partner
+        },
         "bonding": bonding,
         "partner_bonding": sh("ip", "netns", "exec", "sw", "cat", "/proc/net/bonding/swbond")[
             "out"

@@ -801,6 +801,9 @@ class RecordingSystemd:
     async def start(self, unit: str, mode: str) -> None:
         pass
 
+    async def stop(self, unit: str) -> None:
+        pass
+
     async def active_state(self, unit: str) -> str:
         return "active"
 

@@ -414,7 +414,15 @@ def test_owned_files_and_what_systemd_does_when_they_change() -> None:
         assert any(r.directory == directory and r.match(name) for r in rules), path
     todo = changes([render.SYSCTL_FILE, render.ZRAM_FILE, render.BLACKLIST_FILE])
     assert todo.restart == ("systemd-sysctl.service", "systemd-zram-setup@zram0.service")
+    # Restarting the setup unit never starts a swap that was not running.
+    assert todo.start == ("dev-zram0.swap",) and todo.stop == ()
     assert not todo.reload_networkd
+    # The file gone: no swap unit is generated any more, so the swap goes off first
+    # (nothing ties it to the setup unit then), then the device is reset.
+    gone = changes([], [render.ZRAM_FILE])
+    assert gone.stop == ("dev-zram0.swap", "systemd-zram-setup@zram0.service")
+    assert gone.restart == gone.start == ()
+    assert changes([], [render.SYSCTL_FILE]).restart == ("systemd-sysctl.service",)
 
 
 def test_zram_generator_reads_the_rendered_config(tmp_path: Path) -> None:
@@ -472,3 +480,58 @@ def test_a_file_two_rules_own_comes_back_after_a_failed_apply(tmp_path: Path) ->
     with pytest.raises(RuntimeError):
         apply_tree(tmp_path, {}, rules, check=fail_at_the_end)
     assert link.read_bytes() == b"old\n"
+
+
+class JobLog:
+    """What the service asks of systemd, in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def daemon_reload(self) -> None:
+        self.calls.append("daemon-reload")
+
+    async def reload_networkd(self) -> None:
+        self.calls.append("networkd reload")
+
+    async def restart(self, unit: str) -> None:
+        self.calls.append(f"restart {unit}")
+
+    async def start(self, unit: str, mode: str) -> None:
+        self.calls.append(f"start {unit}")
+
+    async def stop(self, unit: str) -> None:
+        self.calls.append(f"stop {unit}")
+
+    async def active_state(self, unit: str) -> str:
+        return "active"
+
+
+def test_a_put_starts_and_a_removal_stops_the_zram_swap(tmp_path: Path) -> None:
+    """The first zram size starts the swap (a restart of the setup unit alone would
+    leave it off: the VM rung saw that); a new size restarts the device and its swap; no
+    size turns the swap off, then resets the device."""
+    import asyncio
+
+    from incusos_hal.api.service import Service, Settings, ensure_state_dir
+
+    state = tmp_path / "state"
+    ensure_state_dir(state)
+    (tmp_path / "target").mkdir()
+    systemd = JobLog()
+    service = Service(
+        Settings(state_dir=state, target=str(tmp_path / "target"), live=False), systemd
+    )
+    setup, swap = "systemd-zram-setup@zram0.service", "dev-zram0.swap"
+
+    def put(size: str) -> list[str]:
+        systemd.calls.clear()
+        body = {"config": {"memory": {"persistent_hugepages": 0, "zram_swap_size": size}}}
+        asyncio.run(service.put_section("kernel", body))
+        return systemd.calls
+
+    # The first apply writes the network section's first-boot files and the sysctls.
+    assert "restart systemd-sysctl.service" in put("")
+    assert put("64MiB") == ["daemon-reload", f"restart {setup}", f"start {swap}"]
+    assert put("128MiB") == ["daemon-reload", f"restart {setup}", f"start {swap}"]
+    assert put("") == ["daemon-reload", f"stop {swap}", f"stop {setup}"]

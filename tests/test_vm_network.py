@@ -12,12 +12,14 @@ up from the last good copy, and the generator's own kmsg log is in the journal.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
 
+import appliance
 import vm
-from appliance import MEMBERS
+from appliance import MEMBERS, PARTNER
 
 pytestmark = pytest.mark.vm
 
@@ -70,6 +72,47 @@ def test_lacp_aggregates_with_the_partner(first_boot: dict[str, Any]) -> None:
         assert "MII Status: up" in section
     bond = next(x for x in r["links"] if x["ifname"] == "_buplink")
     assert bond["address"] == MEMBERS[0], "the bond's MAC is not its first member's"
+
+
+def test_network_state_shows_each_members_lacp_partner(
+    secure_boot: vm.Result, first_boot: dict[str, Any]
+) -> None:
+    """GET /1.0/system/network at the end of boot 1 (tests/guest_kernel.py): the bond's
+    members, under their `_p<mac>` names, carry `lacp` from the bonding driver, whose
+    partner is the switch namespace's own 802.3ad bond (its MAC, not zeros)."""
+    part = secure_boot.result["kernel"]
+    assert part["network_status"] == 200, part
+    uplink = part["network_state"]["interfaces"]["uplink"]
+    assert uplink["type"] == "bond", uplink
+    members = uplink["members"]
+    ports = {"_p" + m.replace(":", ""): m for m in MEMBERS}
+    assert set(members) == set(ports), members
+    for name, member in members.items():
+        assert member["type"] == "bond_member", member
+        assert member["lacp"] == {
+            "local_mac": MEMBERS[0],  # the bond's MAC, its first member's
+            "remote_mac": first_boot["partner_bond_mac"],
+        }, (name, member, part["bonding"])
+
+
+def test_network_state_shows_the_switchs_lldpd_on_each_member(
+    secure_boot: vm.Result, first_boot: dict[str, Any]
+) -> None:
+    """A real LLDP agent on the far end: lldpd in the switch namespace (started by
+    tests/guest_network.py), heard by networkd on each member and shown by GET in
+    IncusOS's shape: the system name, a chassis ID, and the port ID lldpd sends (the
+    switch port's MAC, or its name)."""
+    part = secure_boot.result["kernel"]
+    assert part["lldp_after_s"] is not None, (part["networkctl_lldp"], first_boot["lldpd"])
+    members = part["network_state"]["interfaces"]["uplink"]["members"]
+    by_port = {"_p" + m.replace(":", ""): p for m, p in zip(MEMBERS, PARTNER, strict=True)}
+    switch_ports = first_boot["partner_ports"]  # its NIC name -> MAC
+    for name, member in members.items():
+        (neighbour,) = member["lldp"]
+        assert neighbour["name"] == appliance.KERNEL["lldp_name"], member
+        assert re.fullmatch(r"([0-9a-f]{2}:){5}[0-9a-f]{2}", neighbour["chassis_id"]), member
+        cabled = next(nic for nic, mac in switch_ports.items() if mac == by_port[name])
+        assert neighbour["port_id"] in (cabled, by_port[name]), (member, switch_ports)
 
 
 def test_bridge_filters_vlans(first_boot: dict[str, Any]) -> None:

@@ -63,6 +63,8 @@ GUEST_PACKAGES = (
     "nvme-cli",
     "tpm2-tools",
     "lldpd",
+    # zram swap as the kernel section renders it (IncusOS's is zram-generator's too)
+    "systemd-zram-generator",
     "targetcli-fb",
     "sg3-utils",
     "ethtool",

@@ -368,15 +368,23 @@ class Service:
         if result.applied is None:
             raise ApplyError("; ".join(result.problems[-1:]) or "the configure step failed")
         if self.systemd is not None:
-            todo = changes((*result.applied.written, *result.applied.removed))
+            # The section table names files as the machine sees them: under the target.
+            def seen(paths: tuple[str, ...]) -> list[str]:
+                return ["/" + os.path.relpath(p, s.target) for p in paths]
+
+            todo = changes(seen(result.applied.written), seen(result.applied.removed))
             bound = asyncio.timeout(None if limit is None else max(0.0, deadline.remaining()))
             try:
                 async with bound:
                     await self.systemd.daemon_reload()
                     if todo.reload_networkd:
                         await self.systemd.reload_networkd()
+                    for unit in todo.stop:
+                        await self.systemd.stop(unit)
                     for unit in todo.restart:
                         await self.systemd.restart(unit)
+                    for unit in todo.start:
+                        await self.systemd.start(unit, "replace")
             except TimeoutError:
                 if bound.expired():
                     raise TimedOut(deadline.seconds) from None

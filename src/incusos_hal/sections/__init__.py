@@ -5,7 +5,7 @@
     render_files(config, nics)   the configure step's files, renames and warnings
     render_units(config, ...)    the generator's .wants/ links and drop-ins
     owned()                  the files the configure step owns (stale ones removed)
-    changes(paths)           what systemd does after the configure step changed `paths`
+    changes(written, removed) what systemd does after the configure step's files
     skip_options()           what `:restore?skip=` may keep from the running machine
 
 A new section is one module defining a `Section` (see `base.py` and CONTRIBUTING.md) and
@@ -95,24 +95,34 @@ def owned() -> tuple[Owned, ...]:
 
 @dataclass(frozen=True, slots=True)
 class Changes:
+    """In the order systemd is asked: networkd reloads, units stop, restart, start."""
+
     reload_networkd: bool
     restart: tuple[str, ...]
+    start: tuple[str, ...] = ()
+    stop: tuple[str, ...] = ()
 
 
-def changes(paths: Iterable[str]) -> Changes:
-    """What to tell systemd after the configure step changed these files."""
+def changes(written: Iterable[str], removed: Iterable[str] = ()) -> Changes:
+    """What to tell systemd after the configure step wrote or removed these files."""
     networkd = False
-    restart: list[str] = []
-    for path in paths:
-        for section in SECTIONS:
-            for reload in section.reloads:
-                if not reload.covers(path):
-                    continue
-                if reload.how == "reload-networkd":
-                    networkd = True
-                else:
-                    restart.append(reload.unit)
-    return Changes(networkd, tuple(dict.fromkeys(restart)))
+    todo: dict[str, list[str]] = {"restart": [], "start": [], "stop": []}
+    for paths, event in ((written, "written"), (removed, "removed")):
+        for path in paths:
+            for section in SECTIONS:
+                for reload in section.reloads:
+                    if not reload.covers(path) or reload.on not in ("changed", event):
+                        continue
+                    if reload.how == "reload-networkd":
+                        networkd = True
+                    else:
+                        todo[reload.how].append(reload.unit)
+    return Changes(
+        networkd,
+        tuple(dict.fromkeys(todo["restart"])),
+        tuple(dict.fromkeys(todo["start"])),
+        tuple(dict.fromkeys(todo["stop"])),
+    )
 
 
 def skip_options() -> dict[str, Callable[[Config, Config], Config]]:

@@ -83,7 +83,9 @@ class Reload:
 
     path: str
     unit: str
-    how: Literal["restart", "reload-networkd"] = "restart"
+    how: Literal["restart", "reload-networkd", "start", "stop"] = "restart"
+    # When the file was written, removed, or either ("changed").
+    on: Literal["changed", "written", "removed"] = "changed"
 
     def covers(self, changed: str) -> bool:
         return changed.startswith(self.path) if self.path.endswith("/") else changed == self.path

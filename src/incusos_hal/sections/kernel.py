@@ -9,7 +9,8 @@ longer validates, with a warning, and applies the rest.
 
 What takes effect when (docs/incusos-differences.md, "kernel"):
   sysctl.d          systemd-sysctl.service is restarted: at once.
-  zram-generator    after daemon-reload, systemd-zram-setup@zram0.service is restarted.
+  zram-generator    after daemon-reload, systemd-zram-setup@zram0.service is restarted
+                    and dev-zram0.swap started; a removed file stops both.
   modprobe.d        nothing to restart: modprobe reads it when a module is next loaded
                     (a blacklist or vfio-pci's ids= take effect at the next boot).
   .link (SR-IOV)    udev applies .link files when the device appears: at the next boot.
@@ -43,6 +44,10 @@ from .base import Context, Reload, Rendered, Section
 if TYPE_CHECKING:
     from ..config.model import Config
     from ..hal.net import Nic
+
+
+ZRAM_SETUP_UNIT = f"systemd-zram-setup@{ZRAM_DEVICE}.service"
+ZRAM_SWAP_UNIT = f"dev-{ZRAM_DEVICE}.swap"
 
 
 def files(config: Config, nics: tuple[Nic, ...]) -> Rendered:
@@ -168,8 +173,16 @@ SECTION = Section(
         _named(GOVERNOR_FILE),
         Owned(NETWORK_DIR, lambda name: name.startswith(SRIOV_PREFIX)),
     ),
+    # zram: restarting the setup unit resizes the device and restarts a running swap
+    # (its generated swap unit is BindsTo= it), but never starts one that was not
+    # running; so the swap unit is started after. Once the file is gone the generator
+    # writes no swap unit: the swap is turned off first (with no unit of its own left,
+    # nothing ties it to the setup unit), then the device reset.
     reloads=(
         Reload(SYSCTL_FILE, "systemd-sysctl.service"),
-        Reload(ZRAM_FILE, f"systemd-zram-setup@{ZRAM_DEVICE}.service"),
+        Reload(ZRAM_FILE, ZRAM_SETUP_UNIT, on="written"),
+        Reload(ZRAM_FILE, ZRAM_SWAP_UNIT, how="start", on="written"),
+        Reload(ZRAM_FILE, ZRAM_SWAP_UNIT, how="stop", on="removed"),
+        Reload(ZRAM_FILE, ZRAM_SETUP_UNIT, how="stop", on="removed"),
     ),
 )
