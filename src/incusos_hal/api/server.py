@@ -28,7 +28,7 @@ from ..core.tls import fingerprint_der
 from ..sections import SECTIONS
 from ..sections.base import Action, Section
 from ..state.paths import SOCKET
-from . import auth, backup, debug, listeners
+from . import applications, auth, backup, debug, listeners
 from . import envelope as env
 from .http import (
     OS_PREFIX,
@@ -506,6 +506,7 @@ ROUTES: list[Route] = [
         names=SERVICES,
     ),
     *debug.routes(),
+    *applications.routes(),
     Route("GET", "/1.0/operations", get_operations, "the operations"),
     Route("GET", "/1.0/operations/{id}", get_operation, "one operation"),
     Route("GET", "/1.0/operations/{id}/wait", get_operation_wait, "wait for an operation to end"),

@@ -9,6 +9,9 @@
                                         document to go back to
     server.crt, server.key              the API's TLS identity
     .restore-<id>/                      a restore's switch in progress (state/switch.py)
+    applications.json                   the installed applications (apply/applications.py)
+    updates/applications/               a local directory of application images
+                                        (NAME_VERSION.raw + SHA256SUMS), until a provider
 
 Standard library only: the API's client and the boot path import it.
 """
@@ -26,6 +29,8 @@ FLAGS_FILE = "state.json"
 UNCONFIRMED_FILE = "network.unconfirmed-previous.toml"
 SERVER_CERT = "server.crt"
 SERVER_KEY = "server.key"
+APPLICATIONS_FILE = "applications.json"
+LOCAL_APPLICATIONS_DIR = "updates/applications"
 # Where a server certificate or key that could not be used is kept (for a post-mortem)
 # when a new pair replaces it.
 DAMAGED_SUFFIX = ".damaged"
