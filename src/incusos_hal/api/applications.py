@@ -26,7 +26,15 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from ..apply.applications import PRIMARY, AppError, Applications, Source, state_document
+from ..apply.applications import (
+    PRIMARY,
+    AppError,
+    Applications,
+    Source,
+    compare_versions,
+    state_document,
+)
+from ..apply.systemd import ApplyError
 from ..hal.sysext import VerifiedImage, check_name
 from ..state.paths import LOCAL_APPLICATIONS_DIR
 from .service import ApiError
@@ -46,7 +54,6 @@ def local_source(directory: Path) -> Source:
     """The newest `NAME_VERSION.raw` in `directory` whose sha256 SHA256SUMS lists (the
     stand-in for a provider: an air-gapped machine's directory). An image SHA256SUMS
     does not list is not offered."""
-    from ..apply.applications import compare_versions
 
     def newest(name: str) -> VerifiedImage | None:
         try:
@@ -127,10 +134,14 @@ def _name(request: web.Request) -> str:
 
 
 async def _run(work: Any) -> Any:
+    """An application's refusal as the API's; the system manager's failure (a unit
+    that does not start) as a 500 that says which."""
     try:
         return await work
     except AppError as e:
         raise ApiError(e.status, e.message) from None
+    except ApplyError as e:
+        raise ApiError(500, str(e)) from None
 
 
 async def get_applications(request: web.Request) -> web.Response:
@@ -178,8 +189,6 @@ async def post_check_update(request: web.Request) -> web.Response:
     name = _name(request)
     apps = _apps(request)
     current = await _run(_get(request, name))
-    from ..apply.applications import compare_versions
-
     image = await _source(request)(name)
     if image is not None and compare_versions(image.version, current.version) > 0:
         await _run(apps.install_verified(image, new=False))

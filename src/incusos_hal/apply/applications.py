@@ -257,20 +257,23 @@ class Applications:
         return data
 
     async def restore(self, name: str, archive: bytes) -> None:
-        """Checked whole, swapped in with the units stopped, then started again; a bad
-        archive is a 400 and the data and units are left as they were."""
+        """Checked and unpacked first (a bad archive is a 400 and nothing stops), then
+        swapped in with the units stopped, and the units started again."""
         async with self.lock:
             apps = self.installed()
             app = apps.get(name)
             if app is None:
                 raise AppError(404, "Not Found")
             systemd = self._systemd()
+            data_dir = self.data_dir(name)
+            try:
+                staging = await self._thread(lambda: sysext.unpack_data(data_dir, archive))
+            except ImageError as e:
+                raise AppError(400, str(e)) from None
             for unit in app.units:
                 await systemd.stop(unit)
             try:
-                await self._thread(lambda: sysext.restore_data(self.data_dir(name), archive))
-            except ImageError as e:
-                raise AppError(400, str(e)) from None
+                await self._thread(lambda: sysext.swap_data(data_dir, staging))
             finally:
                 for unit in app.units:
                     await systemd.start(unit, "replace")

@@ -150,12 +150,13 @@ def _check_members(tar: tarfile.TarFile) -> list[tarfile.TarInfo]:
     return members
 
 
-def restore_data(data_dir: Path, archive: bytes) -> None:
-    """Replace the data directory with the archive's contents. Checked whole first (only
-    files and directories, none outside, bounded), unpacked beside it, then swapped in:
-    a bad archive leaves the data as it was."""
+def unpack_data(data_dir: Path, archive: bytes) -> Path:
+    """The archive checked whole (only files and directories, none outside, bounded)
+    and unpacked beside the data directory; returns that staging directory for
+    `swap_data`. A bad archive raises ImageError and leaves nothing behind."""
     if len(archive) > MAX_ARCHIVE_BYTES:
         raise ImageError(f"the archive is larger than {MAX_ARCHIVE_BYTES} bytes")
+    staging = data_dir.with_name(f".{data_dir.name}.restore")
     try:
         with tarfile.open(fileobj=io.BytesIO(archive), mode="r:*") as tar:
             members = _check_members(tar)
@@ -163,7 +164,6 @@ def restore_data(data_dir: Path, archive: bytes) -> None:
             if total > MAX_ARCHIVE_BYTES:
                 raise ImageError(f"the archive unpacks to more than {MAX_ARCHIVE_BYTES} bytes")
             data_dir.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-            staging = data_dir.with_name(f".{data_dir.name}.restore")
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(mode=0o700)
             try:
@@ -176,12 +176,24 @@ def restore_data(data_dir: Path, archive: bytes) -> None:
                 raise
     except (tarfile.TarError, EOFError, OSError) as e:
         raise ImageError(f"the archive cannot be read: {e}") from None
+    staging.chmod(0o755)
+    return staging
+
+
+def swap_data(data_dir: Path, staging: Path) -> None:
+    """The unpacked archive in place of the data directory (two renames)."""
     old = data_dir.with_name(f".{data_dir.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if data_dir.exists():
         os.rename(data_dir, old)
     os.rename(staging, data_dir)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def restore_data(data_dir: Path, archive: bytes) -> None:
+    """Replace the data directory with the archive's contents; a bad archive leaves the
+    data as it was."""
+    swap_data(data_dir, unpack_data(data_dir, archive))
 
 
 def wipe_data(data_dir: Path) -> None:
