@@ -278,3 +278,25 @@ def test_install_without_systemd_writes_nothing(api: apiserver.Server, tmp_path:
     assert r.status == 503 and "without systemd" in r.json["error"], r.body
     assert not (api.target / "var/lib/extensions").exists()
     assert not (api.state / "applications.json").exists()
+
+
+def test_update_handoff_refusal_reaches_the_checker_and_writes_nothing(tmp_path: Path) -> None:
+    """The checker's thread hands over a verified image; without a system manager the
+    install is refused, the refusal is raised in the checker's thread, nothing is
+    placed; called on the event loop's own thread it refuses (it would deadlock)."""
+    from incusos_hal.apply.applications import AppError, Applications, UpdateHandoff
+
+    image = tmp_path / "hello.raw"
+    image.write_bytes(b"hsqs" + b"\0" * 4096)
+
+    async def main() -> None:
+        apps = Applications(tmp_path / "state", str(tmp_path / "root"), None, asyncio.Lock())
+        handoff = UpdateHandoff(apps, asyncio.get_running_loop())
+        assert handoff.applications() == {}
+        with pytest.raises(AppError, match="without systemd"):
+            await asyncio.to_thread(handoff.application_ready, "hello", "1", image)
+        with pytest.raises(RuntimeError, match="worker thread"):
+            handoff.application_ready("hello", "1", image)
+
+    asyncio.run(main())
+    assert not (tmp_path / "root").exists() and not (tmp_path / "state").exists()

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 from ..core.errors import Refusal
 from ..core.files import atomic_write
-from ..hal import sysext
+from ..hal import sysext, sysupdate
 from ..hal.sysext import ImageError, VerifiedImage
 from ..state.paths import APPLICATIONS_FILE
 from .systemd import ApplyError
@@ -302,3 +302,42 @@ def state_document(app: Installed) -> dict[str, Any]:
 # An application image source: the updates side's provider. Given a name, the newest
 # verified image it has (None: it has none).
 Source = Callable[[str], Awaitable[VerifiedImage | None]]
+
+
+@dataclass
+class UpdateHandoff:
+    """The update checker's hand-off, by shape (the updates side's `update.handoff.
+    Handoff`: applications(), application_ready(), os_ready()), called from the
+    checker's worker thread once a download is verified against the signed index.
+
+    application_ready installs or updates through `install_verified` on the service's
+    event loop; os_ready writes the OS files into the inactive slot with
+    systemd-sysupdate (hal/sysupdate.stage) and says a reboot would run them."""
+
+    apps: Applications
+    loop: asyncio.AbstractEventLoop
+
+    def applications(self) -> dict[str, str]:
+        return {name: app.version for name, app in self.apps.installed().items()}
+
+    def application_ready(self, name: str, version: str, path: Path) -> None:
+        self._off_loop()
+        # The checker compared size and hash with the signed index; the hash is taken
+        # again so the image installed is the one that was checked, byte for byte.
+        image = VerifiedImage(name, version, path, sysext.sha256(path))
+        new = name not in self.apps.installed()
+        work = self.apps.install_verified(image, new=new)
+        asyncio.run_coroutine_threadsafe(work, self.loop).result()
+
+    def os_ready(self, version: str, path: Path) -> bool:
+        self._off_loop()
+        sysupdate.stage(str(path), version)
+        return True
+
+    def _off_loop(self) -> None:
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        if running is self.loop:
+            raise RuntimeError("the update hand-off must be called from a worker thread")
