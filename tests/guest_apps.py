@@ -84,7 +84,9 @@ def build(name: str, version: str, *, release_name: str | None = None) -> Path:
     (tree / "usr/lib/extension-release.d").mkdir(parents=True)
     (tree / f"usr/libexec/{name}").mkdir(parents=True)
     (tree / "usr/lib/systemd/system").mkdir(parents=True)
-    (tree / f"usr/libexec/{name}/serve").write_text(SERVER.format(version=version, port=APP_PORT))
+    # Only hello answers on APP_PORT; the other test applications elsewhere.
+    port = APP_PORT if name == "hello" else APP_PORT + 1
+    (tree / f"usr/libexec/{name}/serve").write_text(SERVER.format(version=version, port=port))
     (tree / f"usr/lib/systemd/system/{name}.service").write_text(UNIT.format(name=name))
     (tree / f"usr/lib/extension-release.d/extension-release.{release_name or name}").write_text(
         f"ID=_any\nSYSEXT_VERSION_ID={version}\nINCUSOS_HAL_UNITS={name}.service\n"
