@@ -90,11 +90,16 @@ def disk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         release.write_text("ID=debian\nIMAGE_ID=incusos\nIMAGE_VERSION=1\n")
         (merged / "etc/os-release").unlink(missing_ok=True)
         (merged / "etc/os-release").symlink_to("../usr/lib/os-release")
-        nspawn.nspawn_run(
-            merged,
-            "systemd-repart --empty=force --dry-run=no --definitions=/exp/repart /exp/disk.img",
-            binds=(f"{exp}:/exp",),
-        )
+        # nspawn_run binds read-only; repart writes the disk image.
+        subprocess.run(
+            [
+                "systemd-nspawn", "-q", "--register=no", "--keep-unit", "--private-network",
+                "--timezone=off", "--resolv-conf=off", "-D", str(merged), f"--bind={exp}:/exp",
+                "systemd-repart", "--empty=force", "--dry-run=no",
+                "--definitions=/exp/repart", "/exp/disk.img",
+            ],
+            check=True, capture_output=True, timeout=600,
+        )  # fmt: skip
         loop = subprocess.run(
             ["losetup", "-f", "--show", str(image)], capture_output=True, text=True, check=True
         ).stdout.strip()
