@@ -31,7 +31,10 @@ LOOP_CTL_ADD = 0x4C80
 def _loop_nodes(spare: int = 8) -> list[str]:
     """The host's loop device nodes, with `spare` more made free ones (LOOP_CTL_ADD) so
     that LOOP_CTL_GET_FREE in the container returns a node it has."""
-    existing = sorted(Path("/dev").glob("loop[0-9]*"), key=lambda p: int(p.name[4:]))
+    existing = sorted(
+        (p for p in Path("/dev").glob("loop[0-9]*") if p.name[4:].isdigit()),
+        key=lambda p: int(p.name[4:]),
+    )
     top = int(existing[-1].name[4:]) if existing else -1
     fd = os.open("/dev/loop-control", os.O_RDWR)
     try:
@@ -40,7 +43,9 @@ def _loop_nodes(spare: int = 8) -> list[str]:
                 fcntl.ioctl(fd, LOOP_CTL_ADD, n)
     finally:
         os.close(fd)
-    return ["/dev/loop-control", *map(str, Path("/dev").glob("loop[0-9]*"))]
+    # Whole devices only (a partition node of someone's disk is no use to sysext).
+    nodes = [p for p in Path("/dev").glob("loop[0-9]*") if p.name[4:].isdigit()]
+    return ["/dev/loop-control", *map(str, nodes)]
 
 
 @pytest.fixture(scope="module")
