@@ -67,6 +67,10 @@ API_PACKAGES = (
     # debootstrap resolves no virtual packages: cryptography's python3-cffi-backend-api-*
     "python3-cffi-backend",
 )
+# Applications as system extensions and A/B updates (tests/test_apps_system.py,
+# tests/test_sysupdate.py): systemd-sysupdate (in systemd-container), an erofs maker for
+# the test's sysext images, systemd-repart and sfdisk for the A/B disk.
+APPS_PACKAGES = (*API_PACKAGES, "systemd-container", "erofs-utils", "systemd-repart", "fdisk")
 # Bump when the way the root is built changes, so caches from before are not reused.
 ROOTFS_RECIPE = 2
 

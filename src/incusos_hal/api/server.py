@@ -30,7 +30,7 @@ from ..sections.base import Action, Refused, Section
 from ..services import SERVICES, SystemService
 from ..services import supported as supported_services
 from ..state.paths import SOCKET
-from . import auth, backup, debug, listeners
+from . import applications, auth, backup, debug, listeners
 from . import envelope as env
 from .http import (
     OS_PREFIX,
@@ -582,6 +582,7 @@ ROUTES: list[Route] = [
     Route("PUT", "/1.0/services/{name}", get_unknown_service, "any other service: 404"),
     Route("POST", "/1.0/services/{name}/:reset", get_unknown_service, "any other service: 404"),
     *debug.routes(),
+    *applications.routes(),
     Route("GET", "/1.0/operations", get_operations, "the operations"),
     Route("GET", "/1.0/operations/{id}", get_operation, "one operation"),
     Route("GET", "/1.0/operations/{id}/wait", get_operation_wait, "wait for an operation to end"),

@@ -30,6 +30,7 @@ class Systemd(Protocol):
     async def restart(self, unit: str) -> None: ...
     async def start(self, unit: str, mode: str) -> None: ...
     async def stop(self, unit: str) -> None: ...
+    async def reload_or_restart(self, unit: str) -> None: ...
     async def active_state(self, unit: str) -> str: ...
     async def flush_dns_caches(self) -> None: ...
 
@@ -62,6 +63,10 @@ def _proxies() -> tuple[Any, Any, Any, Any]:
 
         @dbus_method_async("ss", "o")
         async def stop_unit(self, name: str, mode: str) -> str:
+            raise NotImplementedError
+
+        @dbus_method_async("ss", "o")
+        async def reload_or_restart_unit(self, name: str, mode: str) -> str:
             raise NotImplementedError
 
         @dbus_method_async("s", "o")
@@ -140,6 +145,14 @@ class SdbusSystemd:
 
     async def stop(self, unit: str) -> None:
         await self._job(f"stop {unit}", lambda: self._manager.stop_unit(unit, "replace"))
+
+    async def reload_or_restart(self, unit: str) -> None:
+        """Reload an active unit, start an inactive one (systemd-sysext.service's reload
+        is `systemd-sysext refresh`)."""
+        await self._job(
+            f"reload-or-restart {unit}",
+            lambda: self._manager.reload_or_restart_unit(unit, "replace"),
+        )
 
     async def active_state(self, unit: str) -> str:
         path = await self._call(f"load {unit}", lambda: self._manager.load_unit(unit))

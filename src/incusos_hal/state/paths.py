@@ -16,6 +16,10 @@
     seed.applied                        the install seed was handled on a first boot (JSON:
                                         the files applied); never applied again while there
     seed.status.json                    the last first boot's seed outcome (problems, notes)
+    applications.json                   the installed applications (apply/applications.py)
+    updates/applications/               a local directory of application images
+                                        (NAME_VERSION.raw + SHA256SUMS), beside what a
+                                        provider hands on
 
 Standard library only: the API's client and the boot path import it.
 """
@@ -35,6 +39,8 @@ UPDATE_STATE_FILE = "update.json"
 UPDATES_DIR = "updates"
 SERVER_CERT = "server.crt"
 SERVER_KEY = "server.key"
+APPLICATIONS_FILE = "applications.json"
+LOCAL_APPLICATIONS_DIR = "updates/applications"
 # Where a server certificate or key that could not be used is kept (for a post-mortem)
 # when a new pair replaces it.
 DAMAGED_SUFFIX = ".damaged"

@@ -1,0 +1,343 @@
+"""Applications as system extensions: install, update, remove, restart, and their data.
+
+An application is one sysext image, /var/lib/extensions/NAME.raw, merged over /usr by
+systemd-sysext. Its image's extension-release.NAME names the units to run
+(INCUSOS_HAL_UNITS="a.service b.service"); its data lives in /var/lib/incusos-apps/NAME.
+What is installed, at which version, is recorded in the state dir (applications.json).
+
+The input is always a verified image (`VerifiedImage`: the updates side's download,
+checked against the signed index); `install_verified` checks its hash once more, then:
+place the image atomically, refresh the extensions through the system manager
+(systemd-sysext.service's reload, in the host's mount namespace), reload units, and
+start (install) or restart (update) the application's units. A refresh that fails puts
+the previous image back and refreshes again: a bad image never replaces a good one.
+
+One primary application (IncusOS's: incus, migration-manager, operations-center): a
+second is refused, the primary cannot be removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from ..core.errors import Refusal
+from ..core.files import atomic_write
+from ..hal import sysext, sysupdate
+from ..hal.sysext import ImageError, VerifiedImage
+from ..state.paths import APPLICATIONS_FILE
+from .systemd import ApplyError
+
+PRIMARY = frozenset({"incus", "migration-manager", "operations-center"})
+DATA_DIR = "var/lib/incusos-apps"
+SYSEXT_UNIT = "systemd-sysext.service"
+UNIT = re.compile(r"[A-Za-z0-9:_.\\@-]{1,250}\.(service|socket|timer|path)", re.ASCII)
+
+
+class AppError(Refusal):
+    """An application request is refused (status, message)."""
+
+
+class Units(Protocol):
+    """What the manager asks of the system manager."""
+
+    async def daemon_reload(self) -> None: ...
+    async def restart(self, unit: str) -> None: ...
+    async def start(self, unit: str, mode: str) -> None: ...
+    async def stop(self, unit: str) -> None: ...
+    async def reload_or_restart(self, unit: str) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Installed:
+    name: str
+    version: str
+    units: tuple[str, ...]
+    sha256: str
+    initialized: bool = True
+    last_restored: str = ""
+
+
+def compare_versions(a: str, b: str) -> int:
+    """-1, 0, 1 as a is older, equal, newer than b: digit runs compare as numbers, other
+    runs as text (202511041800 > 202511041601, 1.10 > 1.9)."""
+
+    def key(v: str) -> list[tuple[int, Any]]:
+        return [(0, int(p)) if p.isdigit() else (1, p) for p in re.findall(r"\d+|[^\d]+", v)]
+
+    ka, kb = key(a), key(b)
+    return (ka > kb) - (ka < kb)
+
+
+def _units(release: dict[str, str]) -> tuple[str, ...]:
+    words = tuple(release.get("INCUSOS_HAL_UNITS", "").split())
+    bad = [w for w in words if not UNIT.fullmatch(w)]
+    if bad:
+        raise AppError(400, f"extension-release: INCUSOS_HAL_UNITS: {bad[0]!r} is not a unit name")
+    return words
+
+
+@dataclass
+class Applications:
+    state_dir: Path
+    root: str
+    units: Units | None
+    lock: asyncio.Lock
+
+    # -- the record -------------------------------------------------------------------
+
+    def installed(self) -> dict[str, Installed]:
+        try:
+            doc = json.loads((self.state_dir / APPLICATIONS_FILE).read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            raise AppError(500, f"{APPLICATIONS_FILE} cannot be read: {e}") from None
+        return {
+            name: Installed(
+                name,
+                str(a["version"]),
+                tuple(a.get("units", ())),
+                str(a.get("sha256", "")),
+                bool(a.get("initialized", True)),
+                str(a.get("last_restored", "")),
+            )
+            for name, a in doc.items()
+        }
+
+    def _save(self, apps: dict[str, Installed]) -> None:
+        doc = {
+            n: {
+                "version": a.version,
+                "units": list(a.units),
+                "sha256": a.sha256,
+                "initialized": a.initialized,
+                **({"last_restored": a.last_restored} if a.last_restored else {}),
+            }
+            for n, a in sorted(apps.items())
+        }
+        atomic_write(
+            self.state_dir / APPLICATIONS_FILE, (json.dumps(doc, indent=1) + "\n").encode(), 0o600
+        )
+
+    def get(self, name: str) -> Installed:
+        app = self.installed().get(name)
+        if app is None:
+            raise AppError(404, "Not Found")
+        return app
+
+    def data_dir(self, name: str) -> Path:
+        return Path(self.root) / DATA_DIR / sysext.check_name(name)
+
+    def _systemd(self) -> Units:
+        if self.units is None:
+            raise AppError(503, "this service runs without systemd (a scratch target)")
+        return self.units
+
+    async def _thread(self, work: Callable[[], Any]) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(None, work)
+
+    # -- install and update -------------------------------------------------------------
+
+    async def install_verified(self, image: VerifiedImage, *, new: bool) -> Installed:
+        """THE interface the updates side calls: application `image.name` at
+        `image.version`, verified at `image.path`. `new`: an install (refused if it is
+        installed, or a second primary); else an update of an installed one (refused
+        unless newer). Returns what is installed afterwards."""
+        sysext.check_name(image.name)
+        async with self.lock:
+            apps = self.installed()
+            current = apps.get(image.name)
+            if new:
+                if current is not None:
+                    raise AppError(409, "Conflict")
+                if image.name in PRIMARY and any(n in PRIMARY for n in apps):
+                    raise AppError(400, "a primary application is already installed")
+            else:
+                if current is None:
+                    raise AppError(404, "Not Found")
+                if compare_versions(image.version, current.version) <= 0:
+                    raise AppError(
+                        400,
+                        f"version {image.version} is not newer than the installed "
+                        f"{current.version}",
+                    )
+            systemd = self._systemd()
+            await self._thread(lambda: self._check_image(image))
+            previous = await self._thread(lambda: sysext.place(self.root, image.name, image.path))
+            try:
+                await systemd.reload_or_restart(SYSEXT_UNIT)
+                release = sysext.release(self.root, image.name)
+                if release is None:
+                    raise AppError(
+                        400, f"the image carries no extension-release.{image.name} once merged"
+                    )
+                units = _units(release)
+            except (ApplyError, AppError) as e:
+                await self._thread(lambda: sysext.put_back(self.root, image.name, previous))
+                with contextlib.suppress(ApplyError):  # the first error is the one to report
+                    await systemd.reload_or_restart(SYSEXT_UNIT)
+                if isinstance(e, AppError):
+                    raise
+                raise AppError(400, f"systemd-sysext refused the image: {e}") from None
+            await systemd.daemon_reload()
+            self.data_dir(image.name).mkdir(parents=True, exist_ok=True, mode=0o755)
+            record = Installed(image.name, image.version, units, image.sha256)
+            apps[image.name] = record
+            self._save(apps)
+            for unit in units:
+                if new:
+                    await systemd.start(unit, "replace")
+                else:
+                    await systemd.restart(unit)
+            # An update that no longer ships a unit the old version ran: stop it.
+            if current is not None:
+                for unit in set(current.units) - set(units):
+                    await systemd.stop(unit)
+            return record
+
+    def _check_image(self, image: VerifiedImage) -> None:
+        try:
+            sysext.check_format(image.path)
+            digest = sysext.sha256(image.path)
+        except OSError as e:
+            raise AppError(400, f"the image cannot be read: {e.strerror}") from None
+        except ImageError as e:
+            raise AppError(400, str(e)) from None
+        if digest != image.sha256.lower():
+            raise AppError(400, "the image's sha256 is not the one it was verified with")
+
+    # -- the other actions --------------------------------------------------------------
+
+    async def remove(self, name: str) -> None:
+        async with self.lock:
+            apps = self.installed()
+            app = apps.get(name)
+            if app is None:
+                raise AppError(404, "Not Found")
+            if name in PRIMARY:
+                raise AppError(500, "cannot remove a primary application")
+            systemd = self._systemd()
+            for unit in app.units:
+                await systemd.stop(unit)
+            await self._thread(lambda: sysext.wipe_data(self.data_dir(name)))
+            await self._thread(lambda: sysext.remove(self.root, name))
+            await systemd.reload_or_restart(SYSEXT_UNIT)
+            await systemd.daemon_reload()
+            del apps[name]
+            self._save(apps)
+
+    async def restart(self, name: str) -> None:
+        app = self.get(name)
+        systemd = self._systemd()
+        for unit in app.units:
+            await systemd.restart(unit)
+
+    async def factory_reset(self, name: str) -> None:
+        """The application's data wiped, its units restarted on an empty directory."""
+        async with self.lock:
+            app = self.get(name)
+            systemd = self._systemd()
+            for unit in app.units:
+                await systemd.stop(unit)
+            await self._thread(lambda: sysext.wipe_data(self.data_dir(name)))
+            for unit in app.units:
+                await systemd.start(unit, "replace")
+
+    async def backup(self, name: str) -> bytes:
+        self.get(name)
+        data: bytes = await self._thread(lambda: sysext.backup_data(self.data_dir(name)))
+        return data
+
+    async def restore(self, name: str, archive: bytes) -> None:
+        """Checked and unpacked first (a bad archive is a 400 and nothing stops), then
+        swapped in with the units stopped, and the units started again."""
+        async with self.lock:
+            apps = self.installed()
+            app = apps.get(name)
+            if app is None:
+                raise AppError(404, "Not Found")
+            systemd = self._systemd()
+            data_dir = self.data_dir(name)
+            try:
+                staging = await self._thread(lambda: sysext.unpack_data(data_dir, archive))
+            except ImageError as e:
+                raise AppError(400, str(e)) from None
+            for unit in app.units:
+                await systemd.stop(unit)
+            try:
+                await self._thread(lambda: sysext.swap_data(data_dir, staging))
+            finally:
+                for unit in app.units:
+                    await systemd.start(unit, "replace")
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            apps[name] = Installed(
+                app.name, app.version, app.units, app.sha256, app.initialized, stamp
+            )
+            self._save(apps)
+
+
+def state_document(app: Installed) -> dict[str, Any]:
+    """IncusOS's Application: {"state": ApplicationState, "config": {}}; every state key
+    is always present but last_restored (omitempty)."""
+    state: dict[str, Any] = {
+        "is_primary": app.name in PRIMARY,
+        "initialized": app.initialized,
+        "friendly_version": app.version,
+        "version": app.version,
+        "available_versions": [app.version],
+    }
+    if app.last_restored:
+        state["last_restored"] = app.last_restored
+    return {"state": state, "config": {}}
+
+
+# An application image source: the updates side's provider. Given a name, the newest
+# verified image it has (None: it has none).
+Source = Callable[[str], Awaitable[VerifiedImage | None]]
+
+
+@dataclass
+class UpdateHandoff:
+    """The update checker's hand-off, by shape (the updates side's `update.handoff.
+    Handoff`: applications(), application_ready(), os_ready()), called from the
+    checker's worker thread once a download is verified against the signed index.
+
+    application_ready installs or updates through `install_verified` on the service's
+    event loop; os_ready writes the OS files into the inactive slot with
+    systemd-sysupdate (hal/sysupdate.stage) and says a reboot would run them."""
+
+    apps: Applications
+    loop: asyncio.AbstractEventLoop
+
+    def applications(self) -> dict[str, str]:
+        return {name: app.version for name, app in self.apps.installed().items()}
+
+    def application_ready(self, name: str, version: str, path: Path) -> None:
+        self._off_loop()
+        # The checker compared size and hash with the signed index; the hash is taken
+        # again so the image installed is the one that was checked, byte for byte.
+        image = VerifiedImage(name, version, path, sysext.sha256(path))
+        new = name not in self.apps.installed()
+        work = self.apps.install_verified(image, new=new)
+        asyncio.run_coroutine_threadsafe(work, self.loop).result()
+
+    def os_ready(self, version: str, path: Path) -> bool:
+        self._off_loop()
+        sysupdate.stage(str(path), version)
+        return True
+
+    def _off_loop(self) -> None:
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        if running is self.loop:
+            raise RuntimeError("the update hand-off must be called from a worker thread")

@@ -1,0 +1,218 @@
+"""System extension images (`.raw`) on disk: their names, their formats, placing them
+in /var/lib/extensions, an application's data as a tar archive.
+
+systemd-sysext merges every image in /var/lib/extensions over /usr (an overlay) when
+systemd-sysext.service starts or reloads (`systemd-sysext refresh`); an image named
+NAME.raw must carry usr/lib/extension-release.d/extension-release.NAME whose ID= is the
+host's or `_any`, or the refresh refuses it. Everything here is files; asking systemd
+to refresh is the caller's (through the system manager, so the overlay is mounted in
+the host's mount namespace and not this service's own).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import shutil
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..core.files import atomic_write
+
+EXTENSIONS_DIR = "var/lib/extensions"
+RELEASE_DIR = "usr/lib/extension-release.d"
+# An application's name: a file name, a unit-name-safe word, never a hidden file.
+NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}", re.ASCII)
+# What an image starts with: a GPT disk (a DDI with verity), erofs or squashfs.
+_MAGICS = (
+    (512, b"EFI PART"),  # GPT header in LBA 1 (512-byte sectors)
+    (4096, b"EFI PART"),  # ... or 4096-byte sectors
+    (1024, (0xE0F5E1E2).to_bytes(4, "little")),  # erofs superblock
+    (0, b"hsqs"),  # squashfs
+)
+# An application's data archive: how much it may hold when restored.
+MAX_ARCHIVE_BYTES = 4 << 30
+MAX_MEMBERS = 100_000
+
+
+class ImageError(ValueError):
+    """An image or archive that is refused; the message names what is wrong."""
+
+
+def check_name(name: str, field: str = "name") -> str:
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise ImageError(f"{field}: {name!r} is not an application name (a-z, 0-9, -; at most 63)")
+    return name
+
+
+def check_format(path: Path) -> str:
+    """Which image format `path` holds ("gpt", "erofs", "squashfs"); refuses anything
+    else before it goes near /var/lib/extensions."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096 + 8)
+    except OSError as e:
+        raise ImageError(f"the image cannot be read: {e.strerror}") from None
+    for (offset, magic), kind in zip(_MAGICS, ("gpt", "gpt", "erofs", "squashfs"), strict=True):
+        if head[offset : offset + len(magic)] == magic:
+            return kind
+    raise ImageError("the image is neither a GPT disk image, erofs nor squashfs")
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def image_path(root: str, name: str) -> Path:
+    return Path(root) / EXTENSIONS_DIR / f"{check_name(name)}.raw"
+
+
+def place(root: str, name: str, source: Path) -> bytes | None:
+    """Copy `source` to /var/lib/extensions/NAME.raw atomically (a temporary file in the
+    same directory, fsync'ed, renamed over). Returns what was there before, for
+    `put_back` if the refresh then fails."""
+    dest = image_path(root, name)
+    dest.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    previous = dest.read_bytes() if dest.exists() else None
+    tmp = dest.with_name(f".{dest.name}.partial")
+    try:
+        with open(source, "rb") as src, open(tmp, "wb") as out:
+            shutil.copyfileobj(src, out, 1 << 20)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return previous
+
+
+def put_back(root: str, name: str, previous: bytes | None) -> None:
+    dest = image_path(root, name)
+    if previous is None:
+        dest.unlink(missing_ok=True)
+    else:
+        atomic_write(dest, previous, mode=0o644)
+
+
+def remove(root: str, name: str) -> None:
+    image_path(root, name).unlink(missing_ok=True)
+
+
+def release(root: str, name: str) -> dict[str, str] | None:
+    """The merged extension-release.NAME (None: the image is not merged)."""
+    path = Path(root) / RELEASE_DIR / f"extension-release.{check_name(name)}"
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and re.fullmatch(r"[A-Z_][A-Z0-9_]*", key):
+            out[key] = value.strip().strip("\"'")
+    return out
+
+
+# -- an application's data ------------------------------------------------------------
+
+
+def backup_data(data_dir: Path) -> bytes:
+    """The data directory as a tar.gz, its members relative to it; empty if none yet."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        if data_dir.is_dir():
+            for path in sorted(data_dir.rglob("*")):
+                tar.add(path, arcname=str(path.relative_to(data_dir)), recursive=False)
+    return buffer.getvalue()
+
+
+def _check_members(tar: tarfile.TarFile) -> list[tarfile.TarInfo]:
+    members = []
+    for n, member in enumerate(tar):
+        if n >= MAX_MEMBERS:
+            raise ImageError(f"the archive has more than {MAX_MEMBERS} members")
+        name = member.name
+        parts = Path(name).parts
+        if name.startswith("/") or ".." in parts or not parts:
+            raise ImageError(f"the archive's member {name!r} is outside the data directory")
+        if not (member.isfile() or member.isdir()):
+            raise ImageError(f"the archive's member {name!r} is not a file or a directory")
+        members.append(member)
+    return members
+
+
+def unpack_data(data_dir: Path, archive: bytes) -> Path:
+    """The archive checked whole (only files and directories, none outside, bounded)
+    and unpacked beside the data directory; returns that staging directory for
+    `swap_data`. A bad archive raises ImageError and leaves nothing behind."""
+    if len(archive) > MAX_ARCHIVE_BYTES:
+        raise ImageError(f"the archive is larger than {MAX_ARCHIVE_BYTES} bytes")
+    staging = data_dir.with_name(f".{data_dir.name}.restore")
+    try:
+        with tarfile.open(fileobj=io.BytesIO(archive), mode="r:*") as tar:
+            members = _check_members(tar)
+            total = sum(m.size for m in members)
+            if total > MAX_ARCHIVE_BYTES:
+                raise ImageError(f"the archive unpacks to more than {MAX_ARCHIVE_BYTES} bytes")
+            data_dir.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(mode=0o700)
+            try:
+                # Members are files and directories inside it (checked above); Pythons
+                # that have extraction filters also drop set-id bits and owners.
+                safe: dict[str, Any] = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+                tar.extractall(staging, members=members, **safe)  # noqa: S202
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise ImageError(f"the archive cannot be read: {e}") from None
+    staging.chmod(0o755)
+    return staging
+
+
+def swap_data(data_dir: Path, staging: Path) -> None:
+    """The unpacked archive in place of the data directory (two renames)."""
+    old = data_dir.with_name(f".{data_dir.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if data_dir.exists():
+        os.rename(data_dir, old)
+    os.rename(staging, data_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def restore_data(data_dir: Path, archive: bytes) -> None:
+    """Replace the data directory with the archive's contents; a bad archive leaves the
+    data as it was."""
+    swap_data(data_dir, unpack_data(data_dir, archive))
+
+
+def wipe_data(data_dir: Path) -> None:
+    """Empty the data directory (kept, so the application's unit finds it)."""
+    if data_dir.is_dir():
+        for child in data_dir.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedImage:
+    """What the updates side hands over: application `name` at `version`, its image at
+    `path`, already checked against the signed index (`sha256` is the index's hash,
+    checked again here before install)."""
+
+    name: str
+    version: str
+    path: Path
+    sha256: str

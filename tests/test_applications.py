@@ -1,0 +1,302 @@
+"""Applications as system extensions and the A/B transfer definitions, without booting:
+the checks every outside input passes (names, versions, images, archives, the local
+source's hashes), the definitions as shipped and as rendered, the boot counter's names,
+and /1.0/applications served for real (a scratch server: no systemd, so installs are
+refused with 503 and nothing is written). Under real systemd: tests/test_apps_system.py;
+against a real A/B disk: tests/test_sysupdate.py."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from incusos_hal.api.applications import local_source
+from incusos_hal.apply.applications import Installed, compare_versions, state_document
+from incusos_hal.hal import sysext, sysupdate
+
+import apiserver
+from conftest import REPO, require_tool
+
+SHIPPED = REPO / "sysupdate"
+
+
+def test_shipped_definitions_protect_the_running_version_and_count_boots() -> None:
+    names = sorted(p.name for p in SHIPPED.glob("*.transfer"))
+    assert names == [
+        "10-usr-verity-sig.transfer",
+        "11-usr-verity.transfer",
+        "12-usr.transfer",
+        "20-uki.transfer",
+    ]
+    for name in names:
+        text = (SHIPPED / name).read_text()
+        assert "ProtectVersion=%A" in text, name
+    types = {
+        n: next(
+            line.split("=", 1)[1]
+            for line in (SHIPPED / n).read_text().splitlines()
+            if line.startswith("MatchPartitionType=")
+        )
+        for n in names[:3]
+    }
+    assert types == {
+        "10-usr-verity-sig.transfer": "usr-verity-sig",
+        "11-usr-verity.transfer": "usr-verity",
+        "12-usr.transfer": "usr",
+    }
+    uki = (SHIPPED / "20-uki.transfer").read_text()
+    assert "TriesLeft=3" in uki and "TriesDone=0" in uki and "PathRelativeTo=boot" in uki
+
+
+def test_meson_installs_every_definition() -> None:
+    meson = (REPO / "meson.build").read_text()
+    for p in SHIPPED.glob("*.transfer"):
+        assert f"'sysupdate/{p.name}'" in meson, p.name
+    assert "lib/sysupdate.d" in meson
+
+
+def test_render_sets_the_source_and_only_a_partition_targets_device() -> None:
+    usr = (SHIPPED / "12-usr.transfer").read_text()
+    out = sysupdate.render_definitions(usr, "/srv/updates", "/dev/loop3")
+    assert "Path=/srv/updates/" in out and "Path=/dev/loop3" in out
+    assert "Path=auto" not in out and "MatchPattern=%M_@v.usr-%a.@u.raw" in out
+    uki = (SHIPPED / "20-uki.transfer").read_text()
+    out = sysupdate.render_definitions(uki, "/srv/updates/", "/dev/loop3")
+    assert "Path=/EFI/Linux" in out and "/dev/loop3" not in out
+
+
+@pytest.mark.parametrize("path", ["relative/dir", "/srv/a\nPath=/etc", "/srv/a\\", "/srv/\x1b[0m"])
+def test_render_refuses_a_path_that_would_change_the_definition(path: str) -> None:
+    with pytest.raises(ValueError, match="source directory: must be an absolute path"):
+        sysupdate.render_definitions("[Source]\nPath=/x/\n", path)
+
+
+@pytest.mark.parametrize("version", ["", "1_2", "1+2", "1.2", "-1", "x" * 37, "1 2", "é"])
+def test_versions_that_cannot_stand_in_a_label_are_refused(version: str) -> None:
+    with pytest.raises(ValueError, match="version: "):
+        sysupdate.check_version(version)
+
+
+def test_stage_refuses_before_running_anything(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="version"):
+        sysupdate.stage(str(tmp_path), "2.0", shipped=str(SHIPPED), runtime_dir=str(tmp_path))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("entry", "parsed"),
+    [
+        ("incusos_2+3.efi", ("incusos_2", 3, 0)),
+        ("incusos_2+2-1.efi", ("incusos_2", 2, 1)),
+        ("incusos_2+0-3.efi", ("incusos_2", 0, 3)),
+        ("incusos_1.efi", ("incusos_1", -1, -1)),
+        ("loader.conf", ("loader.conf", -1, -1)),
+    ],
+)
+def test_boot_counter_in_an_entry_name(entry: str, parsed: tuple[str, int, int]) -> None:
+    assert sysupdate.parse_entry(entry) == parsed
+
+
+def test_booted_reads_version_usrhash_and_the_selected_entry(tmp_path: Path) -> None:
+    (tmp_path / "usr/lib").mkdir(parents=True)
+    (tmp_path / "usr/lib/os-release").write_text('ID=debian\nIMAGE_ID=incusos\nIMAGE_VERSION="2"\n')
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc/cmdline").write_text("console=ttyS0 usrhash=abc123 ro\n")
+    efivars = tmp_path / "sys/firmware/efi/efivars"
+    efivars.mkdir(parents=True)
+    var = efivars / f"LoaderEntrySelected-{sysupdate.LOADER_GUID}"
+    var.write_bytes(b"\x06\0\0\0" + "incusos_2+2-1.efi\0".encode("utf-16-le"))
+    assert sysupdate.booted(str(tmp_path)) == sysupdate.Booted(
+        "2", "abc123", "incusos_2+2-1.efi", 2, 1
+    )
+
+
+@pytest.mark.parametrize("name", ["", "A", "-x", ".x", "x/y", "x" * 64, "x_y", "../x"])
+def test_application_names_are_checked(name: str) -> None:
+    with pytest.raises(ValueError, match="name: "):
+        sysext.check_name(name)
+
+
+def test_only_images_of_a_known_format_are_taken(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.raw"
+    bad.write_bytes(b"\0" * 8192)
+    with pytest.raises(sysext.ImageError, match="neither a GPT disk image, erofs nor squashfs"):
+        sysext.check_format(bad)
+    squash = tmp_path / "s.raw"
+    squash.write_bytes(b"hsqs" + b"\0" * 8192)
+    assert sysext.check_format(squash) == "squashfs"
+    erofs = tmp_path / "e.raw"
+    erofs.write_bytes(b"\0" * 1024 + (0xE0F5E1E2).to_bytes(4, "little") + b"\0" * 4096)
+    assert sysext.check_format(erofs) == "erofs"
+
+
+def test_versions_compare_by_their_numbers() -> None:
+    assert compare_versions("202511041800", "202511041601") == 1
+    assert compare_versions("1.10", "1.9") == 1
+    assert compare_versions("2", "2") == 0
+    assert compare_versions("1", "2") == -1
+
+
+def test_state_document_has_incusos_keys() -> None:
+    doc = state_document(Installed("hello", "2", ("hello.service",), "00"))
+    assert doc == {
+        "state": {
+            "is_primary": False,
+            "initialized": True,
+            "friendly_version": "2",
+            "version": "2",
+            "available_versions": ["2"],
+        },
+        "config": {},
+    }
+    assert state_document(Installed("incus", "1", (), ""))["state"]["is_primary"] is True
+
+
+def _tar(members: list[tuple[tarfile.TarInfo, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for info, data in members:
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data) if info.isfile() else None)
+    return buf.getvalue()
+
+
+def _member(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = link
+    return info
+
+
+@pytest.mark.parametrize(
+    ("member", "message"),
+    [
+        (_member("../escape"), "outside the data directory"),
+        (_member("/etc/passwd"), "outside the data directory"),
+        (_member("link", tarfile.SYMTYPE, "/etc/shadow"), "not a file or a directory"),
+        (_member("dev", tarfile.CHRTYPE), "not a file or a directory"),
+    ],
+)
+def test_a_bad_data_archive_leaves_the_data_as_it_was(
+    tmp_path: Path, member: tarfile.TarInfo, message: str
+) -> None:
+    data = tmp_path / "hello"
+    data.mkdir()
+    (data / "counter").write_text("7")
+    archive = _tar([(_member("ok"), b"fine"), (member, b"x")])
+    with pytest.raises(sysext.ImageError, match=message):
+        sysext.restore_data(data, archive)
+    assert [p.name for p in tmp_path.iterdir()] == ["hello"]
+    assert (data / "counter").read_text() == "7"
+    with pytest.raises(sysext.ImageError, match="cannot be read"):
+        sysext.restore_data(data, b"not a tar archive at all")
+    assert (data / "counter").read_text() == "7"
+
+
+def test_data_backup_restore_round_trip(tmp_path: Path) -> None:
+    data = tmp_path / "hello"
+    (data / "sub").mkdir(parents=True)
+    (data / "counter").write_text("7")
+    (data / "sub/x").write_text("y")
+    archive = sysext.backup_data(data)
+    sysext.wipe_data(data)
+    assert data.is_dir() and list(data.iterdir()) == []
+    sysext.restore_data(data, archive)
+    assert (data / "counter").read_text() == "7" and (data / "sub/x").read_text() == "y"
+
+
+def test_local_source_offers_only_listed_hashes_and_the_newest(tmp_path: Path) -> None:
+    images = {"hello_1.raw": b"one", "hello_10.raw": b"ten", "hello_9.raw": b"nine"}
+    for name, data in images.items():
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / "other_99.raw").write_bytes(b"o")
+    sums = "".join(
+        f"{hashlib.sha256(d).hexdigest()}  {n}\n" for n, d in images.items() if n != "hello_10.raw"
+    )
+    (tmp_path / "SHA256SUMS").write_text(sums + "garbage line\n")
+    found = asyncio.run(local_source(tmp_path)("hello"))
+    assert found is not None and (found.version, found.path.name) == ("9", "hello_9.raw")
+    assert found.sha256 == hashlib.sha256(b"nine").hexdigest()
+    assert asyncio.run(local_source(tmp_path)("other")) is None
+    assert asyncio.run(local_source(tmp_path / "none")("hello")) is None
+
+
+# -- the API, served for real ------------------------------------------------------------
+
+
+@pytest.fixture
+def api(tmp_path: Path) -> Iterator[apiserver.Server]:
+    require_tool("openssl", "curl")
+    srv = apiserver.make(tmp_path, [])
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def _post(api: apiserver.Server, path: str, body: object) -> apiserver.Result:
+    return api.curl(
+        "POST", path, "-H", "Content-Type: application/json", body=json.dumps(body).encode()
+    )
+
+
+def test_applications_api_refusals(api: apiserver.Server) -> None:
+    r = api.curl("GET", "/1.0/applications")
+    assert r.status == 200 and r.json["metadata"] == [], r.body
+    r = _post(api, "/1.0/applications", {})
+    assert r.status == 400 and r.json["error"] == "missing application name", r.body
+    r = _post(api, "/1.0/applications", {"name": "../etc"})
+    assert r.status == 400 and "not an application name" in r.json["error"], r.body
+    r = _post(api, "/1.0/applications", {"name": "hello"})
+    assert r.status == 400 and "no image of it is available" in r.json["error"], r.body
+    r = _post(api, "/1.0/applications", ["name"])
+    assert r.status == 400 and "must be a JSON object" in r.json["error"], r.body
+    for path in ("/1.0/applications/hello", "/1.0/applications/..%2Fx"):
+        assert api.curl("GET", path).status == 404, path
+    for action in ("restart", "remove", "factory-reset", "backup", "restore", "check-update"):
+        r = _post(api, f"/1.0/applications/hello/:{action}", {})
+        assert r.status == 404, (action, r.body)
+    assert not (api.state / "applications.json").exists()
+
+
+def test_install_without_systemd_writes_nothing(api: apiserver.Server, tmp_path: Path) -> None:
+    source = api.state / "updates/applications"
+    source.mkdir(parents=True)
+    image = source / "hello_1.raw"
+    image.write_bytes(b"hsqs" + b"\0" * 4096)
+    digest = hashlib.sha256(image.read_bytes()).hexdigest()
+    (source / "SHA256SUMS").write_text(f"{digest}  hello_1.raw\n")
+    r = _post(api, "/1.0/applications", {"name": "hello"})
+    assert r.status == 503 and "without systemd" in r.json["error"], r.body
+    assert not (api.target / "var/lib/extensions").exists()
+    assert not (api.state / "applications.json").exists()
+
+
+def test_update_handoff_refusal_reaches_the_checker_and_writes_nothing(tmp_path: Path) -> None:
+    """The checker's thread hands over a verified image; without a system manager the
+    install is refused, the refusal is raised in the checker's thread, nothing is
+    placed; called on the event loop's own thread it refuses (it would deadlock)."""
+    from incusos_hal.apply.applications import AppError, Applications, UpdateHandoff
+
+    image = tmp_path / "hello.raw"
+    image.write_bytes(b"hsqs" + b"\0" * 4096)
+
+    async def main() -> None:
+        apps = Applications(tmp_path / "state", str(tmp_path / "root"), None, asyncio.Lock())
+        handoff = UpdateHandoff(apps, asyncio.get_running_loop())
+        assert handoff.applications() == {}
+        with pytest.raises(AppError, match="without systemd"):
+            await asyncio.to_thread(handoff.application_ready, "hello", "1", image)
+        with pytest.raises(RuntimeError, match="worker thread"):
+            handoff.application_ready("hello", "1", image)
+
+    asyncio.run(main())
+    assert not (tmp_path / "root").exists() and not (tmp_path / "state").exists()
