@@ -300,3 +300,29 @@ def test_update_handoff_refusal_reaches_the_checker_and_writes_nothing(tmp_path:
 
     asyncio.run(main())
     assert not (tmp_path / "root").exists() and not (tmp_path / "state").exists()
+
+
+@pytest.mark.parametrize(("root", "target", "plugged"), [("/", "/", True), ("/", "/t", False)])
+def test_the_service_plugs_the_installers_into_the_update_checker_only_on_this_machine(
+    tmp_path: Path, root: str, target: str, plugged: bool
+) -> None:
+    """A live service hands verified updates to the A/B writer and the applications; a
+    re-rooted one keeps the default, which installs nothing."""
+    from types import SimpleNamespace
+
+    from aiohttp import web
+
+    from incusos_hal.api.applications import plug_into_updates
+    from incusos_hal.api.http import SERVICE_KEY
+    from incusos_hal.apply.applications import UpdateHandoff
+    from incusos_hal.update import handoff
+
+    app = web.Application()
+    settings = SimpleNamespace(state_dir=tmp_path, root=root, target=target)
+    app[SERVICE_KEY] = SimpleNamespace(settings=settings, systemd=None)  # type: ignore[assignment]
+    before = handoff.current()
+    try:
+        asyncio.run(plug_into_updates(app))
+        assert isinstance(handoff.current(), UpdateHandoff) is plugged
+    finally:
+        handoff.use(before)

@@ -31,6 +31,7 @@ from ..apply.applications import (
     AppError,
     Applications,
     Source,
+    UpdateHandoff,
     compare_versions,
     state_document,
 )
@@ -81,16 +82,34 @@ def local_source(directory: Path) -> Source:
 
 
 def _apps(request: web.Request) -> Applications:
+    return applications_of(request.app)
+
+
+def applications_of(app: web.Application) -> Applications:
     from .http import SERVICE_KEY
 
-    apps = request.app.get(APPLICATIONS_KEY)
+    apps = app.get(APPLICATIONS_KEY)
     if apps is None:
-        svc = request.app[SERVICE_KEY]
+        svc = app[SERVICE_KEY]
         apps = Applications(
             svc.settings.state_dir, svc.settings.target, svc.systemd, asyncio.Lock()
         )
-        request.app[APPLICATIONS_KEY] = apps
+        app[APPLICATIONS_KEY] = apps
     return apps
+
+
+async def plug_into_updates(app: web.Application) -> None:
+    """on_startup: the update checker hands verified OS files to the A/B writer and
+    verified application images to these applications (update/handoff.py). Only a
+    service acting on this machine does: a re-rooted one (a scratch target, the tests)
+    keeps the default, which records what was handed on and installs nothing."""
+    from ..update import handoff
+    from .http import SERVICE_KEY
+
+    settings = app[SERVICE_KEY].settings
+    if str(settings.root) != "/" or str(settings.target) != "/":
+        return
+    handoff.use(UpdateHandoff(applications_of(app), asyncio.get_running_loop()))
 
 
 def _source(request: web.Request) -> Source:

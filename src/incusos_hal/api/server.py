@@ -614,6 +614,7 @@ def make_app(service: Service, trust: auth.TrustStore | None = None) -> web.Appl
         getattr(log, level if level != "warning" else "warning")(message)
         events.send("logging", {"message": message, "level": level, "context": {}})
 
+    app.on_startup.append(applications.plug_into_updates)
     service.log = emit
     service.listener_active = lambda: trust is not None
     if trust is not None:
