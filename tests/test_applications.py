@@ -104,7 +104,7 @@ def test_boot_counter_in_an_entry_name(entry: str, parsed: tuple[str, int, int])
     assert sysupdate.parse_entry(entry) == parsed
 
 
-def test_booted_reads_version_usrhash_and_the_selected_entry(tmp_path: Path) -> None:
+def _booted_machine(tmp_path: Path) -> None:
     (tmp_path / "usr/lib").mkdir(parents=True)
     (tmp_path / "usr/lib/os-release").write_text('ID=debian\nIMAGE_ID=incusos\nIMAGE_VERSION="2"\n')
     (tmp_path / "proc").mkdir()
@@ -113,9 +113,34 @@ def test_booted_reads_version_usrhash_and_the_selected_entry(tmp_path: Path) -> 
     efivars.mkdir(parents=True)
     var = efivars / f"LoaderEntrySelected-{sysupdate.LOADER_GUID}"
     var.write_bytes(b"\x06\0\0\0" + "incusos_2+2-1.efi\0".encode("utf-16-le"))
+
+
+def test_booted_reads_version_usrhash_and_the_selected_entry(tmp_path: Path) -> None:
+    _booted_machine(tmp_path)
     assert sysupdate.booted(str(tmp_path)) == sysupdate.Booted(
         "2", "abc123", "incusos_2+2-1.efi", 2, 1
     )
+
+
+def test_the_update_state_says_which_slot_runs(tmp_path: Path) -> None:
+    root = tmp_path / "machine"
+    _booted_machine(root)
+    (tmp_path / "srv").mkdir()
+    api = apiserver.make(tmp_path / "srv", [])
+    api.root = root
+    api.start()
+    try:
+        r = api.curl("GET", "/1.0/system/update")
+        assert r.status == 200, r.json
+        assert r.json["metadata"]["state"]["booted"] == {
+            "version": "2",
+            "usr_hash": "abc123",
+            "entry": "incusos_2+2-1.efi",
+            "tries_left": 2,
+            "tries_done": 1,
+        }
+    finally:
+        api.stop()
 
 
 @pytest.mark.parametrize("name", ["", "A", "-x", ".x", "x/y", "x" * 64, "x_y", "../x"])

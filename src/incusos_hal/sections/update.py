@@ -26,9 +26,22 @@ TIMER = "incusos-hal-update-check.timer"
 
 
 def read_state(ctx: Context) -> Any:
-    from ..update import checker  # (the generator loads this module: network code waits)
+    # (the generator loads this module: network code waits for what it imports)
+    from ..hal import sysupdate
+    from ..update import checker
 
-    return checker.read_state(ctx.settings.state_dir, ctx.settings.root).api()
+    state = checker.read_state(ctx.settings.state_dir, ctx.settings.root).api()
+    # Which A/B slot runs (beyond IncusOS's fields): the /usr version and root hash the
+    # kernel verifies, and the UKI systemd-boot chose with its boot counter (-1: blessed).
+    running = sysupdate.booted(ctx.settings.root)
+    state["booted"] = {
+        "version": running.version,
+        "usr_hash": running.usr_hash,
+        "entry": running.entry,
+        "tries_left": running.tries_left,
+        "tries_done": running.tries_done,
+    }
+    return state
 
 
 def units(config: Config, inputs: UnitInputs) -> Tree:
