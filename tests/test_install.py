@@ -68,6 +68,12 @@ def test_meson_install_places_generator_and_unit_for_systemd(tmp_path: Path) -> 
     ):
         text = (dest / unit_dir.lstrip("/") / name).read_text()
         assert f"ExecStart=/usr/bin/incusos-hal {command}\n" in text and "@" not in text, name
+    # The vendor drop-in that resets a zram device left initialized before setting it up.
+    reset = dest / unit_dir.lstrip("/") / "systemd-zram-setup@.service.d/50-incusos-hal-reset.conf"
+    assert (
+        "ExecStartPre=-/usr/lib/systemd/system-generators/zram-generator --reset-device '%i'"
+        in (reset.read_text())
+    )
     assert os.access(dest / "usr/bin/incusos-hal", os.X_OK)
     modules = list(dest.glob("usr/lib/python3*/*-packages/incusos_hal/config/model.py"))
     assert modules, "the package was not installed where Debian's python3 finds it"
