@@ -47,6 +47,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.get_closest_marker("nspawn") or item.get_closest_marker("vm")
         ):
             raise pytest.UsageError(f"{item.nodeid}: marked system but neither nspawn nor vm")
+        if item.get_closest_marker("system"):
+            # Under `--dist loadgroup` (ci/test's second phase) a boot is made once: every
+            # test reading the shared appliance on one worker, each other module's tests
+            # (module-scoped boots) on one worker.
+            shared = "appliance" in getattr(item, "fixturenames", ())
+            item.add_marker(pytest.mark.xdist_group("appliance" if shared else item.path.name))
 
 
 @pytest.hookimpl(tryfirst=True)
