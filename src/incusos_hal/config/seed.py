@@ -36,12 +36,15 @@ SECTION_FILES: Mapping[str, str] = {
     "update": "update",
     "kernel": "kernel",
     "provider": "provider",
+    "services": "services",
 }
+# The services IncusOS's seed names that this version builds (their configs are the
+# `services` section's); the others are checked and reported as not applied.
+BUILT_SERVICES = ("iscsi", "multipath", "nvme")
 # IncusOS's other seed files: checked as far as its structs go, not applied by this
 # version (no such section yet) except `install`, which the installer reads.
 OTHER_FILES = (
     "install",
-    "services",
     "applications",
     "incus",
     "migration-manager",
@@ -119,6 +122,22 @@ def check_files(files: Mapping[str, bytes], base: model.Config) -> Checked:
         problems += [Problem(filename, e.path, e.message) for e in errors]
         if data is not None and not errors:
             raw[name] = data
+
+    if isinstance(raw.get("services"), dict):
+        # Services this version does not build are IncusOS's all the same: checked as far
+        # as its structs go and reported, the built ones go through their section.
+        services = raw["services"]
+        unbuilt = {k: v for k, v in services.items() if k not in (*BUILT_SERVICES, "version")}
+        if unbuilt:
+            found: list[FieldError] = []
+            _check_services(unbuilt, found)
+            problems += [Problem(names["services"], e.path, e.message) for e in found]
+            if not found:
+                notes.append(
+                    f"{names['services']}: {', '.join(sorted(unbuilt))}: valid; not applied "
+                    "(this version does not build them)"
+                )
+        raw["services"] = {k: v for k, v in services.items() if k not in unbuilt}
 
     install: model.InstallSeed | None = None
     for name, data in raw.items():
@@ -415,7 +434,6 @@ def _check_services(data: Mapping[str, Any], errors: list[FieldError]) -> None:
 
 
 CHECKS = {
-    "services": _check_services,
     "applications": _check_applications,
     "incus": _check_incus,
     "migration-manager": _check_application_seed,
