@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 # Not 127.0.0.1: the proxy's no_proxy always holds 127.0.0.1 and localhost, and the
 # proxy test needs the update server to be somewhere the proxy is used for.
@@ -306,7 +307,9 @@ class FakeOperationsCenter:
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", "0"))
                 body = json.loads(self.rfile.read(length) or b"{}")
-                if self.path == f"/1.0/provisioning/servers?token={token}":
+                # The token as Operations Center reads it: the query, decoded.
+                path, _, query = self.path.partition("?")
+                if path == "/1.0/provisioning/servers" and parse_qs(query) == {"token": [token]}:
                     outer.registered.append(body)
                     self._json(200, {"client_certificate": ""})
                 else:

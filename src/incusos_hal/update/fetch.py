@@ -178,6 +178,8 @@ def _describe(e: BaseException) -> str:
         return "no answer in time"
     if isinstance(e, http.client.IncompleteRead):
         return "the connection was cut"
+    if isinstance(e, http.client.InvalidURL):
+        return "not a valid URL"  # http.client's text repeats the query (a token)
     text = str(e) or type(e).__name__
     return text[:200]
 

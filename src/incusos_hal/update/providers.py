@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import quote
 
 from ..config.model import Provider as ProviderConfig
 from . import fetch, index, smime
@@ -357,7 +358,9 @@ class OperationsCenter:
             "machine_id": machine.machine_id,
         }
         path = "/1.0/provisioning/servers"
-        path += f"?token={token}" if token else "/:self_register"
+        # Quoted whole: a token is any printable text (a space, & # % +), and it must
+        # reach Operations Center as one query value, never split or cut.
+        path += f"?token={quote(token, safe='')}" if token else "/:self_register"
         self._api("POST", path, request)
 
     def deregister(self) -> None:

@@ -1,0 +1,68 @@
+"""Review of the update providers against hostile or awkward input: what a provider
+sends to a server is what was configured, nothing more, and never repeated in an error."""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+
+import pytest
+
+from incusos_hal.config.model import Provider
+from incusos_hal.update import fetch, providers
+from updateserver import PKI, FakeOperationsCenter, make_pki
+
+from conftest import require_tool
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
+    require_tool("openssl")
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def operations_center(pki: PKI, url: str, token: str, tmp_path: Path) -> providers.OperationsCenter:
+    server_pem = (pki.directory / "server.pem").read_text()
+    config = {"server_url": url, "server_token": token, "server_certificate": server_pem}
+    return providers.OperationsCenter(
+        providers.Inputs(
+            config=Provider("operations-center", config),
+            transport=fetch.Transport(read_timeout=5, deadline=10),
+            cache_dir=tmp_path / "cache",
+            now=lambda: datetime.datetime.now(datetime.UTC),
+        )
+    )
+
+
+@pytest.mark.parametrize("token", ["se cret-1", "secret&name=other", "secret#frag", "a+b%2F=c"])
+def test_operations_center_token_reaches_the_server_as_it_is(
+    pki: PKI, tmp_path: Path, token: str
+) -> None:
+    # The validator lets any printable token through (a space, & # % + =): it must reach
+    # Operations Center as that one query value, neither cut, nor split into other
+    # parameters, nor refused by the HTTP client with the token in its message.
+    fake = FakeOperationsCenter(pki, token, [], {})
+    try:
+        oc = operations_center(pki, fake.url, token, tmp_path)
+        oc.register(providers.Machine("host", "0" * 32))
+        assert len(fake.registered) == 1
+    finally:
+        fake.close()
+
+
+def test_operations_center_wrong_token_never_repeated(pki: PKI, tmp_path: Path) -> None:
+    fake = FakeOperationsCenter(pki, "the-right-one", [], {})
+    try:
+        oc = operations_center(pki, fake.url, "wrong secret 7", tmp_path)
+        with pytest.raises(providers.ProviderError) as e:
+            oc.register(providers.Machine("host", "0" * 32))
+        assert "secret" not in str(e.value)
+        assert fake.registered == []
+    finally:
+        fake.close()
+
+
+def test_invalid_url_error_never_repeats_the_query() -> None:
+    with pytest.raises(fetch.FetchError) as e:
+        fetch.get(fetch.Transport(read_timeout=2, deadline=2), "http://127.0.0.1:9/x?k=a b", 100)
+    assert "k=a" not in str(e.value) and "not a valid URL" in str(e.value)
