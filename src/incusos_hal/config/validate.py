@@ -838,6 +838,8 @@ def _iscsi_targets(c: _Collector, targets: tuple[ServiceISCSITarget, ...], path:
         if key in seen:
             c.check(q, f"the same target as {seen[key]}")
         seen.setdefault(key, q)
+
+
 # The storage section. A pool name as `zpool create` takes it and as a key file name can
 # carry it (zpool.<name>.key): ZFS's own rule, ASCII only, minus its reserved words.
 _POOL_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.:-]{0,199}", re.ASCII)
