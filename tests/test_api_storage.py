@@ -105,6 +105,10 @@ def test_scrub_schedule_stored_and_pools_never(api: apiserver.Server) -> None:
         ("create-volume", {"pool": "local", "name": "v", "use": "lxd"}, 400, "invalid volume use provided"),
         ("create-volume", {"pool": "a/b", "name": "v", "use": "incus"}, 400, "invalid pool name provided"),
         ("delete-volume", {"pool": "local"}, 400, "no volume name provided"),
+        # An option-like pool would reach zfs's argv as `-R/v`, `-o.../v`.
+        ("create-volume", {"pool": "-oquota=1", "name": "v", "use": "incus"}, 400, "invalid pool name provided"),
+        ("delete-volume", {"pool": "-R", "name": "v"}, 400, "invalid pool name provided"),
+        ("delete-volume", {"pool": "..", "name": "v"}, 400, "invalid pool name provided"),
         ("wipe-drive", {}, 400, "no drive specified"),
         ("wipe-drive", {"id": "/dev/disk/by-id/nothing-here"}, 400, "drive '/dev/disk/by-id/nothing-here' doesn't exist"),
         ("encrypt-drive", {"id": "/dev/sda"}, 400, "invalid disk id"),

@@ -728,11 +728,9 @@ def _scrub(name: str) -> None:
 
 
 def _volume(b: dict[str, Any]) -> tuple[str, str]:
-    pool = _text(b, "pool")
-    if not pool:
-        raise Refused(400, "no pool name provided")
-    if "/" in pool:
-        raise Refused(400, "invalid pool name provided")
+    # The pool's full rule (not only "no /"): `-R` or `-o...` would reach zfs's argv as
+    # an option.
+    pool = _pool_name(b, "pool")
     name = _text(b, "name")
     if not name:
         raise Refused(400, "no volume name provided")
