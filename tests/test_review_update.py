@@ -4,6 +4,7 @@ sends to a server is what was configured, nothing more, and never repeated in an
 from __future__ import annotations
 
 import datetime
+import json
 from pathlib import Path
 
 import pytest
@@ -66,3 +67,16 @@ def test_invalid_url_error_never_repeats_the_query() -> None:
     with pytest.raises(fetch.FetchError) as e:
         fetch.get(fetch.Transport(read_timeout=2, deadline=2), "http://127.0.0.1:9/x?k=a b", 100)
     assert "k=a" not in str(e.value) and "not a valid URL" in str(e.value)
+
+
+@pytest.mark.parametrize("version", ["..", ".", "-1", "_"])
+def test_a_version_that_is_not_a_name_is_refused(version: str) -> None:
+    # A version becomes a directory (updates/<kind>/<name>/<version>: `..` is its
+    # parent, shared by every version, and a Secure Boot step removes its directory
+    # whole) and a URL path segment (<server_url>/../<file>).
+    from incusos_hal.update import index
+
+    files = [{"filename": "a.raw", "sha256": "a" * 64, "size": 1, "type": "application"}]
+    raw = json.dumps({"updates": [{"version": version, "channels": ["stable"], "files": files}]})
+    with pytest.raises(index.BadIndex, match="is not a version"):
+        index.parse_index(raw.encode())
