@@ -80,3 +80,18 @@ def test_a_version_that_is_not_a_name_is_refused(version: str) -> None:
     raw = json.dumps({"updates": [{"version": version, "channels": ["stable"], "files": files}]})
     with pytest.raises(index.BadIndex, match="is not a version"):
         index.parse_index(raw.encode())
+
+
+@pytest.mark.parametrize("uuid", ["", "é1", "٣"])
+def test_operations_center_update_id_not_ascii_is_a_provider_error(
+    pki: PKI, tmp_path: Path, uuid: str
+) -> None:
+    # str.isalnum() holds for "é" and Arabic digits: such an id reached http.client,
+    # whose UnicodeEncodeError no caller expects (the check died without a status).
+    fake = FakeOperationsCenter(pki, "t", [{"uuid": uuid, "version": "2", "channels": []}], {})
+    try:
+        oc = operations_center(pki, fake.url, "t", tmp_path)
+        with pytest.raises(providers.ProviderError, match="not an identifier"):
+            oc.latest("", "x86_64", "1", fresh=True)
+    finally:
+        fake.close()

@@ -25,6 +25,7 @@ import datetime
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -39,6 +40,7 @@ from .fetch import FetchError, Transport
 # check an operator asks for always fetches again.
 CACHE_SECONDS = 3600.0
 MAX_API_BYTES = 4 << 20
+_UPDATE_ID = re.compile(r"[A-Za-z0-9-]{1,64}", re.ASCII)
 
 
 class ProviderError(Exception):
@@ -386,7 +388,9 @@ class OperationsCenter:
             uuid = raw.get("uuid")
             channels = raw.get("channels") or []
             version = raw.get("version")
-            if not isinstance(uuid, str) or not all(c.isalnum() or c == "-" for c in uuid):
+            # ASCII and not empty: it becomes a URL path segment (str.isalnum() holds
+            # for "é", which http.client cannot send).
+            if not isinstance(uuid, str) or _UPDATE_ID.fullmatch(uuid) is None:
                 raise ProviderError(f"updates[{i}].uuid: not an identifier")
             if channel and channel not in channels and version != running:
                 continue
