@@ -551,3 +551,22 @@ def test_any_seed_file_is_problems_or_valid(name: str, text: str | bytes) -> Non
     checked = check_files({name: data}, Config())
     for problem in checked.problems:
         assert problem.file == name and "\n" not in str(problem)
+
+
+def test_a_volume_reader_that_hangs_floods_or_overflows_is_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """mtools and isoinfo read what a crafted volume holds: one that never ends is killed at
+    the deadline, a flood on stderr cannot stall it, an oversized member is refused."""
+    from incusos_hal.hal import seed as hal_seed
+
+    monkeypatch.setattr(hal_seed, "TOOL_TIMEOUT", 1.0)
+    with pytest.raises(hal_seed.SeedReadError, match="no answer in time"):
+        hal_seed._tool(["sleep", "30"], "FAT")
+    flood = "head -c 1000000 /dev/zero >&2; echo done; exit 3"
+    with pytest.raises(hal_seed.SeedReadError, match="cannot be read"):
+        hal_seed._tool(["sh", "-c", flood], "FAT")
+    big = f"head -c {hal_seed.MAX_FILE_BYTES + 4096} /dev/zero"
+    with pytest.raises(hal_seed.SeedReadError, match="larger than"):
+        hal_seed._tool(["sh", "-c", big], "ISO")
+    assert hal_seed._tool(["sh", "-c", "printf seed"], "FAT") == b"seed"

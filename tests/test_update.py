@@ -496,3 +496,31 @@ def test_needs_reboot_is_for_the_boot_that_set_it(tmp_path: Path) -> None:
     assert checker.read_state(tmp_path, root).needs_reboot is True
     (root / "proc/sys/kernel/random/boot_id").write_text("boot-two\n")  # rebooted
     assert checker.read_state(tmp_path, root).needs_reboot is False
+
+
+def test_a_bug_in_a_check_ends_the_check_in_its_status(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception no step expects (a bug) still ends the check: the state says it
+    failed, never "Running update check", and the next check may run."""
+    import datetime
+
+    from incusos_hal.config.model import Config
+    from incusos_hal.update import checker
+
+    def broken(_: object) -> object:
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(checker.providers, "load", broken)
+    inputs = checker.Inputs(
+        Config(),
+        tmp_path,
+        str(tmp_path),
+        lambda: datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC),
+    )
+    with pytest.raises(KeyError):
+        checker.check(inputs, "user")
+    state = checker.read_state(tmp_path, str(tmp_path))
+    assert state.status == "Failed to check for updates: internal error (KeyError)"
+    assert checker.reserve(), "the failed check kept the one check slot"
+    checker._RUNNING.release()

@@ -156,7 +156,8 @@ def test_provider_and_update_shapes(fresh: Env) -> None:
     assert provider["config"]["name"] == "images"
     assert provider["state"] == {"registered": False}
     state = fresh.state()
-    assert set(state) == {"last_check", "status", "needs_reboot"}
+    # IncusOS's three fields, and which A/B slot runs (docs/incusos-differences.md).
+    assert set(state) == {"last_check", "status", "needs_reboot", "booted"}
     assert state["last_check"] == "0001-01-01T00:00:00Z"
 
 

@@ -221,25 +221,46 @@ def read_dir(path: Path) -> dict[str, bytes]:
 
 
 def _tool(argv: list[str], what: str) -> bytes:
-    """A reader's output, at most MAX_FILE_BYTES + 1 bytes of it."""
+    """A reader's output, at most MAX_FILE_BYTES + 1 bytes of it, within TOOL_TIMEOUT.
+
+    Output and errors go to unnamed files, not pipes: a tool stuck on a crafted volume is
+    killed at the deadline, and a full stderr pipe cannot stall it while its stdout is
+    read. The files are capped (RLIMIT_FSIZE), so a huge member cannot fill the disk."""
+    import resource
+    import tempfile
+
     env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin"), "MTOOLS_SKIP_CHECK": "1"}
-    try:
-        proc = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env
-        )
-    except FileNotFoundError:
-        raise SeedReadError(f"{argv[0]} is needed to read a {what} volume") from None
-    assert proc.stdout is not None and proc.stderr is not None
-    out = proc.stdout.read(MAX_FILE_BYTES + 1)
-    if len(out) > MAX_FILE_BYTES:
-        proc.kill()
-        proc.wait()
-        raise SeedReadError(f"larger than {MAX_FILE_BYTES} bytes")
-    err = proc.stderr.read(4096)
-    if proc.wait(timeout=TOOL_TIMEOUT) != 0:
-        message = " ".join(err.decode(errors="replace").split())[:200]
-        raise SeedReadError(f"the {what} volume cannot be read: {message}")
-    return out
+
+    def capped() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (MAX_FILE_BYTES + 1, MAX_FILE_BYTES + 1))
+
+    with tempfile.TemporaryFile() as out_file, tempfile.TemporaryFile() as err_file:
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdout=out_file,
+                stderr=err_file,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                preexec_fn=capped,
+            )
+        except FileNotFoundError:
+            raise SeedReadError(f"{argv[0]} is needed to read a {what} volume") from None
+        try:
+            code = proc.wait(timeout=TOOL_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise SeedReadError(f"the {what} volume cannot be read: no answer in time") from None
+        out_file.seek(0)
+        out = out_file.read(MAX_FILE_BYTES + 1)
+        if len(out) > MAX_FILE_BYTES:
+            raise SeedReadError(f"larger than {MAX_FILE_BYTES} bytes")
+        if code != 0:
+            err_file.seek(0)
+            message = " ".join(err_file.read(4096).decode(errors="replace").split())[:200]
+            raise SeedReadError(f"the {what} volume cannot be read: {message}")
+        return out
 
 
 def read_fat(device: Path) -> dict[str, bytes]:

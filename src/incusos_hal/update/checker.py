@@ -187,6 +187,18 @@ def check(
         raise Busy("an update check is already running")
     try:
         return _check(inputs, trigger, os_only, progress or (lambda _: None), installers)
+    except Exception as e:
+        # A bug, not a refused update: the state must not say "Running update check"
+        # for ever. The trace goes to the caller (the service logs it).
+        try:
+            failed = replace(
+                read_state(inputs.state_dir, inputs.root),
+                status=f"Failed to check for updates: internal error ({type(e).__name__})",
+            )
+            write_state(inputs.state_dir, failed)
+        except OSError:
+            pass
+        raise
     finally:
         _RUNNING.release()
 
