@@ -34,6 +34,8 @@ IMPLIED_MARKS = {"nspawn": ("system", "root"), "vm": ("system", "root")}
 _current: pytest.Item | None = None
 
 
+# First: pytest-xdist's own hook reads the xdist_group marks this one adds.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         for fixture in getattr(item, "fixturenames", ()):

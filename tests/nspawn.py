@@ -91,15 +91,24 @@ def rootfs(
     debootstrap cannot do: other components, building modules); it is part of the key."""
     base = CACHE / "rootfs"
     base.mkdir(parents=True, exist_ok=True)
-    with open(base / ".lock", "w") as lock:
+
+    def cached(suite: str) -> Path:
+        key = hashlib.sha256(
+            json.dumps(
+                [ROOTFS_RECIPE, suite, MIRROR, packages, *([setup] if setup else [])]
+            ).encode()
+        ).hexdigest()[:12]
+        return base / f"{flavor}-{suite}-{key}"
+
+    # A built root is used without waiting; a build holds its flavor's lock only, so a
+    # long one (the ZFS flavor compiles a module) never holds up the other flavors.
+    for suite in SUITES:
+        if (cached(suite) / ".complete").exists():
+            return cached(suite)
+    with open(base / f".{flavor}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         for suite in SUITES:
-            key = hashlib.sha256(
-                json.dumps(
-                    [ROOTFS_RECIPE, suite, MIRROR, packages, *([setup] if setup else [])]
-                ).encode()
-            ).hexdigest()[:12]
-            dest = base / f"{flavor}-{suite}-{key}"
+            dest = cached(suite)
             if (dest / ".complete").exists():
                 return dest
             tmp = base / f".{dest.name}.partial"
