@@ -34,8 +34,6 @@ IMPLIED_MARKS = {"nspawn": ("system", "root"), "vm": ("system", "root")}
 _current: pytest.Item | None = None
 
 
-# First: pytest-xdist's own hook reads the xdist_group marks this one adds.
-@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         for fixture in getattr(item, "fixturenames", ()):
@@ -49,12 +47,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.get_closest_marker("nspawn") or item.get_closest_marker("vm")
         ):
             raise pytest.UsageError(f"{item.nodeid}: marked system but neither nspawn nor vm")
-        if item.get_closest_marker("system"):
-            # Under `--dist loadgroup` (ci/test's second phase) a boot is made once: every
-            # test reading the shared appliance on one worker, each other module's tests
-            # (module-scoped boots) on one worker.
-            shared = "appliance" in getattr(item, "fixturenames", ())
-            item.add_marker(pytest.mark.xdist_group("appliance" if shared else item.path.name))
+        if "appliance" in getattr(item, "fixturenames", ()):
+            # ci/test's second phase runs these (two boots of one machine) in one process
+            # and every other rung in another, side by side.
+            item.add_marker("appliance")
 
 
 @pytest.hookimpl(tryfirst=True)
