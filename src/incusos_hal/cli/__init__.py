@@ -151,6 +151,14 @@ def parser() -> argparse.ArgumentParser:
     rs.add_argument("file")
     rs.add_argument("--skip", action="append", default=[], help="encryption-recovery-keys")
 
+    co = sub.add_parser("console", help="the status screen (tty1 on the appliance)")
+    co.add_argument("--to", action="append", help="a terminal to draw on (default: stdout)")
+    co.add_argument("--once", action="store_true", help="draw once and exit")
+    co.add_argument("--interval", type=float, default=5.0, help="seconds between redraws")
+    co.add_argument("--root", help="read the machine under this root")
+    co.add_argument("--state-dir")
+    co.set_defaults(command=("console", "cmd_console"))
+
     rec = sub.add_parser("record", help="copy what inventory reads into DIR, to replay it")
     rec.add_argument("dir", metavar="DIR")
     rec.add_argument("--root", help="record from this root instead of /")
