@@ -1,0 +1,138 @@
+"""The appliance image (mkosi/, tests/image.py), booted as a user's machine would boot it:
+qemu (TCG here) with OVMF Secure Boot enrolled with the build's test keys (PK, KEK, db)
+and a swtpm TPM 2.0, from its own disk, with no kernel handed in from outside.
+
+Boot 1 (first boot): systemd-repart lays out root (LUKS2, TPM-bound), swap and local-data;
+the config handed over as a credential (listen address, this test's client certificate)
+is stored; the API answers over mutual TLS through qemu's forwarded port; Secure Boot is
+on, the TPM trusted, root is an encrypted volume and a recovery key was made. It powers
+off through the API. Boot 2, same disk and TPM: root unlocks with no passphrase (the API
+answers again). Boot 3, Secure Boot turned off in the firmware (PCR 7 changes): the TPM
+no longer opens root and the initrd asks for a passphrase on the console.
+
+Each boot costs minutes under TCG; the build (ci/image build) more on first use. Run
+under the machine's heavy-job lock.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import image
+from apiserver import free_port, openssl_client_cert
+
+pytestmark = [pytest.mark.vm, pytest.mark.root]
+
+BOOT_TIMEOUT = 1500  # seconds from qemu start to the API answering, under TCG and load
+PASSPHRASE_PROMPT = "Please enter passphrase for disk"
+
+
+def _client(cert: Path, key: Path) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    # The machine's certificate is self-signed and made on first boot: the test pins
+    # nothing (the fingerprint is checked against the API's own report instead).
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+def _get(port: int, ctx: ssl.SSLContext, path: str, method: str = "GET") -> Any:
+    req = urllib.request.Request(f"https://127.0.0.1:{port}{path}", method=method)
+    with urllib.request.urlopen(req, context=ctx, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def _wait_for_api(
+    port: int, ctx: ssl.SSLContext, proc: Any, console: Path, started: float
+) -> float:
+    """Seconds from qemu start until GET /1.0 answered; fails with the console's tail."""
+    while time.monotonic() - started < BOOT_TIMEOUT:
+        if proc.poll() is not None:
+            break
+        try:
+            _get(port, ctx, "/1.0")
+            return time.monotonic() - started
+        except (OSError, urllib.error.URLError, ssl.SSLError):
+            time.sleep(2)
+    tail = console.read_text(errors="replace")[-6000:]
+    pytest.fail(f"the API never answered (qemu exit {proc.poll()}); console:\n{tail}")
+
+
+def _power_off(port: int, ctx: ssl.SSLContext, proc: Any) -> None:
+    _get(port, ctx, "/1.0/system/:poweroff", method="POST")
+    proc.wait(600)
+
+
+@pytest.fixture(scope="module")
+def built() -> image.Image:
+    return image.build()
+
+
+def test_image_boots_encrypts_and_answers(built: image.Image, tmp_path_factory: Any) -> None:
+    work = tmp_path_factory.mktemp("machine")
+    cert, key = openssl_client_cert(work, "tester")
+    config = (
+        "[listener]\n"
+        'listen_address = "[::]:8443"\n'
+        f"trusted_client_certificates = [{json.dumps(cert.read_text())}]\n"
+    )
+    port = free_port()
+    machine = image.Machine(
+        work, built, api_port=port, credentials={"incusos-hal.config.toml": config}
+    )
+    ctx = _client(cert, key)
+
+    # Boot 1: first boot.
+    console = work / "console-1.log"
+    with machine.running(console) as proc:
+        started = time.monotonic()
+        first = _wait_for_api(port, ctx, proc, console, started)
+        security = _get(port, ctx, "/1.0/system/security")["metadata"]
+        kernel = _get(port, ctx, "/1.0/debug/kernel")["metadata"]
+        _power_off(port, ctx, proc)
+    state = security["state"]
+    assert state["secure_boot_enabled"] is True, state
+    assert state["tpm_status"] == "ok", state
+    assert state["system_state_is_trusted"] is True, state
+    volumes = {v["volume"]: v for v in state["encrypted_volumes"]}
+    assert "root" in volumes, state["encrypted_volumes"]
+    keys = security["config"]["encryption_recovery_keys"]
+    assert len(keys) == 1 and len(keys[0]) == 71, "one recovery key, systemd's format"
+    assert state["encryption_recovery_keys_retrieved"] is False
+    assert "usrhash=" in json.dumps(kernel), kernel
+    text = console.read_text(errors="replace")
+    assert PASSPHRASE_PROMPT not in text
+    print(f"first boot: API answered {first:.0f}s after qemu started")
+
+    # Boot 2: the TPM unlocks root with no passphrase.
+    console = work / "console-2.log"
+    with machine.running(console) as proc:
+        started = time.monotonic()
+        later = _wait_for_api(port, ctx, proc, console, started)
+        again = _get(port, ctx, "/1.0/system/security")["metadata"]
+        _power_off(port, ctx, proc)
+    assert again["config"]["encryption_recovery_keys"] == keys
+    assert PASSPHRASE_PROMPT not in console.read_text(errors="replace")
+    print(f"later boot: API answered {later:.0f}s after qemu started")
+
+    # Boot 3: Secure Boot off (same keys enrolled): PCR 7 differs, the TPM refuses.
+    machine.vars.unlink()
+    image.enrolled_vars(image.test_keys(), machine.vars, image.tools_root(), secure_boot=False)
+    console = work / "console-3.log"
+    with machine.running(console) as proc:
+        deadline = time.monotonic() + BOOT_TIMEOUT
+        while time.monotonic() < deadline and proc.poll() is None:
+            if PASSPHRASE_PROMPT in console.read_text(errors="replace"):
+                break
+            time.sleep(2)
+        text = console.read_text(errors="replace")
+    assert PASSPHRASE_PROMPT in text, text[-6000:]
