@@ -393,6 +393,62 @@ class Machine:
                 proc.wait()
 
 
+def pe_sections(data: bytes) -> dict[str, bytes]:
+    """A PE image's sections by name, each its VirtualSize bytes of content (what
+    systemd-stub measures, and systemd-measure hashes)."""
+    import struct
+
+    (pe,) = struct.unpack_from("<I", data, 0x3C)
+    if data[pe : pe + 4] != b"PE\0\0":
+        raise ValueError("not a PE image")
+    count, _, _, _, optional_size = struct.unpack_from("<HIIIH", data, pe + 6)
+    table = pe + 24 + optional_size
+    out: dict[str, bytes] = {}
+    for i in range(count):
+        entry = table + 40 * i
+        name = data[entry : entry + 8].rstrip(b"\0").decode()
+        virtual_size, _, raw_size, raw_pointer = struct.unpack_from("<IIII", data, entry + 8)
+        out[name] = data[raw_pointer : raw_pointer + min(virtual_size, raw_size)]
+    return out
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def reproduce() -> tuple[str, str, list[str]]:
+    """Build the image a second time, uncached, from the same inputs; return both /usr
+    partitions' SHA-256 and, when they differ, the paths whose contents or metadata
+    differ (both file systems extracted with fsck.erofs in the tools root)."""
+    first = build()
+    second = build(out=CACHE / "reproduce")
+    a, b = first.usr_partition(), second.usr_partition()
+    ha, hb = file_sha256(a), file_sha256(b)
+    if ha == hb:
+        return ha, hb, []
+    work = CACHE / "reproduce-diff"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    tools_run(
+        tools_root(),
+        "fsck.erofs --extract=/w/a /a.raw >/dev/null\n"
+        "fsck.erofs --extract=/w/b /b.raw >/dev/null\n"
+        "cd /w && (diff -rq --no-dereference a b || true) >diff.txt\n"
+        "(cd a && find . -printf '%p %m %U %G %T@ %s\\n' | sort) >a.list\n"
+        "(cd b && find . -printf '%p %m %U %G %T@ %s\\n' | sort) >b.list\n"
+        "(diff a.list b.list || true) >>diff.txt\n",
+        {a: "/a.raw", b: "/b.raw", work: "/w"},
+        log=work / "extract.log",
+        timeout=1200,
+    )
+    differences = (work / "diff.txt").read_text(errors="replace").splitlines()
+    return ha, hb, differences or ["the file systems' contents are equal; the images differ"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ci/image", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="verb", required=True)
@@ -400,10 +456,17 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--force", action="store_true", help="build again even if cached")
     b.add_argument("--out", type=Path, help="build into this directory, uncached")
     sub.add_parser("key", help="print the inputs' hash (the cache key)")
+    sub.add_parser("reproduce", help="build twice; compare the /usr partitions")
     args = parser.parse_args(argv)
     if args.verb == "key":
         print(inputs_key(tools_root()))
         return 0
+    if args.verb == "reproduce":
+        ha, hb, differences = reproduce()
+        print(f"/usr first build:  {ha}\n/usr second build: {hb}")
+        for line in differences[:200]:
+            print(f"  {line}")
+        return 0 if ha == hb else 1
     image = build(force=args.force, out=args.out)
     print(image.directory)
     return 0
