@@ -16,8 +16,11 @@ under the machine's heavy-job lock.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import ssl
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -25,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from incusos_hal.hal import pcrsig
 
 import image
 from apiserver import free_port, openssl_client_cert
@@ -67,6 +72,47 @@ def _wait_for_api(
     pytest.fail(f"the API never answered (qemu exit {proc.poll()}); console:\n{tail}")
 
 
+# Run in the guest through POST /1.0/debug/:run-script, signed with the image's test key
+# (which the firmware's db holds, so the API runs it): what the API does not show.
+PROBE_SCRIPT = """#!/bin/sh
+echo "pcr11 $(cat /sys/class/tpm/tpm0/pcr-sha256/11)"
+echo "pcr7 $(cat /sys/class/tpm/tpm0/pcr-sha256/7)"
+for label in $(ls /dev/disk/by-partlabel); do echo "partlabel $label"; done
+echo "luks-begin"
+cryptsetup luksDump --dump-json-metadata /dev/disk/by-partlabel/root-x86-64
+echo "luks-end"
+for unit in $(systemctl --failed --plain --no-legend | cut -d' ' -f1); do echo "failed $unit"; done
+echo "findmnt $(findmnt -n -o SOURCE,FSTYPE /usr)"
+"""
+
+
+def _run_probe(port: int, ctx: ssl.SSLContext) -> dict[str, Any]:
+    keys = image.test_keys()
+    signed = subprocess.run(
+        ["openssl", "smime", "-sign", "-signer", str(keys / "db.crt"), "-inkey",
+         str(keys / "db.key")],
+        input=PROBE_SCRIPT.encode(), capture_output=True, check=True,
+    ).stdout  # fmt: skip
+    req = urllib.request.Request(
+        f"https://127.0.0.1:{port}/1.0/debug/:run-script", data=signed, method="POST"
+    )
+    with urllib.request.urlopen(req, context=ctx, timeout=120) as r:
+        output = json.loads(r.read())["metadata"]
+    lines = output.splitlines()
+    start, end = lines.index("luks-begin"), lines.index("luks-end")
+    out: dict[str, Any] = {
+        "luks": json.loads("\n".join(lines[start + 1 : end])),
+        "partlabels": [], "failed": [],
+    }  # fmt: skip
+    for line in lines[:start] + lines[end + 1 :]:
+        key, _, value = line.partition(" ")
+        if key in ("partlabel", "failed"):
+            out[key + "s" if key == "partlabel" else key].append(value)
+        else:
+            out[key] = value
+    return out
+
+
 def _power_off(port: int, ctx: ssl.SSLContext, proc: Any) -> None:
     _get(port, ctx, "/1.0/system/:poweroff", method="POST")
     proc.wait(600)
@@ -98,7 +144,30 @@ def test_image_boots_encrypts_and_answers(built: image.Image, tmp_path_factory: 
         first = _wait_for_api(port, ctx, proc, console, started)
         security = _get(port, ctx, "/1.0/system/security")["metadata"]
         kernel = _get(port, ctx, "/1.0/debug/kernel")["metadata"]
+        events = _get(port, ctx, "/1.0/debug/secureboot/event-log")["metadata"]
+        probe = _run_probe(port, ctx)
         _power_off(port, ctx, proc)
+    # The disk as first boot laid it out: /usr (verity, its signature), root, swap, local-data.
+    assert {"root-x86-64", "swap", "local-data"} <= set(probe["partlabels"]), probe
+    assert probe["findmnt"].startswith("/dev/mapper/usr erofs"), probe["findmnt"]
+    assert probe["failed"] == [], probe["failed"]
+    # Root's LUKS2 TPM token, as systemd-repart enrolled it: PCR 7 by value, PCR 11 by the
+    # UKI's signed policy (its public key), so a new signed UKI needs no re-enrolment.
+    tokens = [t for t in probe["luks"]["tokens"].values() if t["type"] == "systemd-tpm2"]
+    assert len(tokens) == 1, probe["luks"]["tokens"]
+    assert tokens[0]["tpm2-pcrs"] == [7], tokens[0]
+    assert tokens[0]["tpm2_pubkey_pcrs"] == [11], tokens[0]
+    # PCR 11: the event log's UKI measurements replay to what the HAL predicts from the
+    # UKI's sections, and the booted system's PCR 11 is that plus the four boot phases.
+    sections = image.pe_sections(built.uki.read_bytes())
+    measured = {n: d for n, d in sections.items() if n in pcrsig.UKI_SECTIONS}
+    replayed = bytes(32)
+    for event in events["event_log"]:
+        if event["Index"] == 11:
+            replayed = hashlib.sha256(replayed + base64.b64decode(event["Digest"])).digest()
+    assert replayed == pcrsig.uki_pcr11(measured)
+    phases = ["enter-initrd", "leave-initrd", "sysinit", "ready"]
+    assert probe["pcr11"] == pcrsig.uki_pcr11(measured, phases).hex()
     state = security["state"]
     assert state["secure_boot_enabled"] is True, state
     assert state["tpm_status"] == "ok", state
