@@ -29,12 +29,16 @@ import hashlib
 import json
 import os
 import shutil
+import ssl
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nspawn
 import vm
@@ -447,6 +451,54 @@ def reproduce() -> tuple[str, str, list[str]]:
     )
     differences = (work / "diff.txt").read_text(errors="replace").splitlines()
     return ha, hb, differences or ["the file systems' contents are equal; the images differ"]
+
+
+def api_client(cert: Path, key: Path) -> ssl.SSLContext:
+    """TLS with this client certificate; the machine's own certificate (self-signed, made
+    on its first boot) is not checked here: callers compare its fingerprint."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+def api(port: int, ctx: ssl.SSLContext, path: str, *, data: bytes | None = None) -> Any:
+    """The `metadata` of an API answer (POST when `data` is given)."""
+    req = urllib.request.Request(
+        f"https://127.0.0.1:{port}{path}", data=data, method="GET" if data is None else "POST"
+    )
+    with urllib.request.urlopen(req, context=ctx, timeout=120) as r:
+        return json.loads(r.read())["metadata"]
+
+
+def wait_for_api(
+    port: int, ctx: ssl.SSLContext, proc: subprocess.Popen[bytes], started: float, limit: float
+) -> float | None:
+    """Seconds from `started` until GET /1.0 answered, or None (qemu ended, or `limit`)."""
+    while time.monotonic() - started < limit and proc.poll() is None:
+        try:
+            api(port, ctx, "/1.0")
+            return time.monotonic() - started
+        except (OSError, urllib.error.URLError, ssl.SSLError):
+            time.sleep(0.5)
+    return None
+
+
+def power_off(port: int, ctx: ssl.SSLContext, proc: subprocess.Popen[bytes]) -> None:
+    api(port, ctx, "/1.0/system/:poweroff", data=b"")
+    proc.wait(600)
+
+
+# Booting without the OS layer, for ci/bench --image: the same image, with the configure
+# step skipped by a drop-in and networkd configured by a static default instead, both
+# handed over as systemd credentials (systemd.unit-dropin.*, network.network.*).
+WITHOUT_OS_LAYER = {
+    "systemd.unit-dropin.incusos-hal-configure.service": (
+        "[Unit]\nConditionPathExists=/the-os-layer-is-off\n"
+    ),
+    "network.network.50-default": "[Match]\nType=ether\n[Network]\nDHCP=yes\n",
+}
 
 
 def main(argv: list[str] | None = None) -> int:

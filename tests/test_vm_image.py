@@ -22,8 +22,6 @@ import json
 import ssl
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -40,36 +38,12 @@ BOOT_TIMEOUT = 1500  # seconds from qemu start to the API answering, under TCG a
 PASSPHRASE_PROMPT = "Please enter passphrase for disk"
 
 
-def _client(cert: Path, key: Path) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    # The machine's certificate is self-signed and made on first boot: the test pins
-    # nothing (the fingerprint is checked against the API's own report instead).
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    ctx.load_cert_chain(cert, key)
-    return ctx
-
-
-def _get(port: int, ctx: ssl.SSLContext, path: str, method: str = "GET") -> Any:
-    req = urllib.request.Request(f"https://127.0.0.1:{port}{path}", method=method)
-    with urllib.request.urlopen(req, context=ctx, timeout=30) as r:
-        return json.loads(r.read())
-
-
-def _wait_for_api(
-    port: int, ctx: ssl.SSLContext, proc: Any, console: Path, started: float
-) -> float:
-    """Seconds from qemu start until GET /1.0 answered; fails with the console's tail."""
-    while time.monotonic() - started < BOOT_TIMEOUT:
-        if proc.poll() is not None:
-            break
-        try:
-            _get(port, ctx, "/1.0")
-            return time.monotonic() - started
-        except (OSError, urllib.error.URLError, ssl.SSLError):
-            time.sleep(2)
-    tail = console.read_text(errors="replace")[-6000:]
-    pytest.fail(f"the API never answered (qemu exit {proc.poll()}); console:\n{tail}")
+def _wait_for_api(port: int, ctx: ssl.SSLContext, proc: Any, console: Path) -> float:
+    seconds = image.wait_for_api(port, ctx, proc, time.monotonic(), BOOT_TIMEOUT)
+    if seconds is None:
+        tail = console.read_text(errors="replace")[-6000:]
+        pytest.fail(f"the API never answered (qemu exit {proc.poll()}); console:\n{tail}")
+    return seconds
 
 
 # Run in the guest through POST /1.0/debug/:run-script, signed with the image's test key
@@ -93,11 +67,7 @@ def _run_probe(port: int, ctx: ssl.SSLContext) -> dict[str, Any]:
          str(keys / "db.key")],
         input=PROBE_SCRIPT.encode(), capture_output=True, check=True,
     ).stdout  # fmt: skip
-    req = urllib.request.Request(
-        f"https://127.0.0.1:{port}/1.0/debug/:run-script", data=signed, method="POST"
-    )
-    with urllib.request.urlopen(req, context=ctx, timeout=120) as r:
-        output = json.loads(r.read())["metadata"]
+    output: str = image.api(port, ctx, "/1.0/debug/:run-script", data=signed)
     lines = output.splitlines()
     start, end = lines.index("luks-begin"), lines.index("luks-end")
     out: dict[str, Any] = {
@@ -111,11 +81,6 @@ def _run_probe(port: int, ctx: ssl.SSLContext) -> dict[str, Any]:
         else:
             out[key] = value
     return out
-
-
-def _power_off(port: int, ctx: ssl.SSLContext, proc: Any) -> None:
-    _get(port, ctx, "/1.0/system/:poweroff", method="POST")
-    proc.wait(600)
 
 
 @pytest.fixture(scope="module")
@@ -135,18 +100,17 @@ def test_image_boots_encrypts_and_answers(built: image.Image, tmp_path_factory: 
     machine = image.Machine(
         work, built, api_port=port, credentials={"incusos-hal.config.toml": config}
     )
-    ctx = _client(cert, key)
+    ctx = image.api_client(cert, key)
 
     # Boot 1: first boot.
     console = work / "console-1.log"
     with machine.running(console) as proc:
-        started = time.monotonic()
-        first = _wait_for_api(port, ctx, proc, console, started)
-        security = _get(port, ctx, "/1.0/system/security")["metadata"]
-        kernel = _get(port, ctx, "/1.0/debug/kernel")["metadata"]
-        events = _get(port, ctx, "/1.0/debug/secureboot/event-log")["metadata"]
+        first = _wait_for_api(port, ctx, proc, console)
+        security = image.api(port, ctx, "/1.0/system/security")["metadata"]
+        kernel = image.api(port, ctx, "/1.0/debug/kernel")["metadata"]
+        events = image.api(port, ctx, "/1.0/debug/secureboot/event-log")["metadata"]
         probe = _run_probe(port, ctx)
-        _power_off(port, ctx, proc)
+        image.power_off(port, ctx, proc)
     # The disk as first boot laid it out: /usr (verity, its signature), root, swap, local-data.
     assert {"root-x86-64", "swap", "local-data"} <= set(probe["partlabels"]), probe
     assert probe["findmnt"].startswith("/dev/mapper/usr erofs"), probe["findmnt"]
@@ -185,10 +149,9 @@ def test_image_boots_encrypts_and_answers(built: image.Image, tmp_path_factory: 
     # Boot 2: the TPM unlocks root with no passphrase.
     console = work / "console-2.log"
     with machine.running(console) as proc:
-        started = time.monotonic()
-        later = _wait_for_api(port, ctx, proc, console, started)
-        again = _get(port, ctx, "/1.0/system/security")["metadata"]
-        _power_off(port, ctx, proc)
+        later = _wait_for_api(port, ctx, proc, console)
+        again = image.api(port, ctx, "/1.0/system/security")["metadata"]
+        image.power_off(port, ctx, proc)
     assert again["config"]["encryption_recovery_keys"] == keys
     assert PASSPHRASE_PROMPT not in console.read_text(errors="replace")
     print(f"later boot: API answered {later:.0f}s after qemu started")
