@@ -229,7 +229,7 @@ mkosi \\
     --mirror="$MIRROR" \\
     --source-date-epoch="$SOURCE_DATE_EPOCH" \\
     --seed=5f1a5b8e-1d4c-4b0e-9a43-69686c2d696d \\
-    --image-version="$VERSION" \\
+    --image-version="$VERSION" --output=incusos-hal \\
     --secure-boot-key=/keys/db.key --secure-boot-certificate=/keys/db.crt \\
     --verity-key=/keys/db.key --verity-certificate=/keys/db.crt \\
     --output-directory=/out --cache-directory=/cache --workspace-directory=/var/tmp \\
