@@ -141,6 +141,9 @@ def test_image_boots_encrypts_and_answers(built: image.Image, tmp_path_factory: 
     keys = security["config"]["encryption_recovery_keys"]
     assert len(keys) == 1 and len(keys[0]) == 71, "one recovery key, systemd's format"
     assert state["encryption_recovery_keys_retrieved"] is False
+    # The machine's identity key (TPM, persistent): made on first boot, kept after.
+    identity = state["tpm_public_key"]
+    assert identity.startswith("-----BEGIN PUBLIC KEY-----"), identity
     assert "usrhash=" in json.dumps(kernel), kernel
     text = console.read_text(errors="replace")
     assert PASSPHRASE_PROMPT not in text
@@ -153,6 +156,7 @@ def test_image_boots_encrypts_and_answers(built: image.Image, tmp_path_factory: 
         again = image.api(port, ctx, "/1.0/system/security")["metadata"]
         image.power_off(port, ctx, proc)
     assert again["config"]["encryption_recovery_keys"] == keys
+    assert again["state"]["tpm_public_key"] == identity
     assert PASSPHRASE_PROMPT not in console.read_text(errors="replace")
     print(f"later boot: API answered {later:.0f}s after qemu started")
 
