@@ -181,6 +181,8 @@ def tools_run(
         "--keep-unit",
         "--timezone=off",
         "--resolv-conf=replace-host",
+        # No pseudo-terminal: mkosi pages what it prints on one (and waits for a reader).
+        "--console=pipe",
         "--capability=all",
         "-D",
         str(tools),
