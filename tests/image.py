@@ -228,7 +228,6 @@ class Image:
 MKOSI_SCRIPT = """
 cd /src/mkosi
 mkosi \\
-    --mirror="$MIRROR" \\
     --source-date-epoch="$SOURCE_DATE_EPOCH" \\
     --seed=5f1a5b8e-1d4c-4b0e-9a43-69686c2d696d \\
     --image-version="$VERSION" --output=incusos-hal \\
