@@ -233,6 +233,7 @@ mkosi \\
     --image-version="$VERSION" --output=incusos-hal \\
     --secure-boot-key=/keys/db.key --secure-boot-certificate=/keys/db.crt \\
     --verity-key=/keys/db.key --verity-certificate=/keys/db.crt \\
+    --sign-expected-pcr-key=/keys/db.key --sign-expected-pcr-certificate=/keys/db.crt \\
     --output-directory=/out --cache-directory=/cache --workspace-directory=/var/tmp \\
     --force build
 """
