@@ -30,7 +30,7 @@ FIXTURE_MARKS = {
     "setup_mode": "vm",
 }
 # Booting a container or the VM guest needs root, and is what `system` has always meant.
-IMPLIED_MARKS = {"nspawn": ("system", "root"), "vm": ("system", "root")}
+IMPLIED_MARKS = {"nspawn": ("system", "root"), "vm": ("system", "root"), "image": ("root",)}
 _current: pytest.Item | None = None
 
 

@@ -195,6 +195,13 @@ def parser() -> argparse.ArgumentParser:
     uc.add_argument("--os-only", action="store_true", help="the OS only, no applications")
     # The timer and the boot check say who asked: a timer check keeps to the windows.
     uc.add_argument("--trigger", choices=("user", "boot", "timer"), default="user")
+    co = sub.add_parser("console", help="the status screen (tty1 on the appliance)")
+    co.add_argument("--to", action="append", help="a terminal to draw on (default: stdout)")
+    co.add_argument("--once", action="store_true", help="draw once and exit")
+    co.add_argument("--interval", type=float, default=5.0, help="seconds between redraws")
+    co.add_argument("--root", help="read the machine under this root")
+    co.add_argument("--state-dir")
+    co.set_defaults(command=("console", "cmd_console"))
 
     rec = sub.add_parser("record", help="copy what inventory reads into DIR, to replay it")
     rec.add_argument("dir", metavar="DIR")

@@ -1,0 +1,174 @@
+"""The appliance image (mkosi/, tests/image.py), booted as a user's machine would boot it:
+qemu (TCG here) with OVMF Secure Boot enrolled with the build's test keys (PK, KEK, db)
+and a swtpm TPM 2.0, from its own disk, with no kernel handed in from outside.
+
+Boot 1 (first boot): systemd-repart lays out root (LUKS2, TPM-bound), swap and local-data;
+the config handed over as a credential (listen address, this test's client certificate)
+is stored; the API answers over mutual TLS through qemu's forwarded port; Secure Boot is
+on, the TPM trusted, root is an encrypted volume and a recovery key was made. It powers
+off through the API. Boot 2, same disk and TPM: root unlocks with no passphrase (the API
+answers again). Boot 3, Secure Boot turned off in the firmware (PCR 7 changes): the TPM
+no longer opens root and the initrd asks for a passphrase on the console.
+
+Each boot costs minutes under TCG; the build (ci/image build) more on first use. Run
+under the machine's heavy-job lock.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import ssl
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from incusos_hal.hal import pcrsig
+
+import image
+from apiserver import free_port, openssl_client_cert
+
+pytestmark = [pytest.mark.vm, pytest.mark.root]
+
+BOOT_TIMEOUT = 1500  # seconds from qemu start to the API answering, under TCG and load
+PASSPHRASE_PROMPT = "Please enter passphrase for disk"
+
+
+def _wait_for_api(port: int, ctx: ssl.SSLContext, proc: Any, console: Path) -> float:
+    seconds = image.wait_for_api(port, ctx, proc, time.monotonic(), BOOT_TIMEOUT)
+    if seconds is None:
+        tail = console.read_text(errors="replace")[-6000:]
+        pytest.fail(f"the API never answered (qemu exit {proc.poll()}); console:\n{tail}")
+    return seconds
+
+
+# Run in the guest through POST /1.0/debug/:run-script, signed with the image's test key
+# (which the firmware's db holds, so the API runs it): what the API does not show.
+PROBE_SCRIPT = """#!/bin/sh
+echo "pcr11 $(cat /sys/class/tpm/tpm0/pcr-sha256/11)"
+echo "pcr7 $(cat /sys/class/tpm/tpm0/pcr-sha256/7)"
+for label in $(ls /dev/disk/by-partlabel); do echo "partlabel $label"; done
+echo "luks-begin"
+cryptsetup luksDump --dump-json-metadata /dev/disk/by-partlabel/root-x86-64
+echo "luks-end"
+for unit in $(systemctl --failed --plain --no-legend | cut -d' ' -f1); do echo "failed $unit"; done
+echo "findmnt $(findmnt -n -o SOURCE,FSTYPE /usr)"
+"""
+
+
+def _run_probe(port: int, ctx: ssl.SSLContext) -> dict[str, Any]:
+    keys = image.test_keys()
+    signed = subprocess.run(
+        ["openssl", "smime", "-sign", "-signer", str(keys / "db.crt"), "-inkey",
+         str(keys / "db.key")],
+        input=PROBE_SCRIPT.encode(), capture_output=True, check=True,
+    ).stdout  # fmt: skip
+    output: str = image.api(port, ctx, "/1.0/debug/:run-script", data=signed)
+    lines = output.splitlines()
+    start, end = lines.index("luks-begin"), lines.index("luks-end")
+    out: dict[str, Any] = {
+        "luks": json.loads("\n".join(lines[start + 1 : end])),
+        "partlabels": [], "failed": [],
+    }  # fmt: skip
+    for line in lines[:start] + lines[end + 1 :]:
+        key, _, value = line.partition(" ")
+        if key in ("partlabel", "failed"):
+            out[key + "s" if key == "partlabel" else key].append(value)
+        else:
+            out[key] = value
+    return out
+
+
+@pytest.fixture(scope="module")
+def built() -> image.Image:
+    return image.build()
+
+
+def test_image_boots_encrypts_and_answers(built: image.Image, tmp_path_factory: Any) -> None:
+    work = tmp_path_factory.mktemp("machine")
+    cert, key = openssl_client_cert(work, "tester")
+    config = (
+        "[listener]\n"
+        'listen_address = "[::]:8443"\n'
+        f"trusted_client_certificates = [{json.dumps(cert.read_text())}]\n"
+    )
+    port = free_port()
+    machine = image.Machine(
+        work, built, api_port=port, credentials={"incusos-hal.config.toml": config}
+    )
+    ctx = image.api_client(cert, key)
+
+    # Boot 1: first boot.
+    console = work / "console-1.log"
+    with machine.running(console) as proc:
+        first = _wait_for_api(port, ctx, proc, console)
+        security = image.api(port, ctx, "/1.0/system/security")["metadata"]
+        kernel = image.api(port, ctx, "/1.0/debug/kernel")["metadata"]
+        events = image.api(port, ctx, "/1.0/debug/secureboot/event-log")["metadata"]
+        probe = _run_probe(port, ctx)
+        image.power_off(port, ctx, proc)
+    # The disk as first boot laid it out: /usr (verity, its signature), root, swap, local-data.
+    assert {"root-x86-64", "swap", "local-data"} <= set(probe["partlabels"]), probe
+    assert probe["findmnt"].startswith("/dev/mapper/usr erofs"), probe["findmnt"]
+    assert probe["failed"] == [], probe["failed"]
+    # Root's LUKS2 TPM token, as systemd-repart enrolled it: PCR 7 by value, PCR 11 by the
+    # UKI's signed policy (its public key), so a new signed UKI needs no re-enrolment.
+    tokens = [t for t in probe["luks"]["tokens"].values() if t["type"] == "systemd-tpm2"]
+    assert len(tokens) == 1, probe["luks"]["tokens"]
+    assert tokens[0]["tpm2-pcrs"] == [7], tokens[0]
+    assert tokens[0]["tpm2_pubkey_pcrs"] == [11], tokens[0]
+    # PCR 11: the event log's UKI measurements replay to what the HAL predicts from the
+    # UKI's sections, and the booted system's PCR 11 is that plus the four boot phases.
+    sections = image.pe_sections(built.uki.read_bytes())
+    measured = {n: d for n, d in sections.items() if n in pcrsig.UKI_SECTIONS}
+    replayed = bytes(32)
+    for event in events["event_log"]:
+        if event["Index"] == 11:
+            replayed = hashlib.sha256(replayed + base64.b64decode(event["Digest"])).digest()
+    assert replayed == pcrsig.uki_pcr11(measured)
+    phases = ["enter-initrd", "leave-initrd", "sysinit", "ready"]
+    assert probe["pcr11"] == pcrsig.uki_pcr11(measured, phases).hex()
+    state = security["state"]
+    assert state["secure_boot_enabled"] is True, state
+    assert state["tpm_status"] == "ok", state
+    assert state["system_state_is_trusted"] is True, state
+    volumes = {v["volume"]: v for v in state["encrypted_volumes"]}
+    assert "root" in volumes, state["encrypted_volumes"]
+    keys = security["config"]["encryption_recovery_keys"]
+    assert len(keys) == 1 and len(keys[0]) == 71, "one recovery key, systemd's format"
+    assert state["encryption_recovery_keys_retrieved"] is False
+    # The machine's identity key (TPM, persistent): made on first boot, kept after.
+    identity = state["tpm_public_key"]
+    assert identity.startswith("-----BEGIN PUBLIC KEY-----"), identity
+    assert "usrhash=" in json.dumps(kernel), kernel
+    text = console.read_text(errors="replace")
+    assert PASSPHRASE_PROMPT not in text
+    print(f"first boot: API answered {first:.0f}s after qemu started")
+
+    # Boot 2: the TPM unlocks root with no passphrase.
+    console = work / "console-2.log"
+    with machine.running(console) as proc:
+        later = _wait_for_api(port, ctx, proc, console)
+        again = image.api(port, ctx, "/1.0/system/security")["metadata"]
+        image.power_off(port, ctx, proc)
+    assert again["config"]["encryption_recovery_keys"] == keys
+    assert again["state"]["tpm_public_key"] == identity
+    assert PASSPHRASE_PROMPT not in console.read_text(errors="replace")
+    print(f"later boot: API answered {later:.0f}s after qemu started")
+
+    # Boot 3: Secure Boot off (same keys enrolled): PCR 7 differs, the TPM refuses.
+    machine.vars.unlink()
+    image.enrolled_vars(image.test_keys(), machine.vars, image.tools_root(), secure_boot=False)
+    console = work / "console-3.log"
+    with machine.running(console) as proc:
+        deadline = time.monotonic() + BOOT_TIMEOUT
+        while time.monotonic() < deadline and proc.poll() is None:
+            if PASSPHRASE_PROMPT in console.read_text(errors="replace"):
+                break
+            time.sleep(2)
+        text = console.read_text(errors="replace")
+    assert PASSPHRASE_PROMPT in text, text[-6000:]
