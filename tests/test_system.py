@@ -78,7 +78,7 @@ def _from_guest(boot: vm.Result) -> nspawn.Boot:
     scope="module",
     params=[
         pytest.param("container", marks=pytest.mark.nspawn),
-        pytest.param("vm", marks=pytest.mark.vm),
+        pytest.param("vm", marks=[pytest.mark.vm, pytest.mark.appliance]),
     ],
 )
 def rung(request: pytest.FixtureRequest) -> str:
