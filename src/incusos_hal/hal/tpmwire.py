@@ -71,6 +71,11 @@ class ResponseError(Exception):
         self.rc = rc
 
 
+def is_no_object(rc: int) -> bool:
+    """TPM_RC_HANDLE (format one, any handle number): nothing at that handle."""
+    return bool(rc & 0x80) and rc & 0xBF == 0x8B
+
+
 class WireError(Exception):
     """A response that does not parse or whose HMAC is wrong."""
 
@@ -318,14 +323,9 @@ class Wire:
         return r.sized(), r.sized()
 
     def srk(self, handle: int, template: bytes) -> SRK | None:
-        """The persistent key at `handle` if it is the template's; None if there is none
-        or it is another key (the caller then takes tpm2-pytss's way)."""
-        try:
-            public, name = self.read_public(handle)
-        except ResponseError as e:
-            if e.rc & 0x80 and e.rc & 0xBF == 0x8B:  # TPM_RC_HANDLE: nothing there
-                return None
-            raise
+        """The persistent key at `handle` if it is the template's, None if it is another
+        key; ResponseError (is_no_object) if there is none."""
+        public, name = self.read_public(handle)
         if not is_srk_public(public, template) or name != object_name(public):
             return None
         return SRK(handle, public, name)
