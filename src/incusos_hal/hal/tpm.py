@@ -701,6 +701,12 @@ class Tpm:
             if found is None:
                 self._wire_srk_foreign = True  # a key there that is not the template's
                 return None
+            # tpm2-pytss's sessions (kept from sealing before the SRK existed) would only
+            # take the slots the wire's need: a TPM may have room for three sessions.
+            kept = list(self._sessions.values())
+            self._sessions.clear()
+            for handle in kept:
+                self._flush_quietly(handle)
             self._wire_srk = found
         return self._wire_srk
 
