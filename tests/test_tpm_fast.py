@@ -226,3 +226,12 @@ def test_aes_cfb_roundtrip_and_ecdh_point_check() -> None:
     assert tss.aes128_cfb(key, iv, enc, False) == data
     with pytest.raises(ValueError, match="not a P-256 point"):
         tss.ecdh_p256(b"\1" * 32, b"\2" * 32)
+
+
+def test_the_generated_ffi_module_is_current() -> None:
+    """_tss_ffi.py is what tss_cdef.py generates (regenerate: python -m
+    incusos_hal._native.tss_cdef > src/incusos_hal/_native/_tss_ffi.py)."""
+    from incusos_hal._native import tss_cdef
+
+    committed = (Path(tss.__file__).parent / "_tss_ffi.py").read_text()
+    assert committed == tss_cdef.generate()

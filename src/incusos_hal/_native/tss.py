@@ -7,9 +7,10 @@ Why not the ESAPI (libtss2-esys) here: with tpm2-tss 3.2 on OpenSSL 3 every comm
 session costs it ~5 ms of its own crypto (a fresh OpenSSL library context per nonce), three
 quarters of a seal and unseal; the session arithmetic itself is a few HMACs.
 
-ABI mode (dlopen of the stable sonames) as _native.cryptsetup: no headers at install, and a
-machine without the libraries imports everything else; `available()` says whether this
-path can be used, and hal.tpm falls back to tpm2-pytss when it cannot. The declarations are
+ABI mode (dlopen of the stable sonames) as _native.cryptsetup, but out of line: no headers
+at install, and a machine without the libraries imports everything else; `available()`
+says whether this path can be used, and hal.tpm falls back to tpm2-pytss when it cannot
+(or when cffi's backend is missing: the import fails). The declarations (tss_cdef.py) are
 the documented, versioned ones (tss2_tcti.h's common context, v1; libcrypto 3's EVP and
 EC_KEY calls, the latter deprecated but exported for the life of OpenSSL 3).
 
@@ -22,52 +23,10 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-import cffi
-
-CDEF = """
-typedef uint32_t TSS2_RC;
-typedef struct TSS2_TCTI_OPAQUE_CONTEXT_BLOB TSS2_TCTI_CONTEXT;
-typedef struct {
-    uint64_t magic;
-    uint32_t version;
-    TSS2_RC (*transmit)(TSS2_TCTI_CONTEXT *, size_t, const uint8_t *);
-    TSS2_RC (*receive)(TSS2_TCTI_CONTEXT *, size_t *, uint8_t *, int32_t);
-    void (*finalize)(TSS2_TCTI_CONTEXT *);
-    TSS2_RC (*cancel)(TSS2_TCTI_CONTEXT *);
-    void *getPollHandles;
-    TSS2_RC (*setLocality)(TSS2_TCTI_CONTEXT *, uint8_t);
-} TSS2_TCTI_CONTEXT_COMMON_V1;
-TSS2_RC Tss2_TctiLdr_Initialize(const char *nameConf, TSS2_TCTI_CONTEXT **context);
-void Tss2_TctiLdr_Finalize(TSS2_TCTI_CONTEXT **context);
-"""
-
-CRYPTO_CDEF = """
-typedef struct evp_cipher_ctx_st EVP_CIPHER_CTX;
-typedef struct evp_cipher_st EVP_CIPHER;
-typedef struct ec_key_st EC_KEY;
-typedef struct ec_group_st EC_GROUP;
-typedef struct ec_point_st EC_POINT;
-EVP_CIPHER_CTX *EVP_CIPHER_CTX_new(void);
-void EVP_CIPHER_CTX_free(EVP_CIPHER_CTX *ctx);
-const EVP_CIPHER *EVP_aes_128_cfb128(void);
-int EVP_CipherInit_ex(EVP_CIPHER_CTX *ctx, const EVP_CIPHER *type, void *impl,
-    const unsigned char *key, const unsigned char *iv, int enc);
-int EVP_CipherUpdate(EVP_CIPHER_CTX *ctx, unsigned char *out, int *outl,
-    const unsigned char *in, int inl);
-EC_KEY *EC_KEY_new_by_curve_name(int nid);
-void EC_KEY_free(EC_KEY *key);
-int EC_KEY_generate_key(EC_KEY *key);
-const EC_GROUP *EC_KEY_get0_group(const EC_KEY *key);
-const EC_POINT *EC_KEY_get0_public_key(const EC_KEY *key);
-EC_POINT *EC_POINT_new(const EC_GROUP *group);
-void EC_POINT_free(EC_POINT *point);
-size_t EC_POINT_point2oct(const EC_GROUP *group, const EC_POINT *p, int form,
-    unsigned char *buf, size_t len, void *ctx);
-int EC_POINT_oct2point(const EC_GROUP *group, EC_POINT *p, const unsigned char *buf,
-    size_t len, void *ctx);
-int ECDH_compute_key(void *out, size_t outlen, const EC_POINT *pub_key, const EC_KEY *ecdh,
-    void *kdf);
-"""
+# Out-of-line ABI mode: the declarations (tss_cdef.py) parsed once, at development time,
+# into _tss_ffi.py; importing it needs cffi's C backend only, not cffi and its C parser
+# (which would be most of a fresh seal's time).
+from ._tss_ffi import ffi
 
 TCTILDR_SONAME = "libtss2-tctildr.so.0"
 CRYPTO_SONAME = "libcrypto.so.3"
@@ -76,9 +35,6 @@ MAX_RESPONSE = 4096  # TPM2_MAX_COMMAND_SIZE: no response is longer
 NID_P256 = 415  # NID_X9_62_prime256v1
 POINT_UNCOMPRESSED = 4
 
-ffi = cffi.FFI()
-ffi.cdef(CDEF)
-ffi.cdef(CRYPTO_CDEF)
 _libs: tuple[Any, Any] | None = None
 _lock = threading.Lock()
 
