@@ -21,12 +21,15 @@ zeroed before they are released.
 from __future__ import annotations
 
 import threading
-from typing import Any
 
 # Out-of-line ABI mode: the declarations (tss_cdef.py) parsed once, at development time,
 # into _tss_ffi.py; importing it needs cffi's C backend only, not cffi and its C parser
 # (which would be most of a fresh seal's time).
 from ._tss_ffi import ffi
+
+TYPE_CHECKING = False  # not typing's: a fresh seal does not import typing for this
+if TYPE_CHECKING:
+    from typing import Any
 
 TCTILDR_SONAME = "libtss2-tctildr.so.0"
 CRYPTO_SONAME = "libcrypto.so.3"

@@ -41,11 +41,9 @@ import struct
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-from incusos_hal.hal import pcrsig, tpmwire
-from incusos_hal.hal.eventlog import ALGORITHM_IDS, ALGORITHMS
+from incusos_hal.hal import tpmwire
+from incusos_hal.hal.eventrecords import ALGORITHM_IDS, ALGORITHMS
 from incusos_hal.hal.tpmwire import (
     FIXED_PARENT,
     FIXED_TPM,
@@ -53,6 +51,16 @@ from incusos_hal.hal.tpmwire import (
     SENSITIVE_DATA_ORIGIN,
     USER_WITH_AUTH,
 )
+
+# Not `typing.TYPE_CHECKING`: a seal in a fresh interpreter (the fast path) imports
+# neither typing, pathlib nor hal.pcrsig (and its event log, json, uuid): they are
+# imported where a signer or a path is used.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pathlib import Path
+    from typing import Any
+
+    from incusos_hal.hal import pcrsig
 
 SRK_HANDLE = 0x81000001
 # The identity key: an ECC P-256 signing key derived from the endorsement seed, persisted
@@ -140,7 +148,11 @@ def policy_pcr_digest(policy: PCRPolicy, start: bytes | None = None) -> bytes:
 def sealing_policy_digest(policy: PCRPolicy, signer: pcrsig.Signer | None = None) -> bytes:
     """The policy a secret is sealed under, in systemd's order: PolicyAuthorize by the
     signer's key (if any), then PolicyPCR over the PCRs bound by value."""
-    start = pcrsig.policy_authorize_digest(signer.names[0]) if signer else None
+    if signer is None:
+        return policy_pcr_digest(policy)
+    from incusos_hal.hal import pcrsig
+
+    start = pcrsig.policy_authorize_digest(signer.names[0])
     return policy_pcr_digest(policy, start)
 
 
@@ -762,6 +774,8 @@ class Tpm:
     def _authorize(self, session: Any, signed: SignedPolicy, bank: str, public: bytes) -> None:
         """PolicyPCR over the signed PCRs as they are now, then PolicyAuthorize with the
         TPM's ticket for a signature of exactly that digest."""
+        from incusos_hal.hal import pcrsig
+
         tss = self.tss
         selection = f"{bank}:{','.join(map(str, signed.pcrs))}"
         self.esapi.policy_pcr(session, b"", tss.TPML_PCR_SELECTION.parse(selection))
@@ -914,6 +928,8 @@ def open_tpm_if_any(
 
 def device_present(root: Path | str = "/") -> bool:
     """A TPM 2.0 the kernel drives (sysfs), without opening it."""
+    from pathlib import Path
+
     base = Path(root) / "sys/class/tpm"
     for dev in sorted(base.glob("tpm[0-9]*")):
         try:
