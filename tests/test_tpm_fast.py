@@ -235,3 +235,24 @@ def test_the_generated_ffi_module_is_current() -> None:
 
     committed = (Path(tss.__file__).parent / "_tss_ffi.py").read_text()
     assert committed == tss_cdef.generate()
+
+
+def test_sessions_give_way_when_the_tpm_has_no_room(swtpm: str, tmp_path: Path) -> None:
+    """Two sessions left loaded by a tool (tpm2_createpolicy's trial sessions; swtpm has no
+    resource manager and three slots): the wire lets its kept session go and still seals
+    and unseals, again and again."""
+    require_tool("tpm2_createpolicy")
+    with opened(swtpm, "pytss") as t:
+        t.srk()
+    for _ in range(2):
+        subprocess.run(
+            ["tpm2_createpolicy", "--policy-pcr", "-l", "sha256:7", "-L", str(tmp_path / "p")],
+            env=tools_env(swtpm),
+            check=True,
+            capture_output=True,
+        )
+    with opened(swtpm, "wire") as t:
+        policy = t.current_policy("sha256", [7])
+        for i in range(3):
+            secret = bytes([i + 1]) * 8
+            assert t.unseal_sealed(t.seal(secret, policy)) == secret

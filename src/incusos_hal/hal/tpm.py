@@ -736,9 +736,18 @@ class Tpm:
                 self._wire_flush_quietly(session.handle)
                 session = None
         if session is None:
-            session = wire.start_session(
-                srk, tpmwire.SE_POLICY if kind == "policy" else tpmwire.SE_HMAC
-            )
+            session_type = tpmwire.SE_POLICY if kind == "policy" else tpmwire.SE_HMAC
+            try:
+                session = wire.start_session(srk, session_type)
+            except tpmwire.ResponseError as e:
+                # TPM_RC_SESSION_MEMORY: a TPM without a resource manager (swtpm,
+                # /dev/tpm0) with its slots taken by others; let go of ours and try once more.
+                if e.rc != tpmwire.RC_SESSION_MEMORY or not self._wire_sessions:
+                    raise
+                for other in self._wire_sessions.values():
+                    self._wire_flush_quietly(other.handle)
+                self._wire_sessions.clear()
+                session = wire.start_session(srk, session_type)
         ok = False
         try:
             yield session
