@@ -256,3 +256,20 @@ def test_sessions_give_way_when_the_tpm_has_no_room(swtpm: str, tmp_path: Path) 
         for i in range(3):
             secret = bytes([i + 1]) * 8
             assert t.unseal_sealed(t.seal(secret, policy)) == secret
+
+
+def test_records_are_frozen_values() -> None:
+    """hal.tpm's records (tpmwire.Record, not dataclasses): equal by value, frozen, and
+    every field given."""
+    policy = tpm.PCRPolicy("sha256", {7: bytes(32)})
+    assert policy == tpm.PCRPolicy("sha256", {7: bytes(32)})
+    assert policy != tpm.PCRPolicy("sha256", {7: b"\1" * 32})
+    with pytest.raises(AttributeError, match="frozen"):
+        policy.bank = "sha1"  # type: ignore[misc]
+    with pytest.raises(ValueError, match="PCR 24"):
+        tpm.PCRPolicy("sha256", {24: bytes(32)})
+    sealed = tpm.Sealed(b"\0\0", b"\0\0", policy, b"h", b"srk")
+    assert sealed.signer is None and sealed.blob == bytes(4)
+    assert "Sealed(" in repr(sealed) and hash(tpmwire.SRK(1, b"a", b"n")) == hash(
+        tpmwire.SRK(1, b"a", b"n")
+    )

@@ -40,7 +40,6 @@ import os
 import struct
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager, suppress
-from dataclasses import dataclass
 
 from incusos_hal.hal import tpmwire
 from incusos_hal.hal.eventrecords import ALGORITHM_IDS, ALGORITHMS
@@ -98,15 +97,16 @@ class PolicyError(TPMError):
     """The TPM refused the policy: the PCRs are not what the secret was sealed to."""
 
 
-@dataclass(frozen=True, slots=True)
-class PCRPolicy:
+class PCRPolicy(tpmwire.Record):
     """A PCR policy: `values` maps each bound PCR to the value it must have (sealing against
     the current value is just reading it first, see Tpm.current_policy)."""
 
+    __slots__ = ("bank", "values")
     bank: str
     values: Mapping[int, bytes]
 
-    def __post_init__(self) -> None:
+    def __init__(self, bank: str, values: Mapping[int, bytes]) -> None:
+        self._init(bank=bank, values=values)
         if self.bank not in ALGORITHM_IDS:
             raise ValueError(f"bank: unknown PCR bank {self.bank!r}")
         size = dict(ALGORITHMS.values())[self.bank]
@@ -156,27 +156,53 @@ def sealing_policy_digest(policy: PCRPolicy, signer: pcrsig.Signer | None = None
     return policy_pcr_digest(policy, start)
 
 
-@dataclass(frozen=True, slots=True)
-class SignedPolicy:
+class SignedPolicy(tpmwire.Record):
     """What unsealing a secret sealed to a signer needs: the key, the PCRs its signatures
     cover (systemd's tpm2_pubkey_pcrs, usually 11) and the signature document's entries."""
 
+    __slots__ = ("pcrs", "signatures", "signer")
     signer: pcrsig.Signer
     pcrs: tuple[int, ...]
     signatures: tuple[pcrsig.PCRSignature, ...]
 
+    def __init__(
+        self,
+        signer: pcrsig.Signer,
+        pcrs: tuple[int, ...],
+        signatures: tuple[pcrsig.PCRSignature, ...],
+    ) -> None:
+        self._init(signer=signer, pcrs=pcrs, signatures=signatures)
 
-@dataclass(frozen=True, slots=True)
-class Sealed:
+
+class Sealed(tpmwire.Record):
     """A sealed secret as it is stored: the TPM2B_PRIVATE and TPM2B_PUBLIC of the object
     (marshalled, size first), and what unsealing needs to know."""
 
+    __slots__ = ("policy", "policy_hash", "private", "public", "signer", "srk")
     private: bytes
     public: bytes
     policy: PCRPolicy
     policy_hash: bytes
     srk: bytes  # the SRK's serialized ESYS_TR (systemd's tpm2_srk)
-    signer: pcrsig.Signer | None = None
+    signer: pcrsig.Signer | None
+
+    def __init__(
+        self,
+        private: bytes,
+        public: bytes,
+        policy: PCRPolicy,
+        policy_hash: bytes,
+        srk: bytes,
+        signer: pcrsig.Signer | None = None,
+    ) -> None:
+        self._init(
+            private=private,
+            public=public,
+            policy=policy,
+            policy_hash=policy_hash,
+            srk=srk,
+            signer=signer,
+        )
 
     @property
     def blob(self) -> bytes:
@@ -198,13 +224,29 @@ def split_blob(blob: bytes) -> tuple[bytes, bytes]:
     return blob[: 2 + private_size], blob[2 + private_size : end]
 
 
-@dataclass(frozen=True, slots=True)
-class TPMInfo:
+class TPMInfo(tpmwire.Record):
+    __slots__ = ("banks", "firmware_version", "manufacturer", "spec_revision", "vendor")
     manufacturer: str
     vendor: str
     firmware_version: str
     spec_revision: str
     banks: tuple[str, ...]  # PCR banks with at least one PCR allocated
+
+    def __init__(
+        self,
+        manufacturer: str,
+        vendor: str,
+        firmware_version: str,
+        spec_revision: str,
+        banks: tuple[str, ...],
+    ) -> None:
+        self._init(
+            manufacturer=manufacturer,
+            vendor=vendor,
+            firmware_version=firmware_version,
+            spec_revision=spec_revision,
+            banks=banks,
+        )
 
     @property
     def is_swtpm(self) -> bool:

@@ -18,7 +18,6 @@ import hmac
 import os
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
 
 ST_NO_SESSIONS = 0x8001
 ST_SESSIONS = 0x8002
@@ -199,22 +198,65 @@ class Reader:
         return self.take(self.u16())
 
 
-@dataclass(slots=True)
+class Record:
+    """A frozen record with __slots__, as @dataclass(frozen=True, slots=True) makes them,
+    without importing dataclasses: with inspect, that was most of the imports of a seal
+    in a fresh interpreter. Each subclass lists its fields in __slots__ and sets them in
+    its __init__ through _init, every one of them."""
+
+    __slots__: tuple[str, ...] = ()
+
+    def _init(self, **values: object) -> None:
+        if set(values) != set(self.__slots__):
+            raise TypeError(f"{type(self).__name__}: fields {sorted(self.__slots__)}")
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"{type(self).__name__} is frozen: cannot assign to {name}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"{type(self).__name__} is frozen: cannot delete {name}")
+
+    def _values(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Record) or other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"{type(self).__name__}({fields})"
+
+
 class Session:
-    """A salted session: its TPM handle, its key and the TPM's last nonce."""
+    """A salted session: its TPM handle, its key and the TPM's last nonce (which every
+    response changes)."""
 
-    handle: int
-    key: bytes
-    nonce_tpm: bytes
+    __slots__ = ("handle", "key", "nonce_tpm")
+
+    def __init__(self, handle: int, key: bytes, nonce_tpm: bytes) -> None:
+        self.handle, self.key, self.nonce_tpm = handle, key, nonce_tpm
+
+    def __repr__(self) -> str:
+        return f"Session(0x{self.handle:08x})"  # never the key
 
 
-@dataclass(frozen=True, slots=True)
-class SRK:
+class SRK(Record):
     """The persistent SRK as read from the TPM and checked against the template."""
 
+    __slots__ = ("handle", "name", "public_area")
     handle: int
     public_area: bytes  # marshalled TPMT_PUBLIC
     name: bytes
+
+    def __init__(self, handle: int, public_area: bytes, name: bytes) -> None:
+        self._init(handle=handle, public_area=public_area, name=name)
 
     @property
     def point(self) -> tuple[bytes, bytes]:
