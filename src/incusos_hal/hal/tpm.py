@@ -1,4 +1,4 @@
-"""The TPM 2.0, through tpm2-pytss (the TSS's ESAPI): PCRs, randomness, secrets sealed
+"""The TPM 2.0, through tpm2-pytss (the TSS's ESAPI) and hal.tpmwire: PCRs, randomness, secrets sealed
 under a PCR policy, the storage root key shared with systemd, and the machine's identity
 key.
 
@@ -27,6 +27,12 @@ under the persistent SRK loads under the transient one and the other way round.
 A seal or unseal is a create, or a load and an unseal: no primary key is generated once
 the SRK is persistent, and the two salted sessions (one HMAC session for create, one
 policy session restarted for each unseal) are started once per open TPM and reused.
+
+Two paths to one TPM connection: reading PCRs, sealing and unsealing under the persistent
+SRK go through hal.tpmwire (the commands and sessions built here, sent through
+_native.tss's TCTI; ~10x less time than the ESAPI's own session crypto), everything else
+through tpm2-pytss's ESAPI, made over the same TCTI on first use; without _native.tss's
+libraries, tpm2-pytss does it all.
 
 Every transient object and session is flushed before the TPM is closed, the sealed
 objects before the method that loaded them returns: a TPM (and swtpm even more, having no

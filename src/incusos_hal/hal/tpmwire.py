@@ -369,8 +369,10 @@ class Wire:
         """The persistent key at `handle` if it is the template's, None if it is another
         key; ResponseError (is_no_object) if there is none."""
         public, name = self.read_public(handle)
-        if not is_srk_public(public, template) or name != object_name(public):
+        if not is_srk_public(public, template):
             return None
+        if name != object_name(public):
+            raise WireError("ReadPublic: the TPM's name for the SRK is not its public area's")
         return SRK(handle, public, name)
 
     def start_session(self, srk: SRK, kind: int) -> Session:
@@ -429,11 +431,13 @@ class Wire:
         return private, tpm2b(r.sized())
 
     def load(self, srk: SRK, private: bytes, public: bytes) -> tuple[int, bytes]:
-        """TPM2_Load under the SRK (no auth: an empty password): (handle, name)."""
-        (handle,), out = self._send(
+        """TPM2_Load under the SRK (no auth: an empty password): (handle, name). The name
+        is the one the public area gives, not the TPM's answer: the unseal's HMAC then
+        covers that the TPM loaded this object."""
+        (handle,), _ = self._send(
             "unseal: load", CC_LOAD, (srk.handle,), private + public, 1, password=True
         )
-        return handle, Reader(out).sized()
+        return handle, object_name(public[2:])
 
     def policy_restart(self, session: Session) -> None:
         self._send("PolicyRestart", CC_POLICY_RESTART, (session.handle,), b"")
