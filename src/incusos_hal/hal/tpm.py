@@ -1,6 +1,6 @@
-"""The TPM 2.0, through tpm2-pytss (the TSS's ESAPI) and hal.tpmwire: PCRs, randomness, secrets sealed
-under a PCR policy, the storage root key shared with systemd, and the machine's identity
-key.
+"""The TPM 2.0, through tpm2-pytss (the TSS's ESAPI) and hal.tpmwire: PCRs, randomness,
+secrets sealed under a PCR policy, the storage root key shared with systemd, and the
+machine's identity key.
 
 Sealing follows systemd (src/shared/tpm2-util.c) so that what we seal, systemd-cryptsetup
 unseals and the other way round: the secret is a keyed-hash object under the SRK at the
