@@ -266,3 +266,13 @@ def opens(device: Path, key: bytes | str) -> bool:
         ).returncode
         == 0
     )
+
+
+def force_tpm_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """hal.tpm as on a machine where _native.tss's libraries do not load: tpm2-pytss for
+    everything (a soname that does not exist, and the loaded libraries forgotten)."""
+    from incusos_hal._native import tss
+
+    monkeypatch.setattr(tss, "TCTILDR_SONAME", "libtss2-tctildr-absent.so.0")
+    monkeypatch.setattr(tss, "_libs", None)
+    assert not tss.available()

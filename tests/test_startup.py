@@ -204,3 +204,47 @@ def test_configure_boot_loads_no_api_inventory_or_tpm(tmp_path: Path) -> None:
         {"INCUSOS_HAL_ROOT": str(FIXTURES / "ci-host")},
     )
     assert any(target.rglob("*.network")), "the configure step wrote nothing"
+
+
+# What ci/bench times as "HAL, fresh interpreter per seal": no command seals on its own (the
+# API's tpm-rebind does, in the server), so the budget is on the code path itself.
+SEAL_PROGRAM = """import sys
+from incusos_hal.hal import tpm
+
+with tpm.open_tpm(sys.argv[1]) as t:
+    policy = t.current_policy("sha256", [7])
+    assert t.unseal_sealed(t.seal(b"x" * 32, policy)) == b"x" * 32
+sys.stderr.write("\\nmodules: " + " ".join(sorted(sys.modules)) + "\\n")
+"""
+
+
+def test_seal_and_unseal_in_a_fresh_interpreter_load_no_tss(swtpm: str) -> None:
+    """The fast path (hal.tpmwire over _native.tss): neither tpm2_pytss nor cryptography
+    is imported, once the TPM has its SRK (a fresh TPM gets it through tpm2-pytss); nor
+    cffi's C parser (the declarations are pre-parsed), nor what only a signer needs (the
+    PCR signature code and its event log, json), nor typing, pathlib or dataclasses (with
+    inspect, most of what the path imported)."""
+    from incusos_hal.hal import tpm
+
+    with tpm.open_tpm(swtpm) as t:
+        t.srk()
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", SEAL_PROGRAM, swtpm],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(REPO / "src"), "PATH": os.environ["PATH"]},
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ours = _weighed(proc.stderr)
+    assert "incusos_hal._native.tss" in ours, "the fast path was not taken"
+    extra = set(ours) - set(_baseline())
+    never = (*HEAVY, *SERVER, *RENDER, "incusos_hal.config", "incusos_hal.inventory")
+    never += ("cffi", "pycparser", "incusos_hal.hal.pcrsig", "incusos_hal.hal.eventlog")
+    never += ("json", "typing", "pathlib", "dataclasses", "inspect")
+    banned = [n for n in extra if any(n == b or n.startswith(b + ".") for b in never)]
+    heaviest = sorted(extra, key=lambda name: -ours[name])[:12]
+    assert not banned, (
+        f"sealing imports {sorted(banned)}; its heaviest imports (cumulative us): "
+        f"{[(name, ours[name]) for name in heaviest]}"
+    )

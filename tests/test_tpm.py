@@ -1,5 +1,6 @@
 """hal.tpm against a real TPM 2.0 (swtpm over TCP, a fresh one per test), checked against
-tpm2-tools and systemd-cryptenroll where they overlap."""
+tpm2-tools and systemd-cryptenroll where they overlap. Every test runs on both paths: the
+fast one (hal.tpmwire over _native.tss) and the tpm2-pytss fallback."""
 
 from __future__ import annotations
 
@@ -13,9 +14,21 @@ import pytest
 
 from incusos_hal.hal import eventlog, tpm
 
-from conftest import REPO, require_tool
+from conftest import REPO, force_tpm_fallback, require_tool
 
 FIXTURES = REPO / "tests/fixtures"
+
+
+@pytest.fixture(autouse=True, params=["wire", "pytss"])
+def tpm_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    from incusos_hal._native import tss
+
+    if request.param == "pytss":
+        force_tpm_fallback(monkeypatch)
+    else:
+        assert tss.available(), "libtss2-tctildr.so.0 / libcrypto.so.3 do not load"
+    path: str = request.param
+    return path
 
 
 def tools_env(tcti: str) -> dict[str, str]:

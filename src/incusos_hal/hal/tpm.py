@@ -1,6 +1,6 @@
-"""The TPM 2.0, through tpm2-pytss (the TSS's ESAPI): PCRs, randomness, secrets sealed
-under a PCR policy, the storage root key shared with systemd, and the machine's identity
-key.
+"""The TPM 2.0, through tpm2-pytss (the TSS's ESAPI) and hal.tpmwire: PCRs, randomness,
+secrets sealed under a PCR policy, the storage root key shared with systemd, and the
+machine's identity key.
 
 Sealing follows systemd (src/shared/tpm2-util.c) so that what we seal, systemd-cryptsetup
 unseals and the other way round: the secret is a keyed-hash object under the SRK at the
@@ -28,6 +28,12 @@ A seal or unseal is a create, or a load and an unseal: no primary key is generat
 the SRK is persistent, and the two salted sessions (one HMAC session for create, one
 policy session restarted for each unseal) are started once per open TPM and reused.
 
+Two paths to one TPM connection: reading PCRs, sealing and unsealing under the persistent
+SRK go through hal.tpmwire (the commands and sessions built here, sent through
+_native.tss's TCTI; ~10x less time than the ESAPI's own session crypto), everything else
+through tpm2-pytss's ESAPI, made over the same TCTI on first use; without _native.tss's
+libraries, tpm2-pytss does it all.
+
 Every transient object and session is flushed before the TPM is closed, the sealed
 objects before the method that loaded them returns: a TPM (and swtpm even more, having no
 resource manager) has room for three of each.
@@ -40,12 +46,26 @@ import os
 import struct
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager, suppress
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-from incusos_hal.hal import pcrsig
-from incusos_hal.hal.eventlog import ALGORITHM_IDS, ALGORITHMS
+from incusos_hal.hal import tpmwire
+from incusos_hal.hal.eventrecords import ALGORITHM_IDS, ALGORITHMS
+from incusos_hal.hal.tpmwire import (
+    FIXED_PARENT,
+    FIXED_TPM,
+    NO_DA,
+    SENSITIVE_DATA_ORIGIN,
+    USER_WITH_AUTH,
+)
+
+# Not `typing.TYPE_CHECKING`: a seal in a fresh interpreter (the fast path) imports
+# neither typing, pathlib nor hal.pcrsig (and its event log, json, uuid): they are
+# imported where a signer or a path is used.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pathlib import Path
+    from typing import Any
+
+    from incusos_hal.hal import pcrsig
 
 SRK_HANDLE = 0x81000001
 # The identity key: an ECC P-256 signing key derived from the endorsement seed, persisted
@@ -66,24 +86,13 @@ PT_FIRMWARE_VERSION_2 = 0x10C
 
 TPM_CC_POLICY_PCR = 0x0000017F
 
-# TPMA_OBJECT bits (TPM 2.0 part 2, 8.3).
-FIXED_TPM = 0x00000002
-FIXED_PARENT = 0x00000010
-SENSITIVE_DATA_ORIGIN = 0x00000020
-USER_WITH_AUTH = 0x00000040
-NO_DA = 0x00000400
-RESTRICTED = 0x00010000
-DECRYPT = 0x00020000
+# TPMA_OBJECT bits and the templates: hal.tpmwire's, shared by both paths.
 SIGN = 0x00040000
-SEALED_OBJECT_ATTRIBUTES = FIXED_TPM | FIXED_PARENT
-# The SRK template's attributes (TCG Provisioning Guidance 7.5.1, EK Credential Profile L-2).
-SRK_ATTRIBUTES = (
-    FIXED_TPM | FIXED_PARENT | SENSITIVE_DATA_ORIGIN | USER_WITH_AUTH | NO_DA | RESTRICTED | DECRYPT
-)
+SRK_ATTRIBUTES = tpmwire.SRK_ATTRIBUTES
+SEALED_OBJECT_ATTRIBUTES = tpmwire.SEALED_OBJECT_ATTRIBUTES
 # systemd's pre-SRK primary: the same without noDA.
 LEGACY_PRIMARY_ATTRIBUTES = SRK_ATTRIBUTES & ~NO_DA
-# An ECC P-256 key's TPMS_ECC_POINT unique field as the TPM fills it: two 32-byte sizes.
-ECC_P256_UNIQUE_SIZE = 2 + 32 + 2 + 32
+is_srk_public = tpmwire.is_srk_public
 
 
 class TPMError(RuntimeError):
@@ -94,15 +103,16 @@ class PolicyError(TPMError):
     """The TPM refused the policy: the PCRs are not what the secret was sealed to."""
 
 
-@dataclass(frozen=True, slots=True)
-class PCRPolicy:
+class PCRPolicy(tpmwire.Record):
     """A PCR policy: `values` maps each bound PCR to the value it must have (sealing against
     the current value is just reading it first, see Tpm.current_policy)."""
 
+    __slots__ = ("bank", "values")
     bank: str
     values: Mapping[int, bytes]
 
-    def __post_init__(self) -> None:
+    def __init__(self, bank: str, values: Mapping[int, bytes]) -> None:
+        self._init(bank=bank, values=values)
         if self.bank not in ALGORITHM_IDS:
             raise ValueError(f"bank: unknown PCR bank {self.bank!r}")
         size = dict(ALGORITHMS.values())[self.bank]
@@ -144,31 +154,61 @@ def policy_pcr_digest(policy: PCRPolicy, start: bytes | None = None) -> bytes:
 def sealing_policy_digest(policy: PCRPolicy, signer: pcrsig.Signer | None = None) -> bytes:
     """The policy a secret is sealed under, in systemd's order: PolicyAuthorize by the
     signer's key (if any), then PolicyPCR over the PCRs bound by value."""
-    start = pcrsig.policy_authorize_digest(signer.names[0]) if signer else None
+    if signer is None:
+        return policy_pcr_digest(policy)
+    from incusos_hal.hal import pcrsig
+
+    start = pcrsig.policy_authorize_digest(signer.names[0])
     return policy_pcr_digest(policy, start)
 
 
-@dataclass(frozen=True, slots=True)
-class SignedPolicy:
+class SignedPolicy(tpmwire.Record):
     """What unsealing a secret sealed to a signer needs: the key, the PCRs its signatures
     cover (systemd's tpm2_pubkey_pcrs, usually 11) and the signature document's entries."""
 
+    __slots__ = ("pcrs", "signatures", "signer")
     signer: pcrsig.Signer
     pcrs: tuple[int, ...]
     signatures: tuple[pcrsig.PCRSignature, ...]
 
+    def __init__(
+        self,
+        signer: pcrsig.Signer,
+        pcrs: tuple[int, ...],
+        signatures: tuple[pcrsig.PCRSignature, ...],
+    ) -> None:
+        self._init(signer=signer, pcrs=pcrs, signatures=signatures)
 
-@dataclass(frozen=True, slots=True)
-class Sealed:
+
+class Sealed(tpmwire.Record):
     """A sealed secret as it is stored: the TPM2B_PRIVATE and TPM2B_PUBLIC of the object
     (marshalled, size first), and what unsealing needs to know."""
 
+    __slots__ = ("policy", "policy_hash", "private", "public", "signer", "srk")
     private: bytes
     public: bytes
     policy: PCRPolicy
     policy_hash: bytes
     srk: bytes  # the SRK's serialized ESYS_TR (systemd's tpm2_srk)
-    signer: pcrsig.Signer | None = None
+    signer: pcrsig.Signer | None
+
+    def __init__(
+        self,
+        private: bytes,
+        public: bytes,
+        policy: PCRPolicy,
+        policy_hash: bytes,
+        srk: bytes,
+        signer: pcrsig.Signer | None = None,
+    ) -> None:
+        self._init(
+            private=private,
+            public=public,
+            policy=policy,
+            policy_hash=policy_hash,
+            srk=srk,
+            signer=signer,
+        )
 
     @property
     def blob(self) -> bytes:
@@ -190,13 +230,29 @@ def split_blob(blob: bytes) -> tuple[bytes, bytes]:
     return blob[: 2 + private_size], blob[2 + private_size : end]
 
 
-@dataclass(frozen=True, slots=True)
-class TPMInfo:
+class TPMInfo(tpmwire.Record):
+    __slots__ = ("banks", "firmware_version", "manufacturer", "spec_revision", "vendor")
     manufacturer: str
     vendor: str
     firmware_version: str
     spec_revision: str
     banks: tuple[str, ...]  # PCR banks with at least one PCR allocated
+
+    def __init__(
+        self,
+        manufacturer: str,
+        vendor: str,
+        firmware_version: str,
+        spec_revision: str,
+        banks: tuple[str, ...],
+    ) -> None:
+        self._init(
+            manufacturer=manufacturer,
+            vendor=vendor,
+            firmware_version=firmware_version,
+            spec_revision=spec_revision,
+            banks=banks,
+        )
 
     @property
     def is_swtpm(self) -> bool:
@@ -218,16 +274,25 @@ def default_tcti() -> str:
     return os.environ.get("TPM2TOOLS_TCTI") or os.environ.get("TSS2_TCTI") or DEFAULT_TCTI
 
 
+def _rc_error(what: str, rc: int, text: str) -> TPMError:
+    """The error for a TPM response code, whichever path got it."""
+    rc &= 0xFFFF
+    # Format-one codes carry the failing handle/session in bits 8-11: mask them off.
+    # TPM_RC_POLICY_FAIL (0x9D) and TPM_RC_VALUE on PolicyPCR (0x84): the PCRs changed.
+    code = rc & 0xBF if rc & 0x80 else rc
+    if code in (0x9D, 0x84):
+        return PolicyError(f"{what}: the PCR policy is not satisfied")
+    return TPMError(f"{what}: {text}")
+
+
 def _error(what: str, e: Exception) -> TPMError:
+    if isinstance(e, tpmwire.ResponseError):
+        return _rc_error(what, e.rc, f"TPM response 0x{e.rc:x}")
+    if isinstance(e, (tpmwire.WireError, OSError)):
+        return TPMError(f"{what}: {e}")
     tss = _tss()
     if isinstance(e, tss.TSS2_Exception):
-        rc = int(e.rc) & 0xFFFF
-        # Format-one codes carry the failing handle/session in bits 8-11: mask them off.
-        # TPM_RC_POLICY_FAIL (0x9D) and TPM_RC_VALUE on PolicyPCR (0x84): the PCRs changed.
-        code = rc & 0xBF if rc & 0x80 else rc
-        if code in (0x9D, 0x84):
-            return PolicyError(f"{what}: the PCR policy is not satisfied")
-        return TPMError(f"{what}: {e}")
+        return _rc_error(what, int(e.rc), str(e))
     return TPMError(f"{what}: {e}")
 
 
@@ -236,18 +301,52 @@ def _u32_str(value: int) -> str:
 
 
 class Tpm:
-    """An open TPM. Use `open_tpm()` as a context manager."""
+    """An open TPM. Use `open_tpm()` as a context manager.
 
-    def __init__(self, esapi: Any) -> None:
-        self.esapi = esapi
-        self.tss = _tss()
+    Two paths to one TPM connection: `wire` (hal.tpmwire over _native.tss's TCTI) for
+    reading PCRs, sealing and unsealing under the persistent SRK, when the libraries load;
+    tpm2-pytss's ESAPI (`esapi`) for everything else, made on first use over the same TCTI
+    (so a command that seals never imports tpm2_pytss), or from the start without `wire`."""
+
+    def __init__(
+        self, esapi: Any = None, wire: tpmwire.Wire | None = None, tcti: Any = None
+    ) -> None:
+        self._esapi = esapi
+        self._wire = wire
+        self._tcti = tcti  # _native.tss.Tcti with `wire`: the connection both paths share
+        self._pytss_tcti: Any = None
         self._srk: Any = None  # the SRK's ESYS_TR, looked up once per open TPM
         self._srk_is_transient = False  # the persistent one was not the template's
         # Sessions salted with the SRK, by kind ("hmac", "policy"), kept for reuse.
         self._sessions: dict[str, Any] = {}
+        self._wire_sessions: dict[str, tpmwire.Session] = {}
+        self._wire_srk: tpmwire.SRK | None = None
+        self._wire_srk_foreign = False  # SRK_HANDLE holds a key that is not the template's
+
+    @property
+    def tss(self) -> Any:
+        return _tss()
+
+    @property
+    def esapi(self) -> Any:
+        """tpm2-pytss's ESAPI; with the fast path, made now over its TCTI."""
+        if self._esapi is None:
+            tss = _tss()
+            from tpm2_pytss._libtpm2_pytss import ffi
+
+            assert self._tcti is not None
+            self._pytss_tcti = tss.TCTI(ffi.cast("TSS2_TCTI_CONTEXT *", self._tcti.address))
+            try:
+                self._esapi = tss.ESAPI(self._pytss_tcti)
+            except Exception as e:
+                raise TPMError(f"cannot open the TPM's ESAPI: {e}") from None
+        return self._esapi
 
     def close(self) -> None:
         """Flush what this object kept loaded: the sessions, a transient SRK."""
+        for session in self._wire_sessions.values():
+            self._wire_flush_quietly(session.handle)
+        self._wire_sessions.clear()
         kept = list(self._sessions.values())
         if self._srk_is_transient:
             kept.append(self._srk)
@@ -255,6 +354,20 @@ class Tpm:
         self._srk, self._srk_is_transient = None, False
         for handle in kept:
             self._flush_quietly(handle)
+
+    def _disconnect(self) -> None:
+        """Close the ESAPI and the TCTI (after close())."""
+        if self._esapi is not None:
+            self._esapi.close()
+            self._esapi = None
+        if self._tcti is not None:
+            self._tcti.close()
+            self._tcti = None
+
+    def _wire_flush_quietly(self, handle: int) -> None:
+        if self._wire is not None:
+            with suppress(tpmwire.ResponseError, tpmwire.WireError, OSError):
+                self._wire.flush(handle)
 
     # -- reading ------------------------------------------------------------------------
 
@@ -288,6 +401,8 @@ class Tpm:
     def pcr_read(self, bank: str, pcrs: Sequence[int] = tuple(range(24))) -> dict[int, bytes]:
         """PCR values of one bank. TPM2_PCR_Read returns at most 8 digests per call, and
         may return fewer than asked: ask again for what is still missing."""
+        if self._wire is not None:
+            return self._wire_pcr_read(bank, pcrs)
         tss = self.tss
         wanted = sorted(set(pcrs))
         out: dict[int, bytes] = {}
@@ -305,6 +420,23 @@ class Tpm:
                 raise TPMError(f"PCR read: the TPM has no {bank} bank")
             for pcr, value in zip(got, values.digests[: values.count], strict=False):
                 out[pcr] = bytes(value)
+            wanted = [p for p in wanted if p not in out]
+        return out
+
+    def _wire_pcr_read(self, bank: str, pcrs: Sequence[int]) -> dict[int, bytes]:
+        assert self._wire is not None
+        wanted = sorted(set(pcrs))
+        out: dict[int, bytes] = {}
+        while wanted:
+            try:
+                selection, values = self._wire.pcr_read(pcr_selection(bank, wanted[:8]))
+            except (tpmwire.ResponseError, tpmwire.WireError, OSError) as e:
+                raise _error("PCR read", e) from None
+            got = _selected(selection, ALGORITHM_IDS[bank])
+            if not got:
+                raise TPMError(f"PCR read: the TPM has no {bank} bank")
+            for pcr, value in zip(got, values, strict=False):
+                out[pcr] = value
             wanted = [p for p in wanted if p not in out]
         return out
 
@@ -489,8 +621,20 @@ class Tpm:
             raise ValueError(f"secret: 1 to {MAX_SEALED_DATA} bytes")
         if not policy.values and signer is None:
             raise ValueError("policy: bind at least one PCR, by value or by signature")
-        tss = self.tss
         digest = sealing_policy_digest(policy, signer)
+        srk_wire = self._fast_srk()
+        if srk_wire is not None:
+            try:
+                with self._wire_session("hmac", srk_wire) as session:
+                    assert self._wire is not None
+                    private, public = self._wire.create(
+                        session, srk_wire, secret, tpmwire.sealed_template(digest)
+                    )
+            except (tpmwire.ResponseError, tpmwire.WireError, OSError) as e:
+                raise _error("seal", e) from None
+            srk_blob = tpmwire.serialized_key(srk_wire.handle, srk_wire.public_area)
+            return Sealed(private, public, policy, digest, srk_blob, signer)
+        tss = self.tss
         srk = self.srk()
         public = tss.TPM2B_PUBLIC(
             tss.TPMT_PUBLIC(
@@ -534,6 +678,10 @@ class Tpm:
         """The secret of a sealed object, if the PCRs satisfy its policy now; PolicyError
         if not. `srk` is a serialized SRK handle (systemd's tpm2_srk) when the token has one;
         `signed` is required for an object sealed to a signer."""
+        if srk and signed is None and len(srk) >= 4:
+            srk_wire = self._fast_srk()
+            if srk_wire is not None and int.from_bytes(srk[:4], "big") == srk_wire.handle:
+                return self._wire_unseal(srk_wire, private, public, bank, pcrs)
         tss = self.tss
         try:
             priv, _ = tss.TPM2B_PRIVATE.unmarshal(private)
@@ -592,9 +740,99 @@ class Tpm:
             if transient is not None:
                 self.esapi.flush_context(transient)
 
+    # -- the fast path ---------------------------------------------------------------------
+
+    def _fast_srk(self) -> tpmwire.SRK | None:
+        """The persistent SRK through the fast path if there is one and it is the
+        template's; None sends the caller the tpm2-pytss way (which creates it, or uses a
+        transient one)."""
+        if self._wire is None or self._wire_srk_foreign:
+            return None
+        if self._wire_srk is None:
+            template = tpmwire.storage_template(SRK_ATTRIBUTES)
+            try:
+                found = self._wire.srk(SRK_HANDLE, template)
+            except tpmwire.ResponseError as e:
+                if tpmwire.is_no_object(e.rc):
+                    return None  # none yet: tpm2-pytss's way creates it
+                raise _error("SRK read", e) from None
+            except (tpmwire.WireError, OSError) as e:
+                raise _error("SRK read", e) from None
+            if found is None:
+                self._wire_srk_foreign = True  # a key there that is not the template's
+                return None
+            # tpm2-pytss's sessions (kept from sealing before the SRK existed) would only
+            # take the slots the wire's need: a TPM may have room for three sessions.
+            kept = list(self._sessions.values())
+            self._sessions.clear()
+            for handle in kept:
+                self._flush_quietly(handle)
+            self._wire_srk = found
+        return self._wire_srk
+
+    @contextmanager
+    def _wire_session(self, kind: str, srk: tpmwire.SRK) -> Iterator[tpmwire.Session]:
+        """_session's twin on the wire: kept for reuse, restarted (policy), flushed when
+        its command failed."""
+        assert self._wire is not None
+        wire = self._wire
+        session = self._wire_sessions.pop(kind, None)
+        if session is not None and kind == "policy":
+            try:
+                wire.policy_restart(session)
+            except (tpmwire.ResponseError, tpmwire.WireError):
+                self._wire_flush_quietly(session.handle)
+                session = None
+        if session is None:
+            session_type = tpmwire.SE_POLICY if kind == "policy" else tpmwire.SE_HMAC
+            try:
+                session = wire.start_session(srk, session_type)
+            except tpmwire.ResponseError as e:
+                # TPM_RC_SESSION_MEMORY: a TPM without a resource manager (swtpm,
+                # /dev/tpm0) with its slots taken by others; let go of ours and try once more.
+                if e.rc != tpmwire.RC_SESSION_MEMORY or not self._wire_sessions:
+                    raise
+                for other in self._wire_sessions.values():
+                    self._wire_flush_quietly(other.handle)
+                self._wire_sessions.clear()
+                session = wire.start_session(srk, session_type)
+        ok = False
+        try:
+            yield session
+            ok = True
+        finally:
+            if ok:
+                self._wire_sessions[kind] = session
+            else:
+                self._wire_flush_quietly(session.handle)
+
+    def _wire_unseal(
+        self, srk: tpmwire.SRK, private: bytes, public: bytes, bank: str, pcrs: Sequence[int]
+    ) -> bytes:
+        for part in (private, public):
+            if len(part) < 2 or int.from_bytes(part[:2], "big") != len(part) - 2:
+                raise TPMError("unseal: malformed sealed object (a size is wrong)")
+        assert self._wire is not None
+        wire = self._wire
+        try:
+            handle, name = wire.load(srk, private, public)
+        except (tpmwire.ResponseError, tpmwire.WireError, OSError) as e:
+            raise _error("unseal: load", e) from None
+        try:
+            with self._wire_session("policy", srk) as session:
+                if pcrs:
+                    wire.policy_pcr(session, pcr_selection(bank, pcrs))
+                return wire.unseal(session, handle, name)
+        except (tpmwire.ResponseError, tpmwire.WireError, OSError) as e:
+            raise _error("unseal", e) from None
+        finally:
+            self._wire_flush_quietly(handle)
+
     def _authorize(self, session: Any, signed: SignedPolicy, bank: str, public: bytes) -> None:
         """PolicyPCR over the signed PCRs as they are now, then PolicyAuthorize with the
         TPM's ticket for a signature of exactly that digest."""
+        from incusos_hal.hal import pcrsig
+
         tss = self.tss
         selection = f"{bank}:{','.join(map(str, signed.pcrs))}"
         self.esapi.policy_pcr(session, b"", tss.TPML_PCR_SELECTION.parse(selection))
@@ -653,40 +891,22 @@ class Tpm:
 
 
 def _storage_template(tss: Any, attributes: int) -> Any:
-    """An ECC P-256 storage key, AES-128-CFB: the EK Credential Profile's template L-2."""
-    return tss.TPM2B_PUBLIC(
-        tss.TPMT_PUBLIC(
-            type=tss.TPM2_ALG.ECC,
-            nameAlg=tss.TPM2_ALG.SHA256,
-            objectAttributes=attributes,
-            parameters=tss.TPMU_PUBLIC_PARMS(
-                eccDetail=tss.TPMS_ECC_PARMS(
-                    symmetric=tss.TPMT_SYM_DEF_OBJECT(
-                        algorithm=tss.TPM2_ALG.AES,
-                        keyBits=tss.TPMU_SYM_KEY_BITS(aes=128),
-                        mode=tss.TPMU_SYM_MODE(aes=tss.TPM2_ALG.CFB),
-                    ),
-                    scheme=tss.TPMT_ECC_SCHEME(scheme=tss.TPM2_ALG.NULL),
-                    curveID=tss.TPM2_ECC.NIST_P256,
-                    kdf=tss.TPMT_KDF_SCHEME(scheme=tss.TPM2_ALG.NULL),
-                )
-            ),
-        )
-    )
+    """An ECC P-256 storage key, AES-128-CFB: the EK Credential Profile's template L-2,
+    from the bytes the fast path checks the persistent SRK against."""
+    area = tpmwire.storage_template(attributes)
+    public, _ = tss.TPM2B_PUBLIC.unmarshal(tpmwire.tpm2b(area))
+    return public
 
 
-def is_srk_public(public: bytes, template: bytes) -> bool:
-    """Whether a marshalled TPMT_PUBLIC is a key made from the marshalled ECC `template`:
-    every field the same up to the unique one, which holds a P-256 point (the template's is
-    empty: two zero sizes)."""
-    head = template[:-4]
-    return (
-        template.endswith(bytes(4))
-        and public.startswith(head)
-        and len(public) == len(head) + ECC_P256_UNIQUE_SIZE
-        and public[len(head) : len(head) + 2] == b"\x00\x20"
-        and public[len(head) + 34 : len(head) + 36] == b"\x00\x20"
-    )
+def _selected(selection: bytes, alg: int) -> list[int]:
+    """The PCRs of bank `alg` in a marshalled TPML_PCR_SELECTION, in order."""
+    r = tpmwire.Reader(selection)
+    out: list[int] = []
+    for _ in range(r.u32()):
+        hash_alg, bitmap = r.u16(), r.take(r.u8())
+        if hash_alg == alg:
+            out += [i for i in range(8 * len(bitmap)) if bitmap[i // 8] >> (i % 8) & 1]
+    return out
 
 
 def ecc_public_pem(x: bytes, y: bytes) -> str:
@@ -706,8 +926,35 @@ def ecc_public_pem(x: bytes, y: bytes) -> str:
 def open_tpm(tcti: str | None = None) -> Iterator[Tpm]:
     """Open the TPM named by a TCTI string ("device:/dev/tpmrm0", "swtpm:host=H,port=P";
     default: $TPM2TOOLS_TCTI, else the kernel's resource manager)."""
-    tss = _tss()
     spec = tcti or default_tcti()
+    handle = _open_fast(spec) or _open_pytss(spec)
+    try:
+        yield handle
+    finally:
+        try:
+            handle.close()
+        finally:
+            handle._disconnect()
+
+
+def _open_fast(spec: str) -> Tpm | None:
+    """The TPM through _native.tss, or None when its libraries do not load."""
+    try:
+        from incusos_hal._native import tss as native
+    except ImportError:  # no cffi
+        return None
+    if not native.available():
+        return None
+    try:
+        connection = native.Tcti(spec)
+    except OSError as e:
+        raise TPMError(str(e)) from None
+    wire = tpmwire.Wire(connection.transact, native.aes128_cfb, native.ecdh_p256)
+    return Tpm(wire=wire, tcti=connection)
+
+
+def _open_pytss(spec: str) -> Tpm:
+    tss = _tss()
     name, _, conf = spec.partition(":")
     try:
         ctx = tss.TCTILdr(name, conf or None)
@@ -718,12 +965,7 @@ def open_tpm(tcti: str | None = None) -> Iterator[Tpm]:
     except Exception as e:
         ctx.close()
         raise TPMError(f"cannot open TPM {spec}: {e}") from None
-    handle = Tpm(esapi)
-    try:
-        yield handle
-    finally:
-        handle.close()
-        esapi.close()
+    return Tpm(esapi)
 
 
 @contextmanager
@@ -743,6 +985,8 @@ def open_tpm_if_any(
 
 def device_present(root: Path | str = "/") -> bool:
     """A TPM 2.0 the kernel drives (sysfs), without opening it."""
+    from pathlib import Path
+
     base = Path(root) / "sys/class/tpm"
     for dev in sorted(base.glob("tpm[0-9]*")):
         try:
