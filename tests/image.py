@@ -28,6 +28,7 @@ import fcntl
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import ssl
 import subprocess
@@ -184,6 +185,7 @@ def tools_run(
         # No pseudo-terminal: mkosi pages what it prints on one (and waits for a reader).
         "--console=pipe",
         "--capability=all",
+        f"--machine=ihal-tools-{secrets.token_hex(3)}",  # not the directory's name
         "-D",
         str(tools),
         *[f"--bind={src}:{dst}" for src, dst in binds.items()],

@@ -194,6 +194,10 @@ def nspawn_run(
         *([] if network else ["--private-network"]),
         "--timezone=off",
         f"--resolv-conf={'replace-host' if network else 'off'}",
+        # A name of its own: nspawn names a machine after its directory ("merged" for
+        # every overlay) and keys /run/systemd/nspawn/propagate/ on it, so two runs side by
+        # side (ci/test's second phase) would share that directory.
+        f"--machine=ihal-run-{secrets.token_hex(4)}",
         "-D",
         str(root),
     ]

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from incusos_hal.apply import storage
 
 REPO = Path(__file__).resolve().parent.parent
@@ -151,3 +153,30 @@ def test_the_local_pool_grows_into_its_grown_partition_as_incusos_does() -> None
     assert local_expand_argv(pool("zfs-raid0", part), 0) == []  # nothing to grow into
     assert local_expand_argv(pool("zfs-raid1", part, "/dev/disk/by-id/x"), 1 << 30) == []
     assert local_expand_argv(pool("zfs-raid0", part, "/dev/disk/by-id/x"), 1 << 30) == []
+
+
+def test_import_at_boot_survives_a_step_that_breaks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A step that raises (a bug, a machine without what it reads) is a warning with its
+    trace; the other steps still run and the unit does not fail the boot."""
+    from types import SimpleNamespace
+
+    from incusos_hal.cli import machine
+
+    ran: list[str] = []
+
+    def broken(state_dir: Path) -> storage.Report:
+        raise RuntimeError("a step that breaks")
+
+    def local(state_dir: Path, root: str = "/") -> storage.Report:
+        ran.append("local")
+        return storage.Report()
+
+    monkeypatch.setattr(storage, "import_pools", broken)
+    monkeypatch.setattr(storage, "ensure_local_pool", local)
+    args = SimpleNamespace(action="import", state_dir=str(tmp_path), root=str(tmp_path))
+    assert machine.cmd_storage(args) == 0  # type: ignore[arg-type]
+    err = capsys.readouterr().err
+    assert "<4>import: RuntimeError: a step that breaks" in err and "Traceback" in err
+    assert ran == ["local"]

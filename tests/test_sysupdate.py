@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -94,7 +95,8 @@ def disk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         subprocess.run(
             [
                 "systemd-nspawn", "-q", "--register=no", "--keep-unit", "--private-network",
-                "--timezone=off", "--resolv-conf=off", "-D", str(merged), f"--bind={exp}:/exp",
+                "--timezone=off", "--resolv-conf=off", f"--machine=ihal-{secrets.token_hex(3)}",
+                "-D", str(merged), f"--bind={exp}:/exp",
                 "systemd-repart", "--empty=force", "--dry-run=no",
                 "--definitions=/exp/repart", "/exp/disk.img",
             ],

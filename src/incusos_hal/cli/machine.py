@@ -15,6 +15,9 @@ from .common import EXIT_INVALID, root_of
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
+    from collections.abc import Callable
+
+    from ..apply import storage
 
 
 def cmd_inventory(args: argparse.Namespace) -> int:
@@ -117,26 +120,48 @@ def cmd_security(args: argparse.Namespace) -> int:
 
 def cmd_storage(args: argparse.Namespace) -> int:
     """`storage import` never fails (a boot must go on without a missing disk): each
-    problem is a warning line in the journal. `storage scrub` fails when a scrub did,
-    so the timer's service shows it."""
+    problem is a warning line in the journal, and so is anything unforeseen (a bug, a
+    machine without what a step reads), after its trace. `storage scrub` fails when a
+    scrub did, so the timer's service shows it."""
+    if args.action == "scrub":
+        from ..apply import storage
+
+        report = storage.scrub_pools()
+        _print_report("scrub", report)
+        return 1 if report.problems else 0
+    try:
+        _storage_import(args)
+    except Exception as e:
+        import traceback
+
+        traceback.print_exc()
+        print(f"<4>import: {type(e).__name__}: {e}", file=sys.stderr)
+    return 0
+
+
+def _storage_import(args: argparse.Namespace) -> None:
     from ..apply import storage
     from ..state import store
 
     state = store.state_dir(args.state_dir)
-    if args.action == "import":
-        root = root_of(args.root)
-        reports = [
-            storage.open_drives(state, root),
-            storage.import_pools(state),
-            storage.ensure_local_pool(state, root),
-        ]
-    else:
-        reports = [storage.scrub_pools()]
-    for report in reports:
-        for done in report.done:
-            print(f"<6>{args.action}: {done}", file=sys.stderr)
-        for problem in report.problems:
-            print(f"<4>{problem}", file=sys.stderr)
-    if args.action == "scrub":
-        return 1 if reports[0].problems else 0
-    return 0
+    root = root_of(args.root)
+    steps: tuple[Callable[[], storage.Report], ...] = (
+        lambda: storage.open_drives(state, root),
+        lambda: storage.import_pools(state),
+        lambda: storage.ensure_local_pool(state, root),
+    )
+    for step in steps:
+        try:
+            _print_report("import", step())
+        except Exception as e:  # one step's trouble leaves the others to run
+            import traceback
+
+            traceback.print_exc()
+            print(f"<4>import: {type(e).__name__}: {e}", file=sys.stderr)
+
+
+def _print_report(action: str, report: storage.Report) -> None:
+    for done in report.done:
+        print(f"<6>{action}: {done}", file=sys.stderr)
+    for problem in report.problems:
+        print(f"<4>{problem}", file=sys.stderr)
