@@ -84,6 +84,20 @@ class Pending:
     timer: asyncio.TimerHandle | None = None
 
 
+def config_half(body: Any) -> dict[str, Any]:
+    """The `config` half of a PUT body (IncusOS's `{config, state}` document; `state` is
+    read-only and ignored), or the 400 that says what is wrong with the body."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    unknown = sorted(set(body) - {"config", "state"})
+    if unknown:
+        raise ApiError(400, f"{unknown[0]}: unknown field (expected config, state)")
+    section_raw = body.get("config", {})
+    if not isinstance(section_raw, dict):
+        raise ApiError(400, "config: must be an object")
+    return section_raw
+
+
 @dataclass
 class Service:
     settings: Settings
@@ -186,14 +200,7 @@ class Service:
 
     def candidate(self, name: str, body: Any) -> Config:
         """The document a PUT of `body` to section `name` would store, validated."""
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object")
-        unknown = sorted(set(body) - {"config", "state"})
-        if unknown:
-            raise ApiError(400, f"{unknown[0]}: unknown field (expected config, state)")
-        section_raw = body.get("config", {})
-        if not isinstance(section_raw, dict):
-            raise ApiError(400, "config: must be an object")
+        section_raw = config_half(body)
         attribute = self.table_row(name).attribute
         raw = to_dict(self.config())
         raw[attribute] = section_raw
@@ -682,14 +689,7 @@ class Service:
         return data, env.etag(data)
 
     def service_candidate(self, row: SystemService, body: Any) -> Config:
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object")
-        unknown = sorted(set(body) - {"config", "state"})
-        if unknown:
-            raise ApiError(400, f"{unknown[0]}: unknown field (expected config, state)")
-        section_raw = body.get("config", {})
-        if not isinstance(section_raw, dict):
-            raise ApiError(400, "config: must be an object")
+        section_raw = config_half(body)
         raw = to_dict(self.config())
         raw.setdefault("services", {})[row.name] = section_raw
         try:
