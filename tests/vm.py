@@ -309,6 +309,9 @@ class Guest:
     nvme: list[NvmeController] = field(default_factory=list)
     multipath: MultipathDisk | None = None
     disks: list[Disk] = field(default_factory=list)
+    # A serial for the root disk (then /dev/disk/by-id/virtio-<serial>, as a real boot
+    # drive has a by-id name); None keeps it as every other rung has it.
+    root_serial: str | None = None
     memory_mb: int = 2048
     cpus: int = 2
     accelerator: str | None = None  # None: KVM if it runs guests here, else TCG
@@ -350,6 +353,16 @@ class Guest:
             f"if=pflash,format=raw,unit=1,file={variables}",
         ]
 
+    def _root_args(self) -> list[str]:
+        if self.root_serial is None:
+            return ["-drive", f"file={self.image},if=virtio,format=raw,cache=unsafe"]
+        return [
+            "-drive",
+            f"file={self.image},if=none,id=root,format=raw,cache=unsafe",
+            "-device",
+            f"virtio-blk-pci,drive=root,serial={self.root_serial}",
+        ]
+
     def _kernel(self) -> Path:
         if self.firmware != "secureboot":
             return self.kernel
@@ -378,8 +391,7 @@ class Guest:
             str(self.initrd),
             "-append",
             KERNEL_CMDLINE,
-            "-drive",
-            f"file={self.image},if=virtio,format=raw,cache=unsafe",
+            *self._root_args(),
             "-virtfs",
             f"local,path={self.probe_dir},mount_tag=probe,security_model=none",
             "-nic",
