@@ -120,9 +120,17 @@ def pool_types(d: list, nvme: list) -> dict:
         step["gone"] = sh("zpool", "list", POOL)["rc"] != 0
         step["get_after"] = storage()
         out[name] = step
-        for dev in [*d, *nvme]:  # a failed case leaves nothing behind for the next
-            sh("zpool", "labelclear", "-f", dev)
+        cleanup(d, nvme)
     return out
+
+
+def cleanup(d: list, nvme: list) -> None:
+    """What a failed step left (a pool the API did not delete, labels) goes, so the next
+    step starts from blank disks: one failure is reported once, not by every later step."""
+    for name in sh("zpool", "list", "-H", "-o", "name")["out"].split():
+        sh("zpool", "destroy", "-f", name)
+    for dev in [*d, *nvme]:
+        sh("zpool", "labelclear", "-f", dev)
 
 
 def mixed_and_mirror(d: list) -> dict:
@@ -341,9 +349,11 @@ def run(expect_all: dict) -> dict:
         ("smart", lambda: smart_bracket(spec["smart"])),
         ("types", lambda: pool_types(d, nvme)),
         ("mixed_mirror", lambda: mixed_and_mirror(d)),
+        ("cleanup", lambda: cleanup(d, nvme)),
         ("replace", lambda: replace_and_scrub(d)),
         ("wipe", lambda: wipe(d, spec["boot"])),
         ("export_import", lambda: export_import(d)),
+        ("cleanup", lambda: cleanup(d, nvme)),
         ("encrypt", lambda: encrypt(d[5])),
     ]
     for name, step in steps:
