@@ -123,15 +123,16 @@ _ACCEL: tuple[str, str] | None = None
 
 # OpenZFS is in Debian's contrib (its licence keeps it out of the kernel package): the
 # module is built by DKMS against the guest kernel's headers, in the cached root. The storage
-# area's reference tools come with it: smartctl (SMART for SCSI/SATA; IncusOS runs
-# `smartctl -aj`) and blivet (the owner's pick for partitioning, Debian 13's libblockdev 3).
+# area's reference tool comes with it: smartctl (SMART for SCSI/SATA; IncusOS runs
+# `smartctl -aj`). Debian 13 has no python3-blivet ("Unable to locate package", main and
+# contrib, seen building this root), so blivet is not in it.
 ZFS_SETUP = """
 sed -i 's/^\\(deb .*\\) main$/\\1 main contrib/' /etc/apt/sources.list
 grep -q contrib /etc/apt/sources.list
 apt-get update -q
 export DEBIAN_FRONTEND=noninteractive
 apt-get install -y -q --no-install-recommends linux-headers-amd64 zfs-dkms zfsutils-linux \\
-    python3-pyzfs smartmontools python3-blivet
+    python3-pyzfs smartmontools
 kernel=$(ls /lib/modules | sort -V | tail -n 1)
 dkms status
 ls /lib/modules/$kernel/updates/dkms/zfs.ko*
