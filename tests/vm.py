@@ -355,13 +355,17 @@ class Guest:
         ]
 
     def _root_args(self) -> list[str]:
-        if self.root_serial is None:
+        # qemu makes `-drive if=virtio` devices after every `-device`: with another
+        # virtio-blk disk, that one would be /dev/vda and the root /dev/vdb (seen). An
+        # explicit device comes first, as the command line orders it.
+        if self.root_serial is None and all(d.bus != "virtio" for d in self.disks):
             return ["-drive", f"file={self.image},if=virtio,format=raw,cache=unsafe"]
+        serial = f",serial={self.root_serial}" if self.root_serial else ""
         return [
             "-drive",
             f"file={self.image},if=none,id=root,format=raw,cache=unsafe",
             "-device",
-            f"virtio-blk-pci,drive=root,serial={self.root_serial}",
+            f"virtio-blk-pci,drive=root{serial}",
         ]
 
     def _kernel(self) -> Path:
