@@ -252,7 +252,7 @@ def storage_vs_tools() -> None:
 
     print("\nStorage in the ZFS guest (software-emulated CPU), per answer")
     with tempfile.TemporaryDirectory(prefix="ihal-bench-zfs-", dir="/var/tmp") as tmp:
-        guest = vm.build(Path(tmp), lambda root: None, size="4G", zfs=True)
+        guest = vm.build(Path(tmp), vm.no_network, size="4G", zfs=True)
         guest.nvme = vm.DEFAULT_NVME
         guest.disks = [
             *(vm.Disk(f"bench{i}", 256) for i in range(1, 4)),

@@ -53,7 +53,7 @@ def storage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
     require_root()
     require_tool("qemu-system-x86_64", "debootstrap", "systemd-nspawn", "mkfs.ext4")
     work = tmp_path_factory.mktemp("zfs-guest")
-    guest = vm.build(work, lambda root: None, size="4G", zfs=True)
+    guest = vm.build(work, vm.no_network, size="4G", zfs=True)
     guest.nvme, guest.disks, guest.root_serial = list(vm.DEFAULT_NVME), DISKS, ROOT_SERIAL
     shutil.copy(TESTS / "guest_api.py", guest.probe_dir / "guest_api.py")
     spec = {"disks": D, "nvme": NVME, "smart": SMART, "boot": BOOT}
