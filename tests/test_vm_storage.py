@@ -112,18 +112,25 @@ def top_vdevs(status: dict[str, Any], pool: str = "mypool") -> dict[str, list[st
     p = status["pools"][pool]
     root = p["vdevs"][pool]
     layout: dict[str, list[str]] = {
-        "data": [v.get("path", k) for k, v in root.get("vdevs", {}).items()]
+        "data": [leaf_id(k, v) for k, v in root.get("vdevs", {}).items()]
     }
     for kind in ("logs", "l2cache", "special"):
         layout[kind] = sorted(leaves(p.get(kind, {})))
     return layout
 
 
+def leaf_id(name: str, vdev: dict[str, Any]) -> str:
+    """A disk vdev as IncusOS names it: its by-id path, whole disk (zpool's `path` is
+    the partition it made, `...-part1`; the vdev's name is the by-id name it was given);
+    a group (mirror-0, raidz2-0) by its name."""
+    return f"{BY_ID}/{name}" if vdev.get("vdev_type") == "disk" else name
+
+
 def leaves(vdevs: dict[str, Any]) -> list[str]:
     """The devices under a `vdevs` map, through any mirror/raidz groups."""
     found: list[str] = []
     for name, child in vdevs.items():
-        found += leaves(child["vdevs"]) if "vdevs" in child else [child.get("path", name)]
+        found += leaves(child["vdevs"]) if "vdevs" in child else [leaf_id(name, child)]
     return found
 
 
@@ -234,9 +241,9 @@ def vdev_states(status: dict[str, Any]) -> set[tuple[str, str]]:
     found: set[tuple[str, str]] = set()
 
     def walk(node: dict[str, Any]) -> None:
-        for child in node.get("vdevs", {}).values():
-            if "path" in child:
-                found.add((child["path"], child["state"]))
+        for name, child in node.get("vdevs", {}).items():
+            if child.get("vdev_type") == "disk":
+                found.add((leaf_id(name, child), child["state"]))
             walk(child)
 
     for pool in status["pools"].values():
