@@ -22,12 +22,13 @@ from typing import Any
 
 import pytest
 
+from storage_reference import BY_ID, expected_drive, top_vdevs, vdev_states
+
 import vm
 from conftest import require_root, require_tool
 
 pytestmark = pytest.mark.vm
 
-BY_ID = "/dev/disk/by-id"
 D = [f"{BY_ID}/scsi-0QEMU_QEMU_HARDDISK_incus_disk{i}" for i in range(1, 8)]
 DISKS = [
     *(vm.Disk(f"incus_disk{i}", 256) for i in range(1, 7)),
@@ -103,35 +104,6 @@ def drive(get: dict[str, Any], ident: str) -> dict[str, Any]:
     found = [d for d in state(get)["drives"] if d["id"] == ident]
     assert len(found) == 1, [d["id"] for d in state(get)["drives"]]
     return found[0]
-
-
-def top_vdevs(status: dict[str, Any], pool: str = "mypool") -> dict[str, list[str]]:
-    """`zpool status -jp --json-int`'s tree, as IncusOS reads it: the data vdevs (a
-    group's name such as mirror-0 or raidz2-0, or a plain disk's path) and the log, cache
-    and special classes' leaves."""
-    p = status["pools"][pool]
-    root = p["vdevs"][pool]
-    layout: dict[str, list[str]] = {
-        "data": [leaf_id(k, v) for k, v in root.get("vdevs", {}).items()]
-    }
-    for kind in ("logs", "l2cache", "special"):
-        layout[kind] = sorted(leaves(p.get(kind, {})))
-    return layout
-
-
-def leaf_id(name: str, vdev: dict[str, Any]) -> str:
-    """A disk vdev as IncusOS names it: its by-id path, whole disk (zpool's `path` is
-    the partition it made, `...-part1`; the vdev's name is the by-id name it was given);
-    a group (mirror-0, raidz2-0) by its name."""
-    return f"{BY_ID}/{name}" if vdev.get("vdev_type") == "disk" else name
-
-
-def leaves(vdevs: dict[str, Any]) -> list[str]:
-    """The devices under a `vdevs` map, through any mirror/raidz groups."""
-    found: list[str] = []
-    for name, child in vdevs.items():
-        found += leaves(child["vdevs"]) if "vdevs" in child else [leaf_id(name, child)]
-    return found
 
 
 def test_zfs_loads_with_secure_boot_off(storage: dict[str, Any]) -> None:
@@ -237,20 +209,6 @@ def test_offline_replace_resilver_keep_the_data(storage: dict[str, Any]) -> None
     assert got["sha_after"] == got["sha"]
 
 
-def vdev_states(status: dict[str, Any]) -> set[tuple[str, str]]:
-    found: set[tuple[str, str]] = set()
-
-    def walk(node: dict[str, Any]) -> None:
-        for name, child in node.get("vdevs", {}).items():
-            if child.get("vdev_type") == "disk":
-                found.add((leaf_id(name, child), child["state"]))
-            walk(child)
-
-    for pool in status["pools"].values():
-        walk(pool)
-    return found
-
-
 def test_changes_that_would_lose_data_are_refused(storage: dict[str, Any]) -> None:
     """A shorter list, a duplicate, a device that does not exist: 400 naming the field,
     and the pool as it was (the issue's bad-input rule; IncusOS answers these from deep
@@ -330,46 +288,6 @@ def test_encrypt_drive_then_wipe_it(storage: dict[str, Any]) -> None:
     ok(got["wipe"])
     wiped = drive(got["wiped_get"], D[5])
     assert "encrypted" not in wiped and not got["wiped_luks"] and not got["wiped_mapped"]
-
-
-def expected_drive(smartctl: dict[str, Any]) -> dict[str, Any]:
-    """What IncusOS makes of `smartctl -aj` (incus-osd/internal/storage/storage.go,
-    GetStorageInfo): model from the ATA/NVMe fields or else SCSI's vendor/product, bus
-    from device.type ("sat" spelt "sata"), the SMART summary only when SMART is there."""
-    out: dict[str, Any] = {
-        "model_family": smartctl.get("model_family") or smartctl.get("scsi_vendor", ""),
-        "model_name": smartctl.get("model_name") or smartctl.get("scsi_product", ""),
-        "serial_number": smartctl.get("serial_number", ""),
-        "bus": {"sat": "sata"}.get(t := smartctl.get("device", {}).get("type", ""), t),
-    }
-    support = smartctl.get("smart_support", {})
-    if not support.get("available"):
-        out["smart"] = None
-        return out
-    smart: dict[str, Any] = {
-        "enabled": support.get("enabled", False),
-        "passed": smartctl.get("smart_status", {}).get("passed", False),
-    }
-    hours = smartctl.get("power_on_time", {}).get("hours", 0)
-    nvme = smartctl.get("nvme_smart_health_information_log", {})
-    ata = {
-        a["name"]: a["raw"]["value"]
-        for a in smartctl.get("ata_smart_attributes", {}).get("table", [])
-    }
-    for key, value in (
-        ("power_on_hours", hours),
-        ("percentage_used", nvme.get("percentage_used", 0)),
-        ("data_units_read", nvme.get("data_units_read", 0)),
-        ("data_units_written", nvme.get("data_units_written", 0)),
-        ("available_spare", nvme.get("available_spare", 0)),
-        ("raw_read_error_rate", ata.get("Raw_Read_Error_Rate", 0)),
-        ("seek_error_rate", ata.get("Seek_Error_Rate", 0)),
-        ("reallocated_sectors", ata.get("Reallocated_Sector_Ct", 0)),
-    ):
-        if value > 0:
-            smart[key] = value
-    out["smart"] = smart
-    return out
 
 
 COUNTERS = ("data_units_read", "data_units_written", "power_on_hours")
