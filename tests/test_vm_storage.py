@@ -40,11 +40,10 @@ SATA = f"{BY_ID}/ata-QEMU_HARDDISK_sdisk1"
 VIRTIO = f"{BY_ID}/virtio-vdisk1"
 ROOT_SERIAL = "ihalroot"
 BOOT = f"{BY_ID}/virtio-{ROOT_SERIAL}"
-# vm.DEFAULT_NVME: controller IHALNVME0001 (256 + 64 MiB), IHALNVME0002 (256 MiB)
-NVME = [
-    f"{BY_ID}/nvme-QEMU_NVMe_Ctrl_IHALNVME0001_1",
-    f"{BY_ID}/nvme-QEMU_NVMe_Ctrl_IHALNVME0002_1",
-]
+# vm.DEFAULT_NVME: controller IHALNVME0001 (256 + 64 MiB), IHALNVME0002 (256 MiB). udev
+# links namespace 1 as nvme-<model>_<serial> and ..._1; IncusOS's DeviceToID takes the first
+# sorted by-id link, the one without the namespace (tests/fixtures/zfs/ls-l-dev-disk-by-id.txt).
+NVME = [f"{BY_ID}/nvme-QEMU_NVMe_Ctrl_IHALNVME0001", f"{BY_ID}/nvme-QEMU_NVMe_Ctrl_IHALNVME0002"]
 SMART = {"nvme": NVME[0], "scsi": D[6], "sata": SATA, "virtio": VIRTIO}
 TESTS = Path(__file__).resolve().parent
 
