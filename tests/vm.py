@@ -124,14 +124,17 @@ _ACCEL: tuple[str, str] | None = None
 
 
 # OpenZFS is in Debian's contrib (its licence keeps it out of the kernel package): the
-# module is built by DKMS against the guest kernel's headers, in the cached root.
+# module is built by DKMS against the guest kernel's headers, in the cached root. The storage
+# area's reference tool comes with it: smartctl (SMART for SCSI/SATA; IncusOS runs
+# `smartctl -aj`). Debian 13 has no python3-blivet ("Unable to locate package", main and
+# contrib, seen building this root), so blivet is not in it.
 ZFS_SETUP = """
 sed -i 's/^\\(deb .*\\) main$/\\1 main contrib/' /etc/apt/sources.list
 grep -q contrib /etc/apt/sources.list
 apt-get update -q
 export DEBIAN_FRONTEND=noninteractive
 apt-get install -y -q --no-install-recommends linux-headers-amd64 zfs-dkms zfsutils-linux \\
-    python3-pyzfs
+    python3-pyzfs smartmontools
 kernel=$(ls /lib/modules | sort -V | tail -n 1)
 dkms status
 ls /lib/modules/$kernel/updates/dkms/zfs.ko*
@@ -259,6 +262,29 @@ class MultipathDisk:
     size_mib: int = 64
 
 
+DISK_BUSES = ("scsi", "virtio", "sata")
+
+
+@dataclass(frozen=True)
+class Disk:
+    """A blank disk: on the "scsi" HBA (virtio-scsi; by-id scsi-0QEMU_QEMU_HARDDISK_<serial>,
+    as IncusOS's own test VMs name theirs), a "virtio" block device (virtio-<serial>; no
+    SMART at all) or a "sata" port of q35's AHCI (ata-QEMU_HARDDISK_<serial>; qemu answers
+    ATA SMART)."""
+
+    serial: str
+    size_mib: int
+    bus: str = "scsi"
+
+    @classmethod
+    def parse(cls, spec: str) -> Disk:
+        """BUS:SERIAL:MIB, as `ci/vm run --disk` takes it."""
+        bus, serial, mib = spec.split(":")
+        if bus not in DISK_BUSES or not re.fullmatch(r"[A-Za-z0-9_]{1,20}", serial):
+            raise ValueError(f"--disk {spec!r}: BUS ({'|'.join(DISK_BUSES)}):SERIAL:MIB")
+        return cls(serial, int(mib), bus)
+
+
 @dataclass
 class Result:
     # Read through probe_result: a part or step that failed in the guest raises with
@@ -285,6 +311,10 @@ class Guest:
     tpm: bool = False
     nvme: list[NvmeController] = field(default_factory=list)
     multipath: MultipathDisk | None = None
+    disks: list[Disk] = field(default_factory=list)
+    # A serial for the root disk (then /dev/disk/by-id/virtio-<serial>, as a real boot
+    # drive has a by-id name); None keeps it as every other rung has it.
+    root_serial: str | None = None
     memory_mb: int = 2048
     cpus: int = 2
     accelerator: str | None = None  # None: KVM if it runs guests here, else TCG
@@ -326,6 +356,20 @@ class Guest:
             f"if=pflash,format=raw,unit=1,file={variables}",
         ]
 
+    def _root_args(self) -> list[str]:
+        # qemu makes `-drive if=virtio` devices after every `-device`: with another
+        # virtio-blk disk, that one would be /dev/vda and the root /dev/vdb (seen). An
+        # explicit device comes first, as the command line orders it.
+        if self.root_serial is None and all(d.bus != "virtio" for d in self.disks):
+            return ["-drive", f"file={self.image},if=virtio,format=raw,cache=unsafe"]
+        serial = f",serial={self.root_serial}" if self.root_serial else ""
+        return [
+            "-drive",
+            f"file={self.image},if=none,id=root,format=raw,cache=unsafe",
+            "-device",
+            f"virtio-blk-pci,drive=root{serial}",
+        ]
+
     def _kernel(self) -> Path:
         if self.firmware != "secureboot":
             return self.kernel
@@ -354,8 +398,7 @@ class Guest:
             str(self.initrd),
             "-append",
             KERNEL_CMDLINE,
-            "-drive",
-            f"file={self.image},if=virtio,format=raw,cache=unsafe",
+            *self._root_args(),
             "-virtfs",
             f"local,path={self.probe_dir},mount_tag=probe,security_model=none",
             "-nic",
@@ -394,6 +437,20 @@ class Guest:
                     f"scsi-hd,drive=mp{path},bus=hba{path}.0,serial={mp.serial},"
                     f"wwn={mp.wwn:#x},share-rw=on",
                 ]
+        if any(d.bus == "scsi" for d in self.disks):
+            cmd += ["-device", "virtio-scsi-pci,id=scsi0"]
+        sata = 0
+        for d in self.disks:
+            path = self._disk(f"disk-{d.serial}", d.size_mib)
+            ident = f"disk-{d.serial}"
+            cmd += ["-drive", f"file={path},if=none,id={ident},format=raw,cache=unsafe"]
+            if d.bus == "scsi":
+                cmd += ["-device", f"scsi-hd,drive={ident},bus=scsi0.0,serial={d.serial}"]
+            elif d.bus == "virtio":
+                cmd += ["-device", f"virtio-blk-pci,drive={ident},serial={d.serial}"]
+            else:  # q35's built-in AHCI has six ports, ide.0 to ide.5
+                cmd += ["-device", f"ide-hd,drive={ident},bus=ide.{sata},serial={d.serial}"]
+                sata += 1
         for i, (mac, tap) in enumerate(self.taps):
             cmd += [
                 "-netdev",
@@ -567,6 +624,16 @@ def build(
     return Guest(work, image, work / "vmlinuz", work / "initrd.img")
 
 
+def no_network(root: Path) -> None:
+    """A guest with no NIC (ci/vm run's) has no network to wait for: without this,
+    systemd-networkd-wait-online holds multi-user.target, and the probe, with no end
+    (seen: over 6 minutes, "no limit")."""
+    unit = root / "etc/systemd/system/systemd-networkd-wait-online.service"
+    unit.parent.mkdir(parents=True, exist_ok=True)
+    unit.unlink(missing_ok=True)
+    unit.symlink_to("/dev/null")
+
+
 def main(argv: list[str] | None = None) -> int:
     """ci/vm: boot a guest with the devices asked for, run a command in it, print what it
     printed, exit with its status."""
@@ -580,6 +647,14 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--nvme", action="store_true", help="two NVMe controllers")
     run.add_argument("--multipath", action="store_true", help="a disk with two paths")
     run.add_argument("--zfs", action="store_true", help="the root flavor with OpenZFS built")
+    run.add_argument(
+        "--disk",
+        action="append",
+        default=[],
+        type=Disk.parse,
+        help="a blank disk BUS:SERIAL:MIB (bus scsi, virtio or sata); repeatable",
+    )
+    run.add_argument("--memory", type=int, default=2048, help="guest memory in MiB")
     run.add_argument("--file", action="append", default=[], help="copy into /probe")
     run.add_argument("--work", type=Path, help="keep the guest here (boot it again later)")
     run.add_argument("--timeout", type=int, default=900)
@@ -594,7 +669,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="ihal-vm-", dir="/var/tmp"))
     work.mkdir(parents=True, exist_ok=True)
     guest = (
-        build(work, lambda root: None, size="4G" if args.zfs else "3G", zfs=args.zfs)
+        build(work, no_network, size="4G" if args.zfs else "3G", zfs=args.zfs)
         if not (work / "disk.raw").exists()
         else Guest(work, work / "disk.raw", work / "vmlinuz", work / "initrd.img")
     )
@@ -603,6 +678,7 @@ def main(argv: list[str] | None = None) -> int:
         guest.nvme = DEFAULT_NVME
     if args.multipath:
         guest.multipath = DEFAULT_MULTIPATH
+    guest.disks, guest.memory_mb = args.disk, args.memory
     for name in args.file:
         shutil.copy(name, guest.probe_dir / Path(name).name)
     try:
