@@ -108,3 +108,26 @@ def test_the_hal_reads_each_recorded_pool_as_incusos_does(case: str) -> None:
     )
     assert layout.special_type == ("zfs-raid1" if special else "")
     assert not layout.devices_degraded and layout.raw_size > 0
+
+
+SCANS = {  # case: (pool state, scan function, scan state), as recorded
+    "degraded-offline": ("DEGRADED", None, None),
+    "resilver-in-progress": ("DEGRADED", "RESILVER", "SCANNING"),
+    "resilver-done": ("ONLINE", "RESILVER", "FINISHED"),
+    "scrub-in-progress": ("ONLINE", "SCRUB", "SCANNING"),
+    "scrub-done": ("ONLINE", "SCRUB", "FINISHED"),
+}
+
+
+@pytest.mark.parametrize("case", SCANS)
+def test_scan_stats_as_test_vm_storage_reads_them(case: str) -> None:
+    """zfs_scan_suspend_progress held the resilver and the scrub in progress for real."""
+    pool = load(f"{case}/zpool-status-pool.json")["pools"]["mypool"]
+    scan = pool.get("scan_stats", {})
+    assert (pool["state"], scan.get("function"), scan.get("state")) == SCANS[case]
+
+
+def test_offlined_and_replaced_disks_by_id() -> None:
+    assert (D[0], "OFFLINE") in vdev_states(load("degraded-offline/zpool-status-pool.json"))
+    done = vdev_states(load("resilver-done/zpool-status-pool.json"))
+    assert done == {(d, "ONLINE") for d in (D[1], D[2], D[3])}
