@@ -927,6 +927,8 @@ def update_vs_tools() -> None:
     print(f"  incusos-hal (fetch, verify, parse, plan, download, sha256): {ours_ms:8.1f} ms")
     print(f"  curl + openssl smime -verify + curl + sha256sum:           {tools_ms:8.1f} ms")
     print(f"  ratio (ours / tools): {ours_ms / tools_ms:.2f}")
+
+
 def image_boots() -> None:
     """The appliance image under qemu (TCG here), OVMF Secure Boot and swtpm: seconds from
     qemu's start to GET /1.0 answering over mutual TLS, first boot (repart, encryption,
