@@ -163,7 +163,11 @@ def start(machine: Machine, config: ServiceNVMEConfig) -> None:
         if module not in modules:
             modules.append(module)
     for module in modules:
-        machine.run(["modprobe", module])
+        if machine.sys(f"sys/module/{module.replace('-', '_')}").exists():
+            continue  # built into the kernel, or loaded already
+        # The API service may not load modules itself (its unit has ProtectKernelModules=):
+        # systemd's modprobe@.service loads it, outside that sandbox.
+        machine.run(["systemctl", "start", f"modprobe@{module}.service"])
     ensure_identity(machine)
     discovered: list[list[str]] = []
     for target in config.targets:
@@ -202,7 +206,7 @@ def reset(machine: Machine, config: ServiceNVMEConfig) -> None:
 SERVICE = SystemService(
     name="nvme",
     summary="NVMe over TCP and Fibre Channel targets (nvme-cli)",
-    tools=("nvme", "modprobe"),
+    tools=("nvme", "systemctl"),
     read_state=read_state,
     apply=apply,
     files=(HOSTNQN, HOSTID, DISCOVERY),
