@@ -32,7 +32,7 @@ from incusos_hal.hal import pcrsig
 import image
 from apiserver import free_port, openssl_client_cert
 
-pytestmark = [pytest.mark.vm, pytest.mark.root]
+pytestmark = [pytest.mark.vm, pytest.mark.root, pytest.mark.image]
 
 BOOT_TIMEOUT = 1500  # seconds from qemu start to the API answering, under TCG and load
 PASSPHRASE_PROMPT = "Please enter passphrase for disk"
