@@ -139,6 +139,20 @@ def _cache_write(inputs: Inputs, key: str, etag: str, content: bytes) -> None:
 # -- images ---------------------------------------------------------------------------------
 
 
+def _download(
+    transport: Transport,
+    url: str,
+    file: index.UpdateFile,
+    dest: Path,
+    progress: fetch.Progress | None,
+) -> None:
+    """One file of a release, held to the size and SHA-256 the signed index gives it."""
+    try:
+        fetch.download(transport, url, dest, sha256=file.sha256, size=file.size, progress=progress)
+    except FetchError as e:
+        raise ProviderError(str(e)) from None
+
+
 class Images:
     name = "images"
 
@@ -212,17 +226,7 @@ class Images:
         progress: fetch.Progress | None,
     ) -> None:
         url = f"{self.server}/{release.version}/{file.filename}"
-        try:
-            fetch.download(
-                self.inputs.transport,
-                url,
-                dest,
-                sha256=file.sha256,
-                size=file.size,
-                progress=progress,
-            )
-        except FetchError as e:
-            raise ProviderError(str(e)) from None
+        _download(self.inputs.transport, url, file, dest, progress)
 
 
 def _get(
@@ -412,9 +416,4 @@ class OperationsCenter:
         progress: fetch.Progress | None,
     ) -> None:
         url = f"{self.server}/1.0/provisioning/updates/{release.url}/files/{file.filename}"
-        try:
-            fetch.download(
-                self.transport, url, dest, sha256=file.sha256, size=file.size, progress=progress
-            )
-        except FetchError as e:
-            raise ProviderError(str(e)) from None
+        _download(self.transport, url, file, dest, progress)
