@@ -319,12 +319,29 @@ def test_update_handoff_refusal_reaches_the_checker_and_writes_nothing(tmp_path:
         handoff = UpdateHandoff(apps, asyncio.get_running_loop())
         assert handoff.applications() == {}
         with pytest.raises(AppError, match="without systemd"):
-            await asyncio.to_thread(handoff.application_ready, "hello", "1", image)
+            await asyncio.to_thread(handoff.application_ready, "hello", "1", image, digest)
         with pytest.raises(RuntimeError, match="worker thread"):
-            handoff.application_ready("hello", "1", image)
+            handoff.application_ready("hello", "1", image, digest)
 
+    digest = hashlib.sha256(image.read_bytes()).hexdigest()
     asyncio.run(main())
     assert not (tmp_path / "root").exists() and not (tmp_path / "state").exists()
+
+
+def test_an_image_swapped_after_its_check_is_refused(tmp_path: Path) -> None:
+    """The installer holds the image to the hash the update checker verified (handed
+    over with it), not to a hash of whatever is on disk at install time."""
+    from incusos_hal.apply.applications import AppError, Applications, VerifiedImage
+
+    image = tmp_path / "hello.raw"
+    image.write_bytes(b"hsqs" + b"\0" * 4096)
+    verified = hashlib.sha256(image.read_bytes()).hexdigest()
+    apps = Applications(tmp_path / "state", str(tmp_path / "root"), None, asyncio.Lock())
+    apps._check_image(VerifiedImage("hello", "1", image, verified))  # the file as checked
+    image.write_bytes(b"hsqs" + b"\1" * 4096)  # swapped after the check
+    with pytest.raises(AppError, match="not the one it was verified with") as refused:
+        apps._check_image(VerifiedImage("hello", "1", image, verified))
+    assert refused.value.status == 400
 
 
 @pytest.mark.parametrize(("root", "target", "plugged"), [("/", "/", True), ("/", "/t", False)])

@@ -524,3 +524,23 @@ def test_a_bug_in_a_check_ends_the_check_in_its_status(
     assert state.status == "Failed to check for updates: internal error (KeyError)"
     assert checker.reserve(), "the failed check kept the one check slot"
     checker._RUNNING.release()
+
+
+def test_an_expanded_file_carries_the_hash_of_what_was_expanded(tmp_path: Path) -> None:
+    """The checker hands an installer the SHA-256 of the bytes it expanded from the
+    verified `.gz` (the installer holds the file to it); a file that is not gzip, or
+    that would expand past the bound, leaves nothing behind."""
+    import gzip
+
+    from incusos_hal.update import checker
+
+    payload = b"hsqs" + bytes(range(256)) * 4096
+    source = tmp_path / "hello.raw.gz"
+    source.write_bytes(gzip.compress(payload))
+    digest = checker._gunzip(source, tmp_path / "hello.raw")
+    assert digest == hashlib.sha256(payload).hexdigest()
+    assert (tmp_path / "hello.raw").read_bytes() == payload
+    source.write_bytes(b"not gzip at all")
+    with pytest.raises(ValueError, match="not a gzip file"):
+        checker._gunzip(source, tmp_path / "other.raw")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hello.raw", "hello.raw.gz"]

@@ -320,11 +320,11 @@ class UpdateHandoff:
     def applications(self) -> dict[str, str]:
         return {name: app.version for name, app in self.apps.installed().items()}
 
-    def application_ready(self, name: str, version: str, path: Path) -> None:
+    def application_ready(self, name: str, version: str, path: Path, sha256: str) -> None:
         self._off_loop()
-        # The checker compared size and hash with the signed index; the hash is taken
-        # again so the image installed is the one that was checked, byte for byte.
-        image = VerifiedImage(name, version, path, sysext.sha256(path))
+        # `sha256` is the hash the checker verified (from the signed index); the install
+        # holds the file to it, so a file swapped after the check is refused.
+        image = VerifiedImage(name, version, path, sha256)
         new = name not in self.apps.installed()
         work = self.apps.install_verified(image, new=new)
         asyncio.run_coroutine_threadsafe(work, self.loop).result()

@@ -267,7 +267,7 @@ def _check(
         ]
         progress({"step": step.kind, "name": step.name, "version": step.version})
         try:
-            directory = _fetch_step(inputs, source, release, step, progress)
+            directory, digests = _fetch_step(inputs, source, release, step, progress)
         except (providers.ProviderError, fetch.FetchError, OSError, ValueError) as e:
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
             return save(
@@ -287,7 +287,9 @@ def _check(
                     save(state.status, secureboot_version=step.version)
             elif step.kind == "application":
                 path = directory / f"{step.name}.raw"
-                installers.application_ready(step.name, step.version, path)
+                if path.name not in digests:
+                    raise ValueError(f"the release has no {path.name}")
+                installers.application_ready(step.name, step.version, path, digests[path.name])
                 apps = dict(staged.get("applications", {}))
                 apps[step.name] = {"version": step.version, "path": str(path)}
                 staged["applications"] = apps
@@ -329,14 +331,18 @@ def _fetch_step(
     release: index.Release | None,
     step: index.Step,
     progress: Progress,
-) -> Path:
-    """Every file of `step`, verified, in a directory of its own (`.gz` expanded)."""
+) -> tuple[Path, dict[str, str]]:
+    """Every file of `step`, verified, in a directory of its own (`.gz` expanded), and
+    each file's SHA-256 as verified: the index's, or for an expanded `.gz` the hash of
+    the stream expanded from the verified file (so an installer can hold the file it
+    is handed to what was checked, rather than to what happens to be on disk)."""
     assert release is not None
     name = step.name or step.kind
     directory = inputs.state_dir / UPDATES_DIR / step.kind / name / step.version
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     total = sum(f.size for f in step.files)
     done = 0
+    digests: dict[str, str] = {}
     for file in step.files:
         dest = directory / file.basename
 
@@ -347,8 +353,11 @@ def _fetch_step(
             source.fetch(release, file, dest, report)
         done += file.size
         if dest.name.endswith(".gz"):
-            _gunzip(dest, dest.with_name(dest.name[: -len(".gz")]))
-    return directory
+            expanded = dest.with_name(dest.name[: -len(".gz")])
+            digests[expanded.name] = _gunzip(dest, expanded)
+        else:
+            digests[dest.name] = file.sha256.lower()
+    return directory, digests
 
 
 def _verified(path: Path, file: index.UpdateFile) -> bool:
@@ -367,16 +376,21 @@ def _verified(path: Path, file: index.UpdateFile) -> bool:
         return False
 
 
-def _gunzip(source: Path, dest: Path) -> None:
-    """Expand a verified `.gz`, bounded (a small file must not fill the disk)."""
+def _gunzip(source: Path, dest: Path) -> str:
+    """Expand a verified `.gz`, bounded (a small file must not fill the disk); the
+    SHA-256 of what was expanded."""
+    import hashlib
+
     part = dest.with_name(dest.name + ".part")
     written = 0
+    digest = hashlib.sha256()
     try:
         with gzip.open(source, "rb") as src, open(part, "wb") as out:
             while chunk := src.read(1 << 20):
                 written += len(chunk)
                 if written > index.MAX_FILE_SIZE:
                     raise ValueError(f"{source.name} expands beyond {index.MAX_FILE_SIZE} bytes")
+                digest.update(chunk)
                 out.write(chunk)
     except (OSError, EOFError, gzip.BadGzipFile) as e:
         part.unlink(missing_ok=True)
@@ -385,6 +399,7 @@ def _gunzip(source: Path, dest: Path) -> None:
         part.unlink(missing_ok=True)
         raise
     os.replace(part, dest)
+    return digest.hexdigest()
 
 
 def _secureboot(root: str, directory: Path) -> tuple[bool, str]:

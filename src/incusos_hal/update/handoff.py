@@ -14,9 +14,11 @@ SHA-256 equal to the signed index's, and `.gz` files expanded (bounded):
         names them minus `.gz`. Return True once it is written to the inactive slot and a
         reboot would run it (the API's `needs_reboot` then says so); raise to refuse it
         (the message becomes the update status).
-    application_ready(name, version, path) -> None
+    application_ready(name, version, path, sha256) -> None
         "an application A version V is downloaded and verified at PATH": PATH is the
-        sysext image `<name>.raw`. Raise to refuse it.
+        sysext image `<name>.raw`, SHA256 the hash it was verified with (an installer
+        installs that file only if it still has it: nothing swapped after the check).
+        Raise to refuse it.
 
 PATH stays the installer's to move or delete; the checker never touches it again. Until
 an installer registers (`use`), the default only records what was handed on.
@@ -32,7 +34,7 @@ from typing import Protocol
 class Handoff(Protocol):
     def applications(self) -> Mapping[str, str]: ...
     def os_ready(self, version: str, path: Path) -> bool: ...
-    def application_ready(self, name: str, version: str, path: Path) -> None: ...
+    def application_ready(self, name: str, version: str, path: Path, sha256: str) -> None: ...
 
 
 class RecordOnly:
@@ -45,7 +47,7 @@ class RecordOnly:
     def os_ready(self, version: str, path: Path) -> bool:
         return False
 
-    def application_ready(self, name: str, version: str, path: Path) -> None:
+    def application_ready(self, name: str, version: str, path: Path, sha256: str) -> None:
         return None
 
 
