@@ -162,7 +162,11 @@ def run(expect_all: dict) -> dict:
     result = {
         "lldpd": lldpd,
         "partner_ports": {
-            nic: json.loads(must("ip", "-n", "sw", "-j", "link", "show", nic))[0]["address"]
+            # A bond member's address is its bond's; lldpd names the port by the NIC's own
+            # (permanent) address.
+            nic: (lambda link: link.get("permaddr", link["address"]))(
+                json.loads(must("ip", "-n", "sw", "-j", "link", "show", nic))[0]
+            )
             for nic in partner
         },
         "bonding": bonding,

@@ -69,7 +69,10 @@ def test_zram_swap_follows_the_document(kernel: dict[str, Any]) -> None:
     assert kernel["put_no_zram"]["status"] == 200, kernel["put_no_zram"]
     assert kernel["swap_off_after_s"] is not None, kernel["no_zram"]["zram"]
     assert kernel["no_zram"]["files"]["zram"] is None
-    assert kernel["no_zram"]["zram"].get("disksize", "0") == "0", kernel["no_zram"]["zram"]
+    assert kernel["no_zram"]["zram"].get("disksize", "0") == "0", (
+        kernel["no_zram"]["zram"],
+        kernel["no_zram_journal"],
+    )
     assert kernel["put_zram_again"]["status"] == 200, kernel["put_zram_again"]
     assert kernel["swap_again_after_s"] is not None, (kernel["zram_again"], kernel["zram_journal"])
     assert kernel["zram_again"]["disksize"] == str(sizes[1])
