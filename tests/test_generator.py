@@ -90,6 +90,10 @@ def test_slow_path_renders_the_stored_config(dirs: tuple[Path, Path, Path]) -> N
     assert code == 0
     assert manifest(out)[0] == expected_tree(state, SYSLOG)
     assert "incusos_hal.config" in modules  # no cache: the slow path ran
+    # The slow path runs on a boot after a change: none of what only the API or a writer
+    # needs (named by weight: each cost milliseconds of a boot when it was imported here).
+    heavy = {"secrets", "hmac", "random", "socket", "shutil", "ssl", "asyncio", "aiohttp"}
+    assert heavy.isdisjoint(modules), sorted(heavy & set(modules))
 
 
 def test_cache_replays_identically_importing_only_os_and_sys(

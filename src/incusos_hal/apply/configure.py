@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import sys
 import threading
 import time
@@ -271,8 +270,11 @@ def _render(
 
 def _set_hostname(config: Config, problems: list[str]) -> None:
     dns = config.network.dns
-    if dns is None or not dns.hostname or socket.gethostname() == dns.hostname:
+    # uname's nodename is the hostname; socket is imported only when it is to change.
+    if dns is None or not dns.hostname or os.uname().nodename == dns.hostname:
         return
+    import socket
+
     try:
         socket.sethostname(dns.hostname)
         info(f"hostname set to {dns.hostname}")

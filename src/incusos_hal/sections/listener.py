@@ -4,7 +4,6 @@ users may use its unix socket (IncusOS's SystemFallbackListener, plus socket_uid
 from __future__ import annotations
 
 import errno
-import socket
 from typing import TYPE_CHECKING, Any
 
 from ..config.errors import FieldError
@@ -55,6 +54,8 @@ def listen_problem(address: str, *, machine: bool) -> str | None:
         return f"{host!r}: a host name is not taken here, give an IP address of this machine"
     if not machine:
         return None
+    import socket  # only when a listen address is checked: not in the boot path
+
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
         with socket.socket(family, socket.SOCK_STREAM) as probe:

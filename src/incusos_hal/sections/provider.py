@@ -11,7 +11,7 @@ put back and nothing is stored (lxc/incus-os internal/rest/api_system_provider.g
 from __future__ import annotations
 
 import datetime
-import socket
+import os
 from typing import TYPE_CHECKING, Any
 
 from .base import Context, Refused, Section
@@ -56,7 +56,7 @@ async def before_store(ctx: Context, new: Config, current: Config) -> None:
     changed = new.provider != current.provider
     if not changed:
         return
-    machine = providers.Machine(socket.gethostname(), _machine_id(ctx.settings.root))
+    machine = providers.Machine(os.uname().nodename, _machine_id(ctx.settings.root))
 
     def deregister() -> None:
         if new.provider.name != current.provider.name and old_registered:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import os
-import secrets
 import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -76,7 +75,7 @@ def drive_recovery_keys(state_dir: Path) -> dict[str, str]:
 def _new_key(path: Path) -> None:
     from ..core.files import atomic_write
 
-    atomic_write(path, secrets.token_bytes(32), 0o600)
+    atomic_write(path, os.urandom(32), 0o600)  # as secrets.token_bytes does
 
 
 # -- state --------------------------------------------------------------------------------

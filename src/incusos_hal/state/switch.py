@@ -15,8 +15,6 @@ import contextlib
 import fcntl
 import json
 import os
-import secrets
-import shutil
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -141,7 +139,7 @@ def switch_in(
     them. `check` sees the staged directory before the commit point: whatever it raises
     is raised, with nothing changed."""
     state = Path(state_dir)
-    stage = state / f"{STAGING_PREFIX}{secrets.token_hex(6)}"
+    stage = state / f"{STAGING_PREFIX}{os.urandom(6).hex()}"
     with locked(state, fcntl.LOCK_EX):
         new = stage / "new"
         new.mkdir(mode=0o700, parents=True)
@@ -155,7 +153,7 @@ def switch_in(
             fsync_dir(new)
             fsync_dir(stage)
         except BaseException:
-            shutil.rmtree(stage, ignore_errors=True)
+            _rmtree(stage, ignore_errors=True)
             raise
         marker = _Marker("new", "old", tuple(sorted(os.listdir(new))))
         _write_marker(stage, marker)  # the commit point
@@ -174,7 +172,7 @@ def switch_back(state_dir: str | os.PathLike[str], stage: Path) -> None:
 
 
 def discard(stage: Path) -> None:
-    shutil.rmtree(stage, ignore_errors=True)
+    _rmtree(stage, ignore_errors=True)
     with contextlib.suppress(OSError):
         fsync_dir(stage.parent)
 
@@ -195,7 +193,7 @@ def complete_switches(state_dir: str | os.PathLike[str]) -> list[str]:
                 continue
             if marker is None:
                 if stage.is_dir() and not stage.is_symlink():
-                    shutil.rmtree(stage, ignore_errors=True)
+                    _rmtree(stage, ignore_errors=True)
                 else:
                     stage.unlink(missing_ok=True)
             elif not marker.done:
@@ -224,3 +222,9 @@ def recover(state_dir: str | os.PathLike[str]) -> tuple[list[str], list[str]]:
             done.append("a restore whose apply failed was interrupted: the previous state is back")
         discard(stage)
     return done, problems
+
+
+def _rmtree(path: Path, ignore_errors: bool = False) -> None:
+    import shutil  # only on the paths that write (its imports are not in the boot path's)
+
+    shutil.rmtree(path, ignore_errors=ignore_errors)
