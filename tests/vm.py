@@ -613,6 +613,7 @@ def build(
     image = work / "disk.raw"
     with nspawn.overlay([package / "upper", root], work / "image") as merged:
         nspawn.install_probe(merged, PROBE_UNIT, probe_dir, (TESTS / "guest_probe.py").read_text())
+        services_off(merged)
         customize(merged)
         kernel, initrd = _boot_files(merged)
         shutil.copy(kernel, work / "vmlinuz")
@@ -624,6 +625,29 @@ def build(
         )
     shutil.rmtree(work / "image", ignore_errors=True)
     return Guest(work, image, work / "vmlinuz", work / "initrd.img")
+
+
+# The storage services' units Debian's packages enable, which the appliance starts only
+# when its document enables the service (services/, when the API service starts; the
+# image's preset, mkosi/, disables them). Left enabled, with nothing configured, they held
+# up boot under TCG: iscsid.service and nvmf-autoconnect.service still starting after
+# 7 minutes (seen in the shared VM machine's console).
+SERVICE_UNITS_OFF = (
+    "iscsid.service",
+    "iscsid.socket",
+    "open-iscsi.service",
+    "nvmf-autoconnect.service",
+    "nvmefc-boot-connections.service",
+    "rtslib-fb-targetctl.service",  # the iSCSI target's (the probe sets one up itself)
+)
+
+
+def services_off(root: Path) -> None:
+    """As `systemctl disable` would: the units' links in /etc removed."""
+    for unit in SERVICE_UNITS_OFF:
+        for link in (root / "etc/systemd/system").glob(f"*/{unit}"):
+            if link.is_symlink():
+                link.unlink()
 
 
 def no_network(root: Path) -> None:
