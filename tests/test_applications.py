@@ -368,3 +368,28 @@ def test_the_service_plugs_the_installers_into_the_update_checker_only_on_this_m
         assert isinstance(handoff.current(), UpdateHandoff) is plugged
     finally:
         handoff.use(before)
+
+
+@pytest.mark.parametrize(
+    ("units", "refused"),
+    [
+        ("hello.service", None),
+        ("hello.socket hello-lxcfs.service hello@one.service", None),
+        ("systemd-networkd.service", "'systemd-networkd.service' is not one of"),
+        ("hello.service other.service", "'other.service' is not one of"),
+        ("helloworld.service", "'helloworld.service' is not one of"),
+        ("hello.service ../x.service", "'../x.service' is not a unit name"),
+    ],
+)
+def test_an_application_names_only_its_own_units(units: str, refused: str | None) -> None:
+    """What an image's extension-release asks the service to start, restart and stop:
+    its own units, never the host's or another application's."""
+    from incusos_hal.apply.applications import AppError, _units
+
+    release = {"ID": "_any", "INCUSOS_HAL_UNITS": units}
+    if refused is None:
+        assert _units(release, "hello") == tuple(units.split())
+    else:
+        with pytest.raises(AppError, match=refused) as e:
+            _units(release, "hello")
+        assert e.value.status == 400

@@ -76,11 +76,24 @@ def compare_versions(a: str, b: str) -> int:
     return (ka > kb) - (ka < kb)
 
 
-def _units(release: dict[str, str]) -> tuple[str, ...]:
+def _units(release: dict[str, str], app: str) -> tuple[str, ...]:
+    """The units an application asks to be started and restarted with it: only its own,
+    named after it (`APP.service`, `APP-lxcfs.service`, `APP@x.service`), as IncusOS's
+    applications' units are. An image cannot have the service restart or stop a unit of
+    the host (`systemd-networkd.service`) or of another application."""
     words = tuple(release.get("INCUSOS_HAL_UNITS", "").split())
-    bad = [w for w in words if not UNIT.fullmatch(w)]
-    if bad:
-        raise AppError(400, f"extension-release: INCUSOS_HAL_UNITS: {bad[0]!r} is not a unit name")
+    for word in words:
+        if not UNIT.fullmatch(word):
+            raise AppError(
+                400, f"extension-release: INCUSOS_HAL_UNITS: {word!r} is not a unit name"
+            )
+        stem = word.rsplit(".", 1)[0]
+        if stem != app and not stem.startswith((f"{app}-", f"{app}@")):
+            raise AppError(
+                400,
+                f"extension-release: INCUSOS_HAL_UNITS: {word!r} is not one of the "
+                f"application's own units (named {app}, {app}-* or {app}@*)",
+            )
     return words
 
 
@@ -179,7 +192,7 @@ class Applications:
                     raise AppError(
                         400, f"the image carries no extension-release.{image.name} once merged"
                     )
-                units = _units(release)
+                units = _units(release, image.name)
             except (ApplyError, AppError) as e:
                 await self._thread(lambda: sysext.put_back(self.root, image.name, previous))
                 with contextlib.suppress(ApplyError):  # the first error is the one to report
