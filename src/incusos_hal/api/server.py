@@ -335,6 +335,7 @@ async def post_update_check(request: web.Request) -> web.Response:
                 root=svc.settings.root,
                 now=lambda: datetime.datetime.now().astimezone(),
                 bounds={"read_timeout": svc.settings.update_read_timeout},
+                tcti=svc.settings.tcti,
             )
         except BaseException:
             checker.release()  # the check never started: its slot is free again

@@ -4,7 +4,7 @@ boot that needed a recovery key (new Secure Boot keys, a firmware update, a clea
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from .volumes import CrypttabEntry, add_everywhere, crypttab_entries, resolve_device, tpm_unseals
 
 if TYPE_CHECKING:
-    from ..hal.luks import Tpm2Token
+    from ..hal.luks import Header, Tpm2Token
     from ..hal.tpm import PCRPolicy, Tpm
 
 # systemd-cryptsetup's tpm2-measure-pcr= extends PCR 15 with each volume key it opens, so a
@@ -42,11 +42,15 @@ class Rebind:
     skipped: Mapping[str, str]  # volume -> why (its device is not there)
 
 
-def rebind_policy(tpm: Tpm, bank: str, pcrs: Sequence[int]) -> PCRPolicy:
-    """The PCR policy a token over `pcrs` gets when rebound: the values as they are now,
-    PCR 15 at zero (see VOLUME_KEY_PCR)."""
-    zero = {f"pcr{VOLUME_KEY_PCR}": bytes(hashlib.new(bank).digest_size)}
-    return tpm.current_policy(bank, pcrs, **(zero if VOLUME_KEY_PCR in pcrs else {}))
+def rebind_policy(
+    tpm: Tpm, bank: str, pcrs: Sequence[int], expected: Mapping[int, bytes] | None = None
+) -> PCRPolicy:
+    """The PCR policy a token over `pcrs` gets when rebound: the values in `expected` (a
+    predicted PCR 7, say), PCR 15 at zero (see VOLUME_KEY_PCR), the others as they are now."""
+    values = {f"pcr{pcr}": value for pcr, value in (expected or {}).items() if pcr in pcrs}
+    if VOLUME_KEY_PCR in pcrs:
+        values[f"pcr{VOLUME_KEY_PCR}"] = bytes(hashlib.new(bank).digest_size)
+    return tpm.current_policy(bank, pcrs, **values)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +62,19 @@ class _Work:
     template: Tpm2Token
     old_slots: tuple[int, ...]
     unlock: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ResealPlan:
+    """The volumes `plan_reseal` found, checked and ready to be sealed to given PCR values."""
+
+    work: tuple[_Work, ...]
+    skipped: Mapping[str, str]
+
+    @property
+    def banks(self) -> tuple[str, ...]:
+        """The PCR banks of the tokens to re-seal (a prediction is needed in each)."""
+        return tuple(sorted({w.template.bank for w in self.work}))
 
 
 def tpm_rebind(root: Path | str, tpm: Tpm | None, keys: Sequence[str]) -> Rebind:
@@ -72,21 +89,65 @@ def tpm_rebind(root: Path | str, tpm: Tpm | None, keys: Sequence[str]) -> Rebind
     a volume. New tokens are added to every volume first (any failure removes those
     added); only then are the old tokens' keyslots removed. Volumes whose device is
     absent are skipped and reported."""
-    work, skipped = _plan(root, tpm, keys)
+
+    def locked_out(entry: CrypttabEntry, header: Header, _token: Tpm2Token) -> bool:
+        assert tpm is not None  # _plan refuses before asking without one
+        return not tpm_unseals(root, entry, header, tpm)
+
+    work, skipped, bound = _plan(root, tpm, keys, locked_out)
+    if not bound:
+        raise RebindRefused("no volume in crypttab is bound to the TPM")
+    if not work:
+        raise RebindRefused("the TPM unseals every TPM-bound volume as the machine is now")
     assert tpm is not None  # _plan refuses without one
-    added = _seal_everywhere(tpm, work)
+    return _reseal(tpm, work, skipped, {})
+
+
+def plan_reseal(root: Path | str, tpm: Tpm | None, keys: Sequence[str], pcr: int = 7) -> ResealPlan:
+    """Every crypttab volume whose TPM token covers `pcr`, whether or not the TPM unseals
+    it today, checked as tpm_rebind checks (RebindRefused, nothing changed: no TPM, a
+    token this HAL cannot re-create, no configured recovery key opens it). Empty when no
+    volume is bound to `pcr`: nothing to do. Then `reseal` seals them to given values:
+    for before a change of what `pcr` measures (new Secure Boot keys), while the old
+    token still opens the volume at this boot."""
+    work, skipped, _ = _plan(root, tpm, keys, lambda _e, _h, token: pcr in token.pcrs)
+    return ResealPlan(tuple(work), skipped)
+
+
+def reseal(tpm: Tpm, plan: ResealPlan, expected: Mapping[str, Mapping[int, bytes]]) -> Rebind:
+    """Seal every planned volume again with the PCR values in `expected` (bank -> PCR ->
+    value, e.g. PCR 7 as the next boot will have it), PCR 15 at zero and the token's other
+    PCRs as they are now; a signed-policy key stays. All new tokens are added before any
+    old keyslot is removed, and a failure adding one takes every added token back."""
+    missing = [b for b in plan.banks if b not in expected]
+    if missing:
+        raise RebindRefused(f"no expected PCR values for the {', '.join(missing)} bank")
+    return _reseal(tpm, plan.work, plan.skipped, expected)
+
+
+def _reseal(
+    tpm: Tpm,
+    work: Sequence[_Work],
+    skipped: Mapping[str, str],
+    expected: Mapping[str, Mapping[int, bytes]],
+) -> Rebind:
+    added = _seal_everywhere(tpm, work, expected)
     rebound = [
         Rebound(w.entry.name, slot, w.template.pcrs, _remove_old(w))
         for w, slot in zip(work, added, strict=True)
     ]
-    return Rebind(tuple(rebound), skipped)
+    return Rebind(tuple(rebound), dict(skipped))
 
 
 def _plan(
-    root: Path | str, tpm: Tpm | None, keys: Sequence[str]
-) -> tuple[list[_Work], dict[str, str]]:
-    """The volumes to re-bind, and those skipped (device absent); RebindRefused with
-    nothing changed when there is nothing this may or can do."""
+    root: Path | str,
+    tpm: Tpm | None,
+    keys: Sequence[str],
+    wanted: Callable[[CrypttabEntry, Header, Tpm2Token], bool],
+) -> tuple[list[_Work], dict[str, str], bool]:
+    """The TPM-bound volumes `wanted` picks (by its entry, header and first TPM token),
+    those skipped (device absent), and whether any volume is TPM-bound; RebindRefused
+    with nothing changed when a picked one cannot be re-sealed."""
     from ..hal import luks
 
     skipped: dict[str, str] = {}
@@ -111,13 +172,13 @@ def _plan(
         bound = True
         if tpm is None:
             raise RebindRefused(f"volume {entry.name} is bound to a TPM, and there is none")
-        if tpm_unseals(root, entry, header, tpm):
-            continue
         template = tokens[0]
+        if not wanted(entry, header, template):
+            continue
         if template.pin or template.pcrlock:
             kind = "PIN" if template.pin else "pcrlock policy"
             raise RebindRefused(
-                f"volume {entry.name}: its TPM token uses a {kind}, which tpm-rebind does not "
+                f"volume {entry.name}: its TPM token uses a {kind}, which this HAL does not "
                 "re-create"
             )
         unlock = next((k.encode() for k in keys if luks.opens(device, k)), None)
@@ -127,21 +188,21 @@ def _plan(
             )
         old = tuple(t.keyslot for t in tokens)
         work.append(_Work(entry, device, template, old, unlock))
-    if not bound:
-        raise RebindRefused("no volume in crypttab is bound to the TPM")
-    if not work:
-        raise RebindRefused("the TPM unseals every TPM-bound volume as the machine is now")
-    return work, skipped
+    return work, skipped, bound
 
 
-def _seal_everywhere(tpm: Tpm, work: Sequence[_Work]) -> list[int]:
-    """A new token on every volume, sealed to the PCRs as they are now; all or none."""
+def _seal_everywhere(
+    tpm: Tpm, work: Sequence[_Work], expected: Mapping[str, Mapping[int, bytes]]
+) -> list[int]:
+    """A new token on every volume, sealed to `expected` and the PCRs as they are now;
+    all or none."""
     from ..hal import luks
     from ..hal.tpm import TPMError
 
     def seal(w: _Work, slots: list[int]) -> None:
         try:
-            policy = rebind_policy(tpm, w.template.bank, w.template.pcrs)
+            bank = w.template.bank
+            policy = rebind_policy(tpm, bank, w.template.pcrs, expected.get(bank))
             slot, _ = luks.enroll_tpm2(
                 w.device, w.unlock, tpm, policy, signer=w.template.signer,
                 signer_pcrs=w.template.signer_pcrs,

@@ -146,6 +146,7 @@ class Inputs:
     now: Callable[[], datetime.datetime]
     architecture: str = field(default_factory=platform.machine)
     bounds: Mapping[str, float] = field(default_factory=dict)  # Transport's timeouts
+    tcti: str | None = None  # the TPM, for re-sealing volumes after a Secure Boot update
 
     def provider_inputs(self) -> providers.Inputs:
         cert, key = self.state_dir / SERVER_CERT, self.state_dir / SERVER_KEY
@@ -277,7 +278,7 @@ def _check(
             )
         try:
             if step.kind == "secureboot":
-                applied, message = _secureboot(inputs.root, directory)
+                applied, message = _secureboot(inputs, directory)
                 shutil.rmtree(directory, ignore_errors=True)
                 if message:
                     notes.append(message)
@@ -402,19 +403,63 @@ def _gunzip(source: Path, dest: Path) -> str:
     return digest.hexdigest()
 
 
-def _secureboot(root: str, directory: Path) -> tuple[bool, str]:
-    """Plan the archive in `directory` against the machine; write the first update.
-    (applied, a note for the status)."""
+def _secureboot(inputs: Inputs, directory: Path) -> tuple[bool, str]:
+    """Plan the archive in `directory` against the machine; write the first update and
+    re-seal the volumes bound to PCR 7 to the value it will have at the next boot (see
+    security.reseal). (applied, a note for the status)."""
+    root = inputs.root
     archives = sorted(directory.glob("*.tar"))
     if not archives:
         raise sbupdate.BadUpdate("no Secure Boot update archive in the release")
     updates = sbupdate.read_archive(archives[0].read_bytes())
     made = sbupdate.plan(updates, sbupdate.current_variables(root), sbupdate.boot_images(root))
-    note = "; ".join(made.refused)
+    notes = list(made.refused)
     if not made.steps:
-        return False, note
-    sbupdate.write(root, made.steps[0])
-    return True, note
+        return False, "; ".join(notes)
+    resealed = _write_and_reseal(inputs, made.steps[0])
+    return True, "; ".join([*notes, resealed] if resealed else notes)
+
+
+def _write_and_reseal(inputs: Inputs, step: sbupdate.AuthUpdate) -> str:
+    """Write `step`, the volumes bound to PCR 7 re-sealed for the next boot around it
+    (IncusOS's appendEFIVarUpdate): what would stop the re-seal is found before the
+    write, which is then refused (BadUpdate), nothing changed. A note for the status."""
+    from contextlib import ExitStack
+
+    from ..hal import tpm
+    from ..security import reseal
+    from ..security.rebind import RebindError, RebindRefused
+
+    root = inputs.root
+    keys = inputs.config.security.encryption_recovery_keys
+    with ExitStack() as stack:
+        handle = None
+        if reseal.tpm_bound(root):  # else the TPM is not opened at all
+            handle = stack.enter_context(tpm.open_tpm_if_any(inputs.tcti))
+        try:
+            prepared = reseal.prepare(root, handle, keys)
+        except RebindRefused as e:
+            raise sbupdate.BadUpdate(
+                f"not writing it: the TPM-bound volumes could not be re-sealed for the next "
+                f"boot ({e})"
+            ) from None
+        sbupdate.write(root, step)
+        if prepared is None:
+            return ""
+        assert handle is not None  # prepare refuses TPM-bound volumes without a TPM
+        try:
+            done = reseal.reseal_for_next_boot(root, handle, prepared)
+        except (RebindRefused, RebindError) as e:
+            return (
+                f"the {step.variable} update was written, but re-sealing the TPM-bound "
+                f"volumes to the next boot's PCR 7 failed ({e}): the next boot needs a "
+                "recovery key"
+            )
+    names = ", ".join(r.volume for r in done.rebound)
+    note = f"TPM-bound volume(s) {names} re-sealed to the next boot's PCR 7"
+    if done.skipped:
+        note += f" ({', '.join(done.skipped)} not present, not re-sealed)"
+    return note
 
 
 def release() -> None:
