@@ -24,7 +24,7 @@ from incusos_hal.update import fetch, index, providers, smime, windows
 from incusos_hal.update import secureboot as sbupdate
 from updateserver import PKI, ConnectProxy, UpdateServer, make_pki, os_files, release, sign
 
-from conftest import REPO, require_tool
+from conftest import REPO, require_root, require_tool
 
 # -- maintenance windows: the clock is an argument ------------------------------------------
 
@@ -544,3 +544,26 @@ def test_an_expanded_file_carries_the_hash_of_what_was_expanded(tmp_path: Path) 
     with pytest.raises(ValueError, match="not a gzip file"):
         checker._gunzip(source, tmp_path / "other.raw")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hello.raw", "hello.raw.gz"]
+
+
+@pytest.mark.root
+def test_an_expansion_keeps_free_space_on_the_state_file_system(tmp_path: Path) -> None:
+    """On a small file system (a 64 MiB tmpfs: less than the reserve is free), a `.gz`
+    is not expanded at all, the message says why, and no partial file is left."""
+    import gzip
+    import subprocess
+
+    from incusos_hal.update import checker
+
+    require_root()
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(small)], check=True)
+    try:
+        source = small / "hello.raw.gz"
+        source.write_bytes(gzip.compress(bytes(8 << 20)))
+        with pytest.raises(ValueError, match="less 512 MiB kept free"):
+            checker._gunzip(source, small / "hello.raw")
+        assert sorted(p.name for p in small.iterdir()) == ["hello.raw.gz"]
+    finally:
+        subprocess.run(["umount", str(small)], check=True)

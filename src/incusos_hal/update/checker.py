@@ -377,25 +377,48 @@ def _verified(path: Path, file: index.UpdateFile) -> bool:
         return False
 
 
+# What expanding an update must leave free where the state directory is: the journal,
+# the applications' data and the rest of the machine keep working.
+EXPAND_RESERVE = 512 << 20
+
+
+def _expansion_limit(directory: Path) -> int:
+    """The most a `.gz` may expand to in `directory`: the index's bound on a file, and
+    the free space less EXPAND_RESERVE."""
+    fs = os.statvfs(directory)
+    return max(0, min(index.MAX_FILE_SIZE, fs.f_bavail * fs.f_frsize - EXPAND_RESERVE))
+
+
 def _gunzip(source: Path, dest: Path) -> str:
     """Expand a verified `.gz`, bounded (a small file must not fill the disk); the
     SHA-256 of what was expanded."""
     import hashlib
+    import zlib
 
     part = dest.with_name(dest.name + ".part")
+    limit = _expansion_limit(dest.parent)
     written = 0
     digest = hashlib.sha256()
     try:
         with gzip.open(source, "rb") as src, open(part, "wb") as out:
-            while chunk := src.read(1 << 20):
+            while True:
+                try:
+                    chunk = src.read(1 << 20)
+                except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+                    raise ValueError(f"{source.name}: not a gzip file ({e})") from None
+                if not chunk:
+                    break
                 written += len(chunk)
-                if written > index.MAX_FILE_SIZE:
-                    raise ValueError(f"{source.name} expands beyond {index.MAX_FILE_SIZE} bytes")
+                if written > limit:
+                    raise ValueError(
+                        f"{source.name} expands beyond {limit} bytes (the bound on an update "
+                        f"file, or the free space less {EXPAND_RESERVE >> 20} MiB kept free)"
+                    )
                 digest.update(chunk)
                 out.write(chunk)
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+    except OSError as e:
         part.unlink(missing_ok=True)
-        raise ValueError(f"{source.name}: not a gzip file ({e})") from None
+        raise ValueError(f"{source.name} cannot be expanded: {e.strerror or e}") from None
     except BaseException:
         part.unlink(missing_ok=True)
         raise
