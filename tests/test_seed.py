@@ -570,3 +570,37 @@ def test_a_volume_reader_that_hangs_floods_or_overflows_is_bounded(
     with pytest.raises(hal_seed.SeedReadError, match="larger than"):
         hal_seed._tool(["sh", "-c", big], "ISO")
     assert hal_seed._tool(["sh", "-c", "printf seed"], "FAT") == b"seed"
+
+
+def test_seeded_applications_are_wanted_by_the_update_checker(tmp_path: Path) -> None:
+    """The applications file of a seed becomes the list the update hand-off gives the
+    checker (each not installed yet with version ""); a bad name is a seed problem, and
+    nothing is stored."""
+    import asyncio
+
+    from incusos_hal.apply.applications import Applications, UpdateHandoff
+
+    state = tmp_path / "state"
+    apps = {"version": "1", "applications": [{"name": "incus"}, {"name": "migration-manager"}]}
+    seed = _seed_dir(tmp_path, {"applications.json": json.dumps(apps)})
+    code, out, err = run("seed", "apply", "--state-dir", str(state), "--source", str(seed))
+    assert code == 0, (out, err)
+
+    async def wanted() -> dict[str, str]:
+        manager = Applications(state, str(tmp_path / "root"), None, asyncio.Lock())
+        return UpdateHandoff(manager, asyncio.get_running_loop()).applications()
+
+    assert asyncio.run(wanted()) == {"incus": "", "migration-manager": ""}
+    # Installed ones report their version instead (the record the installer keeps).
+    (state / "applications.json").write_text(
+        json.dumps({"incus": {"version": "202601010000", "units": [], "sha256": ""}})
+    )
+    assert asyncio.run(wanted()) == {"incus": "202601010000", "migration-manager": ""}
+
+    other = tmp_path / "other"
+    bad = {"version": "1", "applications": [{"name": "../incus"}]}
+    seed = _seed_dir(tmp_path, {"applications.json": json.dumps(bad)})
+    code, out, err = run("seed", "apply", "--state-dir", str(other), "--source", str(seed))
+    assert code != 0
+    assert "applications[0].name: '../incus' is not an application name" in out + err
+    assert not (other / "applications.wanted.json").exists()

@@ -32,7 +32,7 @@ from ..core.errors import Refusal
 from ..core.files import atomic_write
 from ..hal import sysext, sysupdate
 from ..hal.sysext import ImageError, VerifiedImage
-from ..state.paths import APPLICATIONS_FILE
+from ..state.paths import APPLICATIONS_FILE, WANTED_APPLICATIONS
 from .systemd import ApplyError
 
 PRIMARY = frozenset({"incus", "migration-manager", "operations-center"})
@@ -105,6 +105,16 @@ class Applications:
     lock: asyncio.Lock
 
     # -- the record -------------------------------------------------------------------
+
+    def wanted(self) -> list[str]:
+        """The applications the install seed listed (apply/seed.py), valid names only: a
+        damaged file asks for nothing."""
+        try:
+            doc = json.loads((self.state_dir / WANTED_APPLICATIONS).read_text())
+        except (OSError, ValueError):
+            return []
+        names = doc if isinstance(doc, list) else []
+        return [n for n in names if isinstance(n, str) and sysext.NAME.fullmatch(n)]
 
     def installed(self) -> dict[str, Installed]:
         try:
@@ -331,7 +341,10 @@ class UpdateHandoff:
     loop: asyncio.AbstractEventLoop
 
     def applications(self) -> dict[str, str]:
-        return {name: app.version for name, app in self.apps.installed().items()}
+        """The installed applications' versions, and "" for each the install seed asked
+        for that is not installed yet (the checker then installs it)."""
+        installed = {name: app.version for name, app in self.apps.installed().items()}
+        return {**dict.fromkeys(self.apps.wanted(), ""), **installed}
 
     def application_ready(self, name: str, version: str, path: Path, sha256: str) -> None:
         self._off_loop()

@@ -29,7 +29,13 @@ from ..core.files import atomic_write
 from ..hal import seed as media
 from ..sections import by_name
 from ..state import store
-from ..state.paths import CONFIG_FILE, SEED_APPLIED, SEED_PATH_ENV, SEED_STATUS
+from ..state.paths import (
+    CONFIG_FILE,
+    SEED_APPLIED,
+    SEED_PATH_ENV,
+    SEED_STATUS,
+    WANTED_APPLICATIONS,
+)
 
 Log = Callable[[str, str], None]
 
@@ -139,6 +145,11 @@ def first_boot(
             if row is not None:
                 config = replace(config, **{attribute: getattr(row.stored(config), attribute)})
         store.save(state_dir, config)
+    wanted = seeded_applications(checked)
+    if wanted:
+        # Installed by the update checker (its first check, at boot), as IncusOS
+        # installs a seed's applications from its update provider.
+        atomic_write(state_dir / WANTED_APPLICATIONS, json.dumps(wanted).encode() + b"\n", 0o600)
     names = sorted(checked.files.values())
     write_status(
         state_dir,
@@ -153,6 +164,13 @@ def first_boot(
     _mark(applied, {"source": where, "files": names})
     log("info", f"seed from {where} applied: {', '.join(names) or 'no files'}")
     return Outcome("applied", where, checked)
+
+
+def seeded_applications(checked: Checked) -> list[str]:
+    """The application names a checked seed's `applications` file lists, in order."""
+    doc = checked.raw.get("applications")
+    apps = doc.get("applications", ()) if isinstance(doc, Mapping) else ()
+    return [str(a["name"]) for a in apps if isinstance(a, Mapping) and a.get("name")]
 
 
 def _invalid(

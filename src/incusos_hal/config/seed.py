@@ -42,7 +42,8 @@ SECTION_FILES: Mapping[str, str] = {
 # `services` section's); the others are checked and reported as not applied.
 BUILT_SERVICES = ("iscsi", "multipath", "nvme")
 # IncusOS's other seed files: checked as far as its structs go, not applied by this
-# version (no such section yet) except `install`, which the installer reads.
+# version (no such section yet) except `install`, which the installer reads, and
+# `applications`, which the update checker installs (apply/seed.py).
 OTHER_FILES = (
     "install",
     "applications",
@@ -149,7 +150,7 @@ def check_files(files: Mapping[str, bytes], base: model.Config) -> Checked:
             continue  # below, all together
         else:
             CHECKS[name](data, errors)
-            if not errors:
+            if not errors and name != "applications":  # wanted by the update checker
                 notes.append(f"{filename}: valid; not applied (this version has no {name} yet)")
         problems += [Problem(filename, e.path, e.message) for e in errors]
 
@@ -369,6 +370,10 @@ def check_install(data: Mapping[str, Any], errors: list[FieldError]) -> model.In
     return seed
 
 
+# As a system extension's name must be (hal/sysext.py: it names /var/lib/extensions/NAME.raw).
+APPLICATION_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}", re.ASCII)
+
+
 def _check_applications(data: Mapping[str, Any], errors: list[FieldError]) -> None:
     seed = decode(model.ApplicationsSeed, _fields(data), "", errors)
     if errors:
@@ -383,8 +388,10 @@ def _check_applications(data: Mapping[str, Any], errors: list[FieldError]) -> No
     seen: set[str] = set()
     for i, app in enumerate(seed.applications):
         path = child(child("applications", i), "name")
-        if not app.name or has_control(app.name) or "/" in app.name:
-            errors.append(FieldError(path, f"{show(app.name)} is not an application name"))
+        if not APPLICATION_NAME.fullmatch(app.name):
+            errors.append(
+                FieldError(path, f"{show(app.name)} is not an application name (a-z, 0-9, -)")
+            )
         elif app.name in seen:
             errors.append(FieldError(path, f"{show(app.name)} is listed twice"))
         seen.add(app.name)

@@ -40,6 +40,9 @@ UPDATES_DIR = "updates"
 SERVER_CERT = "server.crt"
 SERVER_KEY = "server.key"
 APPLICATIONS_FILE = "applications.json"
+# The applications the install seed asked for (names, JSON): the update checker looks
+# for each one not installed yet.
+WANTED_APPLICATIONS = "applications.wanted.json"
 LOCAL_APPLICATIONS_DIR = "updates/applications"
 # Where a server certificate or key that could not be used is kept (for a post-mortem)
 # when a new pair replaces it.
