@@ -4,9 +4,29 @@ fixtures in tests/fixtures/zfs/)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 BY_ID = "/dev/disk/by-id"
+
+# The recordings (tests/fixtures/zfs/NOTE.md) and the guest's disks as they name them.
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "zfs"
+RECORDED_DISKS = [f"{BY_ID}/scsi-0QEMU_QEMU_HARDDISK_incus_disk{i}" for i in range(1, 8)]
+RECORDED_NVME = [
+    f"{BY_ID}/nvme-QEMU_NVMe_Ctrl_IHALNVME0001",
+    f"{BY_ID}/nvme-QEMU_NVMe_Ctrl_IHALNVME0002",
+]
+
+
+def recorded(name: str) -> str:
+    """One recorded file as the tool printed it (`raid10/zpool-status-pool.json`)."""
+    return (FIXTURES / name).read_text()
+
+
+def load(name: str) -> Any:
+    """One recorded JSON file, parsed."""
+    return json.loads(recorded(name))
 
 
 def top_vdevs(status: dict[str, Any], pool: str = "mypool") -> dict[str, list[str]]:

@@ -4,22 +4,19 @@ what test_vm_storage compares the API with must itself read the real tools right
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import Any
-
 import pytest
 
-from storage_reference import BY_ID, expected_drive, top_vdevs, vdev_states
+from storage_reference import (
+    RECORDED_DISKS,
+    RECORDED_NVME,
+    expected_drive,
+    load,
+    recorded,
+    top_vdevs,
+    vdev_states,
+)
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "zfs"
-D = [f"{BY_ID}/scsi-0QEMU_QEMU_HARDDISK_incus_disk{i}" for i in range(1, 8)]
-NVME = [f"{BY_ID}/nvme-QEMU_NVMe_Ctrl_IHALNVME0001", f"{BY_ID}/nvme-QEMU_NVMe_Ctrl_IHALNVME0002"]
-
-
-def load(name: str) -> Any:
-    return json.loads((FIXTURES / name).read_text())
-
+D, NVME = RECORDED_DISKS, RECORDED_NVME
 
 LAYOUTS = {  # case: (data vdevs, logs, l2cache, special), as the case made them
     "raid0-1": (D[:1], [], [], []),
@@ -93,7 +90,7 @@ def test_the_hal_reads_each_recorded_pool_as_incusos_does(case: str) -> None:
     data, log, cache and special devices (sorted, as IncusOS lists them), its size."""
     from incusos_hal.hal import zfsparse
 
-    pools = zfsparse.parse_status((FIXTURES / case / "zpool-status-pool.json").read_text())
+    pools = zfsparse.parse_status(recorded(f"{case}/zpool-status-pool.json"))
     assert list(pools) == ["mypool"]
     layout = zfsparse.layout(pools["mypool"])
     reference = load(f"{case}/zpool-status-pool.json")
