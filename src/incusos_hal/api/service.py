@@ -534,11 +534,13 @@ class Service:
         """IncusOS's `:factory-reset` (api/system_reset.go): any new seeds checked as
         first boot will check them (over the default document: the machine starts
         afresh), and only then: the seed written where first boot reads it (merged
-        with the existing one unless `wipe_existing_seeds`), the state dir emptied
-        (IncusOS wipes the whole root partition: nothing of it is kept), a reboot
-        scheduled. Returns whether one was (not on a scratch target). A bad seed is a
-        400 with nothing written or erased."""
-        from ..apply.reset import ResetRefused, factory_reset, parse_reset
+        with the existing one unless `wipe_existing_seeds`), the TPM cleared and the
+        first-boot partitions deleted (on the running system only, when its boot disk
+        is laid out as an appliance's), the state dir emptied (IncusOS wipes the whole
+        root partition: nothing of it is kept), a reboot scheduled. Returns whether one
+        was (not on a scratch target). A bad seed is a 400 with nothing written or
+        erased; a TPM that cannot be cleared a 500 with nothing erased."""
+        from ..apply.reset import Machine, ResetRefused, factory_reset, parse_reset
 
         try:
             request = parse_reset(body)
@@ -548,7 +550,9 @@ class Service:
             self._check_writable()
 
             def work() -> None:
-                factory_reset(self.settings.state_dir, self.settings.root, request, self.log)
+                s = self.settings
+                machine = Machine(live=s.live, tcti=s.tcti)
+                factory_reset(s.state_dir, s.root, request, self.log, machine)
 
             try:
                 await self.run_in_thread(work)

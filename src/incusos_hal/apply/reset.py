@@ -3,12 +3,18 @@
 (seed name -> its JSON), `wipe_existing_seeds`.
 
     parse_reset(body)                          the body, strictly (400 otherwise)
-    factory_reset(state_dir, root, request)    seeds checked, written, state dir emptied
+    factory_reset(state_dir, root, request, log, machine)
+                                               seeds checked and written, the TPM
+                                               cleared, the first-boot partitions
+                                               deleted, the state dir emptied
 
 Order, as IncusOS's (internal/reset/reset.go): the seeds are validated (here as first
 boot will check them, over the default document: after the reset the machine starts
-afresh), then written where first boot reads them, and only then is anything erased. A
-seed that does not validate refuses the reset with 400 and nothing is written or erased.
+afresh), then written where first boot reads them, and only then is anything erased: the
+TPM cleared, the root, swap and local-data partitions deleted (hal.repart), so the next
+boot is a first boot and systemd-repart makes them again, encrypted to the new TPM seed.
+A seed that does not validate refuses the reset with 400 and nothing is written or
+erased; a TPM that cannot be cleared refuses it with 500, the seed put back.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from typing import Any
 
 from ..config import Config
 from ..config.seed import NAMES, seed_name
+from ..hal import disk as disks
+from ..hal import repart
 from ..hal import seed as media
 from ..state.paths import SEED_PATH_ENV
 from .seed import check, problem_lines, read_problem
@@ -98,13 +106,61 @@ def merged_seed(existing: Mapping[str, bytes], request: ResetRequest) -> dict[st
     return files
 
 
+@dataclass(frozen=True, slots=True)
+class Machine:
+    """What a reset may touch besides the state dir and the seed. Off the running system
+    (`live` false: a scratch or re-rooted service, the API's tests) the TPM and the disks
+    are left alone whatever else is set."""
+
+    live: bool = False
+    tcti: str | None = None  # the TPM to clear (None: the default, the kernel's)
+    disk: Path | None = None  # the boot disk (None: the disk under the running /usr)
+
+
+@dataclass(frozen=True, slots=True)
+class Reset:
+    """What a factory reset did."""
+
+    seed: dict[str, bytes]  # what the next boot finds
+    tpm_cleared: bool
+    deleted: tuple[str, ...]  # "root (partition 10)", the first-boot partitions deleted
+    left_alone: str  # why the TPM and the partitions were not touched ("" if they were)
+
+
+def plan_partitions(
+    root: str, machine: Machine
+) -> tuple[Path | None, tuple[repart.FirstBoot, ...], str]:
+    """(the boot disk, its first-boot partitions, "") or (.., (), why they are left
+    alone): read only, before anything is written."""
+    if not machine.live:
+        return None, (), "not the running system: the TPM and the disks are left alone"
+    disk = machine.disk
+    if disk is None:
+        name = disks.holder_disk(root, "/usr")
+        if name is None:
+            return None, (), "no disk under the running /usr: the TPM and the disks are left alone"
+        disk = Path(root, "dev", name)
+    try:
+        table = disks.read_gpt(disk)
+        return disk, repart.first_boot_partitions(table, str(disk)), ""
+    except (OSError, disks.DiskError, repart.LayoutError) as e:
+        return disk, (), f"{e}: not an appliance's layout, the TPM and the disks are left alone"
+
+
 def factory_reset(
     state_dir: Path,
     root: str,
     request: ResetRequest,
     log: Callable[[str, str], None] = lambda level, message: None,
-) -> dict[str, bytes]:
-    """Returns the seed the machine will find on its next boot."""
+    machine: Machine = Machine(),
+) -> Reset:
+    """IncusOS's order: the seeds validated, the seed written, the TPM cleared (a failure
+    refuses the reset, 500, the seed put back as it was, unless
+    `allow_tpm_reset_failure`), the first-boot partitions deleted, the state dir emptied,
+    the disks synced. The caller reboots. On a disk that is not laid out as an
+    appliance's neither the TPM nor the disk is touched (clearing the TPM would leave
+    volumes sealed to it that no first boot re-creates): the state dir alone is emptied,
+    and `left_alone` says why."""
     where = seed_location(root)
     existing: dict[str, bytes] = {}
     if where is not None and os.path.lexists(where) and not request.wipe_existing_seeds:
@@ -118,23 +174,102 @@ def factory_reset(
     checked = check(files, Config(), root)
     if checked.problems:
         raise ResetRefused("; ".join(problem_lines(checked)))
+    disk, found, left_alone = plan_partitions(root, machine)
+    undo_seed: Callable[[], None] = lambda: None  # noqa: E731
     if where is None:
         if files:
             raise ResetRefused(f"no {media.SEED_PARTLABEL} partition to write the seed to", 500)
     elif files or os.path.lexists(where):
+        undo_seed = _seed_undo(where, len(media.tar_bytes(files)))
         _write_seed(where, files)
+    tpm_cleared = False
+    if found:
+        from ..hal import tpm
+
+        try:
+            with tpm.open_tpm(machine.tcti) as handle:
+                handle.clear()
+            tpm_cleared = True
+        except tpm.TPMError as e:
+            if not request.allow_tpm_reset_failure:
+                undo_seed()
+                raise ResetRefused(
+                    f"{e}; nothing was erased (allow_tpm_reset_failure lets the reset go on)",
+                    500,
+                ) from None
+            log("warning", f"factory reset: {e}; going on (allow_tpm_reset_failure)")
+    deleted: tuple[str, ...] = ()
+    if disk is not None and found:
+        try:
+            notes = repart.delete(disk, found)
+        except (OSError, disks.DiskError) as e:
+            cleared = "the TPM was cleared; " if tpm_cleared else ""
+            raise ResetRefused(
+                f"{cleared}the first-boot partitions cannot be deleted: {e}", 500
+            ) from None
+        for note in notes:
+            log("info", f"factory reset: {note}")
+        deleted = tuple(f"{f.kind} (partition {f.entry.index})" for f in found)
     for entry in sorted(os.listdir(state_dir)):
         path = state_dir / entry
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         else:
             path.unlink()
+    if machine.live:
+        os.sync()
+    if left_alone:
+        log("warning", f"factory reset: {left_alone}")
     log(
         "warning",
-        f"factory reset: state cleared; the next boot applies the seed "
+        "factory reset: "
+        + ("TPM cleared; " if tpm_cleared else "")
+        + (f"deleted {', '.join(deleted)}; " if deleted else "")
+        + f"state cleared; the next boot applies the seed "
         f"({', '.join(sorted(files)) or 'empty'})",
     )
-    return files
+    return Reset(files, tpm_cleared, deleted, left_alone)
+
+
+def _seed_undo(where: Path, length: int) -> Callable[[], None]:
+    """What puts the seed back as it is now, should the reset be refused after writing
+    it: the bytes the new tar overwrites on a device, the file, or a directory's seed
+    files."""
+    from ..core.files import atomic_write
+
+    if where.is_dir() and not where.is_symlink():
+        kept = {e: (where / e).read_bytes() for e in os.listdir(where) if seed_name(e)}
+
+        def undo_dir() -> None:
+            for entry in os.listdir(where):
+                if seed_name(entry) is not None and entry not in kept:
+                    (where / entry).unlink()
+            for entry, data in kept.items():
+                atomic_write(where / entry, data, 0o600)
+
+        return undo_dir
+    if where.is_block_device():
+        with open(where, "rb") as f:
+            head = f.read(length)
+
+        def undo_device() -> None:
+            fd = os.open(where, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.pwrite(fd, head, 0)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+        return undo_device
+    before = where.read_bytes() if where.is_file() else None
+
+    def undo_file() -> None:
+        if before is None:
+            where.unlink(missing_ok=True)
+        else:
+            atomic_write(where, before, 0o600)
+
+    return undo_file
 
 
 def _write_seed(where: Path, files: Mapping[str, bytes]) -> None:

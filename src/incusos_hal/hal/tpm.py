@@ -1,6 +1,6 @@
 """The TPM 2.0, through tpm2-pytss (the TSS's ESAPI) and hal.tpmwire: PCRs, randomness,
-secrets sealed under a PCR policy, the storage root key shared with systemd, and the
-machine's identity key.
+secrets sealed under a PCR policy, the storage root key shared with systemd, the
+machine's identity key, and TPM2_Clear (a factory reset).
 
 Sealing follows systemd (src/shared/tpm2-util.c) so that what we seal, systemd-cryptsetup
 unseals and the other way round: the secret is a keyed-hash object under the SRK at the
@@ -888,6 +888,23 @@ class Tpm:
             sealed.srk,
             signed,
         )
+
+    # -- clearing ---------------------------------------------------------------------------
+
+    def clear(self) -> None:
+        """TPM2_Clear through the lockout hierarchy with its empty authorization, as
+        `tpm2_clear` does by default (IncusOS's factory reset runs that): new storage and
+        endorsement seeds, so nothing sealed or persisted before loads again, and the
+        owner, endorsement and lockout authorizations empty. A TPM whose lockout
+        authorization is set, or whose Clear is disabled, refuses: TPMError."""
+        self.close()  # the sessions and a transient SRK belong to the seed that goes
+        tss = self.tss
+        try:
+            self.esapi.clear(tss.ESYS_TR.LOCKOUT)
+        except Exception as e:
+            raise _error("TPM clear", e) from None
+        finally:
+            self._wire_srk, self._wire_srk_foreign = None, False
 
 
 def _storage_template(tss: Any, attributes: int) -> Any:
