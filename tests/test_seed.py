@@ -438,6 +438,8 @@ def test_factory_reset_through_the_api(tmp_path: Path) -> None:
     finally:
         server.stop()
     assert any("factory reset" in line for line in server.log), server.log
+    # A scratch service: neither this machine's TPM nor its disks.
+    assert any("not the running system: the TPM and the disks" in x for x in server.log)
 
     # The next boot: first boot applies the seed the reset left.
     code, out, err = run(
