@@ -396,3 +396,38 @@ def test_off_the_running_system_nothing_but_the_state_dir(
     assert (d.dump(), d.contents()) == (dump, contents)
     assert _loads(swtpm, sealed)
     assert list(state.iterdir()) == []
+
+
+@pytest.mark.root
+def test_the_boot_disk_is_the_one_under_the_running_usr(
+    appliance_disk: LoopDisk, tmp_path: Path
+) -> None:
+    """On the running system the disk is found as hal.disk finds the installer's source:
+    /usr's device in mountinfo, followed down through sysfs (here the kernel's own entry
+    for the loop disk's /usr partition, as partx added it)."""
+    d = appliance_disk
+    usr = Path("/sys/block", d.node.name, f"{d.node.name}p7")
+    numbers = (usr / "dev").read_text().strip()
+    root = tmp_path / "machine"
+    (root / "proc/self").mkdir(parents=True)
+    (root / "proc/self/mountinfo").write_text(
+        f"25 1 7:0 / / rw - ext4 /dev/x rw\n36 25 {numbers} / /usr ro - erofs /dev/dm-0 ro\n"
+    )
+    (root / "sys/dev/block").mkdir(parents=True)
+    (root / "sys/dev/block" / numbers).symlink_to(usr)
+    (root / "dev").mkdir()
+    (root / "dev" / d.node.name).symlink_to(d.node)
+    disk, found, why = plan_partitions(str(root), Machine(live=True))
+    assert (disk, why) == (root / "dev" / d.node.name, "")
+    assert [(f.kind, f.entry.index) for f in found] == [
+        ("swap", 9),
+        ("root", 10),
+        ("local-data", 11),
+    ]
+    # No /usr mounted from a disk: nothing is planned, and the plan says why.
+    (root / "proc/self/mountinfo").write_text("25 1 7:0 / / rw - ext4 /dev/x rw\n")
+    assert plan_partitions(str(root), Machine(live=True)) == (
+        None,
+        (),
+        "no disk under the running /usr: the TPM and the disks are left alone",
+    )
