@@ -306,6 +306,9 @@ def enrolled_vars(keys: Path, dest: Path, tools: Path, *, secure_boot: bool = Tr
     (work / "vars-empty.fd").unlink()
 
 
+SLOW_MACHINE_CMDLINE = "systemd.default_device_timeout_sec=900"
+
+
 @dataclass
 class Machine:
     """One machine booting the image: its disk, firmware variables and TPM in `work`."""
@@ -375,6 +378,14 @@ class Machine:
             ]
         else:
             cmd += ["-nic", "none"]
+        # Under TCG a device can take minutes to appear (the /usr verity device did: the
+        # 90 s default ended the first boot in the initrd's emergency mode). systemd-stub
+        # appends this to the UKI's command line (measured into PCR 12, which nothing here
+        # is bound to); the image itself keeps systemd's default.
+        cmd += [
+            "-smbios",
+            f"type=11,value=io.systemd.stub.kernel-cmdline-extra={SLOW_MACHINE_CMDLINE}",
+        ]
         for name, value in (self.credentials or {}).items():
             cmd += ["-smbios", f"type=11,value=io.systemd.credential:{name}={value}"]
         return cmd
