@@ -202,4 +202,10 @@ def run(expect_all: dict) -> dict:
         "journal_generator": journal("-t", "incusos-hal-generator"),
         "journal_configure": journal("-u", "incusos-hal-configure.service"),
     }
+    # The two ends of a real 802.3ad bond, as the kernel shows them, for
+    # tests/fixtures/bonding (the LACP parser's fixtures).
+    kept = Path("/probe/artifacts/bonding")
+    kept.mkdir(parents=True, exist_ok=True)
+    (kept / f"{expect['bond']}.txt").write_text(bonding)
+    (kept / "swbond.txt").write_text(result["partner_bonding"])
     return result
