@@ -37,9 +37,14 @@ SOCKET = "/run/incusos-hal/unix.socket"
 STATE = Path("/var/lib/incusos-hal/config.toml")
 
 
+# How long a request may take; a probe whose requests run tools on many disks under TCG
+# (guest_storage.py) raises it.
+TIMEOUT_S = 120.0
+
+
 class Unix(http.client.HTTPConnection):
     def __init__(self) -> None:
-        super().__init__("ihal", timeout=120)
+        super().__init__("ihal", timeout=TIMEOUT_S)
 
     def connect(self) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -258,9 +258,13 @@ def _rfc3339(seconds: int) -> str:
     return datetime.datetime.fromtimestamp(seconds, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def read_drives(root: str, state_dir: Path, pools: dict[str, PoolStatus]) -> list[dict[str, Any]]:
+def read_drives(
+    root: str, state_dir: Path, pools: dict[str, PoolStatus], *, with_smart: bool = True
+) -> list[dict[str, Any]]:
     """IncusOS's SystemStorageDrive list, sorted by id: the inventory's disks, SMART from
-    smartctl, the pool each belongs to, and whether we hold its LUKS key."""
+    smartctl, the pool each belongs to, and whether we hold its LUKS key. `with_smart`
+    False: no smartctl (a plan needs sizes and membership only; smartctl takes seconds a
+    drive, and a PUT would pay it for every drive of the machine)."""
     from ..hal import smart, zfs
     from ..inventory.storage import scan_storage
 
@@ -278,13 +282,17 @@ def read_drives(root: str, state_dir: Path, pools: dict[str, PoolStatus]) -> lis
         drive_id = _drive_id(disk.id, links)
         if not drive_id:
             continue  # IncusOS skips devices without an id link (mmcblk0boot0)
-        info = smart.nvme_or_smartctl(f"/dev/{disk.id}") if root == "/" else smart.DriveInfo()
+        live = root == "/" and with_smart
+        info = smart.nvme_or_smartctl(f"/dev/{disk.id}") if live else smart.DriveInfo()
         out: dict[str, Any] = {
             "id": drive_id,
             "model_family": info.model_family,
             "model_name": info.model_name or disk.model,
             "serial_number": info.serial_number or disk.serial,
-            "bus": info.bus or disk.type,
+            # smartctl's device type, as IncusOS reports it ("" where smartctl has none,
+            # a virtio disk); a machine read under another root (a recording, the
+            # library) has no smartctl to ask: the kernel's transport then.
+            "bus": info.bus if live else disk.type,
             "capacity_in_bytes": disk.size,
             "boot": disk.id == boot,
             "multipath": False,
@@ -344,7 +352,7 @@ def machine(root: str, state_dir: Path, pools: dict[str, PoolStatus]) -> Machine
     from ..hal import zfs
     from ..render.zpool import Drive, Machine
 
-    drives_raw = read_drives(root, state_dir, pools)
+    drives_raw = read_drives(root, state_dir, pools, with_smart=False)
     links = _by_id_links(root)
     drives = {
         d["id"]: Drive(d["id"], d["capacity_in_bytes"], d["boot"], d.get("member_pool", ""))
@@ -478,7 +486,7 @@ def _zfs_or_refuse() -> None:
 def _drive(ctx: Context, drive_id: str) -> dict[str, Any]:
     state_dir = ctx.settings.state_dir
     pools, _why = read_pools(state_dir)
-    for d in read_drives(ctx.settings.root, state_dir, pools):
+    for d in read_drives(ctx.settings.root, state_dir, pools, with_smart=False):
         if d["id"] == drive_id:
             return d
     raise Refused(400, f"drive '{drive_id}' doesn't exist")
