@@ -15,6 +15,7 @@ are found by name, not counted.
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,6 +60,9 @@ def storage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
     spec = {"disks": D, "nvme": NVME, "smart": SMART, "boot": BOOT}
     boot = guest.boot(["storage"], {"storage": spec}, timeout=3600)
     part: dict[str, Any] = boot.result["storage"]
+    # What the guest recorded outlives its disks (a few GiB, removed): for a failure's
+    # post-mortem (each request's time is in it).
+    (work.parent / "zfs-guest-result.json").write_text(json.dumps(part, indent=1))
     yield part
     shutil.rmtree(work, ignore_errors=True)
 
