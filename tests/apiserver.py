@@ -60,6 +60,7 @@ class Server:
     log: list[str] = field(default_factory=list)
     # A command the server runs under (it execs its arguments): a mount namespace, say.
     wrapper: tuple[str, ...] = ()
+    listen_host: str = "127.0.0.1"  # the --listen address's host (`[::]`: every address)
 
     @property
     def config_file(self) -> Path:
@@ -77,7 +78,7 @@ class Server:
             [
                 *self.wrapper, sys.executable, "-m", "incusos_hal", "serve",
                 "--state-dir", str(self.state), "--socket", str(self.socket),
-                "--listen", f"127.0.0.1:{self.port}", "--target", str(self.target),
+                "--listen", f"{self.listen_host}:{self.port}", "--target", str(self.target),
                 *(["--root", str(self.root)] if self.root else []),
                 *(["--tcti", self.tcti] if self.tcti else []),
                 *self.options,

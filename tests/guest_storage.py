@@ -35,6 +35,7 @@ def call(method: str, path: str, body: object = None) -> dict:
     finally:
         TIMINGS.append([method, path, round(time.monotonic() - started, 1)])
 
+
 SUSPEND = Path("/sys/module/zfs/parameters/zfs_scan_suspend_progress")
 SCHEDULE = "0 4 * * 0"
 POOL = "mypool"

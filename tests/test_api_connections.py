@@ -470,3 +470,33 @@ def test_the_unit_sets_limit_nofile_and_systemd_accepts_it(tmp_path: Path) -> No
     )  # fmt: skip
     lines = [x for x in done.stderr.splitlines() if "incusos-hal" in x]
     assert done.returncode == 0 and not lines, done.stderr
+
+
+def test_listening_on_every_address_takes_ipv4_and_ipv6_clients(
+    tmp_path: Path, certs: dict[str, tuple[Path, Path]]
+) -> None:
+    """`[::]:PORT`, IncusOS's default form, answers a trusted client over IPv4 and IPv6
+    alike (Go listens dual-stack there; asyncio's IPv6 sockets alone would not: an image
+    reached over IPv4 had no API), and still refuses a stranger's handshake on both."""
+    srv = apiserver.make(tmp_path, [certs["trusted"][0]])
+    srv.listen_host = "[::]"
+    srv.start()
+    try:
+        for host in ("127.0.0.1", "[::1]"):
+            base = ["--cacert", str(srv.state / "server.crt"), "--tlsv1.3", "-k"]
+            for who, status in (("trusted", 200), ("stranger", 0)):
+                cert, key = certs[who]
+                got = apiserver.curl(
+                    [*base, "--cert", str(cert), "--key", str(key)],
+                    f"https://{host}:{srv.port}/1.0/system",
+                    "GET",
+                    (),
+                    None,
+                )
+                assert got.status == status and (got.rc == 0) == (who == "trusted"), (
+                    host,
+                    who,
+                    got,
+                )
+    finally:
+        srv.stop()

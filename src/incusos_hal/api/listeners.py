@@ -242,9 +242,17 @@ class Guard:
     async def listen_tls(self, host: str | None, port: int, tls: ssl.SSLContext) -> None:
         """HTTPS with client certificates on host:port (host None: every address)."""
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(
-            lambda: Connection(self, tls), host, port, backlog=self.backlog
-        )
+        if host == "::":
+            # IncusOS's "[::]:8443" takes IPv4 clients too (Go listens dual-stack there);
+            # asyncio's own IPv6 sockets are IPv6-only, which left a machine reached over
+            # IPv4 (qemu's user network, most LANs) with no API at all.
+            server = await loop.create_server(
+                lambda: Connection(self, tls), sock=dual_stack_socket(port, self.backlog)
+            )
+        else:
+            server = await loop.create_server(
+                lambda: Connection(self, tls), host, port, backlog=self.backlog
+            )
         self._servers.append(server)
 
     async def close(self) -> None:
@@ -364,3 +372,18 @@ class Guard:
             conn.deadline = None
         if conn.handler is not None:
             self._by_handler.pop(conn.handler, None)
+
+
+def dual_stack_socket(port: int, backlog: int) -> socket.socket:
+    """A listening socket on every IPv6 and IPv4 address (`[::]:port`)."""
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(("::", port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
