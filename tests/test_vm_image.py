@@ -56,6 +56,9 @@ echo "luks-begin"
 cryptsetup luksDump --dump-json-metadata /dev/disk/by-partlabel/root-x86-64
 echo "luks-end"
 for unit in $(systemctl --failed --plain --no-legend | cut -d' ' -f1); do echo "failed $unit"; done
+for unit in $(systemctl --failed --plain --no-legend | cut -d' ' -f1); do
+  journalctl -b -u "$unit" -n 15 --no-pager -o cat | sed "s/^/why $unit: /"
+done
 echo "findmnt $(findmnt -n -o SOURCE,FSTYPE /usr)"
 """
 
@@ -76,8 +79,8 @@ def _run_probe(port: int, ctx: ssl.SSLContext) -> dict[str, Any]:
     }  # fmt: skip
     for line in lines[:start] + lines[end + 1 :]:
         key, _, value = line.partition(" ")
-        if key in ("partlabel", "failed"):
-            out[key + "s" if key == "partlabel" else key].append(value)
+        if key in ("partlabel", "failed", "why"):
+            out.setdefault(key + "s" if key == "partlabel" else key, []).append(value)
         else:
             out[key] = value
     return out
@@ -114,7 +117,7 @@ def test_image_boots_encrypts_and_answers(built: image.Image, tmp_path_factory: 
     # The disk as first boot laid it out: /usr (verity, its signature), root, swap, local-data.
     assert {"root-x86-64", "swap", "local-data"} <= set(probe["partlabels"]), probe
     assert probe["findmnt"].startswith("/dev/mapper/usr erofs"), probe["findmnt"]
-    assert probe["failed"] == [], probe["failed"]
+    assert probe["failed"] == [], (probe["failed"], probe.get("why"))
     # Root's LUKS2 TPM token, as systemd-repart enrolled it: PCR 7 by value, PCR 11 by the
     # UKI's signed policy (its public key), so a new signed UKI needs no re-enrolment.
     tokens = [t for t in probe["luks"]["tokens"].values() if t["type"] == "systemd-tpm2"]
