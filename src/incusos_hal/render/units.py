@@ -53,6 +53,18 @@ def configure_units(unit_dir: str) -> Tree:
     return tree
 
 
+def online_required(config: Config) -> bool:
+    """Whether any link must be up for network-online.target (RequiredForOnline=yes in
+    render/networkd.py). When none is (IncusOS's first-boot default: every interface
+    "no"), systemd-networkd-wait-online can never succeed: it ignores such links and
+    waits for at least one online, then fails after 2 minutes at every boot. So it is
+    wanted only when the document names a link to wait for; IncusOS, likewise, waits for
+    no link by default."""
+    network = config.network
+    links = (*network.interfaces, *network.bonds, *network.vlans)
+    return any(link.addresses and link.required_for_online != "no" for link in links)
+
+
 def network_units(config: Config, *, source: str, unit_dir: str) -> Tree:
     """networkd, resolved and timesyncd enabled and ordered after the configure step; the
     proxy handed to every service."""
@@ -60,7 +72,8 @@ def network_units(config: Config, *, source: str, unit_dir: str) -> Tree:
     # What `systemctl enable systemd-networkd systemd-resolved systemd-timesyncd` links.
     want(tree, unit_dir, "multi-user.target", "systemd-networkd.service")
     want(tree, unit_dir, "sockets.target", "systemd-networkd.socket")
-    want(tree, unit_dir, "network-online.target", "systemd-networkd-wait-online.service")
+    if online_required(config):
+        want(tree, unit_dir, "network-online.target", "systemd-networkd-wait-online.service")
     want(tree, unit_dir, "sysinit.target", "systemd-resolved.service")
     want(tree, unit_dir, "sysinit.target", "systemd-timesyncd.service")
     for daemon in ("networkd", "resolved", "timesyncd"):
