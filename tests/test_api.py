@@ -748,7 +748,8 @@ def test_an_apply_that_outruns_its_limit_restores_the_previous_files_exactly(
     the same way and leaves the same tree: no worker from the first is still writing."""
     assert api.put("/1.0/system/network", NETWORK).status == 200
     api.stop()
-    api.options = ("--apply-time-limit", "0,0.001")
+    # As a unit's drop-in sets it (tests/vm.py gives emulated guests minutes this way).
+    api.env = {"INCUSOS_HAL_APPLY_TIME_LIMIT": "0,0.001"}
     api.start()
     files = tree_digest(api.target)
     assert any("bridge-uplink" in name for name in files), files
@@ -884,3 +885,17 @@ def test_a_timed_out_apply_returns_only_after_its_worker_ended(
         )
 
     asyncio.run(run())
+
+
+def test_a_malformed_apply_time_limit_in_the_environment_stops_serve(tmp_path: Path) -> None:
+    """A unit's drop-in with a bad $INCUSOS_HAL_APPLY_TIME_LIMIT is said at once, by
+    name, rather than served with some other limit."""
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), INCUSOS_HAL_APPLY_TIME_LIMIT="fast")
+    done = subprocess.run(
+        [sys.executable, "-m", "incusos_hal", "serve", "--state-dir", str(tmp_path / "s"),
+         "--socket", str(tmp_path / "sock"), "--target", str(tmp_path / "t")],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert "$INCUSOS_HAL_APPLY_TIME_LIMIT" in done.stderr
+    assert not (tmp_path / "sock").exists()

@@ -614,6 +614,7 @@ def build(
     with nspawn.overlay([package / "upper", root], work / "image") as merged:
         nspawn.install_probe(merged, PROBE_UNIT, probe_dir, (TESTS / "guest_probe.py").read_text())
         services_off(merged)
+        slow_machine(merged)
         customize(merged)
         kernel, initrd = _boot_files(merged)
         shutil.copy(kernel, work / "vmlinuz")
@@ -640,6 +641,21 @@ SERVICE_UNITS_OFF = (
     "nvmefc-boot-connections.service",
     "rtslib-fb-targetctl.service",  # the iSCSI target's (the probe sets one up itself)
 )
+
+
+# Under TCG, on a loaded machine, one daemon-reload alone took over 25 s (the VM rung's
+# kernel and rollback checks failed on it): the API's apply gets minutes here, as it
+# never needs on hardware (IncusOS's 30 s for a network change).
+TCG_APPLY_DROP_IN = """[Service]
+Environment=INCUSOS_HAL_APPLY_TIME_LIMIT=600,0.1
+"""
+
+
+def slow_machine(root: Path) -> None:
+    """The API unit's apply time limit for an emulated machine (see TCG_APPLY_DROP_IN)."""
+    drop_in = root / "etc/systemd/system/incusos-hal.service.d/50-tcg.conf"
+    drop_in.parent.mkdir(parents=True, exist_ok=True)
+    drop_in.write_text(TCG_APPLY_DROP_IN)
 
 
 def services_off(root: Path) -> None:

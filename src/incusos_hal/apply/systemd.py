@@ -18,6 +18,7 @@ import asyncio
 from typing import Any, Protocol
 
 JOB_TIMEOUT_SECONDS = 90.0
+METHOD_CALL_TIMEOUT_S = 300
 
 
 class ApplyError(RuntimeError):
@@ -113,6 +114,11 @@ class SdbusSystemd:
         import sdbus
 
         self._bus = sdbus.sd_bus_open_system()
+        # sd-bus's default of 25 s per call is shorter than a daemon-reload can take (all
+        # generators re-run: over 25 s on a loaded machine, the VM rung under TCG), and a
+        # reload given up on is a change half applied. Calls that start jobs return at
+        # once; the apply's own time limit (deadline.py) still bounds the whole change.
+        self._bus.method_call_timeout_usec = METHOD_CALL_TIMEOUT_S * 1_000_000
         self._manager = self._manager_class.new_proxy(
             "org.freedesktop.systemd1", "/org/freedesktop/systemd1", self._bus
         )
