@@ -115,16 +115,15 @@ def test_zfs_loads_with_secure_boot_off(storage: dict[str, Any]) -> None:
     assert storage["socket_start"]["rc"] == 0, storage["socket_start"]
 
 
+# Each case costs minutes under TCG. These four take every vdev shape through the API
+# (a stripe, mirrors striped, parity, and log, cache and special beside a mirror); raid1
+# and raidz1 come through the mixed-sizes and replace steps. Every type's exact zpool
+# command line and its status are held to real OpenZFS output recorded in this guest
+# (tests/fixtures/zfs, tests/test_zfs.py).
 TYPES = {  # case: (type, devices, data vdevs as zpool names them, log, cache)
-    "zfs-raid0-1": ("zfs-raid0", D[:1], D[:1], [], []),
     "zfs-raid0-2": ("zfs-raid0", D[:2], D[:2], [], []),
-    "zfs-raid1": ("zfs-raid1", D[:2], ["mirror-0"], [], []),
     "zfs-raid10": ("zfs-raid10", D[:4], ["mirror-0", "mirror-1"], [], []),
-    "zfs-raidz1": ("zfs-raidz1", D[:3], ["raidz1-0"], [], []),
     "zfs-raidz2": ("zfs-raidz2", D[:4], ["raidz2-0"], [], []),
-    "zfs-raidz3": ("zfs-raidz3", D[:5], ["raidz3-0"], [], []),
-    "log-1": ("zfs-raid0", D[:1], D[:1], D[1:2], []),
-    "log-2": ("zfs-raid0", D[:1], D[:1], D[1:3], []),
     "cache-log-special": ("zfs-raid1", D[:2], ["mirror-0"], D[3:5], D[2:3]),
 }
 
@@ -148,9 +147,9 @@ def test_every_pool_type_through_put(storage: dict[str, Any], case: str) -> None
     assert props["encryption"] == "aes-256-gcm" and props["keyformat"] == "raw"
     assert props["mountpoint"] == "none" and props["keylocation"].startswith("file://")
     assert got["ashift"] == "12"
-    if case == "log-2":  # two log devices are a mirror
-        assert "mirror" in str(got["zpool"]["pools"]["mypool"]["logs"])
     if case == "cache-log-special":
+        # two log devices are a mirror
+        assert "mirror" in str(got["zpool"]["pools"]["mypool"]["logs"])
         assert pool["special"] == {
             "type": "zfs-raid1",
             "special_small_blocks_size_in_kb": 16,
