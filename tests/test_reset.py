@@ -431,3 +431,38 @@ def test_the_boot_disk_is_the_one_under_the_running_usr(
         (),
         "no disk under the running /usr: the TPM and the disks are left alone",
     )
+
+
+@pytest.mark.root
+def test_the_seed_goes_to_the_boot_disks_own_seed_partition(
+    appliance_disk: LoopDisk, swtpm: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another disk's `seed-data` partition (a second appliance disk, a stick labelled
+    so) is neither read nor written: the seed the next boot reads is the boot disk's, as
+    IncusOS writes its own disk's seed partition."""
+    from incusos_hal.hal import seed as media
+
+    monkeypatch.delenv("INCUSOS_HAL_SEED", raising=False)
+    d = appliance_disk
+    own = Path(f"{d.node}p2")
+    with open(own, "r+b") as f:
+        f.write(media.tar_bytes({"network.json": b'{"dns": {"hostname": "own"}}'}))
+    root = tmp_path / "machine"
+    block = root / "sys/class/block"
+    block.mkdir(parents=True)
+    (block / d.node.name).symlink_to(Path("/sys/class/block", d.node.name))
+    (root / "dev").mkdir()
+    (root / "dev" / own.name).symlink_to(own)
+    # Another disk's seed-data partition, listed before nothing of the boot disk's.
+    (block / "aaa2").mkdir()
+    (block / "aaa2/uevent").write_text("DEVNAME=aaa2\nPARTNAME=seed-data\n")
+    other = root / "dev/aaa2"
+    other.write_bytes(media.tar_bytes({"network.json": b'{"dns": {"hostname": "other"}}'}))
+    other_bytes = other.read_bytes()
+    state = tmp_path / "state"
+    state.mkdir()
+    factory_reset(state, str(root), ResetRequest(seeds=SEED), machine=Machine(True, swtpm, d.node))
+    assert other.read_bytes() == other_bytes
+    written = media.read(own)
+    assert sorted(written) == ["network.json", "update.json"]
+    assert json.loads(written["network.json"]) == {"dns": {"hostname": "own"}}
