@@ -466,3 +466,47 @@ def test_the_seed_goes_to_the_boot_disks_own_seed_partition(
     written = media.read(own)
     assert sorted(written) == ["network.json", "update.json"]
     assert json.loads(written["network.json"]) == {"dns": {"hostname": "own"}}
+
+
+@pytest.mark.root
+def test_a_4k_sector_boot_disk_is_reset_too(
+    tmp_path: Path, swtpm: str, reset_env: tuple[Path, Path, Path]
+) -> None:
+    """The installer writes to disks of 4096-byte logical sectors (NVMe formatted so):
+    their GPT is at byte 4096, not 512. The reset reads it there, clears the TPM and
+    deletes the first-boot partitions, rather than take the disk for a stranger's and
+    leave the machine half reset (state gone, the old root kept)."""
+    require_root()
+    require_tool("losetup", "sfdisk", "partx")
+    state, _seed, root = reset_env
+    image = tmp_path / "disk4k.img"
+    with open(image, "wb") as f:
+        f.truncate(32 * MIB)
+    node = Path(
+        subprocess.run(
+            ["losetup", "-f", "--show", "-b", "4096", str(image)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    )
+    try:
+        layout = "label: gpt\n" + "".join(f"size=2MiB, type={t}, name={n}\n" for t, n in APPLIANCE)
+        subprocess.run(["sfdisk", "-q", str(node)], input=layout.encode(), check=True)
+        sealed = _seal(swtpm)
+        done = factory_reset(
+            state, str(root), ResetRequest(seeds=SEED), machine=Machine(True, swtpm, node)
+        )
+        assert done.left_alone == ""
+        assert done.tpm_cleared and len(done.deleted) == 3
+        assert not _loads(swtpm, sealed)
+        dump = subprocess.run(
+            ["sfdisk", "--dump", str(node)], capture_output=True, text=True, check=True
+        ).stdout
+        assert "sector-size: 4096" in dump
+        assert [line.split(":")[0].strip() for line in dump.splitlines() if "start=" in line] == [
+            f"{node}p{n}" for n in range(1, 9)
+        ]
+    finally:
+        subprocess.run(["partx", "-d", str(node)], check=False, capture_output=True)
+        subprocess.run(["losetup", "-d", str(node)], check=False)

@@ -104,7 +104,7 @@ def _own_seed_partition(root: str, disk: Path) -> Path | None:
     """The node of `disk`'s partition labelled `seed-data` in its GPT (exactly one),
     through the kernel's partitions of that disk in sysfs; None when there is none."""
     try:
-        table = disks.read_gpt(disk)
+        table = disks.read_gpt(disk, disks.logical_sector_size(disk))
     except (OSError, disks.DiskError):
         return None
     numbers = [e.index for e in table.entries if e.name == media.SEED_PARTLABEL]
@@ -171,7 +171,7 @@ def plan_partitions(
             return None, (), "no disk under the running /usr: the TPM and the disks are left alone"
         disk = Path(root, "dev", name)
     try:
-        table = disks.read_gpt(disk)
+        table = disks.read_gpt(disk, disks.logical_sector_size(disk))
         return disk, repart.first_boot_partitions(table, str(disk)), ""
     except (OSError, disks.DiskError, repart.LayoutError) as e:
         return disk, (), f"{e}: not an appliance's layout, the TPM and the disks are left alone"
