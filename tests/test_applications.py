@@ -393,3 +393,51 @@ def test_an_application_names_only_its_own_units(units: str, refused: str | None
         with pytest.raises(AppError, match=refused) as e:
             _units(release, "hello")
         assert e.value.status == 400
+
+
+class _NoteUnits:
+    """The system manager calls remove() makes, noted (no systemd on the host)."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def daemon_reload(self) -> None:
+        self.calls.append("daemon-reload")
+
+    async def restart(self, unit: str) -> None:
+        self.calls.append(f"restart {unit}")
+
+    async def start(self, unit: str, mode: str) -> None:
+        self.calls.append(f"start {unit}")
+
+    async def stop(self, unit: str) -> None:
+        self.calls.append(f"stop {unit}")
+
+    async def reload_or_restart(self, unit: str) -> None:
+        self.calls.append(f"reload-or-restart {unit}")
+
+
+def test_a_removed_seed_application_is_not_installed_again(tmp_path: Path) -> None:
+    """The install seed's applications are wanted until installed; one the user removes
+    afterwards is not handed to the update checker again (IncusOS reads the seed's list
+    only while nothing is installed): the next check would reinstall it."""
+    from incusos_hal.apply.applications import Applications, UpdateHandoff
+
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "applications.wanted.json").write_text('["incus", "hello", "later"]\n')
+    record = {"version": "1", "units": ["hello.service"], "sha256": "", "initialized": True}
+    (state / "applications.json").write_text(
+        json.dumps({"incus": {**record, "units": []}, "hello": record})
+    )
+    units = _NoteUnits()
+
+    async def main() -> dict[str, str]:
+        apps = Applications(state, str(tmp_path / "root"), units, asyncio.Lock())
+        handoff = UpdateHandoff(apps, asyncio.get_running_loop())
+        assert handoff.applications() == {"incus": "1", "hello": "1", "later": ""}
+        await apps.remove("hello")
+        return handoff.applications()
+
+    assert asyncio.run(main()) == {"incus": "1", "later": ""}
+    assert "stop hello.service" in units.calls

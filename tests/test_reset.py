@@ -431,3 +431,82 @@ def test_the_boot_disk_is_the_one_under_the_running_usr(
         (),
         "no disk under the running /usr: the TPM and the disks are left alone",
     )
+
+
+@pytest.mark.root
+def test_the_seed_goes_to_the_boot_disks_own_seed_partition(
+    appliance_disk: LoopDisk, swtpm: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another disk's `seed-data` partition (a second appliance disk, a stick labelled
+    so) is neither read nor written: the seed the next boot reads is the boot disk's, as
+    IncusOS writes its own disk's seed partition."""
+    from incusos_hal.hal import seed as media
+
+    monkeypatch.delenv("INCUSOS_HAL_SEED", raising=False)
+    d = appliance_disk
+    own = Path(f"{d.node}p2")
+    with open(own, "r+b") as f:
+        f.write(media.tar_bytes({"network.json": b'{"dns": {"hostname": "own"}}'}))
+    root = tmp_path / "machine"
+    block = root / "sys/class/block"
+    block.mkdir(parents=True)
+    (block / d.node.name).symlink_to(Path("/sys/class/block", d.node.name))
+    (root / "dev").mkdir()
+    (root / "dev" / own.name).symlink_to(own)
+    # Another disk's seed-data partition, listed before nothing of the boot disk's.
+    (block / "aaa2").mkdir()
+    (block / "aaa2/uevent").write_text("DEVNAME=aaa2\nPARTNAME=seed-data\n")
+    other = root / "dev/aaa2"
+    other.write_bytes(media.tar_bytes({"network.json": b'{"dns": {"hostname": "other"}}'}))
+    other_bytes = other.read_bytes()
+    state = tmp_path / "state"
+    state.mkdir()
+    factory_reset(state, str(root), ResetRequest(seeds=SEED), machine=Machine(True, swtpm, d.node))
+    assert other.read_bytes() == other_bytes
+    written = media.read(own)
+    assert sorted(written) == ["network.json", "update.json"]
+    assert json.loads(written["network.json"]) == {"dns": {"hostname": "own"}}
+
+
+@pytest.mark.root
+def test_a_4k_sector_boot_disk_is_reset_too(
+    tmp_path: Path, swtpm: str, reset_env: tuple[Path, Path, Path]
+) -> None:
+    """The installer writes to disks of 4096-byte logical sectors (NVMe formatted so):
+    their GPT is at byte 4096, not 512. The reset reads it there, clears the TPM and
+    deletes the first-boot partitions, rather than take the disk for a stranger's and
+    leave the machine half reset (state gone, the old root kept)."""
+    require_root()
+    require_tool("losetup", "sfdisk", "partx")
+    state, _seed, root = reset_env
+    image = tmp_path / "disk4k.img"
+    with open(image, "wb") as f:
+        f.truncate(32 * MIB)
+    node = Path(
+        subprocess.run(
+            ["losetup", "-f", "--show", "-b", "4096", str(image)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    )
+    try:
+        layout = "label: gpt\n" + "".join(f"size=2MiB, type={t}, name={n}\n" for t, n in APPLIANCE)
+        subprocess.run(["sfdisk", "-q", str(node)], input=layout.encode(), check=True)
+        sealed = _seal(swtpm)
+        done = factory_reset(
+            state, str(root), ResetRequest(seeds=SEED), machine=Machine(True, swtpm, node)
+        )
+        assert done.left_alone == ""
+        assert done.tpm_cleared and len(done.deleted) == 3
+        assert not _loads(swtpm, sealed)
+        dump = subprocess.run(
+            ["sfdisk", "--dump", str(node)], capture_output=True, text=True, check=True
+        ).stdout
+        assert "sector-size: 4096" in dump
+        assert [line.split(":")[0].strip() for line in dump.splitlines() if "start=" in line] == [
+            f"{node}p{n}" for n in range(1, 9)
+        ]
+    finally:
+        subprocess.run(["partx", "-d", str(node)], check=False, capture_output=True)
+        subprocess.run(["losetup", "-d", str(node)], check=False)

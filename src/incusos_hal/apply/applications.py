@@ -116,6 +116,15 @@ class Applications:
         names = doc if isinstance(doc, list) else []
         return [n for n in names if isinstance(n, str) and sysext.NAME.fullmatch(n)]
 
+    def _unwant(self, name: str) -> None:
+        """`name` off the seed's wanted list: removed by the user, it is not for the
+        update checker to install again."""
+        wanted = self.wanted()
+        if name in wanted:
+            wanted.remove(name)
+            data = (json.dumps(wanted) + "\n").encode()
+            atomic_write(self.state_dir / WANTED_APPLICATIONS, data, 0o600)
+
     def installed(self) -> dict[str, Installed]:
         try:
             doc = json.loads((self.state_dir / APPLICATIONS_FILE).read_text())
@@ -256,6 +265,7 @@ class Applications:
             await systemd.daemon_reload()
             del apps[name]
             self._save(apps)
+            self._unwant(name)
 
     async def restart(self, name: str) -> None:
         app = self.get(name)

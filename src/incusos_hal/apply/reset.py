@@ -83,16 +83,46 @@ def parse_reset(body: Any) -> ResetRequest:
     )
 
 
-def seed_location(root: str) -> Path | None:
+def seed_location(root: str, disk: Path | None = None) -> Path | None:
     """Where first boot reads the seed: $INCUSOS_HAL_SEED, else this machine's
     `seed-data` partition (never a user's SEED_DATA stick: IncusOS writes its own
-    disk's seed partition)."""
+    disk's seed partition). With the boot disk known, only that disk's own: a
+    `seed-data` partition elsewhere (another appliance's disk, a stick labelled so) is
+    neither read nor overwritten by a reset that then erases the boot disk."""
     explicit = os.environ.get(SEED_PATH_ENV)
     if explicit:
         return Path(explicit)
+    if disk is not None:
+        return _own_seed_partition(root, disk)
     found = media.find(root)
     if found is not None and found.how == f"partition {media.SEED_PARTLABEL}":
         return found.path
+    return None
+
+
+def _own_seed_partition(root: str, disk: Path) -> Path | None:
+    """The node of `disk`'s partition labelled `seed-data` in its GPT (exactly one),
+    through the kernel's partitions of that disk in sysfs; None when there is none."""
+    try:
+        table = disks.read_gpt(disk, disks.logical_sector_size(disk))
+    except (OSError, disks.DiskError):
+        return None
+    numbers = [e.index for e in table.entries if e.name == media.SEED_PARTLABEL]
+    if len(numbers) != 1:
+        return None
+    parent = Path(root, "sys/class/block", Path(os.path.realpath(disk)).name)
+    try:
+        children = sorted(os.listdir(parent))
+    except OSError:
+        return None
+    for child in children:
+        try:
+            number = (parent / child / "partition").read_text().strip()
+        except OSError:
+            continue
+        if number == str(numbers[0]):
+            node = Path(root, "dev", child)
+            return node if node.exists() else None
     return None
 
 
@@ -141,7 +171,7 @@ def plan_partitions(
             return None, (), "no disk under the running /usr: the TPM and the disks are left alone"
         disk = Path(root, "dev", name)
     try:
-        table = disks.read_gpt(disk)
+        table = disks.read_gpt(disk, disks.logical_sector_size(disk))
         return disk, repart.first_boot_partitions(table, str(disk)), ""
     except (OSError, disks.DiskError, repart.LayoutError) as e:
         return disk, (), f"{e}: not an appliance's layout, the TPM and the disks are left alone"
@@ -161,7 +191,10 @@ def factory_reset(
     appliance's neither the TPM nor the disk is touched (clearing the TPM would leave
     volumes sealed to it that no first boot re-creates): the state dir alone is emptied,
     and `left_alone` says why."""
-    where = seed_location(root)
+    # Read only: the boot disk first, so that the seed is read from and written to that
+    # disk's own seed partition.
+    disk, found, left_alone = plan_partitions(root, machine)
+    where = seed_location(root, disk)
     existing: dict[str, bytes] = {}
     if where is not None and os.path.lexists(where) and not request.wipe_existing_seeds:
         try:
@@ -174,7 +207,6 @@ def factory_reset(
     checked = check(files, Config(), root)
     if checked.problems:
         raise ResetRefused("; ".join(problem_lines(checked)))
-    disk, found, left_alone = plan_partitions(root, machine)
     undo_seed: Callable[[], None] = lambda: None  # noqa: E731
     if where is None:
         if files:

@@ -5,6 +5,7 @@ from one disk to another, verified by reading them back.
     list_disks(root)            every whole disk with its by-id names, size, bus path
     holder_disk(root, path)     the disk under a mounted path (/usr), through dm slaves
     read_gpt(path)              the primary GPT, every CRC checked
+    logical_sector_size(path)   a block device's logical sector (the GPT's LBA size)
     has_partition_table(path)   a GPT or an MBR signature is there
     copy_image(src, dst, keep)  partitions `keep` of src to dst at the same places, a new
                                 GPT on dst (primary and backup), each copied range's
@@ -191,6 +192,27 @@ def _pread(fd: int, size: int, offset: int) -> bytes:
     if len(data) != size:
         raise DiskError(f"short read at byte {offset}")
     return data
+
+
+BLKSSZGET = 0x1268  # linux/fs.h: a block device's logical sector size (int)
+
+
+def logical_sector_size(path: Path) -> int:
+    """The logical sector size of the block device at `path` (BLKSSZGET), where its GPT
+    is laid out (LBA 1 at byte 4096 on a 4Kn disk); 512 for an image file."""
+    import fcntl
+    import stat
+
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISBLK(os.fstat(fd).st_mode):
+            return 512
+        (size,) = struct.unpack("i", fcntl.ioctl(fd, BLKSSZGET, struct.pack("i", 0)))
+    finally:
+        os.close(fd)
+    if size not in (512, 1024, 2048, 4096):
+        raise DiskError(f"{path}: a logical sector of {size} bytes is not supported")
+    return int(size)
 
 
 def has_partition_table(path: Path, sector: int = 512) -> bool:

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .disk import DiskError, Entry, Table, read_gpt
+from .disk import DiskError, Entry, Table, logical_sector_size, read_gpt
 
 # The Discoverable Partitions Specification's types (systemd's, as sfdisk --label gpt -T
 # lists them).
@@ -119,7 +119,8 @@ def delete(disk: Path, found: Sequence[FirstBoot]) -> list[str]:
     until the reboot that follows: those are returned as notes, not errors."""
     if not found:
         return []
-    before = read_gpt(disk)
+    sector = logical_sector_size(disk)  # a 4Kn disk's GPT is at byte 4096
+    before = read_gpt(disk, sector)
     wanted = {f.entry.index: f.entry for f in found}
     for index, entry in wanted.items():
         now = next((e for e in before.entries if e.index == index), None)
@@ -131,7 +132,7 @@ def delete(disk: Path, found: Sequence[FirstBoot]) -> list[str]:
     done = _run(["sfdisk", "--no-reread", "--no-tell-kernel", "--delete", str(disk), *numbers])
     if done.returncode != 0:
         raise DiskError(f"sfdisk --delete {disk} {' '.join(numbers)}: {done.stderr.strip()}")
-    after = read_gpt(disk)
+    after = read_gpt(disk, sector)
     if after.entries != tuple(e for e in before.entries if e.index not in wanted):
         raise DiskError(f"the partition table of {disk} reads back differently than meant")
     notes = []
