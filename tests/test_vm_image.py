@@ -109,9 +109,9 @@ def test_image_boots_encrypts_and_answers(built: image.Image, tmp_path_factory: 
     console = work / "console-1.log"
     with machine.running(console) as proc:
         first = _wait_for_api(port, ctx, proc, console)
-        security = image.api(port, ctx, "/1.0/system/security")["metadata"]
-        kernel = image.api(port, ctx, "/1.0/debug/kernel")["metadata"]
-        events = image.api(port, ctx, "/1.0/debug/secureboot/event-log")["metadata"]
+        security = image.api(port, ctx, "/1.0/system/security")
+        kernel = image.api(port, ctx, "/1.0/debug/kernel")
+        events = image.api(port, ctx, "/1.0/debug/secureboot/event-log")
         probe = _run_probe(port, ctx)
         image.power_off(port, ctx, proc)
     # The disk as first boot laid it out: /usr (verity, its signature), root, swap, local-data.
@@ -156,7 +156,7 @@ def test_image_boots_encrypts_and_answers(built: image.Image, tmp_path_factory: 
     console = work / "console-2.log"
     with machine.running(console) as proc:
         later = _wait_for_api(port, ctx, proc, console)
-        again = image.api(port, ctx, "/1.0/system/security")["metadata"]
+        again = image.api(port, ctx, "/1.0/system/security")
         image.power_off(port, ctx, proc)
     assert again["config"]["encryption_recovery_keys"] == keys
     assert again["state"]["tpm_public_key"] == identity
