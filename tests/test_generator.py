@@ -229,3 +229,31 @@ def test_missing_arguments_is_a_usage_error(dirs: tuple[Path, Path, Path]) -> No
     )
     assert json.loads(proc.stdout)["code"] == 2
     assert "usage" in proc.stderr
+
+
+def test_a_first_boot_replays_the_factory_cache(
+    dirs: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cache the image ships for a machine with no document (built with it) gives a
+    first boot exactly the slow path's tree, with the fast path's imports; it is never
+    replayed once a document exists (nor over the state's own cache)."""
+    from incusos_hal.boot import fast
+    from incusos_hal.boot.generator import write_factory_cache
+
+    state, out, log = dirs
+    factory = tmp_path / "factory.cache"
+    write_factory_cache(factory, UNIT_DIR, state=str(state))
+    run_generator(state, tmp_path / "slow", log)  # no document, no cache: the slow path
+    monkeypatch.setattr(fast, "FACTORY_CACHE", str(factory))
+    monkeypatch.setenv(fast.STATE_DIR_ENV, str(state))
+    quiet = tmp_path / "kmsg-fast.log"
+    quiet.touch()
+    monkeypatch.setenv("INCUSOS_HAL_KMSG", str(quiet))
+    assert fast.main(["gen", str(out)], unit_dir=UNIT_DIR, version=__version__) == 0
+    assert manifest(out) == manifest(tmp_path / "slow")
+    assert quiet.read_text() == ""  # the slow path says "(no usable cache)": it did not run
+    assert not (state / "generator.cache").exists()  # the factory's is read, not copied
+    # A document now: the factory cache no longer matches; replay refuses it.
+    (state / store.CONFIG_FILE).write_bytes(SYSLOG)
+    assert not fast.replay(str(tmp_path / "n2"), str(state), UNIT_DIR, __version__, str(factory))
+    assert not (tmp_path / "n2").exists()

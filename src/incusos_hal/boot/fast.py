@@ -15,6 +15,12 @@ from ..state.cachefile import Reader, read_or_none, unseal
 STATE_DIR_ENV = "INCUSOS_HAL_STATE_DIR"
 DEFAULT_STATE_DIR = "/var/lib/incusos-hal"
 MAGIC = b"incusos-hal-generator-cache 2\n"
+# The cache for a machine with no document yet (a first boot), made when the image is
+# built (generator.write_factory_cache): it replays only while the state directory has no
+# config files, so a first boot takes the fast path too. Under emulation the slow path's
+# imports outlasted systemd's time for generators, and PID 1 froze ("Failed to fork off
+# sandboxing environment for executing generators: Protocol error").
+FACTORY_CACHE = "/usr/lib/incusos-hal/generator.cache"
 
 
 def _makedirs(path: str) -> None:
@@ -30,9 +36,12 @@ def _makedirs(path: str) -> None:
         posix.mkdir(path, 0o755)
 
 
-def replay(normal_dir: str, state: str, unit_dir: str, version: str) -> bool:
-    """Write the cached tree if it is valid for the files on disk now; else False."""
-    body = unseal(MAGIC, read_or_none(state + "/generator.cache"))
+def replay(
+    normal_dir: str, state: str, unit_dir: str, version: str, cache: str | None = None
+) -> bool:
+    """Write the cached tree (the state's `generator.cache`, or `cache`) if it is valid
+    for the files on disk now; else False."""
+    body = unseal(MAGIC, read_or_none(cache or state + "/generator.cache"))
     if body is None:
         return False
     r = Reader(body)
@@ -88,6 +97,10 @@ def main(argv: list[str], *, unit_dir: str, version: str) -> int:
         state = (posix.environ.get(STATE_DIR_ENV.encode()) or DEFAULT_STATE_DIR.encode()).decode()
         try:
             if replay(argv[1], state, unit_dir, version):
+                return 0
+            if read_or_none(state + "/generator.cache") is None and replay(
+                argv[1], state, unit_dir, version, FACTORY_CACHE
+            ):
                 return 0
         except Exception:  # noqa: S110 - a damaged cache only costs the slow path
             pass

@@ -101,6 +101,15 @@ def cache_bytes(
     return encode_cache(__version__, unit_dir, str(state), current, last_good, tree)
 
 
+def write_factory_cache(
+    path: str | os.PathLike[str], unit_dir: str, state: str | None = None
+) -> None:
+    """The cache a machine with no document replays (boot/fast.py FACTORY_CACHE): made
+    when the image is built, for the state directory the machine will have."""
+    state = state or str(store.state_dir())
+    atomic_write(Path(path), cache_bytes(state, unit_dir, None, None), 0o644)
+
+
 def refresh_cache(state: str | os.PathLike[str], unit_dir: str) -> bool:
     """Bring `generator.cache` up to date with the config files; True if rewritten.
 
