@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..core import tools
 from .disk import DiskError, Entry, Table, logical_sector_size, read_gpt
 
 # The Discoverable Partitions Specification's types (systemd's, as sfdisk --label gpt -T
@@ -96,19 +97,7 @@ def first_boot_partitions(table: Table, disk: str = "the disk") -> tuple[FirstBo
 
 
 def _run(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
-    try:
-        return subprocess.run(
-            list(argv),
-            capture_output=True,
-            text=True,
-            timeout=TOOL_TIMEOUT_S,
-            check=False,
-            stdin=subprocess.DEVNULL,
-        )
-    except FileNotFoundError:
-        raise DiskError(f"{argv[0]} is not installed") from None
-    except subprocess.TimeoutExpired:
-        raise DiskError(f"{argv[0]} did not finish in {TOOL_TIMEOUT_S:.0f} s") from None
+    return tools.run(argv, timeout=TOOL_TIMEOUT_S, error=DiskError)
 
 
 def delete(disk: Path, found: Sequence[FirstBoot]) -> list[str]:

@@ -16,10 +16,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..core import tools
 
 SHIPPED_DEFINITIONS = "/usr/lib/sysupdate.d"
 SYSUPDATE = "/usr/lib/systemd/systemd-sysupdate"
@@ -91,21 +92,7 @@ class Staged:
 
 def _sysupdate(definitions: Path, *args: str, env: dict[str, str] | None = None) -> str:
     cmd = [SYSUPDATE, f"--definitions={definitions}", "--no-pager", *args]
-    try:
-        proc = subprocess.run(
-            cmd,
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=SYSUPDATE_TIMEOUT_SECONDS,
-            env=env,
-        )
-    except FileNotFoundError:
-        raise SysupdateError(f"{SYSUPDATE} is not installed") from None
-    except subprocess.TimeoutExpired:
-        raise SysupdateError(
-            f"systemd-sysupdate {args[-1]}: no result in {SYSUPDATE_TIMEOUT_SECONDS:.0f}s"
-        ) from None
+    proc = tools.run(cmd, timeout=SYSUPDATE_TIMEOUT_SECONDS, error=SysupdateError, env=env)
     if proc.returncode != 0:
         words = (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-3:]
         raise SysupdateError(

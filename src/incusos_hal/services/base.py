@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..core import tools
 from ..core.errors import Refusal
 from ..core.files import atomic_write
 
@@ -68,19 +68,7 @@ class Machine:
 
 def compute(argv: Sequence[str], *, check: bool = True) -> str:
     """Run a tool; a failure (when `check`) is a ServiceError with its own words."""
-    try:
-        done = subprocess.run(
-            list(argv),
-            capture_output=True,
-            text=True,
-            timeout=TOOL_TIMEOUT_S,
-            check=False,
-            stdin=subprocess.DEVNULL,
-        )
-    except FileNotFoundError:
-        raise ServiceError(f"{argv[0]} is not installed") from None
-    except subprocess.TimeoutExpired:
-        raise ServiceError(f"{argv[0]} {argv[1] if len(argv) > 1 else ''}: timed out") from None
+    done = tools.run(argv, timeout=TOOL_TIMEOUT_S, error=ServiceError)
     if check and done.returncode != 0:
         said = (done.stderr or done.stdout).strip().splitlines()
         raise ServiceError(f"{' '.join(argv[:2])} failed: {said[-1] if said else done.returncode}")
