@@ -500,3 +500,22 @@ def test_bonding_without_lacp_or_file_gives_nothing(tmp_path: Path) -> None:
     (tmp_path / "proc/net/bonding").mkdir(parents=True)
     (tmp_path / "proc/net/bonding/_buplink").write_text(BOND_PROCFS_FORMAT)
     assert sorted(bonding.read_lacp(tmp_path, "_buplink")) == ["_p525400120001", "_p525400120002"]
+
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures/bonding"
+
+
+def test_bonding_procfs_of_a_real_lacp_bond_gives_both_ends() -> None:
+    """/proc/net/bonding recorded from a real 802.3ad bond and its partner (NOTE.md
+    there): each member's actor is its own bond's system MAC, its partner the other
+    end's, and both members of each end sit in the one active aggregator."""
+    machine = bonding.parse_bonding((FIXTURES / "machine-_buplink.txt").read_text())
+    assert machine == {
+        "_p525400120001": bonding.Lacp("52:54:00:12:00:01", "52:54:00:12:00:03", 1),
+        "_p525400120002": bonding.Lacp("52:54:00:12:00:01", "52:54:00:12:00:03", 1),
+    }
+    partner = bonding.parse_bonding((FIXTURES / "partner-swbond.txt").read_text())
+    assert set(partner) == {"enp0s11", "enp0s13"}
+    assert {(p.actor_mac, p.partner_mac, p.aggregator_id) for p in partner.values()} == {
+        ("52:54:00:12:00:03", "52:54:00:12:00:01", 1)
+    }
