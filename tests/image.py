@@ -28,6 +28,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import ssl
@@ -329,6 +330,12 @@ class Machine:
     def vars(self) -> Path:
         return self.work / "efivars.fd"
 
+    def reset(self) -> None:
+        """As new: no disk, firmware variables or TPM state (made again on the next boot)."""
+        self.disk.unlink(missing_ok=True)
+        self.vars.unlink(missing_ok=True)
+        shutil.rmtree(self.work / "tpm", ignore_errors=True)
+
     def prepare(self) -> None:
         self.work.mkdir(parents=True, exist_ok=True)
         if not self.disk.exists():
@@ -488,14 +495,22 @@ def api(port: int, ctx: ssl.SSLContext, path: str, *, data: bytes | None = None)
 
 
 def wait_for_api(
-    port: int, ctx: ssl.SSLContext, proc: subprocess.Popen[bytes], started: float, limit: float
+    port: int,
+    ctx: ssl.SSLContext,
+    proc: subprocess.Popen[bytes],
+    started: float,
+    limit: float,
+    stop_on: tuple[Path, re.Pattern[str]] | None = None,
 ) -> float | None:
-    """Seconds from `started` until GET /1.0 answered, or None (qemu ended, or `limit`)."""
+    """Seconds from `started` until GET /1.0 answered, or None (qemu ended, `limit`, or
+    the console `stop_on[0]` matched `stop_on[1]`: a machine that will not get further)."""
     while time.monotonic() - started < limit and proc.poll() is None:
         try:
             api(port, ctx, "/1.0")
             return time.monotonic() - started
         except (OSError, urllib.error.URLError, ssl.SSLError):
+            if stop_on is not None and stop_on[1].search(stop_on[0].read_text(errors="replace")):
+                return None
             time.sleep(0.5)
     return None
 

@@ -21,6 +21,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -406,10 +407,17 @@ class Boot:
 
 
 def run_logged(
-    cmd: list[str], console_path: Path, timeout: float, *, env: dict[str, str] | None = None
+    cmd: list[str],
+    console_path: Path,
+    timeout: float,
+    *,
+    env: dict[str, str] | None = None,
+    stop_on: re.Pattern[str] | None = None,
 ) -> tuple[int, str]:
     """Run a machine (nspawn, qemu) with its console in `console_path`; kill its whole
-    session after `timeout`. Returns its exit status and the console text."""
+    session after `timeout`, or as soon as its console matches `stop_on` (a machine that
+    can no longer get anywhere). Returns its exit status and the console text."""
+    deadline = time.monotonic() + timeout
     with open(console_path, "wb") as console:
         proc = subprocess.Popen(
             cmd,
@@ -419,11 +427,18 @@ def run_logged(
             env=env,
             start_new_session=True,
         )
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        while True:
+            try:
+                proc.wait(min(5.0, max(0.0, deadline - time.monotonic())))
+                break
+            except subprocess.TimeoutExpired:
+                stuck = stop_on is not None and stop_on.search(
+                    console_path.read_text(errors="replace")
+                )
+                if stuck or time.monotonic() >= deadline:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                    break
     return proc.returncode, console_path.read_text(errors="replace")
 
 
