@@ -26,6 +26,7 @@ size to ask for on a machine that has no zram (the container)}.
 import hashlib
 import http.client
 import json
+import os
 import socket
 import time
 from pathlib import Path
@@ -229,6 +230,12 @@ def run(expect_all: dict) -> dict:
         )
         out["no_zram"] = seen()
         out["no_zram_journal"] = journal("-u", "systemd-zram-setup@zram0.service")[-3000:]
+        # Who holds the device, when it could not be reset (EBUSY).
+        out["no_zram_holders"] = sorted(
+            f"{fd.parent.parent.name}:{(fd.parent.parent / 'comm').read_text().strip()}"
+            for fd in Path("/proc").glob("[0-9]*/fd/*")
+            if _points_to(fd, "/dev/zram0")
+        )
         out["put_zram_again"] = call(
             "PUT", "/1.0/system/kernel", {"config": config(spec, 1, device)}
         )
@@ -260,3 +267,10 @@ def run(expect_all: dict) -> dict:
         out["bonding"] = {p.name: p.read_text() for p in Path("/proc/net/bonding").glob("*")}
     out["journal"] = journal("-u", "incusos-hal.service")[-4000:]
     return out
+
+
+def _points_to(link: Path, target: str) -> bool:
+    try:
+        return os.readlink(link) == target
+    except OSError:
+        return False

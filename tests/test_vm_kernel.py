@@ -72,6 +72,7 @@ def test_zram_swap_follows_the_document(kernel: dict[str, Any]) -> None:
     assert kernel["no_zram"]["zram"].get("disksize", "0") == "0", (
         kernel["no_zram"]["zram"],
         kernel["no_zram_journal"],
+        kernel.get("no_zram_holders"),
     )
     assert kernel["put_zram_again"]["status"] == 200, kernel["put_zram_again"]
     assert kernel["swap_again_after_s"] is not None, (kernel["zram_again"], kernel["zram_journal"])
