@@ -74,6 +74,7 @@ echo "pcr7 $(cat /sys/class/tpm/tpm0/pcr-sha256/7)"
 for label in $(ls /dev/disk/by-partlabel); do echo "partlabel $label"; done
 echo "luks-begin"
 cryptsetup luksDump --dump-json-metadata /dev/disk/by-partlabel/root-x86-64
+echo  # the JSON ends without a newline
 echo "luks-end"
 for unit in $(systemctl --failed --plain --no-legend | cut -d' ' -f1); do echo "failed $unit"; done
 for unit in $(systemctl --failed --plain --no-legend | cut -d' ' -f1); do
