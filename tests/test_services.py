@@ -374,3 +374,24 @@ def test_multipath_devices_from_sysfs(tmp_path: Path) -> None:
     # Disabled: no devices (IncusOS reads them only while enabled).
     off = multipath.read_state(Machine(root=str(tmp_path)), ServiceMultipathConfig(False, (WWN,)))
     assert off["devices"] == {}
+
+
+def test_iscsi_loads_the_kernels_transport_through_systemd_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """iscsiadm's discovery needs the iSCSI transport module; the API's sandbox may not
+    load modules, so modprobe@iscsi_tcp.service is started before iscsid (a machine
+    that has the module already is left alone)."""
+    from incusos_hal.config.model import ServiceISCSIConfig
+    from incusos_hal.services import Machine, iscsi
+
+    said: list[str] = []
+    machine = Machine(root="/nonexistent", target="/nonexistent", live=False,
+                      log=lambda level, message: said.append(message))  # fmt: skip
+    monkeypatch.setattr(iscsi, "ensure_initiator", lambda m: None)  # no files here
+    iscsi.start(machine, ServiceISCSIConfig(enabled=True))
+    skipped = [m.removeprefix("not the running system: skipped ") for m in said]
+    assert skipped[:2] == [
+        "systemctl start modprobe@iscsi_tcp.service",
+        "systemctl start iscsid.service",
+    ], said

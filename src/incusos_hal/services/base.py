@@ -75,6 +75,16 @@ def compute(argv: Sequence[str], *, check: bool = True) -> str:
     return done.stdout
 
 
+def load_modules(machine: Machine, modules: Sequence[str]) -> None:
+    """Kernel modules a service's tools need (nvme-tcp, iscsi_tcp). The API service may
+    not load modules itself (its unit has ProtectKernelModules=): systemd's
+    modprobe@.service loads each one, outside that sandbox."""
+    for module in modules:
+        if machine.sys(f"sys/module/{module.replace('-', '_')}").exists():
+            continue  # built into the kernel, or loaded already
+        machine.run(["systemctl", "start", f"modprobe@{module}.service"])
+
+
 def write_private(machine: Machine, relative: str, data: bytes) -> None:
     """A service's file, root's only (IncusOS writes them 0600 in 0700 directories)."""
     path = machine.path(relative)

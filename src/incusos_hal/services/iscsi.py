@@ -18,7 +18,15 @@ import time
 from typing import Any
 
 from ..config.model import ServiceISCSIConfig, ServiceISCSITarget
-from .base import Machine, ServiceError, SystemService, compute, read_text, write_private
+from .base import (
+    Machine,
+    ServiceError,
+    SystemService,
+    compute,
+    load_modules,
+    read_text,
+    write_private,
+)
 
 INITIATOR_NAME = "etc/iscsi/initiatorname.iscsi"
 ISCSID_CONF = "etc/iscsi/iscsid.conf"
@@ -64,6 +72,9 @@ def start(machine: Machine, config: ServiceISCSIConfig) -> None:
     if not config.enabled:
         return
     ensure_initiator(machine)
+    # iscsiadm's discovery needs the kernel's iSCSI transport ("iSCSI driver not found"
+    # otherwise: the VM rung's first run).
+    load_modules(machine, ["iscsi_tcp"])
     machine.run(["systemctl", "start", "iscsid.service"])
     for target in config.targets:
         p = portal(target)

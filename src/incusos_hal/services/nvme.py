@@ -24,7 +24,15 @@ import uuid
 from typing import Any
 
 from ..config.model import ServiceNVMEConfig, ServiceNVMETarget
-from .base import Machine, ServiceError, SystemService, compute, read_text, write_private
+from .base import (
+    Machine,
+    ServiceError,
+    SystemService,
+    compute,
+    load_modules,
+    read_text,
+    write_private,
+)
 
 HOSTNQN = "etc/nvme/hostnqn"
 HOSTID = "etc/nvme/hostid"
@@ -162,12 +170,7 @@ def start(machine: Machine, config: ServiceNVMEConfig) -> None:
         module = "nvme-fc" if target.transport == "fc" else "nvme-tcp"
         if module not in modules:
             modules.append(module)
-    for module in modules:
-        if machine.sys(f"sys/module/{module.replace('-', '_')}").exists():
-            continue  # built into the kernel, or loaded already
-        # The API service may not load modules itself (its unit has ProtectKernelModules=):
-        # systemd's modprobe@.service loads it, outside that sandbox.
-        machine.run(["systemctl", "start", f"modprobe@{module}.service"])
+    load_modules(machine, modules)
     ensure_identity(machine)
     discovered: list[list[str]] = []
     for target in config.targets:
