@@ -19,16 +19,35 @@ sys.path.insert(0, str(PROBE))
 from guest_lib import crashed  # noqa: E402  (beside this file in /probe)
 
 expect = json.loads((PROBE / "expect.json").read_text())
-result = {"uptime_at_start": float(Path("/proc/uptime").read_text().split()[0])}
+
+
+def uptime() -> float:
+    return float(Path("/proc/uptime").read_text().split()[0])
+
+
+def write(name: str, data: dict) -> None:
+    tmp = PROBE / f"{name}.tmp"
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.rename(PROBE / name)
+
+
+result = {"uptime_at_start": uptime(), "part_seconds": {}}
+# progress.json says, after each part, which parts ended, in how long, and what runs
+# now: a boot the host stops at its time limit still tells where the time went.
+progress = {"uptime_at_start": result["uptime_at_start"], "ended": {}, "running": None}
 for part in expect.get("parts", []):
+    progress["running"] = {"part": part, "since_uptime": uptime()}
+    write("progress.json", progress)
+    began = time.monotonic()
     try:
         result[part] = importlib.import_module(f"guest_{part}").run(expect)
     except Exception:
         result[part] = crashed(f"probe part {part}")
-result["uptime"] = float(Path("/proc/uptime").read_text().split()[0])
-tmp = PROBE / "result.json.tmp"
-tmp.write_text(json.dumps(result, indent=1))
-tmp.rename(PROBE / "result.json")
+    result["part_seconds"][part] = progress["ended"][part] = round(time.monotonic() - began, 1)
+progress["running"] = None
+write("progress.json", progress)
+result["uptime"] = uptime()
+write("result.json", result)
 if expect.get("poweroff_by_api"):
     # The machine goes down through the API (POST /1.0/system/:poweroff); the unit's
     # own poweroff stands aside when the API accepted (see the probe unit).

@@ -488,7 +488,7 @@ class Guest:
         for part in parts:
             shutil.copy(TESTS / f"guest_{part}.py", probe / f"guest_{part}.py")
         (probe / "expect.json").write_text(json.dumps({**expect, "parts": list(parts)}))
-        for stale in ("result.json", "started"):
+        for stale in ("result.json", "started", "progress.json"):
             (probe / stale).unlink(missing_ok=True)
         accelerator = self.accelerator or accel(self.kernel, self.initrd)[0]
         for attempt in (1, 2):
@@ -503,7 +503,8 @@ class Guest:
         if not result_file.exists():
             raise AssertionError(
                 f"the guest probe wrote no result (qemu exit {returncode}, "
-                f"{seconds:.0f}s, {accelerator}); console:\n{console_text[-8000:]}"
+                f"{seconds:.0f}s, {accelerator}); {progress_note(probe)}; console:\n"
+                f"{console_text[-8000:]}"
             )
         return Result(
             probe_result.Reading(json.loads(result_file.read_text()), f"{self.firmware} boot"),
@@ -579,6 +580,29 @@ def swtpm(state: Path, work: Path) -> Iterator[Path]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def progress_note(probe: Path) -> str:
+    """Where a boot without a result spent its time, from the probe's progress.json
+    (tests/guest_probe.py): the first command's uptime, each ended part's seconds, and
+    the part still running with the uptime it began at."""
+    try:
+        progress = json.loads((probe / "progress.json").read_text())
+    except FileNotFoundError:
+        return "the probe never started (no progress.json)"
+    except ValueError as e:
+        return f"progress.json unreadable ({e})"
+    ended = ", ".join(f"{part} {secs}s" for part, secs in progress.get("ended", {}).items())
+    running = progress.get("running")
+    now = (
+        f"running: {running['part']} since uptime {running['since_uptime']:.0f}s"
+        if running
+        else "every part ended"
+    )
+    return (
+        f"probe began at uptime {progress.get('uptime_at_start', 0):.0f}s; "
+        f"ended: {ended or 'none'}; {now}"
+    )
 
 
 def sign_efi(binary: Path, out: Path) -> None:
@@ -673,9 +697,15 @@ def slow_machine(root: Path) -> None:
 
 
 def services_off(root: Path) -> None:
-    """As `systemctl disable` would: the units' links in /etc removed."""
+    """As `systemctl disable` would: the units' links in /etc removed.
+
+    The links are absolute (/usr/lib/systemd/system/...) and so dangle seen from the
+    host: they are found by name, never by following them (Path.glob on Python 3.11
+    skipped every link whose target the host lacks, and the units stayed enabled)."""
+    wants_dirs = [d for d in (root / "etc/systemd/system").iterdir() if d.is_dir()]
     for unit in SERVICE_UNITS_OFF:
-        for link in (root / "etc/systemd/system").glob(f"*/{unit}"):
+        for wants in wants_dirs:
+            link = wants / unit
             if link.is_symlink():
                 link.unlink()
 
