@@ -19,6 +19,38 @@ RECORDED_NVME = [
 ]
 
 
+# Every recorded pool (tests/fixtures/zfs/<case>/): IncusOS's type, read from its data vdevs.
+RECORDED_TYPES = {
+    "raid0-1": "zfs-raid0",
+    "raid0-1-unencrypted": "zfs-raid0",
+    "raid0-2": "zfs-raid0",
+    "raid1": "zfs-raid1",
+    "raid10": "zfs-raid10",
+    "raidz1": "zfs-raidz1",
+    "raidz2": "zfs-raidz2",
+    "raidz3": "zfs-raidz3",
+    "log-cache-special": "zfs-raid1",
+    "log-cache-special-create": "zfs-raid1",
+    **dict.fromkeys(
+        [
+            "encrypted-key-loaded",
+            "encrypted-key-unloaded",
+            "encrypted-imported-no-key",
+            "encrypted-imported-key-loaded",
+            "degraded-offline",
+            "degraded-removed",
+            "removed-returned",
+            "resilver-in-progress",  # a replacing-0 inside mirror-0
+            "resilver-done",
+            "scrub-in-progress",
+            "scrub-paused",
+            "scrub-done",
+        ],
+        "zfs-raid1",
+    ),
+}
+
+
 def recorded(name: str) -> str:
     """One recorded file as the tool printed it (`raid10/zpool-status-pool.json`)."""
     return (FIXTURES / name).read_text()

@@ -127,6 +127,24 @@ def _table(*rows: tuple[str, str]) -> disks.Table:
     return disks.Table(512, uuid.uuid4(), 34, 1 << 20, 128, 128, entries)
 
 
+def test_a_partition_is_found_by_its_number_in_the_disks_sysfs(tmp_path: Path) -> None:
+    # The shape of /sys/class/block/<disk>/<partition>/partition on Linux; a partition
+    # the kernel knows but udev made no node for is not handed out.
+    block = tmp_path / "sys/class/block/loop7"
+    for child, number in (("loop7p1", "1"), ("loop7p3", "3"), ("queue", None)):
+        (block / child).mkdir(parents=True)
+        if number is not None:
+            (block / child / "partition").write_text(f"{number}\n")
+    (tmp_path / "dev").mkdir()
+    for node in ("loop7", "loop7p3"):
+        (tmp_path / "dev" / node).write_bytes(b"")
+    disk = tmp_path / "dev/loop7"
+    assert disks.partition_node(tmp_path, disk, 3) == tmp_path / "dev/loop7p3"
+    assert disks.partition_node(tmp_path, disk, 1) is None
+    assert disks.partition_node(tmp_path, disk, 2) is None
+    assert disks.partition_node(tmp_path, tmp_path / "dev/sdz", 3) is None
+
+
 def test_first_boot_partitions_by_type_and_label() -> None:
     found = repart.first_boot_partitions(_table(*APPLIANCE))
     assert [(f.kind, f.entry.index) for f in found] == [

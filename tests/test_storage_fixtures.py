@@ -9,6 +9,7 @@ import pytest
 from storage_reference import (
     RECORDED_DISKS,
     RECORDED_NVME,
+    RECORDED_TYPES,
     expected_drive,
     load,
     recorded,
@@ -72,19 +73,7 @@ def test_expected_drive_from_real_smartctl() -> None:
     }
 
 
-TYPES = {
-    "raid0-1": "zfs-raid0",
-    "raid0-2": "zfs-raid0",
-    "raid1": "zfs-raid1",
-    "raid10": "zfs-raid10",
-    "raidz1": "zfs-raidz1",
-    "raidz2": "zfs-raidz2",
-    "raidz3": "zfs-raidz3",
-    "log-cache-special": "zfs-raid1",
-}
-
-
-@pytest.mark.parametrize("case", TYPES)
+@pytest.mark.parametrize("case", LAYOUTS)
 def test_the_hal_reads_each_recorded_pool_as_incusos_does(case: str) -> None:
     """hal/zfsparse on the real `zpool status -jp --json-int`: the pool's type, its by-id
     data, log, cache and special devices (sorted, as IncusOS lists them), its size."""
@@ -96,7 +85,7 @@ def test_the_hal_reads_each_recorded_pool_as_incusos_does(case: str) -> None:
     reference = load(f"{case}/zpool-status-pool.json")
     data_disks = sorted(d for d, _ in vdev_states(reference))  # the data vdevs' leaves
     _, logs, cache, special = LAYOUTS[case]
-    assert layout.type == TYPES[case]
+    assert layout.type == RECORDED_TYPES[case]
     assert list(layout.devices) == data_disks
     assert (list(layout.log), list(layout.cache), list(layout.special)) == (
         sorted(logs),

@@ -18,7 +18,14 @@ from typing import Any
 import pytest
 
 from incusos_hal.hal import smart, zfs
-from storage_reference import FIXTURES, RECORDED_DISKS, RECORDED_NVME, load, recorded
+from storage_reference import (
+    FIXTURES,
+    RECORDED_DISKS,
+    RECORDED_NVME,
+    RECORDED_TYPES,
+    load,
+    recorded,
+)
 
 D, NVME = RECORDED_DISKS, RECORDED_NVME
 POOL = "mypool"
@@ -43,45 +50,16 @@ def _changed(case: str, path: Sequence[str], value: object) -> str:
 
 
 CASES = sorted(p.parent.name for p in FIXTURES.glob("*/zpool-status-pool.json"))
-TYPES = {  # every recorded pool: IncusOS's type, read from the data vdevs
-    "raid0-1": "zfs-raid0",
-    "raid0-1-unencrypted": "zfs-raid0",
-    "raid0-2": "zfs-raid0",
-    "raid1": "zfs-raid1",
-    "raid10": "zfs-raid10",
-    "raidz1": "zfs-raidz1",
-    "raidz2": "zfs-raidz2",
-    "raidz3": "zfs-raidz3",
-    "log-cache-special": "zfs-raid1",
-    "log-cache-special-create": "zfs-raid1",
-    **dict.fromkeys(
-        [
-            "encrypted-key-loaded",
-            "encrypted-key-unloaded",
-            "encrypted-imported-no-key",
-            "encrypted-imported-key-loaded",
-            "degraded-offline",
-            "degraded-removed",
-            "removed-returned",
-            "resilver-in-progress",  # a replacing-0 inside mirror-0
-            "resilver-done",
-            "scrub-in-progress",
-            "scrub-paused",
-            "scrub-done",
-        ],
-        "zfs-raid1",
-    ),
-}
 
 
 def test_every_recorded_case_has_its_type() -> None:
-    assert sorted(TYPES) == CASES
+    assert sorted(RECORDED_TYPES) == CASES
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_status_types_and_the_all_pools_form(case: str) -> None:
     pool = _pool(case)
-    assert zfs.layout(pool).type == TYPES[case]
+    assert zfs.layout(pool).type == RECORDED_TYPES[case]
     # `zpool status -jp --json-int` without a name (what IncusOS runs) reads the same,
     # but for the space the live pool allocated between the two commands
     (all_pools,) = zfs.parse_status(recorded(f"{case}/zpool-status.json")).values()

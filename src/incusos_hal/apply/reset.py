@@ -110,20 +110,7 @@ def _own_seed_partition(root: str, disk: Path) -> Path | None:
     numbers = [e.index for e in table.entries if e.name == media.SEED_PARTLABEL]
     if len(numbers) != 1:
         return None
-    parent = Path(root, "sys/class/block", Path(os.path.realpath(disk)).name)
-    try:
-        children = sorted(os.listdir(parent))
-    except OSError:
-        return None
-    for child in children:
-        try:
-            number = (parent / child / "partition").read_text().strip()
-        except OSError:
-            continue
-        if number == str(numbers[0]):
-            node = Path(root, "dev", child)
-            return node if node.exists() else None
-    return None
+    return disks.partition_node(root, disk, numbers[0])
 
 
 def merged_seed(existing: Mapping[str, bytes], request: ResetRequest) -> dict[str, bytes]:

@@ -11,12 +11,13 @@ from collections.abc import Callable, Mapping, Sequence
 def run(
     argv: Sequence[str],
     *,
-    timeout: float,
+    timeout: float | None,
     error: Callable[[str], Exception],
     env: Mapping[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """The finished process (its exit status is the caller's to judge); `error(message)`
-    raised when the tool is missing or outlasts `timeout` seconds."""
+    raised when the tool is missing or outlasts `timeout` seconds (None: a step that
+    runs as long as the work takes, such as a waited-for scrub)."""
     try:
         return subprocess.run(
             list(argv),
@@ -29,5 +30,7 @@ def run(
         )
     except FileNotFoundError:
         raise error(f"{argv[0]} is not installed") from None
+    except OSError as e:  # not executable, too many open files, out of memory
+        raise error(f"{argv[0]} could not be started: {e.strerror or e}") from None
     except subprocess.TimeoutExpired:
-        raise error(f"{argv[0]} did not finish in {timeout:.0f} s") from None
+        raise error(f"{argv[0]} did not finish in {timeout or 0:.0f} s") from None

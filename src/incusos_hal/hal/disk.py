@@ -401,3 +401,19 @@ def copy_image(
 
 def entries_named(entries: Iterable[Entry], name: str) -> list[Entry]:
     return [e for e in entries if e.name == name]
+
+
+def partition_node(root: str | Path, disk: Path, number: int) -> Path | None:
+    """The /dev node of `disk`'s partition `number` (its GPT index), found through the
+    kernel's partitions of that disk in sysfs; None when the kernel has no such
+    partition or udev made no node for it."""
+    parent = Path(root, "sys/class/block", Path(os.path.realpath(disk)).name)
+    try:
+        children = sorted(os.listdir(parent))
+    except OSError:
+        return None
+    for child in children:
+        if _read(parent / child / "partition") == str(number):
+            node = Path(root, "dev", child)
+            return node if node.exists() else None
+    return None

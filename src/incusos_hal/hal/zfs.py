@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..core import tools
 from .zfsparse import (
     BY_ID,
     BY_PARTLABEL,
@@ -100,21 +100,16 @@ def availability(root: str = "/") -> Availability:
 def run(argv: Sequence[str], *, timeout: float | None = TIMEOUT_S) -> str:
     """Run one command; its stderr becomes the error's message, as IncusOS reports it
     ("Failed to run: zfs load-key mypool: exit status 255 (...)")."""
-    try:
-        done = subprocess.run(
-            list(argv),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-            env={**os.environ, "LC_ALL": "C"},
-        )
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise ZfsError(f"Failed to run: {' '.join(argv)}: {e}") from None
+    command = " ".join(argv)
+    done = tools.run(
+        argv,
+        timeout=timeout,
+        error=lambda why: ZfsError(f"Failed to run: {command}: {why}"),
+        env={**os.environ, "LC_ALL": "C"},
+    )
     if done.returncode != 0:
         raise ZfsError(
-            f"Failed to run: {' '.join(argv)}: exit status {done.returncode}"
-            f" ({done.stderr.strip()})"
+            f"Failed to run: {command}: exit status {done.returncode} ({done.stderr.strip()})"
         )
     return done.stdout
 
