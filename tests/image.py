@@ -316,7 +316,7 @@ class Machine:
 
     work: Path
     image: Image
-    disk_mib: int = 4096
+    disk_mib: int = 6144  # the image, slot B, root (1 GiB at least), swap, local-data
     memory_mb: int = 2048
     cpus: int = 2
     api_port: int = 0  # host port forwarded to the guest's 8443 (0: no network)

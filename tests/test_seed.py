@@ -240,6 +240,9 @@ def test_seed_data_partition_found_by_its_gpt_label(seed_partition: tuple[Path, 
     found = media.find(root)
     assert found is not None and found.path == node, found
     assert found.how == "partition seed-data"
+    # Blank, as the image's own seed-data partition is built: no seed, and no problem.
+    assert media.read(node) == {}
+    assert run("seed", "check", "--no-machine", str(node))[:2] == (0, "")
     files = {"update.json": b'{"version": "1", "channel": "testing"}'}
     media.write_tar(node, files)
     assert media.read(node) == files
@@ -258,6 +261,27 @@ def test_seed_data_partition_found_by_its_gpt_label(seed_partition: tuple[Path, 
     subprocess.run(["mcopy", "-i", str(node), str(bad), "::/update.json"], check=True)
     code, out, err = run("seed", "check", "--no-machine", str(node))
     assert (code, out) == (2, "update.json: auto_reboot: expected true or false, got a string\n")
+    # An ISO 9660 volume written over the partition, then a reset's wipe (an empty tar):
+    # the wiped partition reads as no seed, never as the ISO behind the tar.
+    require_tool("genisoimage", "isoinfo")
+    source = root.parent / "iso-source"
+    source.mkdir()
+    (source / "update.json").write_text('{"channel": "stable"}')
+    iso = root.parent / "seed.iso"
+    subprocess.run(
+        ["genisoimage", "-quiet", "-V", "SEED_DATA", "-R", "-o", str(iso), str(source)],
+        check=True,
+    )
+    with open(node, "r+b") as dev:
+        dev.write(iso.read_bytes())
+    assert media.read(node) == {"update.json": b'{"channel": "stable"}'}
+    media.write_tar(node, {})
+    assert media.read(node) == {}
+    fresh = root.parent / "fresh-state"
+    code, out, err = run("seed", "apply", "--state-dir", str(fresh), "--root", str(root))
+    assert code == 0, err
+    assert json.loads((fresh / "seed.status.json").read_text())["problems"] == []
+    assert not (fresh / "config.toml").exists()
 
 
 # -- first boot ---------------------------------------------------------------------------------

@@ -132,10 +132,13 @@ def test_image_boots_encrypts_and_answers(built: image.Image, tmp_path_factory: 
         security = image.api(port, ctx, "/1.0/system/security")
         kernel = image.api(port, ctx, "/1.0/debug/kernel")
         events = image.api(port, ctx, "/1.0/debug/secureboot/event-log")
+        seed = image.api(port, ctx, "/1.0/debug/seed")
         probe = _run_probe(port, ctx)
         image.power_off(port, ctx, proc)
     # The disk as first boot laid it out: /usr (verity, its signature), root, swap, local-data.
-    assert {"root-x86-64", "swap", "local-data"} <= set(probe["partlabels"]), probe
+    assert {"seed-data", "root-x86-64", "swap", "local-data"} <= set(probe["partlabels"]), probe
+    # The image's own seed-data partition is blank: no seed, and nothing wrong with it.
+    assert (seed["applied"], seed["problems"]) == (False, []), seed
     assert probe["findmnt"].startswith("/dev/mapper/usr erofs"), probe["findmnt"]
     assert probe["failed"] == [], (probe["failed"], probe.get("why"))
     # Root's LUKS2 TPM token, as systemd-repart enrolled it: PCR 7 by value, PCR 11 by the

@@ -125,7 +125,7 @@ def first_boot(
         found = read_seed(source, root)
     except media.SeedReadError as e:
         return _invalid(state_dir, "", (str(read_problem(e)),), log)
-    if found is None:
+    if found is None or not found[1]:  # none, or a blank seed-data partition
         write_status(state_dir, {"applied": False, "source": "", "files": [], "problems": []})
         _mark(applied, {"source": "", "files": []})
         return Outcome("none")

@@ -39,6 +39,9 @@ MAX_FILE_BYTES = 1 << 20
 # How many tar headers are looked at before giving up (skipped entries count too).
 MAX_MEMBERS = 64
 BLOCK = 512
+# What `read` looks at to tell a tar, a FAT or an ISO 9660 volume (its primary volume
+# descriptor at 32 KiB) from a blank partition.
+HEAD_BYTES = 40 * 1024
 TOOL_TIMEOUT = 30.0
 
 
@@ -120,7 +123,7 @@ def read(path: str | Path) -> dict[str, bytes]:
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
         raise SeedReadError(f"{path} is not a directory, a file or a block device")
     with open(path, "rb") as f:
-        head = f.read(40 * 1024)
+        head = f.read(HEAD_BYTES)
         if head[257:262] == b"ustar":
             f.seek(0)
             return read_tar(f)
@@ -128,6 +131,10 @@ def read(path: str | Path) -> dict[str, bytes]:
         return read_fat(path)
     if head[32769:32774] == b"CD001":
         return read_iso(path)
+    if not head.strip(b"\0"):
+        # Blank: the image's own seed-data partition as built, or a seed a reset wiped
+        # (an empty tar is zeros): no seed, as IncusOS reads a partition without a tar.
+        return {}
     raise SeedReadError("no seed data there (neither a tar, a FAT or ISO volume)")
 
 
@@ -328,6 +335,10 @@ def write_tar(path: Path, files: Mapping[str, bytes]) -> None:
             size = os.lseek(fd, 0, os.SEEK_END)
             if len(data) > size:
                 raise SeedReadError(f"the seed ({len(data)} bytes) does not fit in {path} ({size})")
+            # Zeros over the whole head `read` looks at, so that no FAT or ISO 9660
+            # volume written there before (its descriptor is at 32 KiB) outlives a
+            # smaller or empty tar.
+            data += bytes(max(0, min(HEAD_BYTES, size) - len(data)))
             os.pwrite(fd, data, 0)
             os.fsync(fd)
         finally:
