@@ -137,6 +137,7 @@ def test_image_boots_encrypts_and_answers(built: image.Image, tmp_path_factory: 
         image.power_off(port, ctx, proc)
     # The disk as first boot laid it out: /usr (verity, its signature), root, swap, local-data.
     assert {"seed-data", "root-x86-64", "swap", "local-data"} <= set(probe["partlabels"]), probe
+    assert probe["partlabels"].count("_empty") == 3, probe["partlabels"]  # slot B
     # The image's own seed-data partition is blank: no seed, and nothing wrong with it.
     assert (seed["applied"], seed["problems"]) == (False, []), seed
     assert probe["findmnt"].startswith("/dev/mapper/usr erofs"), probe["findmnt"]
