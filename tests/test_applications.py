@@ -78,15 +78,24 @@ def test_render_refuses_a_path_that_would_change_the_definition(path: str) -> No
         sysupdate.render_definitions("[Source]\nPath=/x/\n", path)
 
 
-@pytest.mark.parametrize("version", ["", "1_2", "1+2", "1.2", "-1", "x" * 37, "1 2", "é"])
+@pytest.mark.parametrize(
+    "version", ["", "1_2", "1+2", "1.", ".1", "-1", "x" * 37, "1 2", "é", "1.usr-2"]
+)
 def test_versions_that_cannot_stand_in_a_label_are_refused(version: str) -> None:
     with pytest.raises(ValueError, match="version: "):
         sysupdate.check_version(version)
 
 
+@pytest.mark.parametrize("version", ["0.1.0", "202511281200", "2", "1.2~rc1", "x" * 36])
+def test_the_images_own_versions_are_versions(version: str) -> None:
+    # meson's version is the image's IMAGE_VERSION (mkosi --image-version); IncusOS's
+    # are timestamps.
+    assert sysupdate.check_version(version) == version
+
+
 def test_stage_refuses_before_running_anything(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="version"):
-        sysupdate.stage(str(tmp_path), "2.0", shipped=str(SHIPPED), runtime_dir=str(tmp_path))
+        sysupdate.stage(str(tmp_path), "2+0", shipped=str(SHIPPED), runtime_dir=str(tmp_path))
     assert list(tmp_path.iterdir()) == []
 
 

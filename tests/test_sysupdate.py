@@ -4,7 +4,8 @@ Debian 13 root, run by nspawn without booting) writes version 2 through the HAL'
 /usr verity signature, verity and /usr for slot A holding version 1, and the same three
 labelled _empty for slot B), and the UKI into the ESP with its boot counter. Version 3
 then replaces 2 in slot B: the running version's partitions (1, ProtectVersion=%A) are
-never written, byte for byte. A version the source lacks changes nothing.
+never written, byte for byte. A version the source lacks changes nothing. The versions
+are dotted as the image's own are (meson's 0.1.0): 1 is 0.1.0, 2 is 0.2.0, 3 is 0.3.0.
 
 The ESP is a directory here (this host's kernel mounts no vfat):
 SYSTEMD_ESP_PATH with SYSTEMD_RELAX_ESP_CHECKS, as systemd documents for such cases."""
@@ -29,9 +30,9 @@ pytestmark = pytest.mark.nspawn
 
 LAYOUT = [  # repart definition name, type, label, size
     ("00-esp", "esp", "ESP", "4M"),
-    ("10-usr-verity-sig", "usr-verity-sig", "incusos_1_verity_sig", "16K"),
-    ("11-usr-verity", "usr-verity", "incusos_1_verity", "1M"),
-    ("12-usr", "usr", "incusos_1", "8M"),
+    ("10-usr-verity-sig", "usr-verity-sig", "incusos_0.1.0_verity_sig", "16K"),
+    ("11-usr-verity", "usr-verity", "incusos_0.1.0_verity", "1M"),
+    ("12-usr", "usr", "incusos_0.1.0", "8M"),
     ("20-usr-verity-sig", "usr-verity-sig", "_empty", "16K"),
     ("21-usr-verity", "usr-verity", "_empty", "1M"),
     ("22-usr", "usr", "_empty", "8M"),
@@ -83,12 +84,12 @@ def disk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     image = exp / "disk.img"
     with open(image, "wb") as f:
         f.truncate(40 << 20)
-    (exp / "efi/EFI/Linux/incusos_1.efi").write_bytes(b"UKI 1")
+    (exp / "efi/EFI/Linux/incusos_0.1.0.efi").write_bytes(b"UKI 1")
     with nspawn.overlay([root], work / "machine") as merged:
         # The running system is version 1 of image "incusos".
         release = merged / "usr/lib/os-release"
         release.unlink()
-        release.write_text("ID=debian\nIMAGE_ID=incusos\nIMAGE_VERSION=1\n")
+        release.write_text("ID=debian\nIMAGE_ID=incusos\nIMAGE_VERSION=0.1.0\n")
         (merged / "etc/os-release").unlink(missing_ok=True)
         (merged / "etc/os-release").symlink_to("../usr/lib/os-release")
         # nspawn_run binds read-only; repart writes the disk image.
@@ -141,12 +142,12 @@ def disk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
                 return out
 
             result: dict[str, Any] = {"slot_a_before": slot_a, "parts": parts, "exp": exp}
-            result["files2"] = _source_files(exp / "src", "2")
-            result["two"] = step("2")
+            result["files2"] = _source_files(exp / "src", "0.2.0")
+            result["two"] = step("0.2.0")
             result["b_after_two"] = [Path(p).read_bytes() for p in parts[4:7]]
-            result["missing"] = step("9")
-            result["files3"] = _source_files(exp / "src", "3")
-            result["three"] = step("3")
+            result["missing"] = step("9.9")
+            result["files3"] = _source_files(exp / "src", "0.3.0")
+            result["three"] = step("0.3.0")
             result["b_after_three"] = [Path(p).read_bytes() for p in parts[4:7]]
             result["uki_mode"] = {
                 p.name: p.stat().st_mode & 0o777 for p in (exp / "efi/EFI/Linux").iterdir()
@@ -158,7 +159,8 @@ def disk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
 
 
 def _written(files: dict[str, bytes], kind: str, partition: bytes) -> bool:
-    data = next(d for n, d in files.items() if n.split(".")[1] == kind)
+    # incusos_VERSION.KIND.UUID.raw, VERSION dotted itself
+    data = next(d for n, d in files.items() if n.endswith(".raw") and n.split(".")[-3] == kind)
     return partition[: len(data)] == data
 
 
@@ -167,26 +169,26 @@ def test_version_two_goes_to_slot_b_with_a_counted_uki(disk: dict[str, Any]) -> 
     assert "error" not in two, two
     assert two["labels"] == [
         "ESP",
-        "incusos_1_verity_sig",
-        "incusos_1_verity",
-        "incusos_1",
-        "incusos_2_verity_sig",
-        "incusos_2_verity",
-        "incusos_2",
+        "incusos_0.1.0_verity_sig",
+        "incusos_0.1.0_verity",
+        "incusos_0.1.0",
+        "incusos_0.2.0_verity_sig",
+        "incusos_0.2.0_verity",
+        "incusos_0.2.0",
     ], two
-    assert two["versions"] == ["2", "1"], two
+    assert two["versions"] == ["0.2.0", "0.1.0"], two
     sig, verity, usr = disk["b_after_two"]
     files = disk["files2"]
     assert _written(files, "usr-x86-64-verity-sig", sig)
     assert _written(files, "usr-x86-64-verity", verity)
     assert _written(files, "usr-x86-64", usr)
-    assert two["esp"] == ["incusos_1.efi", "incusos_2+3-0.efi"], two
+    assert two["esp"] == ["incusos_0.1.0.efi", "incusos_0.2.0+3-0.efi"], two
     assert two["slot_a"] == disk["slot_a_before"], "the running slot was written"
 
 
 def test_a_version_the_source_lacks_changes_nothing(disk: dict[str, Any]) -> None:
     missing = disk["missing"]
-    assert "error" in missing and "systemd-sysupdate update 9 failed" in missing["error"], missing
+    assert "error" in missing and "systemd-sysupdate update 9.9 failed" in missing["error"], missing
     assert missing["labels"] == disk["two"]["labels"]
     assert missing["esp"] == disk["two"]["esp"]
     assert missing["slot_a"] == disk["slot_a_before"]
@@ -195,13 +197,13 @@ def test_a_version_the_source_lacks_changes_nothing(disk: dict[str, Any]) -> Non
 def test_version_three_replaces_two_never_the_running_one(disk: dict[str, Any]) -> None:
     three = disk["three"]
     assert "error" not in three, three
-    assert three["labels"][1:4] == ["incusos_1_verity_sig", "incusos_1_verity", "incusos_1"]
-    assert three["labels"][4:] == ["incusos_3_verity_sig", "incusos_3_verity", "incusos_3"]
+    assert three["labels"][1:4] == ["incusos_0.1.0_verity_sig", "incusos_0.1.0_verity", "incusos_0.1.0"]
+    assert three["labels"][4:] == ["incusos_0.3.0_verity_sig", "incusos_0.3.0_verity", "incusos_0.3.0"]
     assert three["slot_a"] == disk["slot_a_before"], "the running slot was written"
     sig, verity, usr = disk["b_after_three"]
     assert _written(disk["files3"], "usr-x86-64-verity-sig", sig)
     assert _written(disk["files3"], "usr-x86-64", usr)
     assert _written(disk["files3"], "usr-x86-64-verity", verity)
     # InstancesMax=2: the running UKI and the newest; 2's is gone.
-    assert three["esp"] == ["incusos_1.efi", "incusos_3+3-0.efi"], three
-    assert disk["uki_mode"]["incusos_3+3-0.efi"] == 0o444
+    assert three["esp"] == ["incusos_0.1.0.efi", "incusos_0.3.0+3-0.efi"], three
+    assert disk["uki_mode"]["incusos_0.3.0+3-0.efi"] == 0o444

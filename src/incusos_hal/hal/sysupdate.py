@@ -30,9 +30,11 @@ RUNTIME_DIR = "/run/incusos-hal"
 LOADER_GUID = "4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"
 # A version as it can stand in a partition label and a UKI's name: the labels are
 # IMAGE_ID_VERSION (so no "_"), the UKI IMAGE_ID_VERSION+LEFT-DONE.efi (so no "+"), the
-# /usr file IMAGE_ID_VERSION.usr-ARCH.UUID.raw (so no "."). 36 characters: a GPT label
-# holds 36 UTF-16 units, and the label has IMAGE_ID_ and _verity_sig around it.
-VERSION = re.compile(r"[0-9A-Za-z][0-9A-Za-z~^-]{0,35}", re.ASCII)
+# /usr file IMAGE_ID_VERSION.usr-ARCH.UUID.raw: dots are fine (the image's own version is
+# meson's, 0.1.0; systemd-sysupdate reads the version up to the literal after it), but
+# not ".usr-" itself, nor a dot at either end. 36 characters: a GPT label holds 36 UTF-16
+# units, and the label has IMAGE_ID_ and _verity_sig around it.
+VERSION = re.compile(r"(?!.*\.usr-)[0-9A-Za-z](?:[0-9A-Za-z.~^-]{0,34}[0-9A-Za-z~^-])?", re.ASCII)
 SYSUPDATE_TIMEOUT_SECONDS = 900.0
 
 
