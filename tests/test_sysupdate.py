@@ -197,8 +197,16 @@ def test_a_version_the_source_lacks_changes_nothing(disk: dict[str, Any]) -> Non
 def test_version_three_replaces_two_never_the_running_one(disk: dict[str, Any]) -> None:
     three = disk["three"]
     assert "error" not in three, three
-    assert three["labels"][1:4] == ["incusos_0.1.0_verity_sig", "incusos_0.1.0_verity", "incusos_0.1.0"]
-    assert three["labels"][4:] == ["incusos_0.3.0_verity_sig", "incusos_0.3.0_verity", "incusos_0.3.0"]
+    assert three["labels"][1:4] == [
+        "incusos_0.1.0_verity_sig",
+        "incusos_0.1.0_verity",
+        "incusos_0.1.0",
+    ]
+    assert three["labels"][4:] == [
+        "incusos_0.3.0_verity_sig",
+        "incusos_0.3.0_verity",
+        "incusos_0.3.0",
+    ]
     assert three["slot_a"] == disk["slot_a_before"], "the running slot was written"
     sig, verity, usr = disk["b_after_three"]
     assert _written(disk["files3"], "usr-x86-64-verity-sig", sig)

@@ -7,9 +7,10 @@ UpdateFull, UpdateFile), and the plan made from it. Pure: bytes and values in, v
       "origin": "...", "published_at": "...", "severity": "none", "url": "..."}]}
 
 Updates are listed newest first; the first one on the machine's channel with files for
-its architecture is the latest (IncusOS's checkRelease). Versions are compared as
-integers (IncusOS's DatetimeComparison: its versions are timestamps); a version that is
-not newer than the installed one is never planned: a downgrade is refused, loudly.
+its architecture is the latest (IncusOS's checkRelease). Versions are compared in the
+UAPI version order systemd-sysupdate uses (IncusOS's timestamps compare as its
+DatetimeComparison does); a version that is not newer than the installed one is never
+planned: a downgrade is refused, loudly.
 
 Everything a server says is checked here before it is used: a file name is a relative
 path of plain components (it becomes part of a URL and of a path on disk), a hash is 64
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -147,10 +148,87 @@ def parse_index(data: bytes) -> tuple[Release, ...]:
 
 
 def is_newer(candidate: str, installed: str) -> bool:
-    """IncusOS's DatetimeComparison: both integers and the candidate larger."""
-    if not (candidate.isdigit() and installed.isdigit()):
-        return False
-    return int(candidate) > int(installed)
+    """The candidate sorts after the installed version, in the order systemd-sysupdate
+    itself picks the newest by (`compare_versions`). For IncusOS's timestamps that is
+    its DatetimeComparison (digits compare as numbers); it also orders this image's own
+    dotted versions (meson's 0.1.0), which IncusOS's integers-only test refused."""
+    return compare_versions(candidate, installed) > 0
+
+
+_VERSION_CHARS = frozenset("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ~-^.")
+_SEPARATORS = "-^."  # in this order: release, post-release, point release
+
+
+def compare_versions(a: str, b: str) -> int:
+    """-1, 0 or 1: the UAPI version format's order (systemd's strverscmp_improved, as
+    `systemd-analyze compare-versions` prints it). Characters outside [A-Za-z0-9~^.-]
+    are skipped. Segment by segment: a `~` sorts before anything, even the end (a
+    pre-release); at an end, the longer string is newer; then `-`, `^` and `.` each sort
+    before a segment without them; digits compare as numbers (leading zeros dropped) and
+    are newer than letters; letters compare as ASCII, a longer run newer."""
+    i = j = 0
+    while True:
+        while i < len(a) and a[i] not in _VERSION_CHARS:
+            i += 1
+        while j < len(b) and b[j] not in _VERSION_CHARS:
+            j += 1
+        x, y = a[i : i + 1], b[j : j + 1]
+        if "~" in (x, y):
+            if x != y:
+                return -1 if x == "~" else 1
+            i, j = i + 1, j + 1
+            x, y = a[i : i + 1], b[j : j + 1]
+        if not x or not y:
+            return _sign(_c_strcmp(a[i:], b[j:]))
+        for sep in _SEPARATORS:
+            if sep in (x, y):
+                if x != y:
+                    return -1 if x == sep else 1
+                i, j = i + 1, j + 1
+                x, y = a[i : i + 1], b[j : j + 1]
+        if _is_ascii_digit(x) or _is_ascii_digit(y):
+            ei, ej = _run(a, i, _is_ascii_digit), _run(b, j, _is_ascii_digit)
+            if (ei > i) != (ej > j):
+                return 1 if ei > i else -1
+            na, nb = a[i:ei].lstrip("0"), b[j:ej].lstrip("0")
+            if len(na) != len(nb):
+                return 1 if len(na) > len(nb) else -1
+            if na != nb:
+                return 1 if na > nb else -1
+        else:
+            ei, ej = _run(a, i, _is_ascii_letter), _run(b, j, _is_ascii_letter)
+            sa, sb = a[i:ei], b[j:ej]
+            common = min(len(sa), len(sb))
+            if sa[:common] != sb[:common]:
+                return 1 if sa[:common] > sb[:common] else -1
+            if len(sa) != len(sb):
+                return 1 if len(sa) > len(sb) else -1
+        i, j = ei, ej
+
+
+def _run(s: str, start: int, accept: Callable[[str], bool]) -> int:
+    end = start
+    while end < len(s) and accept(s[end]):
+        end += 1
+    return end
+
+
+def _is_ascii_digit(c: str) -> bool:
+    return "0" <= c <= "9"
+
+
+def _is_ascii_letter(c: str) -> bool:
+    return c.isascii() and c.isalpha()
+
+
+def _c_strcmp(a: str, b: str) -> int:
+    """C's strcmp on what is left (bytes, unsigned): only its sign is used."""
+    ea, eb = a.encode(), b.encode()
+    return (ea > eb) - (ea < eb)
+
+
+def _sign(n: int) -> int:
+    return (n > 0) - (n < 0)
 
 
 def latest(
