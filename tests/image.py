@@ -114,10 +114,11 @@ def _tree_files(path: Path) -> Iterator[Path]:
             yield p
 
 
-def inputs_key(tools: Path) -> str:
-    """A hash of everything the image is made from."""
+def inputs_key(tools: Path, image_version: str | None = None) -> str:
+    """A hash of everything the image of `image_version` (default: meson's) is made from."""
     h = hashlib.sha256()
-    h.update(json.dumps([IMAGE_RECIPE, tools.name, nspawn.MIRROR, SOURCE_DATE_EPOCH]).encode())
+    made_as = [IMAGE_RECIPE, tools.name, nspawn.MIRROR, SOURCE_DATE_EPOCH]
+    h.update(json.dumps([*made_as, image_version or version()]).encode())
     for top in ("mkosi", *PACKAGE_INPUTS):
         for f in _tree_files(REPO / top):
             rel = f.relative_to(REPO).as_posix()
@@ -242,12 +243,16 @@ mkosi \\
 """
 
 
-def build(*, force: bool = False, out: Path | None = None) -> Image:
+def build(
+    *, force: bool = False, out: Path | None = None, image_version: str | None = None
+) -> Image:
     """The cached image for the current inputs (built now if there is none, or into
-    `out` when given, uncached: the reproducibility check's second build)."""
+    `out` when given, uncached: the reproducibility check's second build), of
+    `image_version` (default: meson's; the update test's is `update_version()`)."""
     tools = tools_root()
     keys = test_keys()
-    key = inputs_key(tools)
+    image_version = image_version or version()
+    key = inputs_key(tools, image_version)
     dest = out or CACHE / key
     if out is None and (dest / ".complete").exists() and not force:
         return Image(dest, key)
@@ -265,7 +270,7 @@ def build(*, force: bool = False, out: Path | None = None) -> Image:
         started = time.monotonic()
         env = (
             f"export MIRROR={nspawn.MIRROR} SOURCE_DATE_EPOCH={SOURCE_DATE_EPOCH}"
-            f" VERSION={version()}\n"
+            f" VERSION={image_version}\n"
         )
         tools_run(
             tools,
@@ -278,8 +283,10 @@ def build(*, force: bool = False, out: Path | None = None) -> Image:
             shutil.rmtree(dest)
         tmp.rename(dest)
         if out is None:
+            # Both versions of the current inputs stay; older builds go.
+            current = {CACHE / inputs_key(tools, v) for v in (version(), update_version())}
             for old in CACHE.iterdir():
-                keep = (dest, CACHE / "keys", CACHE / "mkosi-cache")
+                keep = (*current, CACHE / "keys", CACHE / "mkosi-cache")
                 if old.is_dir() and old not in keep and not old.name.startswith("."):
                     shutil.rmtree(old, ignore_errors=True)
         return Image(dest, key)
@@ -290,6 +297,56 @@ def version() -> str:
         if line.strip().startswith("version:"):
             return line.split("'")[1]
     raise RuntimeError("meson.build names no version")
+
+
+def update_version() -> str:
+    """The version the update test publishes: one point past the image's own (in the
+    UAPI order systemd-sysupdate and the checker use, 0.1.0.1 is newer than 0.1.0)."""
+    return f"{version()}.1"
+
+
+# The OS update's files as the checker hands them to systemd-sysupdate (sysupdate/*.
+# transfer: IMAGE_ID_VERSION.efi, IMAGE_ID_VERSION.usr-ARCH[-verity[-sig]].UUID.raw), each
+# gzipped as IncusOS publishes them, with the index type it is listed under.
+UPDATE_FILES = (
+    ("update-efi", "{id}_{v}.efi", "incusos-hal.efi"),
+    ("update-usr", "{id}_{v}.usr-x86-64.{uuid}.raw", "incusos-hal.usr-x86-64.*.raw"),
+    (
+        "update-usr-verity",
+        "{id}_{v}.usr-x86-64-verity.{uuid}.raw",
+        "incusos-hal.usr-x86-64-verity.*.raw",
+    ),
+    (
+        "update-usr-verity-signature",
+        "{id}_{v}.usr-x86-64-verity-sig.{uuid}.raw",
+        "incusos-hal.usr-x86-64-verity-sig.*.raw",
+    ),
+)
+
+
+def update_payload(built: Image, image_version: str) -> list[tuple[str, str, Path]]:
+    """(index type, file name, gzipped file) for each OS file of `built`, the image of
+    `image_version`: made once into its directory (gzip of the 1 GiB /usr takes a while)."""
+    import gzip
+
+    out = built.directory / "update"
+    out.mkdir(exist_ok=True)
+    files = []
+    for kind, pattern, glob in UPDATE_FILES:
+        matches = sorted(built.directory.glob(glob))
+        if len(matches) != 1:
+            raise RuntimeError(f"{built.directory}: {glob} matches {len(matches)} files")
+        source = matches[0]
+        uuid = source.name.split(".")[-2] if source.suffix == ".raw" else ""
+        name = pattern.format(id="incusos-hal", v=image_version, uuid=uuid) + ".gz"
+        gz = out / name
+        if not gz.exists():
+            part = gz.with_name(gz.name + ".part")
+            with open(source, "rb") as src, gzip.GzipFile(part, "wb", 1, mtime=0) as dst:
+                shutil.copyfileobj(src, dst, 4 << 20)
+            part.rename(gz)
+        files.append((kind, name, gz))
+    return files
 
 
 def enrolled_vars(keys: Path, dest: Path, tools: Path, *, secure_boot: bool = True) -> None:
@@ -316,7 +373,9 @@ class Machine:
 
     work: Path
     image: Image
-    disk_mib: int = 6144  # the image, slot B, root (1 GiB at least), swap, local-data
+    # The image, slot B, root (where an update of 1.2 GiB is downloaded and expanded), swap,
+    # local-data: a sparse file.
+    disk_mib: int = 10240
     memory_mb: int = 2048
     cpus: int = 2
     api_port: int = 0  # host port forwarded to the guest's 8443 (0: no network)
@@ -487,11 +546,29 @@ def api_client(cert: Path, key: Path) -> ssl.SSLContext:
 
 def api(port: int, ctx: ssl.SSLContext, path: str, *, data: bytes | None = None) -> Any:
     """The `metadata` of an API answer (POST when `data` is given)."""
-    req = urllib.request.Request(
-        f"https://127.0.0.1:{port}{path}", data=data, method="GET" if data is None else "POST"
-    )
+    return call(port, ctx, "GET" if data is None else "POST", path, data)["metadata"]
+
+
+def call(
+    port: int, ctx: ssl.SSLContext, method: str, path: str, data: bytes | None = None
+) -> dict[str, Any]:
+    """The whole answer (Incus's envelope: type, status_code, operation, metadata)."""
+    req = urllib.request.Request(f"https://127.0.0.1:{port}{path}", data=data, method=method)
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
     with urllib.request.urlopen(req, context=ctx, timeout=120) as r:
-        return json.loads(r.read())["metadata"]
+        answer: dict[str, Any] = json.loads(r.read())
+        return answer
+
+
+def operation(port: int, ctx: ssl.SSLContext, answer: dict[str, Any], limit: float) -> Any:
+    """The operation a 202 answer started, waited for (at most `limit` seconds)."""
+    assert answer["status_code"] == 100 or answer["type"] == "async", answer
+    deadline = time.monotonic() + limit
+    while True:
+        op = api(port, ctx, f"{answer['operation']}/wait?timeout=55")
+        if op["status"] != "Running" or time.monotonic() > deadline:
+            return op
 
 
 def wait_for_api(
@@ -537,6 +614,9 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("build", help="build (or find cached) the image; print its directory")
     b.add_argument("--force", action="store_true", help="build again even if cached")
     b.add_argument("--out", type=Path, help="build into this directory, uncached")
+    b.add_argument(
+        "--update", action="store_true", help="the update test's next version (update_version)"
+    )
     sub.add_parser("key", help="print the inputs' hash (the cache key)")
     sub.add_parser("reproduce", help="build twice; compare the /usr partitions")
     args = parser.parse_args(argv)
@@ -549,7 +629,8 @@ def main(argv: list[str] | None = None) -> int:
         for line in differences[:200]:
             print(f"  {line}")
         return 0 if ha == hb else 1
-    image = build(force=args.force, out=args.out)
+    image_version = update_version() if args.update else None
+    image = build(force=args.force, out=args.out, image_version=image_version)
     print(image.directory)
     return 0
 

@@ -7,8 +7,13 @@ the config handed over as a credential (listen address, this test's client certi
 is stored; the API answers over mutual TLS through qemu's forwarded port; Secure Boot is
 on, the TPM trusted, root is an encrypted volume and a recovery key was made. It powers
 off through the API. Boot 2, same disk and TPM: root unlocks with no passphrase (the API
-answers again). Boot 3, Secure Boot turned off in the firmware (PCR 7 changes): the TPM
-no longer opens root and the initrd asks for a passphrase on the console.
+answers again); the OS update through the API, from an update server on the host
+publishing the same inputs built as the next version (signed index, gzipped files):
+systemd-sysupdate writes slot B and the UKI with its boot counter. Boot 3 runs the new
+version from slot B, root unlocked by the TPM with no re-enrolment, its PCR 11 the HAL's
+prediction for the new UKI. Boot 4, Secure Boot turned off in the firmware (PCR 7
+changes): the TPM no longer opens root and the initrd asks for a passphrase on the
+console.
 
 Each boot costs minutes under TCG; the build (ci/image build) more on first use. Run
 under the machine's heavy-job lock.
@@ -30,7 +35,8 @@ from typing import Any
 
 import pytest
 
-from incusos_hal.hal import pcrsig
+from incusos_hal.hal import pcrsig, sysupdate
+from updateserver import GUEST_HOST, PKI, UpdateServer, make_pki, release
 
 import image
 import vm
@@ -39,6 +45,9 @@ from apiserver import free_port, openssl_client_cert
 pytestmark = [pytest.mark.vm, pytest.mark.root, pytest.mark.image]
 
 BOOT_TIMEOUT = 1500  # seconds from qemu start to the API answering, under TCG and load
+# The update check in the guest: 350 MB fetched over TLS, 1.2 GiB expanded and hashed,
+# slot B written, all under TCG.
+UPDATE_TIMEOUT = 2400
 PASSPHRASE_PROMPT = "Please enter passphrase for disk"
 
 
@@ -112,7 +121,31 @@ def built() -> image.Image:
     return image.build()
 
 
-def test_image_boots_encrypts_and_answers(built: image.Image, tmp_path_factory: Any) -> None:
+@pytest.fixture(scope="module")
+def update_image(built: image.Image) -> image.Image:
+    """The same inputs built as the next version (ci/image build --update)."""
+    return image.build(image_version=image.update_version())
+
+
+def _publish_update(work: Path, update: image.Image, version: str) -> tuple[UpdateServer, PKI, str]:
+    """An update server on the host's loopback publishing `update` as `version` on the
+    stable channel: (the server, its test PKI, its URL as the guest reaches it)."""
+    (work / "pki").mkdir()
+    pki = make_pki(work / "pki")
+    server = UpdateServer(pki, host="127.0.0.1")
+    files = {name: path.read_bytes() for _, name, path in image.update_payload(update, version)}
+    server.publish(pki, [(release(version, ["stable"], files), files)])
+    return server, pki, f"https://{GUEST_HOST}:{server.port}"
+
+
+def _put(port: int, ctx: ssl.SSLContext, path: str, body: dict[str, Any]) -> None:
+    answer = image.call(port, ctx, "PUT", path, json.dumps(body).encode())
+    assert answer["status_code"] == 200, answer
+
+
+def test_image_boots_encrypts_updates_and_answers(
+    built: image.Image, update_image: image.Image, tmp_path_factory: Any
+) -> None:
     work = tmp_path_factory.mktemp("machine")
     cert, key = openssl_client_cert(work, "tester")
     config = (
@@ -176,20 +209,61 @@ def test_image_boots_encrypts_and_answers(built: image.Image, tmp_path_factory: 
     assert PASSPHRASE_PROMPT not in text
     print(f"first boot: API answered {first:.0f}s after qemu started")
 
-    # Boot 2: the TPM unlocks root with no passphrase.
+    # Boot 2: the TPM unlocks root with no passphrase. Then the OS update, as an operator
+    # makes it: the provider pointed at an update server (on the host, with the test CA
+    # trusted for TLS and for the index's signature), a check, slot B written.
+    version, next_version = image.version(), image.update_version()
+    server, pki, url = _publish_update(work, update_image, next_version)
     console = work / "console-2.log"
-    with _answering(machine, port, ctx, console, first_boot=False) as (proc, later):
-        again = image.api(port, ctx, "/1.0/system/security")
-        image.power_off(port, ctx, proc)
+    try:
+        with _answering(machine, port, ctx, console, first_boot=False) as (proc, later):
+            again = image.api(port, ctx, "/1.0/system/security")
+            trusted = {"config": {**again["config"], "custom_ca_certs": [pki.ca]}}
+            _put(port, ctx, "/1.0/system/security", trusted)
+            provider = {"name": "images", "config": {"server_url": url, "update_ca": pki.ca}}
+            _put(port, ctx, "/1.0/system/provider", {"config": provider})
+            started = image.call(port, ctx, "POST", "/1.0/system/update/:check", b"{}")
+            checked = image.operation(port, ctx, started, UPDATE_TIMEOUT)
+            staged = image.api(port, ctx, "/1.0/system/update")["state"]
+            image.power_off(port, ctx, proc)
+    finally:
+        server.close()
     assert again["config"]["encryption_recovery_keys"] == keys
     assert again["state"]["tpm_public_key"] == identity
     assert PASSPHRASE_PROMPT not in console.read_text(errors="replace")
     print(f"later boot: API answered {later:.0f}s after qemu started")
+    assert checked["status"] == "Success", checked
+    assert staged["status"] == f"The OS has been updated to version {next_version}", staged
+    assert staged["needs_reboot"] is True, staged
+    assert staged["booted"]["version"] == version, staged
 
-    # Boot 3: Secure Boot off (same keys enrolled): PCR 7 differs, the TPM refuses.
+    # Boot 3: systemd-boot picks the new UKI (boot counting), whose usrhash= names slot B;
+    # root unlocks with no passphrase and no re-enrolment: PCR 7 is as it was, and the new
+    # UKI's PCR 11 policy is signed with the same key.
+    console = work / "console-3.log"
+    with _answering(machine, port, ctx, console, first_boot=False) as (proc, updated):
+        after = image.api(port, ctx, "/1.0/system/update")["state"]
+        secured = image.api(port, ctx, "/1.0/system/security")["state"]
+        probe = _run_probe(port, ctx)
+        image.power_off(port, ctx, proc)
+    print(f"updated boot: API answered {updated:.0f}s after qemu started; booted {after}")
+    assert PASSPHRASE_PROMPT not in console.read_text(errors="replace")
+    assert after["booted"]["version"] == next_version, after
+    entry, _, _ = sysupdate.parse_entry(after["booted"]["entry"])
+    assert entry == f"incusos-hal_{next_version}.efi", after
+    assert after["needs_reboot"] is False, after
+    assert (secured["system_state_is_trusted"], secured["tpm_public_key"]) == (True, identity)
+    labels = probe["partlabels"]
+    assert {f"incusos-hal_{version}", f"incusos-hal_{next_version}"} <= set(labels), labels
+    assert probe["failed"] == [], (probe["failed"], probe.get("why"))
+    new_sections = image.pe_sections(update_image.uki.read_bytes())
+    new_measured = {n: d for n, d in new_sections.items() if n in pcrsig.UKI_SECTIONS}
+    assert probe["pcr11"].lower() == pcrsig.uki_pcr11(new_measured, phases).hex()
+
+    # Boot 4: Secure Boot off (same keys enrolled): PCR 7 differs, the TPM refuses.
     machine.vars.unlink()
     image.enrolled_vars(image.test_keys(), machine.vars, image.tools_root(), secure_boot=False)
-    console = work / "console-3.log"
+    console = work / "console-4.log"
     with machine.running(console) as proc:
         deadline = time.monotonic() + BOOT_TIMEOUT
         while time.monotonic() < deadline and proc.poll() is None:

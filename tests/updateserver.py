@@ -23,6 +23,7 @@ from urllib.parse import parse_qs
 # Not 127.0.0.1: the proxy's no_proxy always holds 127.0.0.1 and localhost, and the
 # proxy test needs the update server to be somewhere the proxy is used for.
 HOST = "127.0.0.2"
+GUEST_HOST = "10.0.2.2"  # qemu's user network: the host's 127.0.0.1, seen from a guest
 
 
 def openssl(*args: str, cwd: Path, data: bytes | None = None) -> bytes:
@@ -53,7 +54,12 @@ def make_pki(directory: Path) -> PKI:
             "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d,
         )  # fmt: skip
     for name, ca, ext in (
-        ("server", "ca", f"subjectAltName=IP:{HOST},IP:127.0.0.1\nextendedKeyUsage=serverAuth"),
+        # 10.0.2.2: the host's loopback as a qemu guest on user networking reaches it.
+        (
+            "server",
+            "ca",
+            f"subjectAltName=IP:{HOST},IP:127.0.0.1,IP:{GUEST_HOST}\nextendedKeyUsage=serverAuth",
+        ),
         ("signer", "ca", "keyUsage=critical,digitalSignature"),
         ("forger", "stranger", "keyUsage=critical,digitalSignature"),
     ):
