@@ -376,6 +376,40 @@ def test_a_tpm_that_refuses_the_clear(
 
 
 @pytest.mark.root
+def test_a_refused_reset_puts_back_the_whole_seed_head_it_zeroed(
+    appliance_disk: LoopDisk,
+    swtpm: str,
+    reset_env: tuple[Path, Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A reset the TPM refuses leaves the seed partition as it was: write_tar zeroes the
+    whole head `read` looks at (HEAD_BYTES), so the undo must keep that much, not only
+    the new tar's length (a small seed's tar is 10 KiB; an older seed ran past it)."""
+    from incusos_hal.hal import seed as media
+
+    state, _seed, root = reset_env
+    d = appliance_disk
+    node = Path(f"{d.node}p2")
+    old = {"network.json": b'{"dns": {"hostname": "old"}}' + b" " * 30_000}
+    with open(node, "r+b") as f:
+        f.write(media.tar_bytes(old))
+    monkeypatch.setenv("INCUSOS_HAL_SEED", str(node))
+    _set_lockout_auth(swtpm)
+    with open(node, "rb") as f:
+        before = f.read(2 * media.HEAD_BYTES)
+    request = ResetRequest(seeds=SEED, wipe_existing_seeds=True)
+    with pytest.raises(ResetRefused, match="nothing was erased"):
+        factory_reset(
+            state, str(root), request, machine=Machine(live=True, tcti=swtpm, disk=d.node)
+        )
+    with open(node, "rb") as f:
+        after = f.read(2 * media.HEAD_BYTES)
+    changed = [i for i in range(len(before)) if before[i] != after[i]]
+    assert changed == [], f"{len(changed)} bytes differ, from {changed[0]} to {changed[-1]}"
+    assert media.read(node) == old
+
+
+@pytest.mark.root
 def test_a_disk_not_laid_out_as_an_appliance_is_left_alone(
     plain_disk: LoopDisk, swtpm: str, reset_env: tuple[Path, Path, Path]
 ) -> None:
