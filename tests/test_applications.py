@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 
 from incusos_hal.api.applications import local_source
-from incusos_hal.apply.applications import Installed, compare_versions, state_document
+from incusos_hal.apply.applications import Installed, state_document
 from incusos_hal.hal import sysext, sysupdate
+from incusos_hal.update.index import compare_versions
 
 import apiserver
 from conftest import REPO, require_tool
@@ -79,7 +80,7 @@ def test_render_refuses_a_path_that_would_change_the_definition(path: str) -> No
 
 
 @pytest.mark.parametrize(
-    "version", ["", "1_2", "1+2", "1.", ".1", "-1", "x" * 37, "1 2", "é", "1.usr-2"]
+    "version", ["", "1_2", "1+2", "1.", ".1", "-1", "x" * 37, "1 2", "é", "1.usr-2", "1.efi2"]
 )
 def test_versions_that_cannot_stand_in_a_label_are_refused(version: str) -> None:
     with pytest.raises(ValueError, match="version: "):
@@ -91,6 +92,16 @@ def test_the_images_own_versions_are_versions(version: str) -> None:
     # meson's version is the image's IMAGE_VERSION (mkosi --image-version); IncusOS's
     # are timestamps.
     assert sysupdate.check_version(version) == version
+
+
+def test_a_version_must_leave_its_longest_label_within_36_units() -> None:
+    # incusos-hal_VERSION_verity_sig: 23 units around the version, 13 left.
+    assert sysupdate.check_version("0.1.0.1", image_id="incusos-hal") == "0.1.0.1"
+    assert sysupdate.check_version("2025112812001", image_id="incusos-hal")
+    with pytest.raises(ValueError, match=r"longer than the 13 characters .* incusos-hal"):
+        sysupdate.check_version("20251128120000", image_id="incusos-hal")
+    # IncusOS's own ID leaves 17 (IncusOS_202511281200_verity_sig is 31).
+    assert sysupdate.check_version("20251128120000", image_id="IncusOS")
 
 
 def test_stage_refuses_before_running_anything(tmp_path: Path) -> None:

@@ -284,6 +284,49 @@ def test_seed_data_partition_found_by_its_gpt_label(seed_partition: tuple[Path, 
     assert not (fresh / "config.toml").exists()
 
 
+def test_first_boot_reads_the_boot_disks_own_seed_partition(tmp_path: Path) -> None:
+    """Two disks carry a seed-data partition (another appliance's disk, an install stick
+    left in): the one under the running /usr is the boot disk, and only its own is read.
+    A sysfs and mountinfo in the kernel's shapes: /usr on dm-0 (verity) over vda3."""
+    from incusos_hal.apply.seed import read_seed
+    from incusos_hal.hal import seed as media
+
+    root = tmp_path / "root"
+    devices = root / "sys/devices"
+    block = root / "sys/class/block"
+    block.mkdir(parents=True)
+    (root / "dev").mkdir()
+    for disk, parts in (("sda", ("sda2",)), ("vda", ("vda2", "vda3"))):
+        (devices / disk).mkdir(parents=True)
+        (block / disk).symlink_to(devices / disk)
+        for number, part in enumerate(parts, 2):
+            (devices / disk / part).mkdir()
+            (devices / disk / part / "partition").write_text(f"{number}\n")
+            label = "seed-data" if number == 2 else "usr-x86-64"
+            uevent = f"DEVNAME={part}\nDEVTYPE=partition\nPARTN={number}\nPARTNAME={label}\n"
+            (devices / disk / part / "uevent").write_text(uevent)
+            (block / part).symlink_to(devices / disk / part)
+    (devices / "dm-0/slaves").mkdir(parents=True)
+    (devices / "dm-0/slaves/vda3").symlink_to(devices / "vda/vda3")
+    (root / "sys/dev/block").mkdir(parents=True)
+    (root / "sys/dev/block/254:0").symlink_to(devices / "dm-0")
+    (root / "proc/self").mkdir(parents=True)
+    (root / "proc/self/mountinfo").write_text(
+        "25 1 254:0 / /usr ro,relatime - erofs /dev/mapper/usr ro\n"
+    )
+    other, own = root / "dev/sda2", root / "dev/vda2"
+    other.write_bytes(media.tar_bytes({"update.json": b'{"channel": "testing"}'}))
+    own.write_bytes(media.tar_bytes({"update.json": b'{"channel": "stable"}'}))
+    assert media.find(root) == media.Found(other, "partition seed-data")  # the first by name
+    assert read_seed(None, str(root)) == (
+        "partition seed-data (vda2)",
+        {"update.json": b'{"channel": "stable"}'},
+    )
+    # The boot disk's own is blank (a reset wiped it): no seed, whatever the other holds.
+    own.write_bytes(bytes(64 << 10))
+    assert read_seed(None, str(root)) == ("partition seed-data (vda2)", {})
+
+
 # -- first boot ---------------------------------------------------------------------------------
 
 

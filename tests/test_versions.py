@@ -31,7 +31,8 @@ CHOSEN = [
     ("0012", "12"), ("1~rc1", "1"), ("1~rc1", "1~rc2"), ("1^p1", "1"), ("1^p1", "1.1"),
     ("1-1", "1.1"), ("1-1", "1"), ("123a", "123.a"), ("abc", "abcde"), ("a", "1"),
     ("", "1"), ("", ""), ("1_2", "1.2"), ("1.2", "1.2.0"), ("2", "10"), ("~", ""),
-    ("1.é", "1.e"), ("v2", "v10"), ("1..2", "1.2"), ("1.", "1"),
+    ("1.é", "1.e"), ("v2", "v10"), ("1..2", "1.2"), ("1.", "1"), ("1.10", "a-Z"),
+    ("0.1.00", "0.1.0"),
 ]  # fmt: skip
 
 
@@ -57,3 +58,18 @@ def test_a_downgrade_is_refused_and_an_upgrade_taken() -> None:
     assert index.is_newer("202611280000", "202511281200")
     assert not index.is_newer("0.9.0", "0.10.0")
     assert not index.is_newer("0.1.0", "0.1.0")
+
+
+def test_the_installer_orders_versions_as_the_checker_does() -> None:
+    # An application update the checker takes as newer is one the installer installs
+    # (the review found 1,752 of 20,000 index-valid pairs where two orders disagreed).
+    from incusos_hal.apply import applications
+
+    assert applications.compare_versions is index.compare_versions
+
+
+def test_a_version_spelled_otherwise_is_neither_taken_nor_a_downgrade() -> None:
+    files = (index.UpdateFile("x.efi.gz", "0" * 64, 1, "os", "update-efi", "x86_64"),)
+    release = index.Release("0.1.00", ("stable",), files)
+    plan = index.plan(release, os_version="0.1.0")
+    assert (plan.steps, plan.refused) == ((), ())

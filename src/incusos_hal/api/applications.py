@@ -32,12 +32,12 @@ from ..apply.applications import (
     Applications,
     Source,
     UpdateHandoff,
-    compare_versions,
     state_document,
 )
 from ..apply.systemd import ApplyError
 from ..hal.sysext import VerifiedImage, check_name
 from ..state.paths import LOCAL_APPLICATIONS_DIR
+from ..update.index import compare_versions
 from .service import ApiError
 
 if TYPE_CHECKING:

@@ -33,6 +33,10 @@ from ..core.files import atomic_write
 from ..hal import sysext, sysupdate
 from ..hal.sysext import ImageError, VerifiedImage
 from ..state.paths import APPLICATIONS_FILE, WANTED_APPLICATIONS
+
+# One order for the checker and the installer (systemd-sysupdate's, the UAPI version
+# format's): an update the checker takes as newer is one the installer installs.
+from ..update.index import compare_versions
 from .systemd import ApplyError
 
 PRIMARY = frozenset({"incus", "migration-manager", "operations-center"})
@@ -63,17 +67,6 @@ class Installed:
     sha256: str
     initialized: bool = True
     last_restored: str = ""
-
-
-def compare_versions(a: str, b: str) -> int:
-    """-1, 0, 1 as a is older, equal, newer than b: digit runs compare as numbers, other
-    runs as text (202511041800 > 202511041601, 1.10 > 1.9)."""
-
-    def key(v: str) -> list[tuple[int, Any]]:
-        return [(0, int(p)) if p.isdigit() else (1, p) for p in re.findall(r"\d+|[^\d]+", v)]
-
-    ka, kb = key(a), key(b)
-    return (ka > kb) - (ka < kb)
 
 
 def _units(release: dict[str, str], app: str) -> tuple[str, ...]:

@@ -199,7 +199,9 @@ def factory_reset(
         if files:
             raise ResetRefused(f"no {media.SEED_PARTLABEL} partition to write the seed to", 500)
     elif files or os.path.lexists(where):
-        undo_seed = _seed_undo(where, len(media.tar_bytes(files)))
+        # What write_tar overwrites: the tar, and on a device the zeros after it up to the
+        # head the reader looks at.
+        undo_seed = _seed_undo(where, max(len(media.tar_bytes(files)), media.HEAD_BYTES))
         _write_seed(where, files)
     tpm_cleared = False
     if found:

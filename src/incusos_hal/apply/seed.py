@@ -26,6 +26,7 @@ from typing import Any
 from ..config import Config
 from ..config.seed import SECTION_FILES, Checked, Problem, check_files
 from ..core.files import atomic_write
+from ..hal import disk as disks
 from ..hal import seed as media
 from ..sections import by_name
 from ..state import store
@@ -72,7 +73,9 @@ def read_seed(path: str | Path | None, root: str) -> tuple[str, dict[str, bytes]
         if not os.path.lexists(path):
             return None
         return str(path), media.read(path)
-    found = media.find(root)
+    # The disk under the running /usr is the boot disk (None off an appliance: a test
+    # root, or a machine whose /usr is not its own mount).
+    found = media.find(root, disk=disks.holder_disk(root, "/usr"))
     if found is None:
         return None
     return f"{found.how} ({found.path.name})", media.read(found.path)

@@ -71,9 +71,11 @@ def _uevent(text: str) -> dict[str, str]:
     return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
 
 
-def find(root: str | Path = "/") -> Found | None:
+def find(root: str | Path = "/", disk: str | None = None) -> Found | None:
     """The user's SEED_DATA volume first (it wins over the image's, as on IncusOS),
-    then the image's `seed-data` partition."""
+    then the image's `seed-data` partition: with the boot disk's kernel name given, only
+    that disk's own (another appliance's disk or an install stick left in also carries
+    one, and a reset writes the new seeds to the boot disk's)."""
     root = Path(root)
     link = root / "dev/disk/by-label" / SEED_FS_LABEL
     if link.is_symlink() and link.exists():
@@ -95,7 +97,11 @@ def find(root: str | Path = "/") -> Found | None:
         partname = uevent.get("PARTNAME")
         if partname == SEED_FS_LABEL and fs_label is None:
             fs_label = Found(root / "dev" / dev, f"partition {SEED_FS_LABEL}")
-        elif partname == SEED_PARTLABEL and partition is None:
+        elif (
+            partname == SEED_PARTLABEL
+            and partition is None
+            and (disk is None or (block / disk / name).is_dir())
+        ):
             partition = Found(root / "dev" / dev, f"partition {SEED_PARTLABEL}")
         numbers = (_read(block / name / "dev") or "").strip()
         udev = _uevent(_read(root / "run/udev/data" / f"b{numbers}") or "")

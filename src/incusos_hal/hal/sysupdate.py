@@ -32,9 +32,14 @@ LOADER_GUID = "4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"
 # IMAGE_ID_VERSION (so no "_"), the UKI IMAGE_ID_VERSION+LEFT-DONE.efi (so no "+"), the
 # /usr file IMAGE_ID_VERSION.usr-ARCH.UUID.raw: dots are fine (the image's own version is
 # meson's, 0.1.0; systemd-sysupdate reads the version up to the literal after it), but
-# not ".usr-" itself, nor a dot at either end. 36 characters: a GPT label holds 36 UTF-16
-# units, and the label has IMAGE_ID_ and _verity_sig around it.
-VERSION = re.compile(r"(?!.*\.usr-)[0-9A-Za-z](?:[0-9A-Za-z.~^-]{0,34}[0-9A-Za-z~^-])?", re.ASCII)
+# not ".usr-" or ".efi" (the UKI's name ends the version at its ".efi"), nor a dot at
+# either end. Its length is bounded by the labels: a GPT partition name holds 36 UTF-16
+# units, and the longest label is IMAGE_ID_VERSION_verity_sig (`check_version`).
+VERSION = re.compile(
+    r"(?!.*\.(?:usr-|efi))[0-9A-Za-z](?:[0-9A-Za-z.~^-]{0,34}[0-9A-Za-z~^-])?", re.ASCII
+)
+LABEL_UNITS = 36
+LONGEST_LABEL_SUFFIX = "_verity_sig"
 SYSUPDATE_TIMEOUT_SECONDS = 900.0
 
 
@@ -42,12 +47,31 @@ class SysupdateError(RuntimeError):
     """systemd-sysupdate refused or failed; the message is its own last words."""
 
 
-def check_version(version: str, field: str = "version") -> str:
+def check_version(version: str, field: str = "version", image_id: str | None = None) -> str:
+    """`version` when it can stand in every label and file name an update of image
+    `image_id` makes (without one: of any image); ValueError naming `field` otherwise.
+    Checked before anything is downloaded: systemd-sysupdate refuses a label that is
+    too long only after it has emptied the slot it would write (the fallback version)."""
     if not VERSION.fullmatch(version):
         raise ValueError(
-            f"{field}: {version!r} is not a version (letters, digits, ~ ^ -; at most 36)"
+            f"{field}: {version!r} is not a version (letters, digits, ~ ^ - and inner dots;"
+            " not .usr- or .efi)"
         )
+    if image_id:
+        room = LABEL_UNITS - len(f"{image_id}_") - len(LONGEST_LABEL_SUFFIX)
+        if len(version) > room:
+            raise ValueError(
+                f"{field}: {version!r} is longer than the {room} characters the partition"
+                f" labels of image {image_id} leave a version"
+            )
     return version
+
+
+def image_id(root: str = "/") -> str:
+    """The running image's IMAGE_ID (os-release), "" when it has none."""
+    base = Path(root)
+    release = _os_release(base / "usr/lib/os-release") or _os_release(base / "etc/os-release")
+    return release.get("IMAGE_ID", "")
 
 
 def _check_path(path: str, field: str) -> str:
@@ -127,7 +151,7 @@ def stage(
     slot. The running slot is never touched (ProtectVersion=%A in every definition);
     a failure leaves the inactive slot as systemd-sysupdate leaves it (a partition it
     was writing is relabelled only once complete, so a half-written one is never booted)."""
-    check_version(version)
+    check_version(version, image_id=image_id())
     _check_path(source_dir, "source directory")
     texts = {p.name: p.read_text() for p in sorted(Path(shipped).glob("*.transfer"))}
     if not texts:

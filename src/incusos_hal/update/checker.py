@@ -35,6 +35,7 @@ from typing import Any, Literal
 
 from ..config.model import Config
 from ..core.files import atomic_write
+from ..hal import sysupdate
 from ..render.system import proxy_choice, proxy_url
 from ..state.paths import SERVER_CERT, SERVER_KEY, UPDATE_STATE_FILE, UPDATES_DIR
 from . import fetch, handoff, index, providers, windows
@@ -267,6 +268,13 @@ def _check(
             step.kind
         ]
         progress({"step": step.kind, "name": step.name, "version": step.version})
+        refusal = _unwritable(inputs, step)
+        if refusal:
+            return save(
+                f"Failed to apply the {what} update {step.version}: {refusal}",
+                staged=staged,
+                needs_reboot=needs_reboot,
+            )
         try:
             directory, digests = _fetch_step(inputs, source, release, step, progress)
         except (providers.ProviderError, fetch.FetchError, OSError, ValueError) as e:
@@ -315,6 +323,19 @@ def _check(
     if notes:
         status += "; " + "; ".join(notes)
     return save(status, staged=staged, needs_reboot=needs_reboot)
+
+
+def _unwritable(inputs: Inputs, step: index.Step) -> str:
+    """Why the A/B writer would refuse an OS step's version ("" if it would not): told
+    before the download, as systemd-sysupdate would tell it only after hours of it, and
+    once it had emptied the inactive slot (the fallback version)."""
+    if step.kind != "os":
+        return ""
+    try:
+        sysupdate.check_version(step.version, image_id=sysupdate.image_id(inputs.root))
+    except ValueError as e:
+        return str(e)
+    return ""
 
 
 def _secureboot_state(root: str) -> bool:

@@ -161,7 +161,9 @@ _SEPARATORS = "-^."  # in this order: release, post-release, point release
 
 def compare_versions(a: str, b: str) -> int:
     """-1, 0 or 1: the UAPI version format's order (systemd's strverscmp_improved, as
-    `systemd-analyze compare-versions` prints it). Characters outside [A-Za-z0-9~^.-]
+    `systemd-analyze compare-versions` prints it), for ASCII versions (the index and the
+    labels allow no other: systemd compares a non-ASCII byte as the C `char` of the
+    machine, signed on x86-64, unsigned on arm64). Characters outside [A-Za-z0-9~^.-]
     are skipped. Segment by segment: a `~` sorts before anything, even the end (a
     pre-release); at an end, the longer string is newer; then `-`, `^` and `.` each sort
     before a segment without them; digits compare as numbers (leading zeros dropped) and
@@ -273,7 +275,7 @@ def _judge(kind: str, name: str, offered: str, installed: str) -> tuple[bool, st
     """Take it?, and the refusal to report when an offer is older than what we run."""
     if not installed:
         return True, None
-    if offered == installed:
+    if compare_versions(offered, installed) == 0:  # the same, or spelled otherwise (0.1.00)
         return False, None
     if not is_newer(offered, installed):
         what = "the OS" if kind == "os" else f"{name}" if name else kind
