@@ -245,6 +245,24 @@ def test_downgrade_refused(fresh: Env) -> None:
     assert fresh.staged() == {}
 
 
+def test_a_version_too_long_for_the_labels_is_refused_before_the_download(fresh: Env) -> None:
+    # incusos-hal_VERSION_verity_sig must fit a GPT label (36 units): 13 are left.
+    (fresh.root / "usr/lib/os-release").write_text(
+        "ID=debian\nIMAGE_ID=incusos-hal\nIMAGE_VERSION=100\n"
+    )
+    long = "20251128120000"
+    files = os_files(long)
+    fresh.updates.publish(fresh.pki, [(release(long, ["stable"], files), files)])
+    fresh.updates.log.clear()
+    state = fresh.check()
+    assert state["status"].startswith(f"Failed to apply the OS update {long}: "), state
+    assert "longer than the 13 characters" in state["status"], state
+    assert [path for _, path, _ in fresh.updates.log] == ["/index.sjson"]
+    assert fresh.staged() == {}
+    downloads = (fresh.api.state / "updates").rglob("*")
+    assert [f.name for f in downloads if f.is_file()] == ["index.cache.json"]
+
+
 def _window(start: datetime.datetime, end: datetime.datetime) -> dict[str, int]:
     return {"start_hour": start.hour, "start_minute": start.minute,
             "end_hour": end.hour, "end_minute": end.minute}  # fmt: skip
