@@ -365,6 +365,8 @@ def enrolled_vars(keys: Path, dest: Path, tools: Path, *, secure_boot: bool = Tr
 
 
 SLOW_MACHINE_CMDLINE = "systemd.default_device_timeout_sec=900"
+NIC_MAC = "52:54:00:12:34:56"  # the machine's one NIC, on qemu's user network
+GUEST_ADDRESS = "10.0.2.15"  # what qemu's DHCP server gives it
 
 
 @dataclass
@@ -439,7 +441,7 @@ class Machine:
         if self.api_port:
             cmd += [
                 "-nic",
-                f"user,model=virtio-net-pci,mac=52:54:00:12:34:56,"
+                f"user,model=virtio-net-pci,mac={NIC_MAC},"
                 f"hostfwd=tcp:127.0.0.1:{self.api_port}-:8443",
             ]
         else:

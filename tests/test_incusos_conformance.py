@@ -129,9 +129,9 @@ def test_incusos_api_system(srv: apiserver.Server, certs: dict[str, tuple[Path, 
 
 
 # TestIncusOSAPISystemPoweroff / TestIncusOSAPISystemReboot: the scratch server has no
-# systemd to stop the machine (503); tests/test_api_system.py drives :reboot and
-# :poweroff under real systemd in the container rung. Reboot's step 2 (debug/log with
-# boot=-1) is the debug area's.
+# systemd to stop the machine (503). Under real systemd, tests/test_api_system.py drives
+# :poweroff in the container rung, and tests/test_vm_image.py :poweroff and :reboot on
+# the booted image. Reboot's step 2 (debug/log with boot=-1) is the debug area's.
 
 
 # -- tests_incusos_api_system_logging.py ---------------------------------------------------
@@ -182,8 +182,9 @@ def test_incusos_api_system_network_defaults(srv: apiserver.Server) -> None:
 
 
 # TestIncusOSAPISystemNetworkBadMAC asserts incus-osd log lines at boot only (no API
-# call): out of scope. A configured MAC that is not there is skipped here with a warning
-# (render/effective.py), where IncusOS fails the boot (docs/incusos-differences.md).
+# call): out of scope. An interface whose MAC no NIC has is kept and shown `missing` in
+# the network state (render/effective.py); IncusOS fails the boot
+# (docs/incusos-differences.md).
 
 
 def test_incusos_api_system_network_rollback(srv: apiserver.Server) -> None:

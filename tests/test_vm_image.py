@@ -166,11 +166,19 @@ def test_image_boots_encrypts_updates_and_answers(
         kernel = image.api(port, ctx, "/1.0/debug/kernel")
         events = image.api(port, ctx, "/1.0/debug/secureboot/event-log")
         seed = image.api(port, ctx, "/1.0/debug/seed")
+        network = image.api(port, ctx, "/1.0/system/network")
         probe = _run_probe(port, ctx)
         image.power_off(port, ctx, proc)
     # The disk as first boot laid it out: /usr (verity, its signature), root, swap, local-data.
     assert {"seed-data", "root-x86-64", "swap", "local-data"} <= set(probe["partlabels"]), probe
     assert probe["partlabels"].count("_empty") == 3, probe["partlabels"]  # slot B
+    # IncusOS's TestIncusOSAPISystemNetworkDefaults on the booted image: the first-boot
+    # default (every NIC, dhcp4 and slaac) stored and returned; its state from networkd.
+    interfaces = network["config"]["interfaces"]
+    assert [i["hwaddr"] for i in interfaces] == [image.NIC_MAC], interfaces
+    assert {"dhcp4", "slaac"} <= set(interfaces[0]["addresses"]), interfaces
+    live = network["state"]["interfaces"][interfaces[0]["name"]]
+    assert live["type"] == "interface" and image.GUEST_ADDRESS in live["addresses"], live
     # The image's own seed-data partition is blank: no seed, and nothing wrong with it.
     assert (seed["applied"], seed["problems"]) == (False, []), seed
     assert probe["findmnt"].startswith("/dev/mapper/usr erofs"), probe["findmnt"]
@@ -245,8 +253,12 @@ def test_image_boots_encrypts_updates_and_answers(
         after = image.api(port, ctx, "/1.0/system/update")["state"]
         secured = image.api(port, ctx, "/1.0/system/security")["state"]
         probe = _run_probe(port, ctx)
-        image.power_off(port, ctx, proc)
+        # IncusOS's TestIncusOSAPISystemReboot under real systemd: qemu (-no-reboot) ends
+        # when the machine restarts.
+        image.api(port, ctx, "/1.0/system/:reboot", data=b"")
+        proc.wait(600)
     print(f"updated boot: API answered {updated:.0f}s after qemu started; booted {after}")
+    assert "reboot: Restarting system" in console.read_text(errors="replace")
     assert PASSPHRASE_PROMPT not in console.read_text(errors="replace")
     assert after["booted"]["version"] == next_version, after
     entry, _, _ = sysupdate.parse_entry(after["booted"]["entry"])
