@@ -138,6 +138,20 @@ def _publish_update(work: Path, update: image.Image, version: str) -> tuple[Upda
     return server, pki, f"https://{GUEST_HOST}:{server.port}"
 
 
+def _network_once_addressed(port: int, ctx: ssl.SSLContext) -> Any:
+    """GET /1.0/system/network once the NIC has qemu's DHCP address (the default asks no
+    link to be online, so the API may answer before the lease), or after 3 minutes."""
+    deadline = time.monotonic() + 180
+    while True:
+        network = image.api(port, ctx, "/1.0/system/network")
+        states = network.get("state", {}).get("interfaces", {})
+        if any(image.GUEST_ADDRESS in s.get("addresses", []) for s in states.values()):
+            return network
+        if time.monotonic() > deadline:
+            return network
+        time.sleep(2)
+
+
 def _put(port: int, ctx: ssl.SSLContext, path: str, body: dict[str, Any]) -> None:
     answer = image.call(port, ctx, "PUT", path, json.dumps(body).encode())
     assert answer["status_code"] == 200, answer
@@ -166,7 +180,7 @@ def test_image_boots_encrypts_updates_and_answers(
         kernel = image.api(port, ctx, "/1.0/debug/kernel")
         events = image.api(port, ctx, "/1.0/debug/secureboot/event-log")
         seed = image.api(port, ctx, "/1.0/debug/seed")
-        network = image.api(port, ctx, "/1.0/system/network")
+        network = _network_once_addressed(port, ctx)
         probe = _run_probe(port, ctx)
         image.power_off(port, ctx, proc)
     # The disk as first boot laid it out: /usr (verity, its signature), root, swap, local-data.
