@@ -156,6 +156,22 @@ def test_iscsi_put_generates_the_initiator_name(api: apiserver.Server) -> None:
     assert _get(api, "iscsi")["config"] == ISCSI
 
 
+def test_an_initiator_file_with_comments_is_read_as_iscsid_reads_it(
+    api: apiserver.Server,
+) -> None:
+    # Debian's open-iscsi package writes its name under five comment lines (seen in the
+    # VM rung: the whole file came back as the name).
+    path = api.target / "etc/iscsi/initiatorname.iscsi"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        "## DO NOT EDIT OR REMOVE THIS FILE!\n## If you remove this file, ...\n"
+        "InitiatorName=iqn.1993-08.org.debian:01:a9db47acbcf3\n"
+    )
+    assert api.put("/1.0/services/iscsi", {"config": ISCSI}).status == 200
+    name = _get(api, "iscsi")["state"]["initiator_name"]
+    assert name == "iqn.1993-08.org.debian:01:a9db47acbcf3"  # kept, as IncusOS keeps it
+
+
 @pytest.mark.parametrize(
     ("name", "config", "error"),
     [

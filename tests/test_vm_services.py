@@ -26,7 +26,7 @@ WWN = f"0x{MULTIPATH.wwn:016x}"
 @pytest.fixture(scope="module")
 def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     work = tmp_path_factory.mktemp("vm-services")
-    guest = vm.build(work, lambda root: None)
+    guest = vm.build(work, _no_initiator_name)
     guest.multipath = MULTIPATH
     # The part drives the API through guest_api's socket client.
     shutil.copy(Path(vm.TESTS, "guest_api.py"), guest.probe_dir / "guest_api.py")
@@ -34,6 +34,13 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
     part: dict[str, Any] = result.result["services"]
     (Path(work) / "services.json").write_text(json.dumps(part, indent=1))
     yield part
+
+
+def _no_initiator_name(root: Path) -> None:
+    """As on the appliance: no initiator name until the service makes one. Debian's
+    open-iscsi package wrote one into the guest root when it was installed (a name made
+    at image build time would be every machine's)."""
+    (root / "etc/iscsi/initiatorname.iscsi").unlink(missing_ok=True)
 
 
 def _ok(answer: dict[str, Any], journal: str) -> None:

@@ -37,8 +37,17 @@ ATTEMPTS, PAUSE_S = 10, 0.5
 
 
 def read_state(machine: Machine, config: ServiceISCSIConfig) -> dict[str, Any]:
-    name = read_text(machine.path(INITIATOR_NAME))
-    return {"initiator_name": name.removeprefix("InitiatorName=")}
+    return {"initiator_name": initiator_name(read_text(machine.path(INITIATOR_NAME)))}
+
+
+def initiator_name(text: str) -> str:
+    """The name in an initiatorname.iscsi file, as iscsid reads it: the value of its
+    InitiatorName= line; comment lines (Debian's package writes five) and others aside."""
+    for line in text.splitlines():
+        key, sep, value = line.strip().partition("=")
+        if sep and key == "InitiatorName":
+            return value.strip()
+    return ""
 
 
 def portal(target: ServiceISCSITarget) -> str:
