@@ -268,8 +268,9 @@ def test_incusos_api_system_network_rollback(srv: apiserver.Server) -> None:
 def test_incusos_api_system_network_config_interfaces(srv: apiserver.Server) -> None:
     """tests_incusos_api_system_network.py TestIncusOSAPISystemNetworkConfigInterfaces,
     config half, with this machine's NIC and a second MAC standing for enp6s0 (absent
-    here: skipped at render with a warning). The state half (keys by configured name,
-    roles, no `addresses` on `vm`) is the network state's (h15-netstate)."""
+    here: kept, its .link matching nothing, and shown `missing` in the state). The state
+    half (keys by configured name, roles, no `addresses` on `vm`) is the network state's
+    (tests/test_network_state.py)."""
     mac = Path("/sys/class/net", physical_nics()[0], "address").read_text().strip()
     body = {
         "config": {
