@@ -87,7 +87,8 @@ echo  # the JSON ends without a newline
 echo "luks-end"
 for unit in $(systemctl --failed --plain --no-legend | cut -d' ' -f1); do echo "failed $unit"; done
 for unit in $(systemctl --failed --plain --no-legend | cut -d' ' -f1); do
-  journalctl -b -u "$unit" -n 15 --no-pager -o cat | sed "s/^/why $unit: /"
+  systemctl status --no-pager --lines=0 "$unit" 2>&1 | sed "s/^/why $unit: /"
+  journalctl -b -u "$unit" -n 25 --no-pager -o short-monotonic | sed "s/^/why $unit: /"
 done
 echo "findmnt $(findmnt -n -o SOURCE,FSTYPE /usr)"
 """
@@ -196,7 +197,7 @@ def test_image_boots_encrypts_updates_and_answers(
     # The image's own seed-data partition is blank: no seed, and nothing wrong with it.
     assert (seed["applied"], seed["problems"]) == (False, []), seed
     assert probe["findmnt"].startswith("/dev/mapper/usr erofs"), probe["findmnt"]
-    assert probe["failed"] == [], (probe["failed"], probe.get("why"))
+    assert probe["failed"] == [], "\n".join([*probe["failed"], *probe.get("why", [])])
     # Root's LUKS2 TPM token, as systemd-repart enrolled it: PCR 7 by value, PCR 11 by the
     # UKI's signed policy (its public key), so a new signed UKI needs no re-enrolment.
     tokens = [t for t in probe["luks"]["tokens"].values() if t["type"] == "systemd-tpm2"]
@@ -281,7 +282,7 @@ def test_image_boots_encrypts_updates_and_answers(
     assert (secured["system_state_is_trusted"], secured["tpm_public_key"]) == (True, identity)
     labels = probe["partlabels"]
     assert {f"incusos-hal_{version}", f"incusos-hal_{next_version}"} <= set(labels), labels
-    assert probe["failed"] == [], (probe["failed"], probe.get("why"))
+    assert probe["failed"] == [], "\n".join([*probe["failed"], *probe.get("why", [])])
     new_sections = image.pe_sections(update_image.uki.read_bytes())
     new_measured = {n: d for n, d in new_sections.items() if n in pcrsig.UKI_SECTIONS}
     assert probe["pcr11"].lower() == pcrsig.uki_pcr11(new_measured, phases).hex()
