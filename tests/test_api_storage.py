@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import apiserver
-from conftest import require_tool
+from conftest import require_root, require_tool
 
 
 @pytest.fixture
@@ -205,3 +207,55 @@ def test_restore_refuses_a_key_of_the_wrong_size_naming_it_not_its_bytes(
     assert r.status == 400 and "zpool.bad.key: not a 32-byte raw key" in r.json["error"], r.json
     assert "SECRETKEYBYTES" not in r.body.decode()
     assert digest(api.state) == before
+
+
+class _Log:
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, str]] = []
+
+    def log(self, level: str, message: str) -> None:
+        self.lines.append((level, message))
+
+
+def _blkid_type(dev: str) -> str:
+    done = subprocess.run(["blkid", "-p", "-o", "value", "-s", "TYPE", dev], capture_output=True)
+    return done.stdout.decode().strip()
+
+
+@pytest.mark.root
+def test_a_device_still_held_is_left_unwiped_and_the_change_stands(tmp_path: Path) -> None:
+    """A device a pool left is wiped once nothing holds it; while something does (ZFS's
+    resilver, in the ZFS guest: wipefs "Device or resource busy"), it is left as it is,
+    the log says so and nothing is refused. Here the holder is a process with the loop
+    device open exclusively, as ZFS keeps a vdev."""
+    from incusos_hal.render.zpool import Step
+    from incusos_hal.sections import storage
+
+    require_root()
+    require_tool("losetup", "mkfs.ext4", "wipefs", "blkid")
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(32 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+    dev = subprocess.run(
+        ["losetup", "-f", "--show", str(image)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    hold = "import os, sys, time; os.open(sys.argv[1], os.O_RDONLY | os.O_EXCL); print(1, flush=True); time.sleep(120)"
+    holder = subprocess.Popen([sys.executable, "-c", hold, dev], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"1\n"
+        ctx = _Log()
+        storage.wipe_left(Step("wipe", target=dev), ctx)  # type: ignore[arg-type]
+        assert _blkid_type(dev) == "ext4"
+        assert len(ctx.lines) == 1 and ctx.lines[0][0] == "warning", ctx.lines
+        assert f"storage: {dev} left pool '' but was not wiped" in ctx.lines[0][1]
+        assert "busy" in ctx.lines[0][1]
+        holder.kill()
+        holder.wait()
+        storage.wipe_left(Step("wipe", target=dev), ctx)  # type: ignore[arg-type]
+        assert _blkid_type(dev) == ""
+        assert len(ctx.lines) == 1
+    finally:
+        holder.kill()
+        holder.wait()
+        subprocess.run(["losetup", "-d", dev], check=False)

@@ -30,13 +30,14 @@ StepKind = Literal["new-key", "run", "wipe", "partition-local"]
 class Step:
     """One thing the section does. `run`: argv, undone by `undo` (empty: nothing to put
     back, or nothing that can be); `new-key`: a pool's key file (undone by removing it);
-    `wipe`: a device left by the pool; `partition-local`: the local pool's partition 11
+    `wipe`: a device left by `pool`; `partition-local`: the local pool's partition 11
     on a second disk (IncusOS's offset)."""
 
     kind: StepKind
     argv: tuple[str, ...] = ()
     undo: tuple[str, ...] = ()
     target: str = ""
+    pool: str = ""  # `wipe`: the pool the device left (ZFS may still read it: a resilver)
 
 
 @dataclass(frozen=True, slots=True)
@@ -355,7 +356,7 @@ class _Planner:
             if want == "":
                 if vtype == "zfs-raid0":
                     self.run(zpool_argv("remove", name, old))
-                    self.wipes.append(Step("wipe", target=old))
+                    self.wipes.append(Step("wipe", target=old, pool=name))
                 else:
                     self.run(zpool_argv("offline", name, old), zpool_argv("online", name, old))
                 continue
@@ -368,7 +369,7 @@ class _Planner:
             self.run(zpool_argv("replace", name, old, dev), undo)
             old_disk = old.removesuffix("-part11") if name == LOCAL_POOL else old
             if old_disk in self.m.present:
-                self.wipes.append(Step("wipe", target=old_disk))
+                self.wipes.append(Step("wipe", target=old_disk, pool=name))
         self.extras(name, vtype, group, current, degraded, list(new[len(cur) :]), len(cur), p, own)
 
     def extras(

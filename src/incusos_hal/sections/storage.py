@@ -412,11 +412,14 @@ async def before_store(ctx: Context, new: Config, current: Config) -> None:
 
 def execute(steps: tuple[Step, ...], state_dir: Path, ctx: Context) -> None:
     """Run the steps in order; when one fails, undo what the others did, newest first,
-    and refuse with the failing command's words."""
+    and refuse with the failing command's words. The devices the pools left are wiped
+    last, once the change is done (`wipe_left`)."""
     from ..hal import zfs
 
     undo: list[tuple[str, ...] | Path] = []
     for step in steps:
+        if step.kind == "wipe":
+            continue
         try:
             if step.kind == "new-key":
                 path = pool_key_path(state_dir, step.target)
@@ -431,8 +434,6 @@ def execute(steps: tuple[Step, ...], state_dir: Path, ctx: Context) -> None:
             elif step.kind == "partition-local":
                 zfs.run(["sgdisk", "-n", "11:69826560:", step.target])
                 zfs.run(["udevadm", "settle"])
-            elif step.kind == "wipe":
-                wipe_device(step.target)
         except (zfs.ZfsError, OSError) as e:
             for back in reversed(undo):
                 try:
@@ -443,6 +444,35 @@ def execute(steps: tuple[Step, ...], state_dir: Path, ctx: Context) -> None:
                 except (zfs.ZfsError, OSError) as again:
                     ctx.log("error", f"storage: undoing a failed change: {again}")
             raise Refused(500, str(e)) from None
+    for step in steps:
+        if step.kind == "wipe":
+            wipe_left(step, ctx)
+
+
+# How long a change waits for ZFS to let go of a device it replaced or removed (the
+# resilver or the evacuation reads from it) before leaving it unwiped.
+WIPE_WAIT_S = 300.0
+
+
+def wipe_left(step: Step, ctx: Context) -> None:
+    """Wipe a device its pool left, once ZFS is done with it: a replaced device stays in
+    the pool (a `replacing` vdev) until the resilver ends, a removed one until its data
+    is evacuated, and is open exclusively meanwhile (wipefs: "Device or resource busy",
+    seen in the ZFS guest). IncusOS wipes it after half a second, while ZFS may still
+    read it. The change is done either way: a device still held after WIPE_WAIT_S is
+    left as it is, and the log says so."""
+    from ..hal import zfs
+
+    try:
+        if step.pool:
+            zfs.run(["zpool", "wait", "-t", "replace,remove", step.pool], timeout=WIPE_WAIT_S)
+        wipe_device(step.target)
+    except (zfs.ZfsError, OSError) as e:
+        ctx.log(
+            "warning",
+            f"storage: {step.target} left pool '{step.pool}' but was not wiped ({e}); "
+            "wipe it with :wipe-drive once ZFS no longer uses it",
+        )
 
 
 def wipe_device(device: str) -> None:
