@@ -91,6 +91,12 @@ for unit in $(systemctl --failed --plain --no-legend | cut -d' ' -f1); do
   journalctl -b -u "$unit" -n 25 --no-pager -o short-monotonic | sed "s/^/why $unit: /"
 done
 echo "findmnt $(findmnt -n -o SOURCE,FSTYPE /usr)"
+echo "esp $(findmnt -n -o TARGET,FSTYPE --source /dev/disk/by-partlabel/esp | tr '\n' ' ')"
+echo "swaps $(tail -n +2 /proc/swaps | cut -d' ' -f1 | tr '\n' ' ')"
+# systemd-gpt-auto-generator mounts the ESP and enables swap; run again to see its verdict.
+out=$(mktemp -d)
+SYSTEMD_LOG_LEVEL=debug /usr/lib/systemd/system-generators/systemd-gpt-auto-generator \
+  "$out" "$out" "$out" 2>&1 | grep -iE "image policy|refusing" | sed "s/^/gptauto /"
 """
 
 
@@ -110,7 +116,7 @@ def _run_probe(port: int, ctx: ssl.SSLContext) -> dict[str, Any]:
     }  # fmt: skip
     for line in lines[:start] + lines[end + 1 :]:
         key, _, value = line.partition(" ")
-        if key in ("partlabel", "failed", "why"):
+        if key in ("partlabel", "failed", "why", "gptauto"):
             out.setdefault(key + "s" if key == "partlabel" else key, []).append(value)
         else:
             out[key] = value
@@ -198,6 +204,11 @@ def test_image_boots_encrypts_updates_and_answers(
     assert (seed["applied"], seed["problems"]) == (False, []), seed
     assert probe["findmnt"].startswith("/dev/mapper/usr erofs"), probe["findmnt"]
     assert probe["failed"] == [], "\n".join([*probe["failed"], *probe.get("why", [])])
+    # systemd-gpt-auto-generator accepts the disk under the image policy: it mounts the
+    # ESP (where an update's UKI goes) and enables the encrypted swap.
+    assert probe.get("gptauto", []) == [], "\n".join(probe["gptauto"])
+    assert probe["esp"].split()[:2] in (["/boot", "vfat"], ["/efi", "vfat"]), probe["esp"]
+    assert probe["swaps"].strip(), "no swap active"
     # Root's LUKS2 TPM token, as systemd-repart enrolled it: PCR 7 by value, PCR 11 by the
     # UKI's signed policy (its public key), so a new signed UKI needs no re-enrolment.
     tokens = [t for t in probe["luks"]["tokens"].values() if t["type"] == "systemd-tpm2"]
