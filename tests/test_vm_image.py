@@ -80,7 +80,8 @@ def _answering(
 PROBE_SCRIPT = """#!/bin/sh
 echo "pcr11 $(cat /sys/class/tpm/tpm0/pcr-sha256/11)"
 echo "pcr7 $(cat /sys/class/tpm/tpm0/pcr-sha256/7)"
-for label in $(ls /dev/disk/by-partlabel); do echo "partlabel $label"; done
+# Every partition's GPT label (slot B's three share one: by-partlabel holds it once).
+for label in $(lsblk -nro PARTLABEL /dev/vda); do echo "partlabel $label"; done
 echo "luks-begin"
 cryptsetup luksDump --dump-json-metadata /dev/disk/by-partlabel/root-x86-64
 echo  # the JSON ends without a newline
