@@ -449,9 +449,10 @@ def execute(steps: tuple[Step, ...], state_dir: Path, ctx: Context) -> None:
             wipe_left(step, ctx)
 
 
-# How long a change waits for ZFS to let go of a device it replaced or removed (the
-# resilver or the evacuation reads from it) before leaving it unwiped.
-WIPE_WAIT_S = 300.0
+# How long a change (an API request) waits for ZFS to let go of a device it replaced or
+# removed (the resilver or the evacuation reads from it) before leaving it unwiped: a
+# small pool's resilver on hardware ends in seconds; a large one's is not waited for.
+WIPE_WAIT_S = 60.0
 
 
 def wipe_left(step: Step, ctx: Context) -> None:
