@@ -455,7 +455,9 @@ class Machine:
             f"type=11,value=io.systemd.stub.kernel-cmdline-extra={SLOW_MACHINE_CMDLINE}",
         ]
         for name, value in (self.credentials or {}).items():
-            cmd += ["-smbios", f"type=11,value=io.systemd.credential:{name}={value}"]
+            # qemu's option syntax: a comma in a value is written twice.
+            escaped = value.replace(",", ",,")
+            cmd += ["-smbios", f"type=11,value=io.systemd.credential:{name}={escaped}"]
         return cmd
 
     @contextlib.contextmanager
@@ -552,13 +554,19 @@ def api(port: int, ctx: ssl.SSLContext, path: str, *, data: bytes | None = None)
 
 
 def call(
-    port: int, ctx: ssl.SSLContext, method: str, path: str, data: bytes | None = None
+    port: int,
+    ctx: ssl.SSLContext,
+    method: str,
+    path: str,
+    data: bytes | None = None,
+    *,
+    timeout: float = 120,
 ) -> dict[str, Any]:
     """The whole answer (Incus's envelope: type, status_code, operation, metadata)."""
     req = urllib.request.Request(f"https://127.0.0.1:{port}{path}", data=data, method=method)
     if data is not None:
         req.add_header("Content-Type", "application/json")
-    with urllib.request.urlopen(req, context=ctx, timeout=120) as r:
+    with urllib.request.urlopen(req, context=ctx, timeout=timeout) as r:
         answer: dict[str, Any] = json.loads(r.read())
         return answer
 

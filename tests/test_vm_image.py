@@ -161,7 +161,9 @@ def _network_once_addressed(port: int, ctx: ssl.SSLContext) -> Any:
 
 
 def _put(port: int, ctx: ssl.SSLContext, path: str, body: dict[str, Any]) -> None:
-    answer = image.call(port, ctx, "PUT", path, json.dumps(body).encode())
+    # A PUT applies (a daemon-reload, our generator run again): minutes under TCG (seen:
+    # the security PUT outlasted 120 s).
+    answer = image.call(port, ctx, "PUT", path, json.dumps(body).encode(), timeout=900)
     assert answer["status_code"] == 200, answer
 
 
@@ -176,9 +178,13 @@ def test_image_boots_encrypts_updates_and_answers(
         f"trusted_client_certificates = [{json.dumps(cert.read_text())}]\n"
     )
     port = free_port()
-    machine = image.Machine(
-        work, built, api_port=port, credentials={"incusos-hal.config.toml": config}
-    )
+    # The API's apply gets the emulated machine's time limit (tests/vm.py), as a drop-in
+    # handed over as a systemd credential: the image itself keeps its default.
+    credentials = {
+        "incusos-hal.config.toml": config,
+        "systemd.unit-dropin.incusos-hal.service": vm.TCG_APPLY_DROP_IN,
+    }
+    machine = image.Machine(work, built, api_port=port, credentials=credentials)
     ctx = image.api_client(cert, key)
 
     # Boot 1: first boot.
