@@ -146,6 +146,18 @@ def _publish_update(work: Path, update: image.Image, version: str) -> tuple[Upda
     return server, pki, f"https://{GUEST_HOST}:{server.port}"
 
 
+def _security_once_keyed(port: int, ctx: ssl.SSLContext) -> Any:
+    """GET /1.0/system/security once first boot's recovery key is there, or after 5 min:
+    the service enrolls it in the background after it starts answering (a keyslot's
+    PBKDF takes a while under TCG), as IncusOS's tests wait for its "System is ready"."""
+    deadline = time.monotonic() + 300
+    while True:
+        security = image.api(port, ctx, "/1.0/system/security")
+        if security["config"]["encryption_recovery_keys"] or time.monotonic() > deadline:
+            return security
+        time.sleep(3)
+
+
 def _network_once_addressed(port: int, ctx: ssl.SSLContext) -> Any:
     """GET /1.0/system/network once the NIC has qemu's DHCP address (the default asks no
     link to be online, so the API may answer before the lease), or after 3 minutes."""
@@ -190,7 +202,7 @@ def test_image_boots_encrypts_updates_and_answers(
     # Boot 1: first boot.
     console = work / "console-1.log"
     with _answering(machine, port, ctx, console, first_boot=True) as (proc, first):
-        security = image.api(port, ctx, "/1.0/system/security")
+        security = _security_once_keyed(port, ctx)
         kernel = image.api(port, ctx, "/1.0/debug/kernel")
         events = image.api(port, ctx, "/1.0/debug/secureboot/event-log")
         seed = image.api(port, ctx, "/1.0/debug/seed")
