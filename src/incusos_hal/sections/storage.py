@@ -711,6 +711,13 @@ def _import(ctx: Context, name: str, raw: bytes | None) -> None:
         if isinstance(e, Refused):
             raise
         raise Refused(500, str(e)) from None
+    # With its key loaded the pool's filesystems are mounted, as `zpool import` mounts an
+    # unencrypted pool's (IncusOS leaves them to Incus). A mountpoint in use fails only
+    # that filesystem: the pool and its key stay, and the journal says which.
+    try:
+        zfs.mount_tree(name)
+    except zfs.ZfsError as e:
+        ctx.log("warning", f"storage pool '{name}' imported, but not all of it mounted: {e}")
 
 
 async def delete_pool(ctx: Context, body: Any) -> Any:
