@@ -226,3 +226,11 @@ def check_rolled_back(part: dict[str, Any]) -> None:
     assert part["restored_after_s"] is not None, (part["addresses_end"], part["journal"])
     assert part["stored_restored"] is True
     assert "not confirmed in time" in part["journal"]
+    # The state's address counts while cut off and once rolled back (upstream's "1
+    # address" then "2 addresses"): the kernel's global addresses, no link-local.
+    cut, restored = part["cut_state"], part["restored_state"]
+    for reading in (cut, restored):
+        assert reading["kernel"][0] == reading["kernel"][1], reading  # settled meanwhile
+        assert reading["api"] == reading["kernel"][0], reading
+    assert len(restored["api"]) > len(cut["api"]), (cut, restored)
+    assert not any(a.startswith("fe80:") for a in restored["api"]), restored

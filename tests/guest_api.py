@@ -175,6 +175,17 @@ def network_state() -> dict:
     return out
 
 
+def state_addresses(iface: str) -> dict:
+    """The API state's addresses of `iface` and the kernel's global ones, read before
+    and after it (IncusOS's tests count the state's addresses after each network PUT)."""
+    before = sorted(
+        a.split("/")[0] for a in addresses().get(iface, []) if not a.startswith("fe80:")
+    )
+    got = call("GET", "/1.0/system/network")["body"]["metadata"]["state"]["interfaces"]
+    after = sorted(a.split("/")[0] for a in addresses().get(iface, []) if not a.startswith("fe80:"))
+    return {"api": sorted(got.get(iface, {}).get("addresses", [])), "kernel": [before, after]}
+
+
 def wait_for(check, seconds: float) -> float | None:
     """Seconds until `check()` held, or None."""
     start = time.monotonic()
@@ -250,6 +261,7 @@ def run(expect_all: dict) -> dict:
         return out
     out["cut_after_s"] = wait_for(lambda: spec["kept"] not in addresses().get(iface, []), 60)
     out["pending"] = call("GET", "/1.0/system/network")["body"]["metadata"]["state"]
+    out["cut_state"] = state_addresses(iface)
     out["second_put"] = call("PUT", "/1.0/system/network", {"config": changed})["status"]
     out["restored_after_s"] = wait_for(
         lambda: (
@@ -260,6 +272,7 @@ def run(expect_all: dict) -> dict:
     )
     out["stored_restored"] = STATE.read_bytes() == stored_after_put
     out["addresses_end"] = addresses().get(iface, [])
+    out["restored_state"] = state_addresses(iface)
 
     # The journal through the API, with journalctl's filters.
     log = call("GET", "/1.0/debug/log?unit=incusos-hal.service&entries=20")
