@@ -566,9 +566,17 @@ def call(
     req = urllib.request.Request(f"https://127.0.0.1:{port}{path}", data=data, method=method)
     if data is not None:
         req.add_header("Content-Type", "application/json")
-    with urllib.request.urlopen(req, context=ctx, timeout=timeout) as r:
-        answer: dict[str, Any] = json.loads(r.read())
-        return answer
+    try:
+        with urllib.request.urlopen(req, context=ctx, timeout=timeout) as r:
+            answer: dict[str, Any] = json.loads(r.read())
+            return answer
+    except urllib.error.HTTPError as e:
+        # The envelope's error says why; urllib's exception alone only has the status.
+        raise ApiCallError(f"{method} {path}: {e.code} {e.read()[:4000]!r}") from None
+
+
+class ApiCallError(Exception):
+    """A non-2xx answer from the guest's API, with the body it came with."""
 
 
 def operation(port: int, ctx: ssl.SSLContext, answer: dict[str, Any], limit: float) -> Any:
@@ -595,7 +603,7 @@ def wait_for_api(
         try:
             api(port, ctx, "/1.0")
             return time.monotonic() - started
-        except (OSError, urllib.error.URLError, ssl.SSLError):
+        except (OSError, ApiCallError, ssl.SSLError):
             if stop_on is not None and stop_on[1].search(stop_on[0].read_text(errors="replace")):
                 return None
             time.sleep(0.5)

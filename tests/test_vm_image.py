@@ -175,7 +175,13 @@ def _network_once_addressed(port: int, ctx: ssl.SSLContext) -> Any:
 def _put(port: int, ctx: ssl.SSLContext, path: str, body: dict[str, Any]) -> None:
     # A PUT applies (a daemon-reload, our generator run again): minutes under TCG (seen:
     # the security PUT outlasted 120 s).
-    answer = image.call(port, ctx, "PUT", path, json.dumps(body).encode(), timeout=900)
+    try:
+        answer = image.call(port, ctx, "PUT", path, json.dumps(body).encode(), timeout=900)
+    except image.ApiCallError as e:
+        # The journal of this boot says what failed underneath (a unit the apply started).
+        log = image.api(port, ctx, "/1.0/debug/log?entries=120")
+        lines = "\n".join(f"{x.get('_SYSTEMD_UNIT', '')}: {x.get('MESSAGE')}" for x in log)
+        pytest.fail(f"{e}\njournal:\n{lines}")
     assert answer["status_code"] == 200, answer
 
 

@@ -17,7 +17,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Protocol
 
-JOB_TIMEOUT_SECONDS = 90.0
+# How often a job still without a result is looked at: one whose object is gone ended
+# with a JobRemoved signal this connection never got. A job itself has no time limit
+# here: the unit's own (TimeoutStartSec=) and the apply's deadline bound it (a trust
+# store rebuild took 150 s under TCG, past the fixed 90 s this once was).
+JOB_POLL_SECONDS = 30.0
 METHOD_CALL_TIMEOUT_S = 300
 
 
@@ -36,7 +40,7 @@ class Systemd(Protocol):
     async def flush_dns_caches(self) -> None: ...
 
 
-def _proxies() -> tuple[Any, Any, Any, Any]:
+def _proxies() -> tuple[Any, Any, Any, Any, Any]:
     """sdbus interface classes, built on first use (importing sdbus costs start-up)."""
     from sdbus import (
         DbusInterfaceCommonAsync,
@@ -78,6 +82,11 @@ def _proxies() -> tuple[Any, Any, Any, Any]:
         def job_removed(self) -> tuple[int, str, str, str]:
             raise NotImplementedError
 
+    class Job(DbusInterfaceCommonAsync, interface_name="org.freedesktop.systemd1.Job"):
+        @dbus_property_async("s")
+        def state(self) -> str:
+            raise NotImplementedError
+
     class Unit(DbusInterfaceCommonAsync, interface_name="org.freedesktop.systemd1.Unit"):
         @dbus_property_async("s")
         def active_state(self) -> str:
@@ -93,7 +102,7 @@ def _proxies() -> tuple[Any, Any, Any, Any]:
         async def flush_caches(self) -> None:
             raise NotImplementedError
 
-    return Manager, Unit, Network, Resolve
+    return Manager, Unit, Network, Resolve, Job
 
 
 class SdbusSystemd:
@@ -106,7 +115,13 @@ class SdbusSystemd:
 
     def __init__(self) -> None:
         classes = _proxies()
-        self._manager_class, self._unit_class, self._network_class, self._resolve_class = classes
+        (
+            self._manager_class,
+            self._unit_class,
+            self._network_class,
+            self._resolve_class,
+            self._job_class,
+        ) = classes
         self._bus: Any = None
         self._subscribed = False
 
@@ -166,6 +181,16 @@ class SdbusSystemd:
         state: str = await proxy.active_state.get_async()
         return state
 
+    async def _job_exists(self, path: str) -> bool:
+        from sdbus import DbusUnknownObjectError
+
+        proxy = self._job_class.new_proxy("org.freedesktop.systemd1", path, self._bus)
+        try:
+            await proxy.state.get_async()
+        except DbusUnknownObjectError:
+            return False
+        return True
+
     async def _call(self, what: str, make: Any) -> Any:
         """`make()`'s call, its failures as ApplyError; reconnects once if the bus is gone."""
         from sdbus import DbusFailedError, SdBusBaseError, SdBusLibraryError
@@ -205,11 +230,12 @@ class SdbusSystemd:
         try:
             await asyncio.sleep(0)
             job_path = await self._call(what, submit)
-            if job_path not in results:
+            while job_path not in results:
                 try:
-                    await asyncio.wait_for(arrived.wait(), JOB_TIMEOUT_SECONDS)
+                    await asyncio.wait_for(arrived.wait(), JOB_POLL_SECONDS)
                 except TimeoutError:
-                    raise ApplyError(f"{what}: no result in {JOB_TIMEOUT_SECONDS:.0f}s") from None
+                    if not await self._job_exists(job_path) and job_path not in results:
+                        raise ApplyError(f"{what}: the job ended, its result never came") from None
         finally:
             listener.cancel()
         if results[job_path] != "done":
