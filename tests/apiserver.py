@@ -234,3 +234,14 @@ def check_rolled_back(part: dict[str, Any]) -> None:
         assert reading["api"] == reading["kernel"][0], reading
     assert len(restored["api"]) > len(cut["api"]), (cut, restored)
     assert not any(a.startswith("fe80:") for a in restored["api"]), restored
+    # A change confirmed in time stays (upstream's last steps), its state counted after
+    # the change, after a refused bad change, and past the timeout.
+    done = part["confirm"]
+    assert done["put"] == 200 and done["applied_after_s"] is not None, done
+    assert done["bad_put"] == 400 and done["confirmed"] == 200, done
+    assert done["confirm_again"]["status"] >= 400, done
+    assert "no network configuration is pending" in done["confirm_again"]["body"]["error"]
+    assert done["pending_after"] is False and done["kept"], done
+    for reading in (done["state_held"], done["state_after_bad"], done["state_after"]):
+        assert reading["kernel"][0] == reading["kernel"][1] == reading["api"], reading
+    assert done["state_after_bad"] == done["state_held"] == done["state_after"], done

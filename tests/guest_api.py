@@ -186,6 +186,42 @@ def state_addresses(iface: str) -> dict:
     return {"api": sorted(got.get(iface, {}).get("addresses", [])), "kernel": [before, after]}
 
 
+CONFIRM_TIMEOUT = "20s"
+
+
+def confirm_in_time(spec: dict) -> dict:
+    iface, added = spec["iface"], spec["added"]
+    out: dict = {}
+    config = call("GET", "/1.0/system/network")["body"]["metadata"]["config"]
+    toggled = json.loads(json.dumps(config))
+    for nic in toggled.get("interfaces", []) + toggled.get("vlans", []):
+        if nic["name"] == iface:
+            had = nic.get("addresses", [])
+            nic["addresses"] = [a for a in had if a != added] if added in had else [*had, added]
+            out["added_now"] = added not in had
+    # Long enough for the steps before `:confirm` under TCG too.
+    toggled["confirmation_timeout"] = CONFIRM_TIMEOUT
+    out["put"] = call("PUT", "/1.0/system/network", {"config": toggled})["status"]
+    out["applied_after_s"] = wait_for(
+        lambda: (added in addresses().get(iface, [])) == out.get("added_now"), 60
+    )
+    out["state_held"] = state_addresses(iface)
+    bad = json.loads(json.dumps(toggled))
+    for nic in bad.get("interfaces", []):
+        if nic["name"] == iface:
+            nic["addresses"] = [*nic.get("addresses", []), "bizbaz"]
+    out["bad_put"] = call("PUT", "/1.0/system/network", {"config": bad})["status"]
+    out["state_after_bad"] = state_addresses(iface)
+    out["confirmed"] = call("POST", "/1.0/system/network/:confirm", {})["status"]
+    out["confirm_again"] = call("POST", "/1.0/system/network/:confirm", {})
+    time.sleep(float(CONFIRM_TIMEOUT.rstrip("s")) + 3)
+    after = call("GET", "/1.0/system/network")["body"]["metadata"]
+    out["pending_after"] = after["state"].get("configuration_in_process")
+    out["state_after"] = state_addresses(iface)
+    out["kept"] = (added in addresses().get(iface, [])) == out.get("added_now")
+    return out
+
+
 def wait_for(check, seconds: float) -> float | None:
     """Seconds until `check()` held, or None."""
     start = time.monotonic()
@@ -285,7 +321,12 @@ def run(expect_all: dict) -> dict:
     if spec.get("restore_added"):
         out["restore"] = backup_and_restore(spec, changed)
 
-    # 4. peer credentials
+    # 4. a change confirmed in time (IncusOS's rollback test, last steps): `added`
+    # toggled on the interface with a timeout, a refused bad change meanwhile (nothing
+    # applied), `:confirm`; past the timeout the change is still there.
+    out["confirm"] = confirm_in_time(spec)
+
+    # 5. peer credentials
     Path(SOCKET).chmod(0o666)
     nobody = subprocess.run(
         ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "python3", "-c",
