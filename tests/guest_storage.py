@@ -191,7 +191,9 @@ def replace_and_scrub(d: list) -> dict:
     out["resilvering_get"] = storage()
     out["resilvering_zpool"] = zpool_status()
     SUSPEND.write_text("0")
-    out["resilver_wait"] = wait("resilver")
+    # The resilver's end, then the old disk's detach from its `replacing` group, which
+    # ZFS does a moment later (a GET between the two listed four disks).
+    out["resilver_wait"] = wait("resilver,replace")
     out["replaced_get"] = storage()
     out["replaced_zpool"] = zpool_status()
     out["old_blkid"] = sh("blkid", "-p", "-o", "export", d[2])
