@@ -493,9 +493,10 @@ def test_recovery_key_format_is_systemds() -> None:
 def test_first_boot_with_encrypted_volumes_generates_a_recovery_key(
     tmp_path: Path, client: tuple[Path, Path], swtpm: str
 ) -> None:
-    """TestIncusOSAPISystemSecurity step 1 (the key part) and steps 4-5: a fresh machine
-    whose volumes the TPM opens, and no key in its config, gets one recovery key that
-    opens every volume, shown as not retrieved until :retrieved; a restart keeps it."""
+    """TestIncusOSAPISystemSecurity steps 3-12 on a machine with encrypted volumes: a
+    fresh machine whose volumes the TPM opens, and no key in its config, gets one
+    recovery key that opens every volume, shown as not retrieved until :retrieved; a
+    second key appended through a PUT opens them too; a restart keeps both."""
     from incusos_hal.hal import luks, tpm
     from test_security import two_volumes
 
@@ -517,11 +518,18 @@ def test_first_boot_with_encrypted_volumes_generates_a_recovery_key(
         assert security["state"]["encryption_recovery_keys_retrieved"] is False
         for image in images:
             assert luks.opens(image, keys[0]) and luks.opens(image, install_key)
+        # Steps 6-9: IncusOS's own second key appended to the first-boot one.
+        more = {**security["config"], "encryption_recovery_keys": [*keys, "foo-bar-biz-1234"]}
+        assert srv.put("/1.0/system/security", {"config": more}).status == 200
+        got = srv.curl("GET", "/1.0/system/security").json["metadata"]["config"]
+        assert got["encryption_recovery_keys"] == [*keys, "foo-bar-biz-1234"]
+        assert all(luks.opens(image, "foo-bar-biz-1234") for image in images)
         assert srv.curl("POST", "/1.0/system/security/:retrieved").status == 200
         state = srv.curl("GET", "/1.0/system/security").json["metadata"]["state"]
         assert state["encryption_recovery_keys_retrieved"] is True
     finally:
         srv.stop()
+    keys = [*keys, "foo-bar-biz-1234"]
     srv.start()  # a second start: the stored key stays, nothing is added
     try:
         again = srv.curl("GET", "/1.0/system/security").json["metadata"]
@@ -529,8 +537,9 @@ def test_first_boot_with_encrypted_volumes_generates_a_recovery_key(
         srv.stop()
     assert again["config"]["encryption_recovery_keys"] == keys
     assert again["state"]["encryption_recovery_keys_retrieved"] is True
-    # The install key, the TPM token's and the recovery key: nothing added on the restart.
-    assert all(len(luks.header(i).keyslots) == 3 for i in images)
+    # The install key, the TPM token's and the two recovery keys: nothing added on the
+    # restart.
+    assert all(len(luks.header(i).keyslots) == 4 for i in images)
     assert all(keys[0] not in line for line in srv.log)
     assert any("a recovery key was generated" in line for line in srv.log), srv.log
 
