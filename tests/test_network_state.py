@@ -5,6 +5,7 @@ parsed by pure functions, then mapped back to the configured names."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from pathlib import Path
 
@@ -198,6 +199,49 @@ def test_default_config_gets_management_and_cluster_where_routable() -> None:
     assert interfaces["lan0"]["roles"] == ["management", "cluster"]
     assert "roles" not in interfaces["lan1"]
     assert interfaces["lan1"]["state"] == "no-carrier"
+
+
+def test_renamed_interfaces_keep_their_configured_roles() -> None:
+    """IncusOS's TestIncusOSAPISystemNetworkConfigInterfaces, state half (steps 5-9): the
+    two NICs renamed `management` (dhcp4+slaac; management, cluster and storage) and `vm`
+    (no address; instances). The state is keyed by the new names; management has its two
+    addresses and exactly its three roles; vm has no `addresses` key and only its role
+    (management and cluster are not added: another device has them)."""
+    config = from_dict(
+        {
+            "version": 1,
+            "network": {
+                "interfaces": [
+                    {
+                        "name": "management",
+                        "hwaddr": LAN0,
+                        "addresses": ["dhcp4", "slaac"],
+                        "roles": ["management", "cluster", "storage"],
+                    },
+                    {"name": "vm", "hwaddr": LAN1, "roles": ["instances"]},
+                ]
+            },
+        }
+    )
+    seen = recorded_container()
+    lan0 = seen.links["lan0"]
+    links = {
+        "management": dataclasses.replace(lan0, name="management"),
+        "vm": Link("vm", "carrier", 1500, LAN1),
+    }
+    nics = (
+        Nic("_p525400990002", LAN0, physical=True, master="management"),
+        Nic("_p525400990102", LAN1, physical=True, master="vm"),
+    )
+    observed = network_state.Observed(links, {}, seen.counters, seen.speeds)
+    interfaces = network_state.build(config.network, nics, observed)["interfaces"]
+    assert sorted(interfaces) == ["management", "vm"]
+    assert len(interfaces["management"]["addresses"]) == 2
+    assert interfaces["management"]["addresses"] == list(lan0.addresses)
+    assert set(interfaces["management"]["roles"]) == {"management", "cluster", "storage"}
+    assert len(interfaces["management"]["roles"]) == 3
+    assert "addresses" not in interfaces["vm"]
+    assert interfaces["vm"]["roles"] == ["instances"]
 
 
 def kernel_link(name: str, mac: str, physical: bool = True) -> KernelLink:
