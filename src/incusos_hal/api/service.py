@@ -275,18 +275,6 @@ class Service:
         except ApplyError as e:
             raise ApiError(500, str(e)) from None
 
-    async def restart_unit(self, unit: str) -> bool:
-        """`unit` restarted by systemd, in the machine's own mount namespace (this
-        service's is private: a mount made here is seen by no one else). False without
-        systemd (a scratch target); Refused 500 when systemd reports a failure."""
-        if self.systemd is None:
-            return False
-        try:
-            await self.systemd.restart(unit)
-        except ApplyError as e:
-            raise Refused(500, str(e)) from None
-        return True
-
     async def tpm_rebind(self) -> None:
         """IncusOS's tpm-rebind: re-seal the volumes the TPM no longer unseals, with the
         configured recovery keys to authorise it (see security.tpm_rebind)."""

@@ -669,34 +669,11 @@ async def import_pool(ctx: Context, body: Any) -> Any:
     key_text = _text(b, "encryption_key")
     raw = _raw_key(key_text, "encryption_key") if key_text else None
     _zfs_or_refuse()
-    mount = await ctx.run_in_thread(lambda: _import(ctx, name, raw))
-    if mount:
-        await _mount_filesystems(ctx, name)
+    await ctx.run_in_thread(lambda: _import(ctx, name, raw))
     return {}
 
 
-ZFS_MOUNT_UNIT = "zfs-mount.service"
-
-
-async def _mount_filesystems(ctx: Context, name: str) -> None:
-    """An encrypted pool's filesystems mounted once its key loaded, as `zpool import`
-    mounts an unencrypted pool's (IncusOS leaves them to Incus). By zfs-mount.service
-    (`zfs mount -a`, as at boot), in the machine's mount namespace: one made in this
-    sandboxed service's own would be seen by nothing else. A filesystem that will not
-    mount (its mountpoint in use) is a warning: the pool and its key stay."""
-    from ..hal import zfs
-
-    try:
-        if await ctx.restart_unit(ZFS_MOUNT_UNIT):
-            return
-        await ctx.run_in_thread(lambda: zfs.mount_tree(name))
-    except (Refused, zfs.ZfsError) as e:
-        ctx.log("warning", f"storage pool '{name}' imported, but not all of it mounted: {e}")
-
-
-def _import(ctx: Context, name: str, raw: bytes | None) -> bool:
-    """The pool imported, its key loaded: whether its filesystems wait to be mounted
-    (an unencrypted pool's are mounted by the import itself)."""
+def _import(ctx: Context, name: str, raw: bytes | None) -> None:
     from ..hal import zfs
 
     try:
@@ -709,7 +686,7 @@ def _import(ctx: Context, name: str, raw: bytes | None) -> bool:
         if props.get("encryption") == "off":
             if raw is None:
                 ctx.log("warning", f"Unencrypted storage pool '{name}' has been imported")
-                return False
+                return
             raise Refused(
                 500,
                 f"attempted to import unencrypted pool '{name}',"
@@ -734,7 +711,13 @@ def _import(ctx: Context, name: str, raw: bytes | None) -> bool:
         if isinstance(e, Refused):
             raise
         raise Refused(500, str(e)) from None
-    return True
+    # With its key loaded the pool's filesystems are mounted, as `zpool import` mounts an
+    # unencrypted pool's (IncusOS leaves them to Incus). A mountpoint in use fails only
+    # that filesystem: the pool and its key stay, and the journal says which.
+    try:
+        zfs.mount_tree(name)
+    except zfs.ZfsError as e:
+        ctx.log("warning", f"storage pool '{name}' imported, but not all of it mounted: {e}")
 
 
 async def delete_pool(ctx: Context, body: Any) -> Any:
