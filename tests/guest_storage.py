@@ -258,7 +258,12 @@ def export_import(d: list) -> dict:
         "import-pool", {"name": POOL, "type": "zfs", "encryption_key": key or ""}
     )
     out["import_get"] = storage()
+    # The import leaves the filesystems unmounted (as IncusOS): mounted here, in the
+    # machine's namespace, the data reads back with the key the API loaded; unmounted
+    # again, since the API's own namespace cannot unmount it (docs "storage").
+    out["import_mount"] = sh("zfs", "mount", f"{POOL}/data")
     out["import_sha"] = sh("sha256sum", "/mnt/data/blob")["out"].split(" ")[0]
+    out["import_unmount"] = sh("zfs", "unmount", f"{POOL}/data")
     out["delete"] = delete_pool()
 
     raw = os.urandom(32)

@@ -258,7 +258,9 @@ def test_export_and_import_pool_with_its_key(storage: dict[str, Any]) -> None:
     ok(got["import"])
     pool = the_pool(got["import_get"])
     assert pool["state"] == "ONLINE" and pool["encryption_key_status"] == "available"
+    assert got["import_mount"]["rc"] == 0, got["import_mount"]
     assert got["import_sha"] == step(storage, "replace")["sha"]
+    assert got["import_unmount"]["rc"] == 0, got["import_unmount"]
     ok(got["delete"])
     refused(got["wrong_key"], 500, "Incorrect key provided for 'other'", exact=False)
     assert got["wrong_key_exported"], "a failed import leaves the pool imported"

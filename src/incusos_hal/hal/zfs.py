@@ -41,7 +41,6 @@ from .zfsparse import (
     dataset_destroy_argv,
     layout,
     load_key_argv,
-    mount_tree_argv,
     parse_datasets,
     parse_status,
     scrub_progress,
@@ -68,7 +67,6 @@ __all__ = [
     "dataset_destroy_argv",
     "layout",
     "load_key_argv",
-    "mount_tree_argv",
     "parse_datasets",
     "parse_status",
     "scrub_progress",
@@ -179,7 +177,3 @@ def destroy_dataset(dataset: str, recursive: bool = False) -> None:
 def load_key(dataset: str) -> None:
     """The dataset's key from its keylocation (IncusOS's key file)."""
     run(load_key_argv(dataset))
-
-
-def mount_tree(dataset: str) -> None:
-    run(mount_tree_argv(dataset))

@@ -410,9 +410,3 @@ def dataset_destroy_argv(dataset: str, recursive: bool = False) -> list[str]:
 
 def load_key_argv(dataset: str) -> list[str]:
     return ["zfs", "load-key", dataset]
-
-
-def mount_tree_argv(dataset: str) -> list[str]:
-    """The dataset and every child with a mountpoint (OpenZFS 2.2.4's `mount -R`): what
-    `zpool import` mounts by itself when no key is needed."""
-    return ["zfs", "mount", "-R", dataset]

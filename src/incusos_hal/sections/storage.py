@@ -703,6 +703,10 @@ def _import(ctx: Context, name: str, raw: bytes | None) -> None:
 
         luks.write_key_file(key, raw)
         zfs.run(zfs.set_argv(name, "keylocation", f"file://{key}"))
+        # The key loaded, the filesystems are left unmounted, as IncusOS leaves them (to
+        # Incus, or zfs-mount.service at the next boot). Mounting them here would put
+        # them in this service's own mount namespace (ProtectSystem=strict), where no
+        # one else sees them, and keep the pool busy there.
         zfs.load_key(name)
     except (Refused, zfs.ZfsError) as e:
         key.unlink(missing_ok=True)
@@ -711,13 +715,6 @@ def _import(ctx: Context, name: str, raw: bytes | None) -> None:
         if isinstance(e, Refused):
             raise
         raise Refused(500, str(e)) from None
-    # With its key loaded the pool's filesystems are mounted, as `zpool import` mounts an
-    # unencrypted pool's (IncusOS leaves them to Incus). A mountpoint in use fails only
-    # that filesystem: the pool and its key stay, and the journal says which.
-    try:
-        zfs.mount_tree(name)
-    except zfs.ZfsError as e:
-        ctx.log("warning", f"storage pool '{name}' imported, but not all of it mounted: {e}")
 
 
 async def delete_pool(ctx: Context, body: Any) -> Any:
