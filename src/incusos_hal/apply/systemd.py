@@ -18,10 +18,13 @@ import asyncio
 from typing import Any, Protocol
 
 # How often a job still without a result is looked at: one whose object is gone ended
-# with a JobRemoved signal this connection never got. A job itself has no time limit
-# here: the unit's own (TimeoutStartSec=) and the apply's deadline bound it (a trust
-# store rebuild took 150 s under TCG, past the fixed 90 s this once was).
+# with a JobRemoved signal this connection never got. The unit's own limit
+# (TimeoutStartSec=) and the apply's deadline bound a job (a trust store rebuild took
+# 150 s under TCG, past the 90 s this once was); an apply without a deadline (a
+# rollback, a restore) still gives up after JOB_LIMIT_SECONDS, so a unit that never
+# ends cannot hold the service's write lock for good.
 JOB_POLL_SECONDS = 30.0
+JOB_LIMIT_SECONDS = 900.0
 METHOD_CALL_TIMEOUT_S = 300
 
 
@@ -181,14 +184,16 @@ class SdbusSystemd:
         state: str = await proxy.active_state.get_async()
         return state
 
-    async def _job_exists(self, path: str) -> bool:
-        from sdbus import DbusUnknownObjectError
+    async def _job_exists(self, what: str, path: str) -> bool:
+        from sdbus import DbusUnknownObjectError, SdBusBaseError
 
         proxy = self._job_class.new_proxy("org.freedesktop.systemd1", path, self._bus)
         try:
             await proxy.state.get_async()
         except DbusUnknownObjectError:
             return False
+        except SdBusBaseError as e:  # the bus itself: the job's fate is not known
+            raise ApplyError(f"{what}: its job cannot be looked up: {e}") from None
         return True
 
     async def _call(self, what: str, make: Any) -> Any:
@@ -230,11 +235,15 @@ class SdbusSystemd:
         try:
             await asyncio.sleep(0)
             job_path = await self._call(what, submit)
+            waited = 0.0
             while job_path not in results:
+                if waited >= JOB_LIMIT_SECONDS:
+                    raise ApplyError(f"{what}: no result in {JOB_LIMIT_SECONDS:.0f} s")
                 try:
                     await asyncio.wait_for(arrived.wait(), JOB_POLL_SECONDS)
                 except TimeoutError:
-                    if not await self._job_exists(job_path) and job_path not in results:
+                    waited += JOB_POLL_SECONDS
+                    if not await self._job_exists(what, job_path) and job_path not in results:
                         raise ApplyError(f"{what}: the job ended, its result never came") from None
         finally:
             listener.cancel()
