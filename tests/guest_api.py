@@ -175,15 +175,27 @@ def network_state() -> dict:
     return out
 
 
+def global_addresses(iface: str) -> list:
+    """The kernel's addresses of `iface` without prefix lengths, link-local left out."""
+    return sorted(a.split("/")[0] for a in addresses().get(iface, []) if not a.startswith("fe80:"))
+
+
 def state_addresses(iface: str) -> dict:
     """The API state's addresses of `iface` and the kernel's global ones, read before
     and after it (IncusOS's tests count the state's addresses after each network PUT)."""
-    before = sorted(
-        a.split("/")[0] for a in addresses().get(iface, []) if not a.startswith("fe80:")
-    )
+    before = global_addresses(iface)
     got = call("GET", "/1.0/system/network")["body"]["metadata"]["state"]["interfaces"]
-    after = sorted(a.split("/")[0] for a in addresses().get(iface, []) if not a.startswith("fe80:"))
+    after = global_addresses(iface)
     return {"api": sorted(got.get(iface, {}).get("addresses", [])), "kernel": [before, after]}
+
+
+def with_addresses(config: dict, iface: str, change) -> dict:
+    """A copy of the network `config` whose `iface` has `change(its addresses)`."""
+    copy = json.loads(json.dumps(config))
+    for nic in copy.get("interfaces", []) + copy.get("vlans", []):
+        if nic["name"] == iface:
+            nic["addresses"] = change(nic.get("addresses", []))
+    return copy
 
 
 CONFIRM_TIMEOUT = "20s"
@@ -195,23 +207,22 @@ def confirm_in_time(spec: dict) -> dict:
     config = call("GET", "/1.0/system/network")["body"]["metadata"]["config"]
     out["state_before"] = state_addresses(iface)
     # A bad address: refused before anything applies (IncusOS applies it, then rolls back).
-    bad = json.loads(json.dumps(config))
-    for nic in bad.get("interfaces", []) + bad.get("vlans", []):
-        if nic["name"] == iface:
-            nic["addresses"] = [*nic.get("addresses", []), "bizbaz"]
+    bad = with_addresses(config, iface, lambda had: [*had, "bizbaz"])
     out["bad_put"] = call("PUT", "/1.0/system/network", {"config": bad})["status"]
     out["state_after_bad"] = state_addresses(iface)
-    toggled = json.loads(json.dumps(config))
-    for nic in toggled.get("interfaces", []) + toggled.get("vlans", []):
-        if nic["name"] == iface:
-            had = nic.get("addresses", [])
-            nic["addresses"] = [a for a in had if a != added] if added in had else [*had, added]
-            out["added_now"] = added not in had
+    nics = config.get("interfaces", []) + config.get("vlans", [])
+    had = next((n.get("addresses", []) for n in nics if n["name"] == iface), [])
+    out["added_now"] = added not in had
+    toggled = with_addresses(
+        config,
+        iface,
+        lambda had: [a for a in had if a != added] if added in had else [*had, added],
+    )
     # Long enough for the steps before `:confirm` under TCG too.
     toggled["confirmation_timeout"] = CONFIRM_TIMEOUT
     out["put"] = call("PUT", "/1.0/system/network", {"config": toggled})["status"]
     out["applied_after_s"] = wait_for(
-        lambda: (added in addresses().get(iface, [])) == out.get("added_now"), 60
+        lambda: (added in addresses().get(iface, [])) == out["added_now"], 60
     )
     out["state_held"] = state_addresses(iface)
     out["confirmed"] = call("POST", "/1.0/system/network/:confirm", {})["status"]
@@ -220,7 +231,7 @@ def confirm_in_time(spec: dict) -> dict:
     after = call("GET", "/1.0/system/network")["body"]["metadata"]
     out["pending_after"] = after["state"].get("configuration_in_process")
     out["state_after"] = state_addresses(iface)
-    out["kept"] = (added in addresses().get(iface, [])) == out.get("added_now")
+    out["kept"] = (added in addresses().get(iface, [])) == out["added_now"]
     return out
 
 
