@@ -277,10 +277,7 @@ def run(expect_all: dict) -> dict:
         time.sleep(spec["idle_seconds"])
 
     # 1. a change that networkd applies
-    changed = json.loads(json.dumps(config))
-    for nic in changed.get("interfaces", []) + changed.get("vlans", []):
-        if nic["name"] == iface:
-            nic["addresses"] = [*nic.get("addresses", []), spec["added"]]
+    changed = with_addresses(config, iface, lambda had: [*had, spec["added"]])
     vlan = spec.get("vlan")
     if vlan:
         changed.setdefault("vlans", []).append(vlan)
