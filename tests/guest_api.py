@@ -11,7 +11,11 @@ socket:
      (the state dir a mount point, /var/lib read-only): the operation succeeds, the
      stored document and networkd's addresses are the backup's, the service still
      answers without a restart; a damaged archive is refused and changes no file;
-  4. a non-root peer is refused by its credentials.
+  4. IncusOS's rollback test's last steps (a bad change refused, a confirmed one kept);
+  5. tools that mount, started through core/tools.run from a process with the service's
+     own sandbox (its installed unit's [Service] lines): with mounts=True the mount is
+     the machine's, without it the sandbox's alone;
+  6. a non-root peer is refused by its credentials.
 
 expect["api"]: {"iface": "lan0", "added": "10.99.0.3/24", "kept": "10.99.0.2/24",
 "timeout": "6s"}, optionally "lldp_on" (a port networkd hears an LLDP neighbour on: the
@@ -235,6 +239,53 @@ def confirm_in_time(spec: dict) -> dict:
     return out
 
 
+# core/tools.run from a process sandboxed as incusos-hal.service is: a tmpfs mounted with
+# mounts=True (through the system manager), one without it, and a tool's output and exit
+# status through the same path.
+_NAMESPACE_CHILD = """
+import json
+from incusos_hal.core import tools
+def run(argv, mounts):
+    d = tools.run(argv, timeout=60, error=RuntimeError, mounts=mounts)
+    return {"rc": d.returncode, "out": d.stdout, "err": d.stderr}
+print(json.dumps({
+    "private": tools.private_mount_namespace(),
+    "machine": run(["mount", "-t", "tmpfs", "ihal-machine", "/run/ihal-ns/machine"], True),
+    "own": run(["mount", "-t", "tmpfs", "ihal-own", "/run/ihal-ns/own"], False),
+    "status": run(["sh", "-c", "echo out; echo err >&2; exit 3"], True),
+}))
+"""
+_NOT_SANDBOX = ("ExecStart", "Type", "Restart", "RestartSec", "LimitNOFILE")
+
+
+def machine_namespace() -> dict:
+    """The service's sandbox, read from its installed unit, given to a transient unit that
+    runs _NAMESPACE_CHILD; then which of its mounts the machine sees."""
+    try:
+        unit = Path("/usr/lib/systemd/system/incusos-hal.service").read_text()
+    except OSError as e:
+        return {"props": [], "child": {"rc": -1, "out": "", "err": str(e)}}
+    service = unit.split("[Service]", 1)[1].split("\n[", 1)[0]
+    props = [
+        line.strip()
+        for line in service.splitlines()
+        if "=" in line
+        and not line.lstrip().startswith("#")
+        and line.split("=", 1)[0].strip() not in _NOT_SANDBOX
+    ]
+    for sub in ("machine", "own"):
+        Path("/run/ihal-ns", sub).mkdir(parents=True, exist_ok=True)
+    argv = ["systemd-run", "--quiet", "--pipe", "--wait", "--collect"]
+    for prop in props:
+        argv += ["--property", prop]
+    child = sh(*argv, "python3", "-c", _NAMESPACE_CHILD, timeout=120)
+    out = {"props": props, "child": child}
+    out["machine_mounted"] = sh("findmnt", "-n", "-o", "SOURCE", "/run/ihal-ns/machine")["out"]
+    out["own_mounted"] = sh("findmnt", "-n", "-o", "SOURCE", "/run/ihal-ns/own")["out"]
+    sh("umount", "/run/ihal-ns/machine")
+    return out
+
+
 def wait_for(check, seconds: float) -> float | None:
     """Seconds until `check()` held, or None."""
     start = time.monotonic()
@@ -336,7 +387,10 @@ def run(expect_all: dict) -> dict:
     # timeout the change is still there.
     out["confirm"] = confirm_in_time(spec)
 
-    # 5. peer credentials
+    # 5. tools that mount, run from the service's sandbox, act in the machine's namespace
+    out["machine_namespace"] = machine_namespace()
+
+    # 6. peer credentials
     Path(SOCKET).chmod(0o666)
     nobody = subprocess.run(
         ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "python3", "-c",

@@ -259,12 +259,14 @@ def export_import(d: list) -> dict:
     )
     out["import_get"] = storage()
     # The import leaves the filesystems unmounted (as IncusOS): mounted here, in the
-    # machine's namespace, the data reads back with the key the API loaded; unmounted
-    # again, since the API's own namespace cannot unmount it (docs "storage").
+    # machine's namespace, the data reads back with the key the API loaded; and the pool
+    # is deleted through the API with it still mounted (the service's zpool destroy runs
+    # in the machine's namespace, where it can unmount it).
+    out["import_mounted_before"] = sh("findmnt", "-n", "/mnt/data")["out"]
     out["import_mount"] = sh("zfs", "mount", f"{POOL}/data")
     out["import_sha"] = sh("sha256sum", "/mnt/data/blob")["out"].split(" ")[0]
-    out["import_unmount"] = sh("zfs", "unmount", f"{POOL}/data")
     out["delete"] = delete_pool()
+    out["mounted_after_delete"] = sh("findmnt", "-n", "/mnt/data")["out"]
 
     raw = os.urandom(32)
     Path("/root/other.key").write_bytes(raw)

@@ -5,6 +5,7 @@ applies what the API stores, then rolls back what was not confirmed."""
 
 from __future__ import annotations
 
+import json
 import signal
 from pathlib import Path
 from typing import Any
@@ -136,6 +137,22 @@ def test_a_damaged_archive_changes_nothing_under_the_unit(booted: dict[str, Any]
 def test_other_users_are_refused_by_their_credentials(booted: dict[str, Any]) -> None:
     answer = booted["nobody"]
     assert '"error_code": 403' in answer and "uid 65534" in answer, answer
+
+
+def test_tools_that_mount_act_in_the_machines_namespace(booted: dict[str, Any]) -> None:
+    """core/tools.run under the service's own sandbox (the installed unit's lines): it
+    sees it has a mount namespace of its own; a tmpfs mounted with mounts=True (started
+    by the system manager) is the machine's, one mounted without it is the sandbox's
+    alone; a tool's output and exit status come back through the system manager."""
+    got = booted["machine_namespace"]
+    assert any(p.startswith("ProtectSystem=strict") for p in got["props"]), got["props"]
+    assert got["child"]["rc"] == 0, got["child"]
+    child = json.loads(got["child"]["out"])
+    assert child["private"] is True, child
+    assert child["machine"]["rc"] == 0 and child["own"]["rc"] == 0, child
+    assert got["machine_mounted"].strip() == "ihal-machine", got
+    assert got["own_mounted"] == "", got
+    assert child["status"] == {"rc": 3, "out": "out\n", "err": "err\n"}, child["status"]
 
 
 def test_debug_log_reads_the_journal(booted: dict[str, Any]) -> None:

@@ -466,3 +466,31 @@ def test_nvme_smart_from_the_log_matches_what_smartctl_reports() -> None:
     worn["smart_status"]["passed"] = False
     ours, theirs = _nvme_both_ways(worn)
     assert ours == theirs and ours.smart is not None and ours.smart.passed is False
+
+
+@pytest.mark.parametrize(
+    ("argv", "mounts"),
+    [
+        (["zpool", "import", "mypool"], True),
+        (["zpool", "export", "-f", "mypool"], True),
+        (["zpool", "destroy", "mypool"], True),
+        (["zpool", "create", "-O", "mountpoint=none", "mypool", "/dev/sdb"], True),
+        (["zfs", "destroy", "-R", "mypool/data"], True),
+        (["zfs", "create", "-o", "mountpoint=/mnt/x", "mypool/x"], True),
+        (["zfs", "set", "mountpoint=/mnt/y", "mypool/x"], True),
+        (["zfs", "unmount", "mypool/x"], True),
+        (["zpool", "status", "-jp", "--json-int"], False),
+        (["zpool", "scrub", "mypool"], False),
+        (["zpool", "replace", "mypool", "/dev/a", "/dev/b"], False),
+        (["zfs", "load-key", "mypool"], False),
+        (["zfs", "get", "-j", "keystatus", "mypool"], False),
+        (["wipefs", "-a", "/dev/sdb"], False),
+        (["zpool"], False),
+    ],
+)
+def test_the_commands_that_may_mount_run_in_the_machines_namespace(
+    argv: list[str], mounts: bool
+) -> None:
+    """zfs.run hands these to core/tools.run with mounts=True (the service's own mount
+    namespace would hide or refuse their mounts); the rest run in place."""
+    assert zfs.touches_mounts(argv) is mounts

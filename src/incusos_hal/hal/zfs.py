@@ -9,7 +9,7 @@ functions and run by small ones.
     availability()              "ZFS unavailable" is a state (no tools, no module), never a crash
 
 libzfs_core (Debian's python3-pyzfs) is imported lazily, where it is installed: it answers
-"does this dataset exist", destroys a dataset and loads or unloads a key without a process;
+"does this pool or dataset exist" without a process;
 everything else goes to the CLI (docs/dependencies.md says which and why).
 """
 
@@ -46,6 +46,7 @@ from .zfsparse import (
     scrub_progress,
     scrub_state,
     set_argv,
+    touches_mounts,
     zpool_argv,
 )
 
@@ -72,6 +73,7 @@ __all__ = [
     "scrub_progress",
     "scrub_state",
     "set_argv",
+    "touches_mounts",
     "zpool_argv",
 ]
 TIMEOUT_S = 600
@@ -99,13 +101,15 @@ def availability(root: str = "/") -> Availability:
 
 def run(argv: Sequence[str], *, timeout: float | None = TIMEOUT_S) -> str:
     """Run one command; its stderr becomes the error's message, as IncusOS reports it
-    ("Failed to run: zfs load-key mypool: exit status 255 (...)")."""
+    ("Failed to run: zfs load-key mypool: exit status 255 (...)"). One that may mount or
+    unmount runs in the machine's mount namespace (`touches_mounts`)."""
     command = " ".join(argv)
     done = tools.run(
         argv,
         timeout=timeout,
         error=lambda why: ZfsError(f"Failed to run: {command}: {why}"),
         env={**os.environ, "LC_ALL": "C"},
+        mounts=touches_mounts(argv),
     )
     if done.returncode != 0:
         raise ZfsError(
@@ -161,17 +165,6 @@ def dataset_exists(dataset: str) -> bool:
     except ZfsError:
         return False
     return True
-
-
-def destroy_dataset(dataset: str, recursive: bool = False) -> None:
-    lzc = _lzc()
-    if lzc is not None and not recursive:
-        try:
-            lzc.lzc_destroy(dataset.encode())
-        except Exception as e:  # pyzfs raises its own ZFSError subclasses
-            raise ZfsError(f"cannot destroy '{dataset}': {e}") from None
-        return
-    run(dataset_destroy_argv(dataset, recursive))
 
 
 def load_key(dataset: str) -> None:

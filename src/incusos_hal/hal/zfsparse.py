@@ -410,3 +410,16 @@ def dataset_destroy_argv(dataset: str, recursive: bool = False) -> list[str]:
 
 def load_key_argv(dataset: str) -> list[str]:
     return ["zfs", "load-key", dataset]
+
+
+# The commands that may mount or unmount a filesystem: run in the machine's mount
+# namespace (core/tools.py), else a mount made by the API service is seen by no one and a
+# mounted filesystem cannot be destroyed from it.
+_MOUNTING = {
+    "zpool": {"create", "import", "export", "destroy"},
+    "zfs": {"create", "destroy", "mount", "unmount", "umount", "set", "inherit", "rename"},
+}
+
+
+def touches_mounts(argv: Sequence[str]) -> bool:
+    return len(argv) > 1 and argv[1] in _MOUNTING.get(argv[0], set())
