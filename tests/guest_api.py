@@ -14,7 +14,7 @@ socket:
   4. IncusOS's rollback test's last steps (a bad change refused, a confirmed one kept);
   5. tools that mount, started through core/tools.run from a process with the service's
      own sandbox (its installed unit's [Service] lines): with mounts=True the mount is
-     the machine's, without it the sandbox's alone;
+     the machine's; without it the sandbox cannot mount at all;
   6. a non-root peer is refused by its credentials.
 
 expect["api"]: {"iface": "lan0", "added": "10.99.0.3/24", "kept": "10.99.0.2/24",
@@ -240,8 +240,8 @@ def confirm_in_time(spec: dict) -> dict:
 
 
 # core/tools.run from a process sandboxed as incusos-hal.service is: a tmpfs mounted with
-# mounts=True (through the system manager), one without it, and a tool's output and exit
-# status through the same path.
+# mounts=True (through the system manager), one without it (refused: the unit's system
+# call filter has no mount(2)), and a tool's output and exit status through the same path.
 _NAMESPACE_CHILD = """
 import json
 from incusos_hal.core import tools

@@ -335,6 +335,59 @@ def two_volumes(tmp_path: Path, first_key: str) -> tuple[Path, list[Path]]:
     return root, images
 
 
+def _mapping(root: Path, dm: str, name: str, uuid: str, under: str) -> None:
+    """A device-mapper node as sysfs shows it: dm/name, dm/uuid, its one slave."""
+    node = root / "sys/block" / dm
+    (node / "dm").mkdir(parents=True)
+    (node / "dm/name").write_text(name + "\n")
+    (node / "dm/uuid").write_text(uuid + "\n")
+    (node / "slaves").mkdir()
+    (node / "slaves" / under).symlink_to(f"../../{under}")
+
+
+def test_gpt_autos_root_and_swap_are_system_volumes(tmp_path: Path) -> None:
+    """The appliance's root and swap are opened by systemd-gpt-auto-generator, not by
+    crypttab: found in device-mapper's sysfs by gpt-auto's names, each on the partition
+    under it, and given the recovery keys like crypttab's volumes. A drive the storage
+    API encrypted (luks-<id>, keys of its own) and a plain dm-crypt mapping are not."""
+    key = "first-recovery-key!"
+    root = tmp_path / "root"
+    (root / "dev").mkdir(parents=True)
+    images = {}
+    for kname in ("vda4", "vda5", "sdb"):
+        image = tmp_path / f"{kname}.img"
+        with open(image, "wb") as f:
+            f.truncate(32 << 20)
+        luks.format_volume(image, key.encode(), pbkdf=FAST)
+        (root / "dev" / kname).symlink_to(image)
+        images[kname] = image
+    _mapping(root, "dm-0", "root", "CRYPT-LUKS2-5e0d0a1b2c3d4e5f-root", "vda4")
+    _mapping(root, "dm-1", "swap", "CRYPT-LUKS2-6f1e1b2c3d4e5f60-swap", "vda5")
+    _mapping(root, "dm-2", "luks-scsi-0QEMU_disk6", "CRYPT-LUKS2-7a2f-luks-scsi-0QEMU_disk6", "sdb")
+    _mapping(root, "dm-3", "usr", "CRYPT-VERITY-8b3a-usr", "vda2")
+    _mapping(root, "dm-4", "scratch", "CRYPT-PLAIN-scratch", "vdc")
+    assert luks.open_luks(root) == {
+        "root": "vda4",
+        "swap": "vda5",
+        "luks-scsi-0QEMU_disk6": "sdb",
+    }
+    found = volumes.system_volumes(root)
+    assert [(v.name, v.device) for v in found] == [("root", "/dev/vda4"), ("swap", "/dev/vda5")]
+    # crypttab's line wins for a name it has (same volume, its options).
+    (root / "etc").mkdir()
+    (root / "etc/crypttab").write_text(
+        crypttab.render([crypttab.CryptVolume("root", "PARTLABEL=root-x86-64")])
+    )
+    names = [(v.name, v.device) for v in volumes.system_volumes(root)]
+    assert names == [("root", "PARTLABEL=root-x86-64"), ("swap", "/dev/vda5")]
+    (root / "etc/crypttab").unlink()
+    new = ["second-recovery-key!"]
+    changes = recovery.sync_recovery_keys(root, None, [key], new, pbkdf=FAST)
+    assert [c.volume for c in changes] == ["root", "swap"]
+    assert luks.opens(images["vda5"], new[0]) and not luks.opens(images["vda5"], key)
+    assert luks.opens(images["sdb"], key) and not luks.opens(images["sdb"], new[0])
+
+
 def test_recovery_keys_follow_the_config_on_every_volume(tmp_path: Path) -> None:
     old = ["first-recovery-key!"]
     root, images = two_volumes(tmp_path, old[0])

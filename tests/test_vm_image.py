@@ -99,6 +99,11 @@ for unit in $(systemctl --failed --plain --no-legend | cut -d' ' -f1); do
   systemctl status --no-pager --lines=0 "$unit" 2>&1 | sed "s/^/why $unit: /"
   journalctl -b -u "$unit" -n 25 --no-pager -o short-monotonic | sed "s/^/why $unit: /"
 done
+# The recovery key (RECOVERY_KEY, filled in by _run_probe) opens root and swap.
+for part in root-x86-64 swap; do
+  if printf '%s' 'RECOVERY_KEY' | cryptsetup open --test-passphrase --key-file=- \
+      "/dev/disk/by-partlabel/$part"; then echo "opens $part"; fi
+done
 echo "findmnt $(findmnt -n -o SOURCE,FSTYPE /usr)"
 echo "esp $(findmnt -n -o TARGET,FSTYPE --source /dev/disk/by-partlabel/esp | tr '\n' ' ')"
 echo "swaps $(tail -n +2 /proc/swaps | cut -d' ' -f1 | tr '\n' ' ')"
@@ -109,12 +114,14 @@ SYSTEMD_LOG_LEVEL=debug /usr/lib/systemd/system-generators/systemd-gpt-auto-gene
 """
 
 
-def _run_probe(port: int, ctx: ssl.SSLContext) -> dict[str, Any]:
+def _run_probe(port: int, ctx: ssl.SSLContext, recovery_key: str) -> dict[str, Any]:
     keys = image.test_keys()
+    assert re.fullmatch(r"[a-z-]+", recovery_key), "systemd's format: modhex and dashes"
+    script = PROBE_SCRIPT.replace("RECOVERY_KEY", recovery_key)
     signed = subprocess.run(
         ["openssl", "smime", "-sign", "-signer", str(keys / "db.crt"), "-inkey",
          str(keys / "db.key")],
-        input=PROBE_SCRIPT.encode(), capture_output=True, check=True,
+        input=script.encode(), capture_output=True, check=True,
     ).stdout  # fmt: skip
     output: str = image.api(port, ctx, "/1.0/debug/:run-script", data=signed)
     lines = output.splitlines()
@@ -125,7 +132,7 @@ def _run_probe(port: int, ctx: ssl.SSLContext) -> dict[str, Any]:
     }  # fmt: skip
     for line in lines[:start] + lines[end + 1 :]:
         key, _, value = line.partition(" ")
-        if key in ("partlabel", "failed", "why", "gptauto"):
+        if key in ("partlabel", "failed", "why", "gptauto", "opens"):
             out.setdefault(key + "s" if key == "partlabel" else key, []).append(value)
         else:
             out[key] = value
@@ -227,7 +234,7 @@ def test_image_boots_encrypts_updates_and_answers(
             events = image.api(port, ctx, "/1.0/debug/secureboot/event-log")
             seed = image.api(port, ctx, "/1.0/debug/seed")
             network = _network_once_addressed(port, ctx)
-            probe = _run_probe(port, ctx)
+            probe = _run_probe(port, ctx, security["config"]["encryption_recovery_keys"][0])
             trusted = {"config": {**security["config"], "custom_ca_certs": [pki.ca]}}
             _put(port, ctx, "/1.0/system/security", trusted)
             provider = {"name": "images", "config": {"server_url": url, "update_ca": pki.ca}}
@@ -277,10 +284,13 @@ def test_image_boots_encrypts_updates_and_answers(
     assert state["secure_boot_enabled"] is True, state
     assert state["tpm_status"] == "ok", state
     assert state["system_state_is_trusted"] is True, state
-    volumes = {v["volume"]: v for v in state["encrypted_volumes"]}
-    assert "root" in volumes, state["encrypted_volumes"]
+    # Root and swap, both opened by systemd-gpt-auto-generator with their TPM tokens; the
+    # first-boot recovery key is enrolled on both (IncusOS's), and opens both.
+    volumes = {v["volume"]: v["state"] for v in state["encrypted_volumes"]}
+    assert volumes == {"root": "unlocked (TPM)", "swap": "unlocked (TPM)"}, volumes
     keys = security["config"]["encryption_recovery_keys"]
     assert len(keys) == 1 and len(keys[0]) == 71, "one recovery key, systemd's format"
+    assert probe.get("opens") == ["root-x86-64", "swap"], probe.get("opens")
     assert state["encryption_recovery_keys_retrieved"] is False
     # The machine's identity key (TPM, persistent): made on first boot, kept after.
     identity = state["tpm_public_key"]
@@ -301,7 +311,7 @@ def test_image_boots_encrypts_updates_and_answers(
     with _answering(machine, port, ctx, console, first_boot=False) as (proc, updated):
         after = image.api(port, ctx, "/1.0/system/update")["state"]
         again = image.api(port, ctx, "/1.0/system/security")
-        probe = _run_probe(port, ctx)
+        probe = _run_probe(port, ctx, again["config"]["encryption_recovery_keys"][0])
         # IncusOS's TestIncusOSAPISystemReboot under real systemd: qemu (-no-reboot) ends
         # when the machine restarts.
         image.api(port, ctx, "/1.0/system/:reboot", data=b"")
@@ -317,6 +327,7 @@ def test_image_boots_encrypts_updates_and_answers(
     secured = again["state"]
     assert (secured["system_state_is_trusted"], secured["tpm_public_key"]) == (True, identity)
     assert again["config"]["encryption_recovery_keys"] == keys
+    assert probe.get("opens") == ["root-x86-64", "swap"], probe.get("opens")
     labels = probe["partlabels"]
     assert {f"incusos-hal_{version}", f"incusos-hal_{next_version}"} <= set(labels), labels
     assert probe["failed"] == [], "\n".join([*probe["failed"], *probe.get("why", [])])

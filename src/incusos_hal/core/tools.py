@@ -3,11 +3,12 @@ that need one: stdin closed, output captured as text, bounded in time; a tool th
 not installed or does not finish becomes the caller's own error, in one wording.
 
 A tool that mounts or unmounts (`zpool import`, `zfs destroy`) must act in the machine's
-mount namespace. The API service has one of its own (its unit's ProtectSystem=strict):
-a mount made there is seen by no other process, and a mount of the machine's cannot be
-undone from there ("cannot unmount: permission denied"). Such a tool is started by the
-system manager instead (`systemd-run --pipe --wait`), whose units run in the machine's
-namespace, with the caller's pipes and exit status."""
+mount namespace. The API service's unit gives it one of its own (ProtectSystem=strict)
+and a system call filter without mount(2) and umount2(2): a mount made there would be
+seen by no other process, and none can be made or undone ("cannot unmount: permission
+denied", seen in the ZFS guest). Such a tool is started by the system manager instead
+(`systemd-run --pipe --wait`), whose units run in the machine's namespace, with the
+caller's pipes and exit status."""
 
 from __future__ import annotations
 

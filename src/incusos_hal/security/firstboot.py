@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .recovery import sync_recovery_keys
-from .volumes import crypttab_entries
+from .volumes import system_volumes
 
 if TYPE_CHECKING:
     from ..hal.tpm import Tpm
@@ -30,7 +30,7 @@ def new_recovery_key() -> str:
 
 
 def needs_recovery_key(root: Path | str, keys: Sequence[str]) -> bool:
-    return not keys and bool(crypttab_entries(root))
+    return not keys and bool(system_volumes(root))
 
 
 def enroll_first_recovery_key(root: Path | str, tpm: Tpm | None, *, pbkdf: Any = None) -> str:

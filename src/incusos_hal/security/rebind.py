@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .volumes import CrypttabEntry, add_everywhere, crypttab_entries, resolve_device, tpm_unseals
+from .volumes import CrypttabEntry, add_everywhere, resolve_device, system_volumes, tpm_unseals
 
 if TYPE_CHECKING:
     from ..hal.luks import Header, Tpm2Token
@@ -153,7 +153,7 @@ def _plan(
     skipped: dict[str, str] = {}
     bound = False
     work: list[_Work] = []
-    for entry in crypttab_entries(root):
+    for entry in system_volumes(root):
         device = resolve_device(root, entry.device)
         if not device.exists():
             skipped[entry.name] = f"{entry.device} is not present"

@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Any
 from .volumes import (
     CrypttabEntry,
     add_everywhere,
-    crypttab_entries,
     resolve_device,
     signatures,
+    system_volumes,
 )
 
 if TYPE_CHECKING:
@@ -82,7 +82,7 @@ def sync_recovery_keys(
     to_add, to_remove = plan_recovery_keys(old, new)
     if not to_add and not to_remove:
         return []
-    volumes = [(entry, resolve_device(root, entry.device)) for entry in crypttab_entries(root)]
+    volumes = [(entry, resolve_device(root, entry.device)) for entry in system_volumes(root)]
     # Any key, old or new, that already opens a volume can authorise the change (the
     # first PUT after an install names the key the volumes were made with).
     known = [*old, *(k for k in new if k not in old)]

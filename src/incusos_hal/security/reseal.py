@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from . import rebind
 from .rebind import Rebind, RebindRefused
-from .volumes import crypttab_entries, resolve_device
+from .volumes import resolve_device, system_volumes
 
 if TYPE_CHECKING:
     from ..hal.eventlog import EventLog
@@ -47,7 +47,7 @@ def tpm_bound(root: Path | str) -> bool:
     opening at all; an unreadable header counts, so that prepare reports it.)"""
     from ..hal import luks
 
-    for entry in crypttab_entries(root):
+    for entry in system_volumes(root):
         device = resolve_device(root, entry.device)
         if not device.exists():
             continue

@@ -1,5 +1,6 @@
-"""The encrypted volumes crypttab names: where each device is, whether it is open and how,
-and the all-or-nothing change of their keyslots that recovery keys and TPM re-binding share.
+"""The machine's own encrypted volumes (crypttab's, and the root and swap that
+systemd-gpt-auto-generator opens): where each device is, whether it is open and how, and
+the all-or-nothing change of their keyslots that recovery keys and TPM re-binding share.
 
 Everything reads under `root`, so a recorded tree or a fixture directory stands in for
 the running machine; the TPM is passed in already open (or None when there is none).
@@ -22,6 +23,7 @@ __all__ = [
     "resolve_device",
     "signature_path",
     "signatures",
+    "system_volumes",
     "tpm_unseals",
     "volume_state",
 ]
@@ -34,12 +36,33 @@ TPM_PCR_MISMATCH = "pcr mismatch"
 Work = TypeVar("Work")
 
 
+# What systemd-gpt-auto-generator names the volumes it opens (the discoverable root and
+# swap partitions): on the appliance, systemd-repart made both, encrypted and TPM-bound,
+# on first boot, as IncusOS's root and swap. Other open LUKS volumes (drives encrypted
+# through the storage API, with keys of their own) are not the system's.
+GPT_AUTO_VOLUMES = ("root", "swap")
+
+
 def crypttab_entries(root: Path | str) -> list[CrypttabEntry]:
     """The volumes in the machine's crypttab (none when it has no crypttab)."""
     try:
         return parse_crypttab((Path(root) / CRYPTTAB.lstrip("/")).read_text())
     except FileNotFoundError:
         return []
+
+
+def system_volumes(root: Path | str) -> list[CrypttabEntry]:
+    """crypttab's volumes, then those gpt-auto opened that crypttab does not name (as
+    entries of its own: device the partition under the mapping, default options, which
+    is how gpt-auto opens them: tpm2-device=auto, the default signature path)."""
+    from ..hal import luks
+
+    entries = crypttab_entries(root)
+    named = {e.name for e in entries}
+    for name, kname in luks.open_luks(root).items():
+        if name in GPT_AUTO_VOLUMES and name not in named:
+            entries.append(CrypttabEntry(name, f"/dev/{kname}", "none", ()))
+    return entries
 
 
 def signature_path(entry: CrypttabEntry) -> str:
@@ -78,7 +101,7 @@ def encrypted_volumes(root: Path | str, tpm: Tpm | None, status: str) -> list[di
     from ..hal import luks
 
     out = []
-    for entry in crypttab_entries(root):
+    for entry in system_volumes(root):
         unsealed = False
         if tpm is not None:
             try:
