@@ -487,6 +487,58 @@ class Machine:
                 proc.wait()
 
 
+ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
+
+
+def esp_offset(disk: Path) -> int:
+    """The byte offset of the disk's ESP (sfdisk reads the GPT)."""
+    table = json.loads(subprocess.run(
+        ["sfdisk", "-J", str(disk)], capture_output=True, text=True, check=True
+    ).stdout)["partitiontable"]  # fmt: skip
+    sector = int(table.get("sectorsize", 512))
+    esp = [p for p in table["partitions"] if p["type"].upper() == ESP_TYPE]
+    if len(esp) != 1:
+        raise RuntimeError(f"{disk}: {len(esp)} ESPs")
+    return int(esp[0]["start"]) * sector
+
+
+def tamper_uki(disk: Path, work: Path) -> str:
+    """Flip one byte in the middle of the UKI's .linux section on the disk's ESP (mtools:
+    no mount), so its Authenticode hash no longer matches its signature. Returns the
+    UKI's path on the ESP (mtools' `::/EFI/Linux/NAME`)."""
+    where = f"{disk}@@{esp_offset(disk)}"
+    listing = subprocess.run(
+        ["mdir", "-b", "-i", where, "::/EFI/Linux"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    ukis = [n for n in listing if n.lower().endswith(".efi")]
+    if len(ukis) != 1:
+        raise RuntimeError(f"{disk}: UKIs on the ESP: {listing}")
+    local = work / "tampered.efi"
+    subprocess.run(["mcopy", "-n", "-i", where, ukis[0], str(local)], check=True)
+    data = bytearray(local.read_bytes())
+    start, size = pe_section_range(bytes(data), ".linux")
+    data[start + size // 2] ^= 0xFF
+    local.write_bytes(bytes(data))
+    subprocess.run(["mcopy", "-o", "-i", where, str(local), ukis[0]], check=True)
+    return ukis[0]
+
+
+def pe_section_range(data: bytes, name: str) -> tuple[int, int]:
+    """(file offset, raw size) of a PE section."""
+    import struct
+
+    pe = struct.unpack_from("<I", data, 0x3C)[0]
+    count = struct.unpack_from("<H", data, pe + 6)[0]
+    optional = struct.unpack_from("<H", data, pe + 20)[0]
+    table = pe + 24 + optional
+    for i in range(count):
+        entry = table + 40 * i
+        if data[entry : entry + 8].rstrip(b"\0").decode() == name:
+            size, offset = struct.unpack_from("<II", data, entry + 16)
+            return offset, size
+    raise KeyError(name)
+
+
 def pe_sections(data: bytes) -> dict[str, bytes]:
     """A PE image's sections by name, each its VirtualSize bytes of content (what
     systemd-stub measures, and systemd-measure hashes)."""

@@ -11,7 +11,7 @@ import pytest
 
 from incusos_hal.config import ConfigError, formats, parse_toml
 from incusos_hal.config.model import Security
-from incusos_hal.hal import eventlog, luks, tpm
+from incusos_hal.hal import devmapper, eventlog, luks, tpm
 from incusos_hal.render import crypttab
 from incusos_hal.security import rebind, recovery, volumes
 from incusos_hal.security import state as sec_state
@@ -366,7 +366,7 @@ def test_gpt_autos_root_and_swap_are_system_volumes(tmp_path: Path) -> None:
     _mapping(root, "dm-2", "luks-scsi-0QEMU_disk6", "CRYPT-LUKS2-7a2f-luks-scsi-0QEMU_disk6", "sdb")
     _mapping(root, "dm-3", "usr", "CRYPT-VERITY-8b3a-usr", "vda2")
     _mapping(root, "dm-4", "scratch", "CRYPT-PLAIN-scratch", "vdc")
-    assert luks.open_luks(root) == {
+    assert devmapper.open_luks(root) == {
         "root": "vda4",
         "swap": "vda5",
         "luks-scsi-0QEMU_disk6": "sdb",

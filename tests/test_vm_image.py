@@ -354,3 +354,31 @@ def test_image_boots_encrypts_updates_and_answers(
             time.sleep(2)
         text = console.read_text(errors="replace")
     assert PASSPHRASE_PROMPT in text, text[-6000:]
+
+
+# systemd-boot's words when the firmware's LoadImage refuses the UKI (boot.c: "Error
+# loading <path>: <EFI status>"; EFI_SECURITY_VIOLATION reads "Security violation", or
+# "Access denied" from firmware that answers so).
+REFUSED_UKI = re.compile(r"Error loading .*(Security violation|Access denied)", re.I)
+KERNEL_STARTED = "Linux version"
+
+
+def test_a_uki_with_a_bad_signature_does_not_boot(built: image.Image, tmp_path: Path) -> None:
+    """The image's disk with one byte of its UKI's kernel flipped on the ESP: Secure Boot
+    (the test keys in db) refuses to load it, so no kernel ever starts; the same disk
+    untouched is the first test's (it boots)."""
+    machine = image.Machine(tmp_path, built)
+    machine.prepare()
+    uki = image.tamper_uki(machine.disk, tmp_path)
+    console = tmp_path / "console.log"
+    with machine.running(console) as proc:
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline and proc.poll() is None:
+            text = console.read_text(errors="replace")
+            if REFUSED_UKI.search(text) or KERNEL_STARTED in text:
+                break
+            time.sleep(2)
+        time.sleep(5)  # what follows the refusal, for the record
+        text = console.read_text(errors="replace")
+    assert REFUSED_UKI.search(text), f"{uki}: no refusal on the console:\n{text[-4000:]}"
+    assert KERNEL_STARTED not in text, text[-4000:]

@@ -489,7 +489,11 @@ class Service:
         s = self.settings
         async with self.lock:
             config = self.config()
-            if not needs_recovery_key(s.root, config.security.encryption_recovery_keys):
+            try:
+                if not needs_recovery_key(s.root, config.security.encryption_recovery_keys):
+                    return
+            except Exception as e:  # an unreadable sysfs or crypttab: never fatal either
+                self.log("error", f"the encrypted volumes could not be listed: {_reason(e)}")
                 return
 
             def work() -> str:

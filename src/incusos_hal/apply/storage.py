@@ -69,13 +69,13 @@ def encrypted_drives(state_dir: Path) -> list[str]:
 def open_drives(state_dir: Path, root: str = "/") -> Report:
     """Map every drive we hold a key for as /dev/mapper/luks-<by-id name> (IncusOS's
     names), before any pool is imported: a pool may sit on one."""
-    from ..hal import luks
+    from ..hal import devmapper, luks
 
     out = _Collect()
     for drive in encrypted_drives(state_dir):
         name = "luks-" + os.path.basename(drive)
         device = Path(root) / drive.lstrip("/")
-        if luks.mapped(name, root):
+        if devmapper.mapped(name, root):
             out.done.append(drive)
             continue
         if not device.exists():

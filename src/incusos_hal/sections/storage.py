@@ -540,7 +540,7 @@ def _device(ctx: Context, drive_id: str) -> str:
 
 
 def _wipe_checked(ctx: Context, drive_id: str) -> None:
-    from ..hal import luks, zfs
+    from ..hal import devmapper, luks, zfs
 
     d = _drive(ctx, drive_id)
     if d["boot"]:
@@ -550,7 +550,7 @@ def _wipe_checked(ctx: Context, drive_id: str) -> None:
     key = drive_key_path(ctx.settings.state_dir, drive_id)
     if key.exists():
         name = "luks-" + os.path.basename(drive_id)
-        if luks.mapped(name, ctx.settings.root):
+        if devmapper.mapped(name, ctx.settings.root):
             luks.close_volume(name)
         key.unlink()
     try:
@@ -586,10 +586,10 @@ def _encrypt(ctx: Context, drive_id: str) -> None:
 
 
 def _open_drive(ctx: Context, drive_id: str, key: Path) -> None:
-    from ..hal import luks
+    from ..hal import devmapper, luks
 
     name = "luks-" + os.path.basename(drive_id)
-    if not luks.mapped(name, ctx.settings.root):
+    if not devmapper.mapped(name, ctx.settings.root):
         try:
             luks.open_volume(_device(ctx, drive_id), name, key.read_bytes())
         except luks.LuksError as e:

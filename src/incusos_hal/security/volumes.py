@@ -55,11 +55,11 @@ def system_volumes(root: Path | str) -> list[CrypttabEntry]:
     """crypttab's volumes, then those gpt-auto opened that crypttab does not name (as
     entries of its own: device the partition under the mapping, default options, which
     is how gpt-auto opens them: tpm2-device=auto, the default signature path)."""
-    from ..hal import luks
+    from ..hal import devmapper
 
     entries = crypttab_entries(root)
     named = {e.name for e in entries}
-    for name, kname in luks.open_luks(root).items():
+    for name, kname in devmapper.open_luks(root).items():
         if name in GPT_AUTO_VOLUMES and name not in named:
             entries.append(CrypttabEntry(name, f"/dev/{kname}", "none", ()))
     return entries
@@ -98,19 +98,21 @@ def volume_state(mapped: bool, tpm_unseals: bool, status: str) -> str:
 
 
 def encrypted_volumes(root: Path | str, tpm: Tpm | None, status: str) -> list[dict[str, str]]:
-    from ..hal import luks
+    from ..hal import devmapper
 
     out = []
     for entry in system_volumes(root):
         unsealed = False
         if tpm is not None:
+            from ..hal import luks  # libcryptsetup through cffi: only with a TPM to ask
+
             try:
                 header = luks.header(resolve_device(root, entry.device))
             except (luks.LuksError, OSError):
                 pass  # not there, or not LUKS2: nothing the TPM could unseal
             else:
                 unsealed = tpm_unseals(root, entry, header, tpm)
-        mapped = luks.mapped(entry.name, root)
+        mapped = devmapper.mapped(entry.name, root)
         out.append({"volume": entry.name, "state": volume_state(mapped, unsealed, status)})
     return out
 
