@@ -629,11 +629,15 @@ def call(
             return answer
     except urllib.error.HTTPError as e:
         # The envelope's error says why; urllib's exception alone only has the status.
-        raise ApiCallError(f"{method} {path}: {e.code} {e.read()[:4000]!r}") from None
+        raise ApiCallError(f"{method} {path}: {e.code} {e.read()[:4000]!r}", e.code) from None
 
 
 class ApiCallError(Exception):
     """A non-2xx answer from the guest's API, with the body it came with."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def operation(port: int, ctx: ssl.SSLContext, answer: dict[str, Any], limit: float) -> Any:

@@ -5,15 +5,18 @@ and a swtpm TPM 2.0, from its own disk, with no kernel handed in from outside.
 Boot 1 (first boot): systemd-repart lays out root (LUKS2, TPM-bound), swap and local-data;
 the config handed over as a credential (listen address, this test's client certificate)
 is stored; the API answers over mutual TLS through qemu's forwarded port; Secure Boot is
-on, the TPM trusted, root is an encrypted volume and a recovery key was made. Then the OS
-update through the API, from an update server on the host publishing the same inputs
-built as the next version (signed index, gzipped files): systemd-sysupdate writes slot B
-and the UKI with its boot counter; it powers off through the API. Boot 2, same disk and
-TPM, runs the new version from slot B: root unlocked by the TPM with no passphrase and
-no re-enrolment, its PCR 11 the HAL's prediction for the new UKI, the recovery key and
-the machine's identity those of first boot. Boot 3, Secure Boot turned off in the
-firmware (PCR 7 changes): the TPM no longer opens root and the initrd asks for a
-passphrase on the console.
+on, the TPM trusted, root and swap are encrypted volumes and a recovery key was made for
+both. Then the OS update through the API, from an update server on the host publishing
+the same inputs built as the next version (signed index, gzipped files):
+systemd-sysupdate writes slot B and the UKI with its boot counter; it powers off through
+the API. Boot 2, same disk and TPM, runs the new version from slot B: root unlocked by
+the TPM with no passphrase and no re-enrolment, its PCR 11 the HAL's prediction for the
+new UKI, the recovery key and the machine's identity those of first boot. A factory reset
+with a bad seed is refused and changes nothing; one with a network seed clears the TPM,
+deletes root, swap and local-data and reboots. Boot 3 is a first boot again, of slot B:
+the seed applied, a new recovery key, a new identity; it reboots through the API. Boot 4,
+Secure Boot turned off in the firmware (PCR 7 changes): the TPM no longer opens root and
+the initrd asks for a passphrase on the console.
 
 Each boot costs minutes under TCG; the build (ci/image build) more on first use. Run
 under the machine's heavy-job lock.
@@ -50,6 +53,7 @@ BOOT_TIMEOUT = 1500  # seconds from qemu start to the API answering, under TCG a
 # slot B written, all under TCG.
 UPDATE_TIMEOUT = 2400
 PASSPHRASE_PROMPT = "Please enter passphrase for disk"
+RESET_HOSTNAME = "ihal-reset"  # the network seed a factory reset hands the next first boot
 
 
 # The boots that are run again, once: PID 1 frozen in the generators, or qemu's early
@@ -312,11 +316,29 @@ def test_image_boots_encrypts_updates_and_answers(
         after = image.api(port, ctx, "/1.0/system/update")["state"]
         again = image.api(port, ctx, "/1.0/system/security")
         probe = _run_probe(port, ctx, again["config"]["encryption_recovery_keys"][0])
-        # IncusOS's TestIncusOSAPISystemReboot under real systemd: qemu (-no-reboot) ends
-        # when the machine restarts.
-        image.api(port, ctx, "/1.0/system/:reboot", data=b"")
+        # IncusOS's TestIncusOSAPISystemReset: a seed that does not validate is refused
+        # before anything is erased; then a reset with a network seed (the machine's own
+        # network, named anew), which reboots: qemu (-no-reboot) ends.
+        named = {
+            "interfaces": [
+                {"name": i["name"], "hwaddr": i["hwaddr"], "addresses": ["dhcp4", "slaac"]}
+                for i in interfaces
+            ],
+            "dns": {"hostname": RESET_HOSTNAME},
+        }
+        bad = {"seeds": {"network": {"version": "1", "interfaces": "not a list"}}}
+        try:
+            image.api(port, ctx, "/1.0/system/:factory-reset", data=json.dumps(bad).encode())
+            bad_status = 200
+        except image.ApiCallError as e:
+            bad_status = e.status
+        still = image.api(port, ctx, "/1.0/system/security")
+        reset = {"seeds": {"network": {"version": "1", **named}}}
+        image.api(port, ctx, "/1.0/system/:factory-reset", data=json.dumps(reset).encode())
         proc.wait(600)
     print(f"updated boot: API answered {updated:.0f}s after qemu started; booted {after}")
+    assert bad_status == 400, "a bad seed must be refused before anything is erased"
+    assert still["config"]["encryption_recovery_keys"] == keys, "the refused reset erased"
     assert "reboot: Restarting system" in console.read_text(errors="replace")
     assert PASSPHRASE_PROMPT not in console.read_text(errors="replace")
     assert after["booted"]["version"] == next_version, after
@@ -342,10 +364,38 @@ def test_image_boots_encrypts_updates_and_answers(
     assert esp.split()[:2] in (["/boot", "vfat"], ["/efi", "vfat"]), esp
     assert swaps.strip(), "no swap active"
 
-    # Boot 3: Secure Boot off (same keys enrolled): PCR 7 differs, the TPM refuses.
+    # Boot 3: a first boot again, after the factory reset: slot B still runs (only root,
+    # swap and local-data went), systemd-repart made them anew under a cleared TPM, the
+    # seed the reset wrote applied, and a new recovery key and identity. Then IncusOS's
+    # TestIncusOSAPISystemReboot under real systemd: qemu (-no-reboot) ends on :reboot.
+    console = work / "console-3.log"
+    with _answering(machine, port, ctx, console, first_boot=False) as (proc, afresh):
+        reset_security = _security_once_keyed(port, ctx)
+        reset_seed = image.api(port, ctx, "/1.0/debug/seed")
+        reset_network = image.api(port, ctx, "/1.0/system/network")
+        reset_update = image.api(port, ctx, "/1.0/system/update")["state"]
+        new_keys = reset_security["config"]["encryption_recovery_keys"]
+        probe = _run_probe(port, ctx, new_keys[0] if new_keys else "none")
+        image.api(port, ctx, "/1.0/system/:reboot", data=b"")
+        proc.wait(600)
+    print(f"after the reset: API answered {afresh:.0f}s after qemu started")
+    assert "reboot: Restarting system" in console.read_text(errors="replace")
+    assert PASSPHRASE_PROMPT not in console.read_text(errors="replace")
+    assert (reset_seed["applied"], reset_seed["problems"]) == (True, []), reset_seed
+    assert reset_network["config"]["dns"]["hostname"] == RESET_HOSTNAME, reset_network
+    assert reset_update["booted"]["version"] == next_version, reset_update
+    assert len(new_keys) == 1 and new_keys != keys, "a new first boot makes a new key"
+    state = reset_security["state"]
+    assert state["tpm_public_key"] != identity, "the TPM was cleared: a new identity"
+    volumes = {v["volume"]: v["state"] for v in state["encrypted_volumes"]}
+    assert volumes == {"root": "unlocked (TPM)", "swap": "unlocked (TPM)"}, volumes
+    assert probe.get("opens") == ["root-x86-64", "swap"], probe.get("opens")
+    assert probe["failed"] == [], "\n".join([*probe["failed"], *probe.get("why", [])])
+
+    # Boot 4: Secure Boot off (same keys enrolled): PCR 7 differs, the TPM refuses.
     machine.vars.unlink()
     image.enrolled_vars(image.test_keys(), machine.vars, image.tools_root(), secure_boot=False)
-    console = work / "console-3.log"
+    console = work / "console-4.log"
     with machine.running(console) as proc:
         deadline = time.monotonic() + BOOT_TIMEOUT
         while time.monotonic() < deadline and proc.poll() is None:
