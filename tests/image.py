@@ -37,6 +37,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -488,6 +489,36 @@ class Machine:
 
 
 ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
+EFI_CERT_TYPE_PKCS7 = uuid.UUID("4aafd29d-68df-49ee-8aa9-347d375665a7")
+# NV | BS | RT | TIME_BASED_AUTHENTICATED_WRITE_ACCESS | APPEND_WRITE: what the update
+# writes with (update/secureboot.py), and so what the signature covers.
+APPEND_ATTRIBUTES = 0x67
+
+
+def signed_append(variable: str, vendor: uuid.UUID, lists: bytes, key: Path, cert: Path) -> bytes:
+    """An EFI_VARIABLE_AUTHENTICATION_2 appending `lists` to `variable` (UEFI 2.10, 8.2.2),
+    signed with the parent variable's key (KEK's for db): a timestamp, then a
+    WIN_CERTIFICATE_UEFI_GUID around a detached PKCS#7 of VariableName, VendorGuid,
+    Attributes, TimeStamp and the data, as the firmware checks it on the write."""
+    import struct
+
+    now = time.gmtime()
+    stamp = struct.pack("<HBBBBBBIhBB", now.tm_year, now.tm_mon, now.tm_mday, now.tm_hour,
+                        now.tm_min, now.tm_sec, 0, 0, 0, 0, 0)  # fmt: skip
+    signed = (
+        variable.encode("utf-16-le")
+        + vendor.bytes_le
+        + struct.pack("<I", APPEND_ATTRIBUTES)
+        + stamp
+        + lists
+    )
+    pkcs7 = subprocess.run(
+        ["openssl", "smime", "-sign", "-binary", "-noattr", "-md", "sha256", "-outform", "DER",
+         "-signer", str(cert), "-inkey", str(key)],
+        input=signed, capture_output=True, check=True,
+    ).stdout  # fmt: skip
+    header = struct.pack("<IHH", 24 + len(pkcs7), 0x0200, 0x0EF1) + EFI_CERT_TYPE_PKCS7.bytes_le
+    return stamp + header + pkcs7 + lists
 
 
 def esp_offset(disk: Path) -> int:

@@ -567,3 +567,35 @@ def test_an_expansion_keeps_free_space_on_the_state_file_system(tmp_path: Path) 
         assert sorted(p.name for p in small.iterdir()) == ["hello.raw.gz"]
     finally:
         subprocess.run(["umount", str(small)], check=True)
+
+
+def test_the_image_tests_signed_append_is_what_the_firmware_checks(tmp_path: Path) -> None:
+    """tests/image.signed_append (the booted image's db update, which OVMF verifies): it
+    reads back as an update of db with its lists, and its PKCS#7 verifies (openssl)
+    over VariableName, VendorGuid, the append attributes, the timestamp and the lists."""
+    import subprocess
+
+    import image
+
+    require_tool("openssl")
+    key, cert = tmp_path / "kek.key", tmp_path / "kek.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=test KEK", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)  # fmt: skip
+    lists = sb.signature_list("sha256", [(OWNER, hashlib.sha256(b"new db entry").digest())])
+    auth = image.signed_append("db", sb.EFI_IMAGE_SECURITY_DATABASE, lists, key, cert)
+    fp = hashlib.sha256(b"x").hexdigest()
+    (update,) = sbupdate.read_archive(archive({f"db_{fp}.auth": auth}))
+    assert (update.variable, update.lists, update.auth) == ("db", lists, auth)
+    length = struct.unpack_from("<I", auth, 16)[0]
+    assert uuid.UUID(bytes_le=auth[24:40]) == image.EFI_CERT_TYPE_PKCS7
+    (tmp_path / "sig.der").write_bytes(auth[40 : 16 + length])
+    signed = "db".encode("utf-16-le") + sb.EFI_IMAGE_SECURITY_DATABASE.bytes_le
+    signed += struct.pack("<I", image.APPEND_ATTRIBUTES) + auth[:16] + lists
+    (tmp_path / "signed").write_bytes(signed)
+    verify = ["openssl", "smime", "-verify", "-binary", "-inform", "DER", "-in",
+              str(tmp_path / "sig.der"), "-content", str(tmp_path / "signed"), "-noverify",
+              "-certfile", str(cert), "-out", "/dev/null"]  # fmt: skip
+    assert subprocess.run(verify, capture_output=True).returncode == 0
+    (tmp_path / "signed").write_bytes(signed[:-1] + bytes([signed[-1] ^ 1]))
+    assert subprocess.run(verify, capture_output=True).returncode != 0

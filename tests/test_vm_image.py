@@ -6,12 +6,15 @@ Boot 1 (first boot): systemd-repart lays out root (LUKS2, TPM-bound), swap and l
 the config handed over as a credential (listen address, this test's client certificate)
 is stored; the API answers over mutual TLS through qemu's forwarded port; Secure Boot is
 on, the TPM trusted, root and swap are encrypted volumes and a recovery key was made for
-both. Then the OS update through the API, from an update server on the host publishing
-the same inputs built as the next version (signed index, gzipped files):
+both. Then the update through the API, from an update server on the host publishing
+the same inputs built as the next version (signed index, gzipped files) and a Secure
+Boot update: a certificate appended to db, signed with the test KEK, which OVMF checks
+on the write; root and swap are re-sealed to the PCR 7 the next boot will measure;
 systemd-sysupdate writes slot B and the UKI with its boot counter; it powers off through
-the API. Boot 2, same disk and TPM, runs the new version from slot B: root unlocked by
-the TPM with no passphrase and no re-enrolment, its PCR 11 the HAL's prediction for the
-new UKI, the recovery key and the machine's identity those of first boot. A factory reset
+the API. Boot 2, same disk and TPM, runs the new version from slot B with the new db:
+root unlocked by the TPM with no passphrase and no re-enrolment, its PCR 11 the HAL's
+prediction for the new UKI, the recovery key and the machine's identity those of first
+boot. A factory reset
 with a bad seed is refused and changes nothing; one with a network seed clears the TPM,
 deletes root, swap and local-data and reboots. Boot 3 is a first boot again, of slot B:
 the seed applied, a new recovery key, a new identity; it reboots through the API. Boot 4,
@@ -27,20 +30,23 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import io
 import json
 import re
 import shutil
 import ssl
 import subprocess
+import tarfile
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from incusos_hal.hal import pcrsig, sysupdate
-from updateserver import GUEST_HOST, PKI, UpdateServer, make_pki, release
+from incusos_hal.hal import pcrsig, secureboot, sysupdate
+from updateserver import GUEST_HOST, PKI, UpdateServer, file_entry, make_pki, release
 
 import image
 import vm
@@ -49,16 +55,20 @@ from apiserver import free_port, openssl_client_cert
 pytestmark = [pytest.mark.vm, pytest.mark.root, pytest.mark.image]
 
 BOOT_TIMEOUT = 1500  # seconds from qemu start to the API answering, under TCG and load
-# The update check in the guest: 350 MB fetched over TLS, 1.2 GiB expanded and hashed,
+# The update check in the guest: 265 MB fetched over TLS, 1.1 GiB expanded and hashed,
 # slot B written, all under TCG.
 UPDATE_TIMEOUT = 2400
 PASSPHRASE_PROMPT = "Please enter passphrase for disk"
+DB_OWNER = uuid.UUID("6f1e0b67-4c0d-4a39-9d0a-6e2d1f3c5a70")  # the db entry's owner GUID
 RESET_HOSTNAME = "ihal-reset"  # the network seed a factory reset hands the next first boot
 
 
 # The boots that are run again, once: PID 1 frozen in the generators, or qemu's early
 # kernel panic (tests/vm.py says why each is not the image's fault).
 RETRIED_BOOT = re.compile(f"{vm.GENERATORS_FROZE.pattern}|{vm.EARLY_PANIC.pattern}", re.S)
+# What ends the wait for the API at once: those, or the passphrase prompt (a boot the TPM
+# should have unlocked).
+STOPS_BOOT = re.compile(f"{RETRIED_BOOT.pattern}|{re.escape(PASSPHRASE_PROMPT)}", re.S)
 
 
 @contextlib.contextmanager
@@ -72,9 +82,11 @@ def _answering(
     once and made again, once; a first boot from a new machine."""
     for attempt in (1, 2):
         with machine.running(console) as proc:
-            stop = (console, RETRIED_BOOT)
+            stop = (console, STOPS_BOOT)
             seconds = image.wait_for_api(port, ctx, proc, time.monotonic(), BOOT_TIMEOUT, stop)
             text = console.read_text(errors="replace")
+            if PASSPHRASE_PROMPT in text:  # the TPM did not open root: no use waiting
+                pytest.fail(f"the initrd asked for root's passphrase; console:\n{text[-6000:]}")
             if seconds is None and attempt == 1 and RETRIED_BOOT.search(text):
                 shutil.copy(console, console.with_suffix(".froze.log"))
             else:
@@ -154,15 +166,39 @@ def update_image(built: image.Image) -> image.Image:
     return image.build(image_version=image.update_version())
 
 
-def _publish_update(work: Path, update: image.Image, version: str) -> tuple[UpdateServer, PKI, str]:
+def _publish_update(
+    work: Path, update: image.Image, version: str
+) -> tuple[UpdateServer, PKI, str, str]:
     """An update server on the host's loopback publishing `update` as `version` on the
-    stable channel: (the server, its test PKI, its URL as the guest reaches it)."""
+    stable channel, with a Secure Boot update appending a new certificate to db (signed
+    with the test KEK, as a vendor's would be): (the server, its test PKI, its URL as the
+    guest reaches it, the new db certificate's SHA-256 fingerprint)."""
     (work / "pki").mkdir()
     pki = make_pki(work / "pki")
     server = UpdateServer(pki, host="127.0.0.1")
     files = {name: path.read_bytes() for _, name, path in image.update_payload(update, version)}
-    server.publish(pki, [(release(version, ["stable"], files), files)])
-    return server, pki, f"https://{GUEST_HOST}:{server.port}"
+    new_key, new_cert = work / "pki" / "db-new.key", work / "pki" / "db-new.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30",
+                    "-subj", "/CN=incusos-hal test db (update)", "-keyout", str(new_key),
+                    "-out", str(new_cert), "-outform", "DER"],
+                   check=True, capture_output=True)  # fmt: skip
+    der = new_cert.read_bytes()
+    fingerprint = hashlib.sha256(der).hexdigest()
+    lists = secureboot.signature_list("x509", [(DB_OWNER, der)])
+    keys = image.test_keys()  # the test certificate is PK, KEK and db alike
+    auth = image.signed_append(
+        "db", secureboot.EFI_IMAGE_SECURITY_DATABASE, lists, keys / "db.key", keys / "db.crt"
+    )
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w") as tar:
+        info = tarfile.TarInfo(f"db_{fingerprint}.auth")
+        info.size = len(auth)
+        tar.addfile(info, io.BytesIO(auth))
+    made = release(version, ["stable"], files)
+    sb_name = f"incusos-hal_{version}.secureboot.tar"
+    made["files"].append(file_entry(sb_name, archive.getvalue(), "os", "update-secureboot"))
+    server.publish(pki, [(made, {**files, sb_name: archive.getvalue()})])
+    return server, pki, f"https://{GUEST_HOST}:{server.port}", fingerprint
 
 
 def _security_once_keyed(port: int, ctx: ssl.SSLContext) -> Any:
@@ -229,7 +265,7 @@ def test_image_boots_encrypts_updates_and_answers(
     # index's signature), a check, slot B written. (One boot for both: a boot costs
     # minutes under TCG, and boot 2's TPM unlock is the one that says more.)
     version, next_version = image.version(), image.update_version()
-    server, pki, url = _publish_update(work, update_image, next_version)
+    server, pki, url, db_added = _publish_update(work, update_image, next_version)
     console = work / "console-1.log"
     try:
         with _answering(machine, port, ctx, console, first_boot=True) as (proc, first):
@@ -304,7 +340,12 @@ def test_image_boots_encrypts_updates_and_answers(
     print(f"first boot: API answered {first:.0f}s after qemu started")
     print(f"update check: {checked['status']}; state {staged}")
     assert checked["status"] == "Success", checked
-    assert staged["status"] == f"The OS has been updated to version {next_version}", staged
+    # The Secure Boot update first (IncusOS's order): db written through efivarfs (OVMF
+    # checked the KEK's signature), root and swap re-sealed to the next boot's PCR 7.
+    updated = f"The OS has been updated to version {next_version}; "
+    assert staged["status"].startswith(updated), staged
+    assert "re-sealed to the next boot's PCR 7" in staged["status"], staged
+    assert "failed" not in staged["status"], staged
     assert staged["needs_reboot"] is True, staged
     assert staged["booted"]["version"] == version, staged
 
@@ -348,6 +389,10 @@ def test_image_boots_encrypts_updates_and_answers(
     assert after["needs_reboot"] is False, after
     secured = again["state"]
     assert (secured["system_state_is_trusted"], secured["tpm_public_key"]) == (True, identity)
+    # The db the firmware measured into PCR 7 holds the update's certificate, and the
+    # TPM still opened root and swap: the re-seal predicted that PCR 7.
+    db = [c["fingerprint"] for c in secured["secure_boot_certificates"] if c["type"] == "db"]
+    assert db_added in db, secured["secure_boot_certificates"]
     assert again["config"]["encryption_recovery_keys"] == keys
     assert probe.get("opens") == ["root-x86-64", "swap"], probe.get("opens")
     labels = probe["partlabels"]
