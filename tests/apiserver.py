@@ -99,6 +99,27 @@ class Server:
                 return
         raise AssertionError(f"the server did not start: {''.join(self.log)}")
 
+    def wait_for_line(self, text: str, seconds: float = 120) -> bool:
+        """Read the server's output until a line holding `text` (kept in `log`), or
+        `seconds` pass: for what it does in the background once it serves."""
+        import select
+
+        assert self.process is not None and self.process.stdout is not None
+        if any(text in line for line in self.log):
+            return True
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            ready, _, _ = select.select([self.process.stdout], [], [], left)
+            if not ready:
+                break
+            line = self.process.stdout.readline().decode(errors="replace")
+            if not line:
+                break
+            self.log.append(line)
+            if text in line:
+                return True
+        return False
+
     def stop(self, sig: int = 15) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(sig)

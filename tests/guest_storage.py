@@ -270,7 +270,7 @@ def export_import(d: list) -> dict:
 
     raw = os.urandom(32)
     Path("/root/other.key").write_bytes(raw)
-    sh(
+    out["other_create"] = sh(
         *(
             "zpool",
             "create",
@@ -283,7 +283,7 @@ def export_import(d: list) -> dict:
         ),
         *("-O", "keyformat=raw", "-O", "keylocation=file:///root/other.key", "other", d[4], d[5]),
     )
-    sh("zpool", "export", "other")
+    out["other_export"] = sh("zpool", "export", "other")
     wrong = base64.b64encode(os.urandom(32)).decode()
     out["wrong_key"] = action(
         "import-pool", {"name": "other", "type": "zfs", "encryption_key": wrong}

@@ -88,8 +88,9 @@ def refused(answer: dict[str, Any], code: int, text: str, *, exact: bool = True)
     """IncusOS's error envelope. Its :wipe-drive sends its headers (200) before it works,
     so the envelope's error_code, not the HTTP status, is what says how it ended."""
     body = answer["body"]
-    assert body["type"] == "error" and body["error_code"] == code, answer
-    assert (body["error"] == text) if exact else (text in body["error"]), answer
+    why = f"HTTP {answer['status']}: {body.get('error_code')} {body.get('error')!r}"
+    assert body["type"] == "error" and body["error_code"] == code, why
+    assert (body["error"] == text) if exact else (text in body["error"]), why
 
 
 def state(get: dict[str, Any]) -> dict[str, Any]:
@@ -267,6 +268,9 @@ def test_export_and_import_pool_with_its_key(storage: dict[str, Any]) -> None:
     # Deleted while mounted in the machine's namespace: unmounted and gone.
     ok(got["delete"])
     assert got["mounted_after_delete"] == "", got["mounted_after_delete"]
+    # The pool made elsewhere (by the probe, with zpool), then exported, then imported.
+    assert got["other_create"]["rc"] == 0, got["other_create"]
+    assert got["other_export"]["rc"] == 0, got["other_export"]
     refused(got["wrong_key"], 500, "Incorrect key provided for 'other'", exact=False)
     assert got["wrong_key_exported"], "a failed import leaves the pool imported"
     ok(got["right_key"])

@@ -696,7 +696,10 @@ async def serve(
     # neither the API nor the boot (nvme-cli and iscsiadm wait up to 30 s each).
     service.spawn(service.start_services())
     service.store_first_boot()
-    await service.first_boot_recovery_key()
+    # In the background too: a keyslot's PBKDF per encrypted volume takes seconds (minutes
+    # under emulation), and the API must answer meanwhile (the boot's update check timed
+    # out waiting on the socket). Writes wait for it: it holds the write lock.
+    service.spawn(service.first_boot_recovery_key())
     runner = web.AppRunner(
         app, access_log=None, handle_signals=True, keepalive_timeout=limits.idle_seconds
     )

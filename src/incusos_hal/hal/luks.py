@@ -674,5 +674,3 @@ def volumes(paths: Sequence[str | os.PathLike[str]]) -> list[tuple[str, Header]]
         except LuksError:
             continue
     return out
-
-

@@ -676,6 +676,12 @@ async def import_pool(ctx: Context, body: Any) -> Any:
 def _import(ctx: Context, name: str, raw: bytes | None) -> None:
     from ..hal import zfs
 
+    # zpool import finds the pool's disks by what blkid last read of them: disks just
+    # attached (or a pool just exported) may still be in udev's queue, and then the pool
+    # is "no such pool available" (seen in the ZFS guest under load). Bounded; a settle
+    # that fails or times out only means the import is tried as it is.
+    with contextlib.suppress(zfs.ZfsError):
+        zfs.run(["udevadm", "settle", "--timeout=60"], timeout=90)
     try:
         zfs.run(zfs.zpool_argv("import", name))
     except zfs.ZfsError as e:
@@ -704,9 +710,7 @@ def _import(ctx: Context, name: str, raw: bytes | None) -> None:
         luks.write_key_file(key, raw)
         zfs.run(zfs.set_argv(name, "keylocation", f"file://{key}"))
         # The key loaded, the filesystems are left unmounted, as IncusOS leaves them (to
-        # Incus, or zfs-mount.service at the next boot). Mounting them here would put
-        # them in this service's own mount namespace (ProtectSystem=strict), where no
-        # one else sees them, and keep the pool busy there.
+        # Incus, or zfs-mount.service at the next boot).
         zfs.load_key(name)
     except (Refused, zfs.ZfsError) as e:
         key.unlink(missing_ok=True)
