@@ -37,6 +37,12 @@ def call(method: str, path: str, body: object = None) -> dict:
 
 
 SUSPEND = Path("/sys/module/zfs/parameters/zfs_scan_suspend_progress")
+# How long ZFS retries opening a disk it has just partitioned while udev still holds it
+# (default 1000 ms): under TCG, udev's probe of the new partitions outlasts that, and
+# `zpool create` of four disks failed with "one or more devices is currently
+# unavailable" (CI, and this guest beside the image test). Hardware keeps the default.
+OPEN_TIMEOUT = Path("/sys/module/zfs/parameters/zfs_vdev_open_timeout_ms")
+OPEN_TIMEOUT_MS = "30000"
 SCHEDULE = "0 4 * * 0"
 POOL = "mypool"
 
@@ -352,6 +358,7 @@ def run(expect_all: dict) -> dict:
     d, nvme = spec["disks"], spec["nvme"]
     out: dict = {
         "modprobe": sh("modprobe", "zfs"),
+        "open_timeout": sh("sh", "-c", f"echo {OPEN_TIMEOUT_MS} > {OPEN_TIMEOUT}"),
         "zfs_version": sh("zfs", "version")["out"],
         "socket_start": sh("systemctl", "start", "incusos-hal.socket"),
     }

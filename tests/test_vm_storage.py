@@ -117,6 +117,7 @@ def drive(get: dict[str, Any], ident: str) -> dict[str, Any]:
 
 def test_zfs_loads_with_secure_boot_off(storage: dict[str, Any]) -> None:
     assert storage["modprobe"]["rc"] == 0, storage["modprobe"]["err"]
+    assert storage["open_timeout"]["rc"] == 0, storage["open_timeout"]
     assert storage["zfs_version"].startswith("zfs-2."), storage["zfs_version"]
     assert storage["socket_start"]["rc"] == 0, storage["socket_start"]
 
