@@ -512,13 +512,43 @@ def signed_append(variable: str, vendor: uuid.UUID, lists: bytes, key: Path, cer
         + stamp
         + lists
     )
-    pkcs7 = subprocess.run(
+    wrapped = subprocess.run(
         ["openssl", "smime", "-sign", "-binary", "-noattr", "-md", "sha256", "-outform", "DER",
          "-signer", str(cert), "-inkey", str(key)],
         input=signed, capture_output=True, check=True,
     ).stdout  # fmt: skip
+    # The firmware wants the bare SignedData (EDK2 finds its digest algorithm's OID at a
+    # fixed offset, 13, and refuses the write otherwise), not openssl's ContentInfo
+    # around it: SEQUENCE { OID signedData, [0] EXPLICIT SignedData }.
+    pkcs7 = signed_data(wrapped)
     header = struct.pack("<IHH", 24 + len(pkcs7), 0x0200, 0x0EF1) + EFI_CERT_TYPE_PKCS7.bytes_le
     return stamp + header + pkcs7 + lists
+
+
+def _der_tlv(data: bytes, at: int) -> tuple[int, int, int]:
+    """(tag, offset of the value, length of the value) of the DER element at `at`."""
+    tag, first = data[at], data[at + 1]
+    if first < 0x80:
+        return tag, at + 2, first
+    n = first & 0x7F
+    return tag, at + 2 + n, int.from_bytes(data[at + 2 : at + 2 + n], "big")
+
+
+def signed_data(content_info: bytes) -> bytes:
+    """The SignedData inside a PKCS#7 ContentInfo (DER), as a whole element."""
+    tag, value, _ = _der_tlv(content_info, 0)
+    if tag != 0x30:
+        raise ValueError("not a ContentInfo")
+    oid_tag, oid_value, oid_length = _der_tlv(content_info, value)
+    if oid_tag != 0x06:
+        raise ValueError("ContentInfo without its content type")
+    explicit, inner, _ = _der_tlv(content_info, oid_value + oid_length)
+    if explicit != 0xA0:
+        raise ValueError("ContentInfo without [0] content")
+    seq, body, length = _der_tlv(content_info, inner)
+    if seq != 0x30:
+        raise ValueError("the content is not a SignedData")
+    return content_info[inner : body + length]
 
 
 def esp_offset(disk: Path) -> int:

@@ -589,7 +589,16 @@ def test_the_image_tests_signed_append_is_what_the_firmware_checks(tmp_path: Pat
     assert (update.variable, update.lists, update.auth) == ("db", lists, auth)
     length = struct.unpack_from("<I", auth, 16)[0]
     assert uuid.UUID(bytes_le=auth[24:40]) == image.EFI_CERT_TYPE_PKCS7
-    (tmp_path / "sig.der").write_bytes(auth[40 : 16 + length])
+    bare = auth[40 : 16 + length]
+    # What EDK2 checks before anything else: a bare SignedData (SEQUENCE, two length
+    # bytes) whose digest algorithm, at offset 13, is SHA-256.
+    sha256_oid = bytes.fromhex("608648016503040201")
+    assert bare[:2] == b"\x30\x82" and bare[13:22] == sha256_oid, bare[:24].hex()
+    # openssl verifies a ContentInfo: the bare SignedData wrapped back.
+    oid = bytes.fromhex("06092a864886f70d010702")
+    inner = b"\xa0\x82" + len(bare).to_bytes(2, "big") + bare
+    body = oid + inner
+    (tmp_path / "sig.der").write_bytes(b"\x30\x82" + len(body).to_bytes(2, "big") + body)
     signed = "db".encode("utf-16-le") + sb.EFI_IMAGE_SECURITY_DATABASE.bytes_le
     signed += struct.pack("<I", image.APPEND_ATTRIBUTES) + auth[:16] + lists
     (tmp_path / "signed").write_bytes(signed)
