@@ -584,25 +584,8 @@ def tamper_uki(disk: Path, work: Path) -> str:
     return ukis[0]
 
 
-def pe_section_range(data: bytes, name: str) -> tuple[int, int]:
-    """(file offset, raw size) of a PE section."""
-    import struct
-
-    pe = struct.unpack_from("<I", data, 0x3C)[0]
-    count = struct.unpack_from("<H", data, pe + 6)[0]
-    optional = struct.unpack_from("<H", data, pe + 20)[0]
-    table = pe + 24 + optional
-    for i in range(count):
-        entry = table + 40 * i
-        if data[entry : entry + 8].rstrip(b"\0").decode() == name:
-            size, offset = struct.unpack_from("<II", data, entry + 16)
-            return offset, size
-    raise KeyError(name)
-
-
-def pe_sections(data: bytes) -> dict[str, bytes]:
-    """A PE image's sections by name, each its VirtualSize bytes of content (what
-    systemd-stub measures, and systemd-measure hashes)."""
+def pe_section_table(data: bytes) -> dict[str, tuple[int, int, int]]:
+    """A PE image's section table: name -> (VirtualSize, SizeOfRawData, PointerToRawData)."""
     import struct
 
     (pe,) = struct.unpack_from("<I", data, 0x3C)
@@ -610,13 +593,28 @@ def pe_sections(data: bytes) -> dict[str, bytes]:
         raise ValueError("not a PE image")
     count, _, _, _, optional_size = struct.unpack_from("<HIIIH", data, pe + 6)
     table = pe + 24 + optional_size
-    out: dict[str, bytes] = {}
+    out: dict[str, tuple[int, int, int]] = {}
     for i in range(count):
         entry = table + 40 * i
         name = data[entry : entry + 8].rstrip(b"\0").decode()
         virtual_size, _, raw_size, raw_pointer = struct.unpack_from("<IIII", data, entry + 8)
-        out[name] = data[raw_pointer : raw_pointer + min(virtual_size, raw_size)]
+        out[name] = (virtual_size, raw_size, raw_pointer)
     return out
+
+
+def pe_section_range(data: bytes, name: str) -> tuple[int, int]:
+    """(file offset, raw size) of a PE section."""
+    _, raw_size, raw_pointer = pe_section_table(data)[name]
+    return raw_pointer, raw_size
+
+
+def pe_sections(data: bytes) -> dict[str, bytes]:
+    """A PE image's sections by name, each its VirtualSize bytes of content (what
+    systemd-stub measures, and systemd-measure hashes)."""
+    return {
+        name: data[pointer : pointer + min(virtual, raw)]
+        for name, (virtual, raw, pointer) in pe_section_table(data).items()
+    }
 
 
 def file_sha256(path: Path) -> str:
