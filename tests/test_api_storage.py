@@ -259,3 +259,37 @@ def test_a_device_still_held_is_left_unwiped_and_the_change_stands(tmp_path: Pat
         holder.kill()
         holder.wait()
         subprocess.run(["losetup", "-d", dev], check=False)
+
+
+def test_commands_that_partition_disks_wait_for_udev_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """zpool create/add/attach/replace partition a whole disk and open the partition by
+    the link udev makes for it: each waits for udev's queue first (in CI's ZFS guest a
+    create failed "no such pool or dataset" behind the events of the case before). A
+    command that partitions nothing does not wait. The tools here are scripts on PATH
+    that write down how they were called, in order."""
+    from incusos_hal.render.zpool import Step
+    from incusos_hal.sections import storage
+
+    calls = tmp_path / "calls"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("zpool", "udevadm"):
+        script = bin_dir / tool
+        script.write_text(f'#!/bin/sh\necho "{tool} $*" >> {calls}\n')
+        script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    steps = (
+        Step("run", ("zpool", "set", "autotrim=on", "p")),
+        Step("run", ("zpool", "create", "p", "mirror", "/dev/a", "/dev/b")),
+        Step("run", ("zpool", "add", "p", "cache", "/dev/c")),
+    )
+    storage.execute(steps, tmp_path / "state", _Log())  # type: ignore[arg-type]
+    assert calls.read_text().splitlines() == [
+        "zpool set autotrim=on p",
+        "udevadm settle --timeout=60",
+        "zpool create p mirror /dev/a /dev/b",
+        "udevadm settle --timeout=60",
+        "zpool add p cache /dev/c",
+    ]

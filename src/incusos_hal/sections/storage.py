@@ -410,6 +410,22 @@ async def before_store(ctx: Context, new: Config, current: Config) -> None:
     await ctx.run_in_thread(lambda: execute(result.steps, state_dir, ctx))
 
 
+# The zpool verbs that partition a whole disk and then open the new partition by its
+# /dev/disk/by-id link, which udev makes: with udev's queue still full of the previous
+# change's events (a pool destroyed, disks wiped), the link came after ZFS stopped
+# waiting and the create failed "no such pool or dataset" (the ZFS guest, in CI).
+PARTITIONING = (("zpool", "create"), ("zpool", "add"), ("zpool", "attach"), ("zpool", "replace"))
+
+
+def _settle() -> None:
+    """Wait for udev's queue to empty. Bounded; a settle that fails or times out only
+    means the command is tried as it is."""
+    from ..hal import zfs
+
+    with contextlib.suppress(zfs.ZfsError):
+        zfs.run(["udevadm", "settle", "--timeout=60"], timeout=90)
+
+
 def execute(steps: tuple[Step, ...], state_dir: Path, ctx: Context) -> None:
     """Run the steps in order; when one fails, undo what the others did, newest first,
     and refuse with the failing command's words. The devices the pools left are wiped
@@ -428,6 +444,8 @@ def execute(steps: tuple[Step, ...], state_dir: Path, ctx: Context) -> None:
                 _new_key(path)
                 undo.append(path)
             elif step.kind == "run":
+                if step.argv[:2] in PARTITIONING:
+                    _settle()
                 zfs.run(step.argv)
                 if step.undo:
                     undo.append(step.undo)
@@ -678,10 +696,8 @@ def _import(ctx: Context, name: str, raw: bytes | None) -> None:
 
     # zpool import finds the pool's disks by what blkid last read of them: disks just
     # attached (or a pool just exported) may still be in udev's queue, and then the pool
-    # is "no such pool available" (seen in the ZFS guest under load). Bounded; a settle
-    # that fails or times out only means the import is tried as it is.
-    with contextlib.suppress(zfs.ZfsError):
-        zfs.run(["udevadm", "settle", "--timeout=60"], timeout=90)
+    # is "no such pool available" (seen in the ZFS guest under load).
+    _settle()
     try:
         zfs.run(zfs.zpool_argv("import", name))
     except zfs.ZfsError as e:
