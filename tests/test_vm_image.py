@@ -121,6 +121,9 @@ for part in root-x86-64 swap; do
       "/dev/disk/by-partlabel/$part"; then echo "opens $part"; fi
 done
 echo "findmnt $(findmnt -n -o SOURCE,FSTYPE /usr)"
+# gpt-auto mounts the ESP on first access (an automount) and lets it go after 2 idle
+# minutes: look inside first, as the update does (CI's probe found it let go).
+ls /boot/ /efi/ > /dev/null 2>&1
 echo "esp $(findmnt -n -o TARGET,FSTYPE --source /dev/disk/by-partlabel/esp | tr '\n' ' ')"
 echo "swaps $(tail -n +2 /proc/swaps | cut -d' ' -f1 | tr '\n' ' ')"
 # systemd-gpt-auto-generator mounts the ESP and enables swap; run again to see its verdict.
