@@ -10,7 +10,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 import re
+import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,8 @@ from storage_reference import (
     load,
     recorded,
 )
+
+from conftest import require_root, require_tool
 
 D, NVME = RECORDED_DISKS, RECORDED_NVME
 POOL = "mypool"
@@ -419,6 +423,68 @@ def test_smartctl_damaged() -> None:
     doc["ata_smart_attributes"]["table"] = "none"
     got = smart.parse_smartctl(json.dumps(doc)).smart
     assert got is not None and got.power_on_hours == 0
+
+
+def _counting_smartctl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A `smartctl` on PATH that prints the SATA recording and counts its runs."""
+    runs = tmp_path / "runs"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (tmp_path / "sata.json").write_text(recorded("smartctl-aj-sata.json"))
+    script = bin_dir / "smartctl"
+    script.write_text(f'#!/bin/sh\necho "$*" >> {runs}\ncat {tmp_path / "sata.json"}\n')
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setattr(smart, "_answers", {})
+    return runs
+
+
+def test_a_drives_smartctl_answer_is_reused_for_a_minute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runs = _counting_smartctl(tmp_path, monkeypatch)
+    device = tmp_path / "sdz"
+    device.write_bytes(b"")
+    first = smart.smartctl_recent(str(device), now=1000.0)
+    assert first.bus == "sata" and first.smart is not None
+    assert smart.smartctl_recent(str(device), now=1000.0 + 59) == first
+    assert runs.read_text().splitlines() == [f"-aj {device}"]
+    assert smart.smartctl_recent(str(device), now=1000.0 + 61) == first
+    assert len(runs.read_text().splitlines()) == 2  # older than the minute: asked again
+    device.unlink()  # a path with nothing there is asked every time, never remembered
+    smart.smartctl_recent(str(device), now=1000.0 + 62)
+    smart.smartctl_recent(str(device), now=1000.0 + 63)
+    assert len(runs.read_text().splitlines()) == 4
+
+
+@pytest.mark.root
+def test_a_drive_replaced_at_the_same_path_is_asked_afresh(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A loop device detached and attached again is a new drive to the kernel (a new
+    diskseq), at the same path and device number: its answer is its own."""
+    require_root()
+    require_tool("losetup")
+    runs = _counting_smartctl(tmp_path, monkeypatch)
+    backing = tmp_path / "disk.img"
+    with open(backing, "wb") as f:
+        f.truncate(1 << 20)
+    dev = subprocess.run(
+        ["losetup", "-f", "--show", str(backing)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    try:
+        before = smart.identity(dev)
+        smart.smartctl_recent(dev, now=1000.0)
+        smart.smartctl_recent(dev, now=1001.0)
+        assert len(runs.read_text().splitlines()) == 1
+        subprocess.run(["losetup", "-d", dev], check=True)
+        subprocess.run(["losetup", dev, str(backing)], check=True)
+        after = smart.identity(dev)
+        assert before[0] == after[0] and before != after, (before, after)
+        smart.smartctl_recent(dev, now=1002.0)
+        assert len(runs.read_text().splitlines()) == 2
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
 
 
 def _nvme_both_ways(doc: dict[str, Any]) -> tuple[smart.DriveInfo, smart.DriveInfo]:

@@ -9,8 +9,11 @@ JSON: the exit status is not an error here, the JSON decides.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -118,6 +121,52 @@ def parse_smartctl(text: str) -> DriveInfo:
     )
 
 
+# How long a drive's smartctl answer is reused. SMART data moves slowly (a drive updates
+# its attributes on its own schedule, power-on hours once an hour; smartd polls every
+# 30 minutes), while smartctl costs a process and a round of commands to the drive per
+# GET: a client polling the storage state would otherwise keep every drive busy
+# answering. A drive replaced in the same place is a new device (`identity`), never the
+# old one's answer.
+SMARTCTL_MAX_AGE_S = 60.0
+
+_answers: dict[str, tuple[float, tuple[int, ...], DriveInfo]] = {}
+_answers_lock = threading.Lock()
+
+
+def identity(device: str, sys_block: str = "/sys/class/block") -> tuple[int, ...]:
+    """What tells one attached drive from the next at the same path: its device number
+    and the kernel's diskseq (a number no attach ever reuses, Linux 5.15 and later;
+    without it, the size stands in). Empty when the device is not there."""
+    try:
+        rdev = os.stat(device).st_rdev
+    except OSError:
+        return ()
+    name = os.path.basename(device)
+    for attr in ("diskseq", "size"):
+        try:
+            with open(f"{sys_block}/{name}/{attr}") as f:
+                return (rdev, int(f.read().strip() or 0))
+        except (OSError, ValueError):
+            continue
+    return (rdev,)
+
+
+def smartctl_recent(device: str, now: float | None = None) -> DriveInfo:
+    """`smartctl(device)`, or its answer for the same drive from the last
+    SMARTCTL_MAX_AGE_S seconds."""
+    now = time.monotonic() if now is None else now
+    key = identity(device)
+    with _answers_lock:
+        seen = _answers.get(device)
+    if key and seen is not None and seen[1] == key and now - seen[0] < SMARTCTL_MAX_AGE_S:
+        return seen[2]
+    info = smartctl(device)
+    if key:
+        with _answers_lock:
+            _answers[device] = (now, key, info)
+    return info
+
+
 def smartctl(device: str, timeout: float = 30) -> DriveInfo:
     """One drive; an absent smartctl or a hung drive is "no SMART", never an error."""
     if shutil.which("smartctl") is None:
@@ -156,10 +205,10 @@ def from_nvme(ident: IdController, log: SmartLog) -> DriveInfo:
 
 
 def nvme_or_smartctl(device: str) -> DriveInfo:
-    """SMART for one drive: an NVMe namespace through the admin ioctl, falling back to
-    smartctl when the ioctl is not answered (no native module, a fabric that refuses it)."""
-    import os
-
+    """SMART for one drive: an NVMe namespace through the admin ioctl (fresh each time:
+    it costs microseconds), falling back to smartctl (`smartctl_recent`) when the ioctl
+    is not answered (no native module, a fabric that refuses it) or the drive is not
+    NVMe."""
     if os.path.basename(device).startswith("nvme"):
         from . import nvme
 
@@ -167,4 +216,4 @@ def nvme_or_smartctl(device: str) -> DriveInfo:
             return from_nvme(nvme.identify_controller(device), nvme.smart_log(device))
         except (OSError, ValueError, ImportError):
             pass
-    return smartctl(device)
+    return smartctl_recent(device)

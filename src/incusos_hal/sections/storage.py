@@ -277,13 +277,13 @@ def read_drives(
             members[target or dev] = name
             if target is not None:  # a partition's pool is its disk's pool
                 members.setdefault(_disk_of(root, target), name)
+    # IncusOS skips devices without an id link (mmcblk0boot0)
+    disks = [(d, i) for d in scan_storage(root).disks if (i := _drive_id(d.id, links))]
+    live = root == "/" and with_smart
+    infos = _smart_of([f"/dev/{d.id}" for d, _ in disks]) if live else {}
     drives = []
-    for disk in scan_storage(root).disks:
-        drive_id = _drive_id(disk.id, links)
-        if not drive_id:
-            continue  # IncusOS skips devices without an id link (mmcblk0boot0)
-        live = root == "/" and with_smart
-        info = smart.nvme_or_smartctl(f"/dev/{disk.id}") if live else smart.DriveInfo()
+    for disk, drive_id in disks:
+        info = infos.get(f"/dev/{disk.id}", smart.DriveInfo())
         out: dict[str, Any] = {
             "id": drive_id,
             "model_family": info.model_family,
@@ -312,6 +312,19 @@ def read_drives(
             out["encrypted_id"] = "/dev/mapper/luks-" + os.path.basename(drive_id)
         drives.append(out)
     return sorted(drives, key=lambda d: str(d["id"]))
+
+
+def _smart_of(devices: list[str]) -> dict[str, Any]:
+    """Every drive's SMART at once: each smartctl waits on its drive, not on the CPU, so
+    a machine with many drives answers in about the slowest one's time, not their sum."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ..hal import smart
+
+    if len(devices) < 2:
+        return {dev: smart.nvme_or_smartctl(dev) for dev in devices}
+    with ThreadPoolExecutor(max_workers=min(16, len(devices))) as pool:
+        return dict(zip(devices, pool.map(smart.nvme_or_smartctl, devices), strict=True))
 
 
 def _disk_of(root: str, kname: str) -> str:
