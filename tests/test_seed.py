@@ -673,3 +673,108 @@ def test_seeded_applications_are_wanted_by_the_update_checker(tmp_path: Path) ->
     assert code != 0
     assert "applications[0].name: '../incus' is not an application name" in out + err
     assert not (other / "applications.wanted.json").exists()
+
+
+def test_the_primary_applications_seed_gives_the_api_its_client_certificates(
+    tmp_path: Path,
+) -> None:
+    """IncusOS's tests reach its API with the client certificate they put in the incus
+    seed (`preseed.certificates`): here that certificate is the HTTPS listener's trust
+    once the seed is applied, and the listener is on (IncusOS's :8443, here the test's
+    port) with no other config. A restricted or metrics certificate is not; a seed whose
+    primary application is operations-center gives its `trusted_client_certificates`."""
+    require_tool("curl", "openssl")
+    (tmp_path / "api").mkdir()
+    server = apiserver.make(tmp_path / "api", [])
+    for made in server.state.iterdir():  # a fresh machine: nothing stored
+        made.unlink()
+    admin = apiserver.openssl_client_cert(tmp_path, "admin")
+    restricted = apiserver.openssl_client_cert(tmp_path, "restricted")
+    metrics = apiserver.openssl_client_cert(tmp_path, "metrics")
+    operator = apiserver.openssl_client_cert(tmp_path, "operator")
+    certificates = [
+        {"type": "client", "certificate": admin[0].read_text()},
+        {"type": "client", "restricted": True, "certificate": restricted[0].read_text()},
+        {"type": "metrics", "certificate": metrics[0].read_text()},
+    ]
+    incus = {"version": "1", "apply_defaults": True, "preseed": {"certificates": certificates}}
+    seed = _seed_dir(tmp_path, {"incus.json": json.dumps(incus)})
+    code, out, err = run("seed", "apply", "--state-dir", str(server.state), "--source", str(seed))
+    assert code == 0, (out, err)
+    stored = (server.state / "config.toml").read_text()
+    assert 'listen_address = "[::]:8443"' in stored, stored
+    server.start()
+    try:
+        for cert, status in ((admin, 200), (restricted, 403), (metrics, 403), (operator, 403)):
+            r = server.curl_tls("GET", "/1.0/system", cert=cert)
+            assert (r.status, r.rc) == (status, 0) or (status == 403 and r.rc != 0), (cert, r)
+    finally:
+        server.stop()
+
+    # Operations Center primary: its own list is the trust, the incus seed's is not.
+    other = tmp_path / "other"
+    apps = {"version": "1", "applications": [{"name": "operations-center"}]}
+    oc = {"version": "1", "trusted_client_certificates": [operator[0].read_text()]}
+    seed = _seed_dir(
+        tmp_path,
+        {
+            "applications.json": json.dumps(apps),
+            "operations-center.json": json.dumps(oc),
+            "incus.json": json.dumps(incus),
+        },
+    )
+    code, out, err = run("seed", "apply", "--state-dir", str(other), "--source", str(seed))
+    assert code == 0, (out, err)
+    from incusos_hal.state import store
+
+    listener = store.load(other).config.listener
+    assert listener.trusted_client_certificates == (operator[0].read_text(),)
+
+    # Applied over a document that already trusts the certificate and names an address:
+    # neither changes.
+    from incusos_hal.config.seed import check_files
+
+    base = store.load(other).config
+    again = check_files(
+        {
+            "applications.json": json.dumps(apps).encode(),
+            "operations-center.json": json.dumps(oc).encode(),
+        },
+        base,
+    )
+    assert again.config is not None and again.config.listener == listener
+
+
+def test_seeded_certificates_that_are_not_certificates_are_named() -> None:
+    from incusos_hal.config import Config
+    from incusos_hal.config.seed import check_files
+
+    incus = {
+        "preseed": {
+            "certificates": [
+                "not an object",
+                {"type": "admin", "restricted": "no", "certificate": "-----BEGIN nothing"},
+                {"certificate": 5},
+            ]
+        }
+    }
+    oc = {"trusted_client_certificates": ["garbage"]}
+    files = {
+        "incus.json": json.dumps(incus).encode(),
+        "operations-center.json": json.dumps(oc).encode(),
+    }
+    checked = check_files(files, Config())
+    lines = [str(p) for p in checked.problems]
+    assert checked.config is None
+    assert lines[:4] == [
+        "incus.json: preseed.certificates[0]: expected an object",
+        "incus.json: preseed.certificates[1].type: 'admin' is not one of client, metrics",
+        "incus.json: preseed.certificates[1].restricted: expected true or false",
+        lines[3],
+    ]
+    assert lines[3].startswith("incus.json: preseed.certificates[1].certificate: ")
+    assert "incus.json: preseed.certificates[2].certificate: expected a PEM certificate" in lines
+    assert any(
+        line.startswith("operations-center.json: trusted_client_certificates[0]: ")
+        for line in lines
+    )

@@ -248,6 +248,7 @@ def test_image_boots_encrypts_updates_and_answers(
 ) -> None:
     work = tmp_path_factory.mktemp("machine")
     cert, key = openssl_client_cert(work, "tester")
+    seeded_cert, seeded_key = openssl_client_cert(work, "seeded")
     config = (
         "[listener]\n"
         'listen_address = "[::]:8443"\n'
@@ -377,7 +378,15 @@ def test_image_boots_encrypts_updates_and_answers(
         except image.ApiCallError as e:
             bad_status = e.status
         still = image.api(port, ctx, "/1.0/system/security")
-        reset = {"seeds": {"network": {"version": "1", **named}}}
+        # The incus seed's client certificate (as IncusOS's tests give theirs) is how the
+        # operator reaches the machine after the reset: boot 3 asks with it.
+        seeded_client = {"type": "client", "certificate": seeded_cert.read_text()}
+        reset = {
+            "seeds": {
+                "network": {"version": "1", **named},
+                "incus": {"version": "1", "preseed": {"certificates": [seeded_client]}},
+            }
+        }
         image.api(port, ctx, "/1.0/system/:factory-reset", data=json.dumps(reset).encode())
         proc.wait(600)
     print(f"updated boot: API answered {updated:.0f}s after qemu started; booted {after}")
@@ -422,6 +431,8 @@ def test_image_boots_encrypts_updates_and_answers(
         reset_seed = image.api(port, ctx, "/1.0/debug/seed")
         reset_network = image.api(port, ctx, "/1.0/system/network")
         reset_update = image.api(port, ctx, "/1.0/system/update")["state"]
+        seeded_ctx = image.api_client(seeded_cert, seeded_key)
+        seeded_answer = image.api(port, seeded_ctx, "/1.0/system")
         new_keys = reset_security["config"]["encryption_recovery_keys"]
         probe = _run_probe(port, ctx, new_keys[0] if new_keys else "none")
         image.api(port, ctx, "/1.0/system/:reboot", data=b"")
@@ -431,6 +442,8 @@ def test_image_boots_encrypts_updates_and_answers(
     assert PASSPHRASE_PROMPT not in console.read_text(errors="replace")
     assert (reset_seed["applied"], reset_seed["problems"]) == (True, []), reset_seed
     assert reset_network["config"]["dns"]["hostname"] == RESET_HOSTNAME, reset_network
+    assert sorted(reset_seed["files"]) == ["incus.json", "network.json"], reset_seed
+    assert "/1.0/system/network" in seeded_answer, seeded_answer  # the seed's certificate
     assert reset_update["booted"]["version"] == next_version, reset_update
     assert len(new_keys) == 1 and new_keys != keys, "a new first boot makes a new key"
     state = reset_security["state"]

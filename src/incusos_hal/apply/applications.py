@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from ..config.seed import PRIMARY_APPLICATIONS
 from ..core.errors import Refusal
 from ..core.files import atomic_write
 from ..hal import sysext, sysupdate
@@ -39,7 +40,7 @@ from ..state.paths import APPLICATIONS_FILE, WANTED_APPLICATIONS
 from ..update.index import compare_versions
 from .systemd import ApplyError
 
-PRIMARY = frozenset({"incus", "migration-manager", "operations-center"})
+PRIMARY = frozenset(PRIMARY_APPLICATIONS)
 DATA_DIR = "var/lib/incusos-apps"
 SYSEXT_UNIT = "systemd-sysext.service"
 UNIT = re.compile(r"[A-Za-z0-9:_.\\@-]{1,250}\.(service|socket|timer|path)", re.ASCII)

@@ -41,6 +41,14 @@ SECTION_FILES: Mapping[str, str] = {
 # The services IncusOS's seed names that this version builds (their configs are the
 # `services` section's); the others are checked and reported as not applied.
 BUILT_SERVICES = ("iscsi", "multipath", "nvme")
+# The applications IncusOS calls primary: one per machine, the one whose API fronts
+# IncusOS's (incus-osd/internal/applications).
+PRIMARY_APPLICATIONS = ("incus", "migration-manager", "operations-center")
+# Incus's certificate types (shared/api/certificate.go); an entry without one is a client.
+INCUS_CERTIFICATE_TYPES = ("client", "metrics")
+# Where the API listens over HTTPS when a seed gives it client certificates and the
+# stored document names no address: IncusOS's (Incus's :8443, which fronts /os).
+SEEDED_LISTEN_ADDRESS = "[::]:8443"
 # IncusOS's other seed files: checked as far as its structs go, not applied by this
 # version (no such section yet) except `install`, which the installer reads, and
 # `applications`, which the update checker installs (apply/seed.py).
@@ -151,11 +159,20 @@ def check_files(files: Mapping[str, bytes], base: model.Config) -> Checked:
         else:
             CHECKS[name](data, errors)
             if not errors and name != "applications":  # wanted by the update checker
-                notes.append(f"{filename}: valid; not applied (this version has no {name} yet)")
+                notes.append(
+                    f"{filename}: valid; its client certificates are the API's, the rest not "
+                    f"applied (this version has no {name} yet)"
+                    if name in PRIMARY_APPLICATIONS
+                    else f"{filename}: valid; not applied (this version has no {name} yet)"
+                )
         problems += [Problem(filename, e.path, e.message) for e in errors]
 
     sections = {SECTION_FILES[n]: d for n, d in raw.items() if n in SECTION_FILES}
     config, errors = seeded_config(base, sections)
+    trusted = client_certificates(raw) if not problems else ()
+    if trusted:
+        config = trusting(config or base, trusted)
+        sections["listener"] = {}
     by_attribute = {SECTION_FILES[n]: f for n, f in names.items() if n in SECTION_FILES}
     for e in errors:
         attribute = e.path.partition(".")[0]
@@ -177,6 +194,24 @@ def check_files(files: Mapping[str, bytes], base: model.Config) -> Checked:
         tuple(notes),
         tuple(sorted(sections)),
         raw,
+    )
+
+
+def trusting(config: model.Config, certificates: tuple[str, ...]) -> model.Config:
+    """`config` whose API also trusts `certificates` (each once, after those it trusted),
+    listening over HTTPS at SEEDED_LISTEN_ADDRESS when it named no address."""
+    from dataclasses import replace
+
+    listener = config.listener
+    known = {c.strip() for c in listener.trusted_client_certificates}
+    added = tuple(dict.fromkeys(c for c in certificates if c.strip() not in known))
+    return replace(
+        config,
+        listener=replace(
+            listener,
+            listen_address=listener.listen_address or SEEDED_LISTEN_ADDRESS,
+            trusted_client_certificates=(*listener.trusted_client_certificates, *added),
+        ),
     )
 
 
@@ -409,12 +444,73 @@ def _check_keys(data: Mapping[str, Any], known: tuple[str, ...], errors: list[Fi
 
 
 def _check_incus(data: Mapping[str, Any], errors: list[FieldError]) -> None:
-    """api/seed/incus.go: apply_defaults, preseed (Incus's InitPreseed, an object)."""
+    """api/seed/incus.go: apply_defaults, preseed (Incus's InitPreseed, an object), whose
+    `certificates` (Incus's CertificatesPost: type, certificate as PEM, restricted, ...)
+    are checked whole: their client certificates become the API's trust."""
     fields = _fields(data)
     _check_keys(fields, ("apply_defaults", "preseed"), errors)
     if not isinstance(fields.get("apply_defaults", False), bool):
         errors.append(FieldError("apply_defaults", "expected true or false"))
     _check_object(fields.get("preseed"), "preseed", errors)
+    preseed = fields.get("preseed")
+    certs = preseed.get("certificates") if isinstance(preseed, Mapping) else None
+    if certs is None:
+        return
+    if not isinstance(certs, list):
+        errors.append(FieldError("preseed.certificates", "expected a list"))
+        return
+    for i, entry in enumerate(certs):
+        path = child("preseed.certificates", i)
+        if not isinstance(entry, Mapping):
+            errors.append(FieldError(path, "expected an object"))
+            continue
+        kind = entry.get("type", "client")
+        if kind not in INCUS_CERTIFICATE_TYPES:
+            shown = show(kind) if isinstance(kind, str) else json.dumps(kind)
+            known = ", ".join(INCUS_CERTIFICATE_TYPES)
+            errors.append(FieldError(child(path, "type"), f"{shown} is not one of {known}"))
+        if not isinstance(entry.get("restricted", False), bool):
+            errors.append(FieldError(child(path, "restricted"), "expected true or false"))
+        _check_pem(entry.get("certificate"), child(path, "certificate"), errors)
+
+
+def _check_pem(pem: Any, path: str, errors: list[FieldError]) -> None:
+    from .formats import check_client_certificate
+
+    if not isinstance(pem, str):
+        errors.append(FieldError(path, "expected a PEM certificate"))
+        return
+    why = check_client_certificate(pem)
+    if why is not None:
+        errors.append(FieldError(path, why))
+
+
+def client_certificates(raw: Mapping[str, Any]) -> tuple[str, ...]:
+    """The client certificates a checked seed's primary application trusts, which IncusOS
+    lets reach its API through that application (Incus's `/os`): the `incus` seed's
+    unrestricted client certificates, or `trusted_client_certificates` of the
+    migration-manager or operations-center seed when the applications seed makes that
+    one the primary (IncusOS adds incus when the seed names no primary)."""
+    wanted = raw.get("applications")
+    apps = wanted.get("applications", ()) if isinstance(wanted, Mapping) else ()
+    names = [a.get("name") for a in apps if isinstance(a, Mapping)]
+    primary = next((n for n in names if n in PRIMARY_APPLICATIONS), "incus")
+    doc = raw.get(primary)
+    if not isinstance(doc, Mapping):
+        return ()
+    if primary != "incus":
+        certs = doc.get("trusted_client_certificates") or ()
+        return tuple(c for c in certs if isinstance(c, str))
+    preseed = doc.get("preseed")
+    entries = preseed.get("certificates") if isinstance(preseed, Mapping) else None
+    return tuple(
+        e["certificate"]
+        for e in (entries if isinstance(entries, list) else ())
+        if isinstance(e, Mapping)
+        and e.get("type", "client") == "client"
+        and e.get("restricted", False) is False
+        and isinstance(e.get("certificate"), str)
+    )
 
 
 def _check_application_seed(data: Mapping[str, Any], errors: list[FieldError]) -> None:
@@ -424,8 +520,11 @@ def _check_application_seed(data: Mapping[str, Any], errors: list[FieldError]) -
     if not isinstance(fields.get("apply_defaults", False), bool):
         errors.append(FieldError("apply_defaults", "expected true or false"))
     certs = fields.get("trusted_client_certificates") or []
-    if not isinstance(certs, list) or not all(isinstance(c, str) for c in certs):
+    if not isinstance(certs, list):
         errors.append(FieldError("trusted_client_certificates", "expected a list of PEM texts"))
+    else:
+        for i, pem in enumerate(certs):
+            _check_pem(pem, child("trusted_client_certificates", i), errors)
     _check_object(fields.get("preseed"), "preseed", errors)
 
 
