@@ -47,7 +47,13 @@ made for the run, through TLS), its S/MIME signature verified, parsed, the lates
 release for the channel picked and planned, and the OS file of the release downloaded
 and its SHA-256 checked, in process (`update.providers.Images` + `index.plan` +
 `fetch.download`, what the service runs), against `curl` + `openssl smime -verify` +
-`curl` + `sha256sum`. Medians of BENCH_RUNS runs, and the ratio.
+`curl` + `sha256sum`. Medians of BENCH_RUNS runs, and the ratio. Then how long an
+application update keeps the application's API down (goal: <= 2 s), in the container rung
+of tests/test_apps_system.py (Debian 13 booted by systemd-nspawn, the package installed):
+ci/bench_apps_guest.py installs tests/guest_apps.py's application (a sysext whose unit
+serves HTTP, answering its version) and updates it 5 times through `:check-update` while
+a thread polls the application's endpoint every 10 ms; the downtime is from the old
+version's last answer to the new version's first, as that client saw them.
 Image (`--image` alone, not in all: four boots of the appliance image under TCG, tens of
 minutes): seconds from qemu's start to the API answering over mutual TLS, first and later
 boot, against the same image booted without the configure step (networkd on a static
@@ -937,6 +943,64 @@ def update_vs_tools() -> None:
     print(f"  incusos-hal (fetch, verify, parse, plan, download, sha256): {ours_ms:8.1f} ms")
     print(f"  curl + openssl smime -verify + curl + sha256sum:           {tools_ms:8.1f} ms")
     print(f"  ratio (ours / tools): {ours_ms / tools_ms:.2f}")
+    app_update_downtime()
+
+
+def app_update_downtime(updates: int = 5, goal: float = 2.0) -> None:
+    """An application updated `updates` times in the container rung, its endpoint polled
+    from inside the container meanwhile (ci/bench_apps_guest.py): seconds from the old
+    version's last answer to the new one's first, median and max; the goal holds for
+    every update (the max)."""
+    from test_apps_system import _loop_nodes
+
+    import nspawn
+
+    with tempfile.TemporaryDirectory(prefix="ihal-bench-apps-", dir="/var/tmp") as tmp:
+        work = Path(tmp)
+        root = nspawn.rootfs("container-apps", nspawn.APPS_PACKAGES)
+        package = nspawn.install_layer(root, work / "package")
+        probe_dir = work / "probe"
+        with nspawn.overlay([package, root], work / "machine") as merged:
+            guest = (HERE / "ci/bench_apps_guest.py").read_text()
+            nspawn.install_probe(merged, nspawn.PROBE_UNIT, probe_dir, guest)
+            shutil.copy(HERE / "tests/guest_apps.py", probe_dir / "guest_apps.py")
+            (probe_dir / "updates").write_text(f"{updates}\n")
+            cmd = [
+                "systemd-nspawn", "-q", "--register=no", "--keep-unit", "--boot",
+                "--private-network", "--timezone=off", "--resolv-conf=off",
+                f"--machine=ihal-bench-{os.getpid()}", "-D", str(merged),
+                f"--bind={probe_dir}:/probe",
+                *(f"--bind={node}" for node in _loop_nodes()),
+            ]  # fmt: skip
+            env = dict(os.environ, SYSTEMD_NSPAWN_UNIFIED_HIERARCHY="1")
+            code, console = nspawn.run_logged(cmd, probe_dir / "console.log", 600, env=env)
+        result = probe_dir / "result.json"
+        got = json.loads(result.read_text()) if result.exists() else None
+    if got is None or "error" in got:
+        why = got["error"] if got else f"no result (nspawn exit {code}): {console[-1500:]}"
+        print(f"application update: could not be measured: {why[-1500:]}")
+        if got and got.get("journal"):
+            print(f"  journal: {got['journal'][-1500:]}")
+        return
+    verdict = "met" if got["max_s"] <= goal else "NOT met"
+    print(
+        f"application update: API down median {got['median_s']:.2f} s, max {got['max_s']:.2f} s"
+        f" over {got['updates']} updates (goal <= {goal:g} s: {verdict})"
+    )
+    print(
+        f"  (container, endpoint polled every {got['interval_s'] * 1e3:g} ms from inside:"
+        f" old version's last answer to the new one's first; each {_seconds(got['down_s'])};"
+        f" :check-update answered in {_seconds(got['call_s'])})"
+    )
+    if max(got["longest_silence_s"]) > got["max_s"] + 1e-9 or any(got["old_after_new"]):
+        print(
+            f"  longest silence {_seconds(got['longest_silence_s'])},"
+            f" old version answering after the new {got['old_after_new']}"
+        )
+
+
+def _seconds(values: list[float]) -> str:
+    return ", ".join(f"{v:.2f}" for v in values) + " s"
 
 
 def image_boots() -> None:
@@ -989,6 +1053,7 @@ def main() -> None:
     only = sys.argv[1:]
     if only == ["--update"]:
         update_vs_tools()
+        return
     if only == ["--image"]:
         image_boots()
         return
