@@ -218,6 +218,17 @@ def run() -> dict:
     r["restart"] = call("POST", "/1.0/applications/hello/:restart", {})
     wait_for(lambda: bool(app_answer()) and main_pid("hello.service") != r["pid2"], 30)
     r["pid_restarted"] = main_pid("hello.service")
+    # :switch-version: back to the version kept on disk, a version not kept refused,
+    # then forward again by name; each time the unit answers the version merged.
+    switch = "/1.0/applications/hello/:switch-version"
+    r["switch_back"] = call("POST", switch, {})
+    r["switched_back_after_s"] = wait_for(lambda: app_answer().startswith("hello 1 "), 30)
+    r["get_switched"] = call("GET", "/1.0/applications/hello")
+    r["switch_unknown"] = call("POST", switch, {"version": "7"})
+    r["switch_forward"] = call("POST", switch, {"version": "2"})
+    r["switched_forward_after_s"] = wait_for(lambda: app_answer().startswith("hello 2 "), 30)
+    r["kept_versions"] = sorted(os.listdir("/var/lib/incusos-extensions/hello"))
+    r["extension_link"] = os.readlink("/var/lib/extensions/hello.raw")
     # One primary application.
     build("incus", "1")
     build("migration-manager", "1")
@@ -231,6 +242,7 @@ def run() -> dict:
     r["remove"] = call("POST", "/1.0/applications/hello/:remove", {})
     r["list_after_remove"] = call("GET", "/1.0/applications")
     r["image_gone"] = not Path("/var/lib/extensions/hello.raw").exists()
+    r["versions_gone"] = not Path("/var/lib/incusos-extensions/hello").exists()
     r["release_gone"] = not Path("/usr/lib/extension-release.d/extension-release.hello").exists()
     r["unit_after_remove"] = sh("systemctl", "show", "-P", "LoadState,ActiveState", "hello.service")
     r["data_after_remove"] = sorted(os.listdir(DATA)) if DATA.exists() else None

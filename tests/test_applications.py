@@ -11,14 +11,16 @@ import asyncio
 import hashlib
 import io
 import json
+import os
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from incusos_hal.api.applications import local_source
-from incusos_hal.apply.applications import Installed, state_document
+from incusos_hal.apply.applications import Installed, VerifiedImage, state_document
 from incusos_hal.hal import sysext, sysupdate
 from incusos_hal.update.index import compare_versions
 
@@ -190,18 +192,18 @@ def test_versions_compare_by_their_numbers() -> None:
 
 
 def test_state_document_has_incusos_keys() -> None:
-    doc = state_document(Installed("hello", "2", ("hello.service",), "00"))
+    doc = state_document(Installed("hello", "2", ("hello.service",), "00"), ["1", "2"])
     assert doc == {
         "state": {
             "is_primary": False,
             "initialized": True,
             "friendly_version": "2",
             "version": "2",
-            "available_versions": ["2"],
+            "available_versions": ["1", "2"],
         },
         "config": {},
     }
-    assert state_document(Installed("incus", "1", (), ""))["state"]["is_primary"] is True
+    assert state_document(Installed("incus", "1", (), ""), ["1"])["state"]["is_primary"] is True
 
 
 def _tar(members: list[tuple[tarfile.TarInfo, bytes]]) -> bytes:
@@ -461,3 +463,123 @@ def test_a_removed_seed_application_is_not_installed_again(tmp_path: Path) -> No
 
     assert asyncio.run(main()) == {"incus": "1", "later": ""}
     assert "stop hello.service" in units.calls
+
+
+class _MergingUnits(_NoteUnits):
+    """systemd-sysext's part, as far as the manager sees it: a refresh merges what
+    /var/lib/extensions/hello.raw links to (its extension-release appears), and refuses
+    an image that says BAD. The real merge is the container rung's (test_apps_system)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__()
+        self.root = root
+
+    async def reload_or_restart(self, unit: str) -> None:
+        from incusos_hal.apply.systemd import ApplyError
+
+        link = self.root / "var/lib/extensions/hello.raw"
+        data = link.read_bytes() if link.exists() else b""
+        self.calls.append(f"refresh {data[4:12].rstrip(bytes(1)).decode()}")
+        if b"BAD" in data:
+            raise ApplyError("systemd-sysext: refused")
+        release = self.root / "usr/lib/extension-release.d/extension-release.hello"
+        release.parent.mkdir(parents=True, exist_ok=True)
+        release.write_text("ID=_any\nINCUSOS_HAL_UNITS=hello.service\n")
+
+
+def _image(tmp_path: Path, version: str, mark: bytes = b"") -> VerifiedImage:
+    path = tmp_path / f"hello_{version}.raw"
+    path.write_bytes(b"hsqs" + f"v{version}".encode().ljust(8, b"\0") + mark + bytes(4096))
+    return VerifiedImage("hello", version, path, hashlib.sha256(path.read_bytes()).hexdigest())
+
+
+def test_versions_are_kept_and_switched_as_incusos_switches_them(tmp_path: Path) -> None:
+    """An update keeps the version it replaced (also one placed before versions were
+    kept: a file, not a link); :switch-version goes back to it, or to a named kept
+    version, with IncusOS's refusals; a third version forgets the oldest; a version
+    systemd-sysext refuses leaves the link and the record as they were."""
+    from incusos_hal.apply.applications import AppError, Applications
+    from incusos_hal.hal import sysext
+
+    root, state = tmp_path / "root", tmp_path / "state"
+    state.mkdir()
+    (state / "applications.json").write_text(
+        json.dumps({"hello": {"version": "1", "units": ["hello.service"], "sha256": ""}})
+    )
+    legacy = root / "var/lib/extensions/hello.raw"
+    legacy.parent.mkdir(parents=True)
+    legacy.write_bytes(_image(tmp_path, "1").path.read_bytes())
+    units = _MergingUnits(root)
+
+    async def main() -> dict[str, Any]:
+        apps = Applications(state, str(root), units, asyncio.Lock())
+        seen: dict[str, Any] = {}
+        with pytest.raises(AppError, match="only one version") as one:
+            await apps.switch_version("hello", "")
+        seen["only_one"] = one.value.status
+        await apps.install_verified(_image(tmp_path, "2"), new=False)
+        seen["after_update"] = apps.available_versions(apps.get("hello"))
+        seen["link_2"] = os.readlink(legacy)
+        await apps.switch_version("hello", "")
+        seen["back"] = apps.get("hello").version
+        with pytest.raises(AppError, match="no earlier version") as earliest:
+            await apps.switch_version("hello", "")
+        seen["earliest"] = earliest.value.status
+        with pytest.raises(AppError, match="'9' because it does not exist locally"):
+            await apps.switch_version("hello", "9")
+        await apps.switch_version("hello", "2")
+        seen["forward"] = (apps.get("hello").version, legacy.read_bytes()[4:6])
+        await apps.install_verified(_image(tmp_path, "3"), new=False)
+        seen["after_third"] = apps.available_versions(apps.get("hello"))
+        # Version 2 kept, but damaged on disk after it ran: systemd-sysext refuses it.
+        kept_2 = sysext.version_path(str(root), "hello", "2")
+        kept_2.write_bytes(kept_2.read_bytes() + b"BAD")
+        before = (os.readlink(legacy), (state / "applications.json").read_bytes())
+        with pytest.raises(AppError, match="systemd-sysext refused"):
+            await apps.switch_version("hello", "2")
+        seen["unchanged"] = (os.readlink(legacy), (state / "applications.json").read_bytes())
+        seen["before"] = before
+        with pytest.raises(AppError, match="not the one it was verified with"):
+            bad = _image(tmp_path, "4")
+            await apps.install_verified(VerifiedImage("hello", "4", bad.path, "0" * 64), new=False)
+        seen["after_refused"] = sorted(sysext.versions(str(root), "hello"))
+        return seen
+
+    seen = asyncio.run(main())
+    assert (seen["only_one"], seen["earliest"]) == (400, 400)
+    assert seen["after_update"] == ["1", "2"]
+    assert seen["link_2"] == str(root / "var/lib/incusos-extensions/hello/2.raw")
+    assert seen["back"] == "1"
+    assert seen["forward"] == ("2", b"v2")
+    assert seen["after_third"] == ["2", "3"]
+    assert seen["unchanged"] == seen["before"]
+    assert seen["after_refused"] == ["2", "3"]
+    assert json.loads((state / "applications.json").read_text())["hello"]["version"] == "3"
+    # Each switch restarted the unit on the version it merged.
+    assert [c for c in units.calls if c.startswith(("refresh", "restart"))][:8] == [
+        "refresh v2",
+        "restart hello.service",
+        "refresh v1",
+        "restart hello.service",
+        "refresh v2",
+        "restart hello.service",
+        "refresh v3",
+        "restart hello.service",
+    ]
+
+
+def test_switch_version_over_the_api_refuses_bad_bodies(api: apiserver.Server) -> None:
+    record = {"hello": {"version": "1", "units": ["hello.service"], "sha256": ""}}
+    (api.state / "applications.json").write_text(json.dumps(record))
+    before = (api.state / "applications.json").read_bytes()
+    for name, body, status, words in (
+        ("hello", b'{"version": 2}', 400, "version: expected a string"),
+        ("hello", b'{"versoin": "2"}', 400, "unknown field 'versoin'"),
+        ("hello", b"[]", 400, "must be a JSON object"),
+        ("hello", b"", 400, "only one version of the application is available locally"),
+        ("hello", b'{"version": "../../x"}', 400, "only one version"),
+        ("other", b"{}", 404, "Not Found"),
+    ):
+        r = api.curl("POST", f"/1.0/applications/{name}/:switch-version", body=body)
+        assert (r.status, words in r.json["error"]) == (status, True), r.body
+    assert (api.state / "applications.json").read_bytes() == before

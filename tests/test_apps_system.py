@@ -158,3 +158,21 @@ def test_remove_takes_image_unit_and_data_away(probe: dict[str, Any]) -> None:
     assert probe["unit_after_remove"].split() in (["not-found", "inactive"],), probe
     assert probe["data_after_remove"] == [], probe["data_after_remove"]
     assert probe["exit"] != -signal.SIGKILL, probe["console_end"]
+
+
+def test_switch_version_runs_the_kept_version_and_back(probe: dict[str, Any]) -> None:
+    """IncusOS's :switch-version under real systemd-sysext: with no version named, the
+    one the update replaced (kept on disk) is merged and its unit answers; a version not
+    kept is refused; the newer one named comes back."""
+    assert probe["switch_back"]["status"] == 200, (probe["switch_back"], probe["journal"])
+    assert probe["switched_back_after_s"] is not None, probe["journal"]
+    state = _meta(probe["get_switched"])["state"]
+    assert (state["version"], state["available_versions"]) == ("1", ["1", "2"]), state
+    unknown = probe["switch_unknown"]
+    assert unknown["status"] == 400, unknown
+    assert "'7' because it does not exist locally" in unknown["body"]["error"], unknown
+    assert probe["switch_forward"]["status"] == 200, probe["switch_forward"]
+    assert probe["switched_forward_after_s"] is not None, probe["journal"]
+    assert probe["kept_versions"] == ["1.raw", "2.raw"], probe["kept_versions"]
+    assert probe["extension_link"] == "/var/lib/incusos-extensions/hello/2.raw"
+    assert probe["versions_gone"], "removing the application removes its kept versions"

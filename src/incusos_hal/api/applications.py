@@ -6,6 +6,7 @@ api_applications.go), for applications that are system extensions (apply/applica
     GET  /1.0/applications/{name}                 {"state": ApplicationState, "config": {}}
     POST /1.0/applications/{name}/:check-update   update to the source's newest, if newer
     POST /1.0/applications/{name}/:restart        restart its units
+    POST /1.0/applications/{name}/:switch-version  run a kept version ({"version"})
     POST /1.0/applications/{name}/:remove         stop, wipe its data, remove its image
     POST /1.0/applications/{name}/:factory-reset  wipe its data, start it again
     POST /1.0/applications/{name}/:backup         its data as a tar.gz
@@ -195,7 +196,23 @@ async def post_applications(request: web.Request) -> web.Response:
 async def get_application(request: web.Request) -> web.Response:
     name = _name(request)
     app = await _run(_get(request, name))
-    return _sync(state_document(app))
+    return _sync(state_document(app, _apps(request).available_versions(app)))
+
+
+async def post_switch_version(request: web.Request) -> web.Response:
+    """IncusOS's body: {"version"} (optional; none: the version before the installed
+    one). Unknown keys refused, as IncusOS's decoder does."""
+    name = _name(request)
+    await _run(_get(request, name))  # 404 first, as IncusOS
+    body = await _body(request)
+    unknown = sorted(set(body) - {"version"})
+    if unknown:
+        raise ApiError(400, f"unknown field {unknown[0]!r}")
+    version = body.get("version", "")
+    if not isinstance(version, str):
+        raise ApiError(400, "version: expected a string")
+    await _run(_apps(request).switch_version(name, version))
+    return _sync({})
 
 
 async def _get(request: web.Request, name: str) -> Any:
@@ -267,6 +284,12 @@ def routes() -> list[Route]:
             "update the application to the source's newest image, restarting its units",
         ),
         Route("POST", f"{one}/:restart", post_restart, "restart the application's units"),
+        Route(
+            "POST",
+            f"{one}/:switch-version",
+            post_switch_version,
+            "run another version kept on disk (none given: the one before), restarting it",
+        ),
         Route(
             "POST",
             f"{one}/:remove",

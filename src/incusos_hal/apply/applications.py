@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import re
 import time
@@ -195,38 +196,122 @@ class Applications:
                         f"version {image.version} is not newer than the installed "
                         f"{current.version}",
                     )
-            systemd = self._systemd()
+            self._systemd()  # without a system manager: refused before anything is written
             await self._thread(lambda: self._check_image(image))
-            previous = await self._thread(lambda: sysext.place(self.root, image.name, image.path))
+            kept = set(sysext.versions(self.root, image.name))
+
+            def keep() -> None:
+                if current is not None:
+                    sysext.adopt(self.root, image.name, current.version)
+                sysext.check_version(image.version)
+                sysext.keep(self.root, image.name, image.version, image.path)
+
             try:
-                await systemd.reload_or_restart(SYSEXT_UNIT)
-                release = sysext.release(self.root, image.name)
-                if release is None:
-                    raise AppError(
-                        400, f"the image carries no extension-release.{image.name} once merged"
+                await self._thread(keep)
+            except ImageError as e:
+                raise AppError(400, str(e)) from None
+            try:
+                units = await self._link_and_refresh(image.name, image.version)
+            except AppError:
+                if image.version not in kept:
+                    sysext.version_path(self.root, image.name, image.version).unlink(
+                        missing_ok=True
                     )
-                units = _units(release, image.name)
-            except (ApplyError, AppError) as e:
-                await self._thread(lambda: sysext.put_back(self.root, image.name, previous))
-                with contextlib.suppress(ApplyError):  # the first error is the one to report
-                    await systemd.reload_or_restart(SYSEXT_UNIT)
-                if isinstance(e, AppError):
-                    raise
-                raise AppError(400, f"systemd-sysext refused the image: {e}") from None
-            await systemd.daemon_reload()
+                raise
             self.data_dir(image.name).mkdir(parents=True, exist_ok=True, mode=0o755)
             record = Installed(image.name, image.version, units, image.sha256)
             apps[image.name] = record
             self._save(apps)
-            for unit in units:
-                if new:
-                    await systemd.start(unit, "replace")
-                else:
-                    await systemd.restart(unit)
-            # An update that no longer ships a unit the old version ran: stop it.
-            if current is not None:
-                for unit in set(current.units) - set(units):
-                    await systemd.stop(unit)
+            await self._start_or_restart(record, current, new=new)
+            # Kept: this version and the one it replaced (`switch_version` goes back).
+            keep_versions = {image.version} | ({current.version} if current else set())
+            await self._thread(lambda: sysext.forget(self.root, image.name, keep_versions))
+            return record
+
+    async def _link_and_refresh(self, name: str, version: str) -> tuple[str, ...]:
+        """Link kept `version` as the image of `name` and have systemd-sysext merge it:
+        the units its extension-release names. Refused (400): the link put back and the
+        extensions refreshed again, so what ran before is what is merged."""
+        systemd = self._systemd()
+        previous = await self._thread(lambda: sysext.link(self.root, name, version))
+        try:
+            await systemd.reload_or_restart(SYSEXT_UNIT)
+            release = sysext.release(self.root, name)
+            if release is None:
+                raise AppError(400, f"the image carries no extension-release.{name} once merged")
+            units = _units(release, name)
+        except (ApplyError, AppError) as e:
+            await self._thread(lambda: sysext.point(self.root, name, previous))
+            with contextlib.suppress(ApplyError):  # the first error is the one to report
+                await systemd.reload_or_restart(SYSEXT_UNIT)
+            if isinstance(e, AppError):
+                raise
+            raise AppError(400, f"systemd-sysext refused the image: {e}") from None
+        await systemd.daemon_reload()
+        return units
+
+    async def _start_or_restart(
+        self, record: Installed, current: Installed | None, *, new: bool
+    ) -> None:
+        systemd = self._systemd()
+        for unit in record.units:
+            if new:
+                await systemd.start(unit, "replace")
+            else:
+                await systemd.restart(unit)
+        # A version that no longer ships a unit the old one ran: stop it.
+        if current is not None:
+            for unit in set(current.units) - set(record.units):
+                await systemd.stop(unit)
+
+    def available_versions(self, app: Installed) -> list[str]:
+        """The versions of `app` kept on disk, oldest first (the installed one included,
+        also when it was placed before versions were kept)."""
+        found = set(sysext.versions(self.root, app.name)) | {app.version}
+        return sorted(found, key=functools.cmp_to_key(compare_versions))
+
+    async def switch_version(self, name: str, version: str) -> Installed:
+        """IncusOS's :switch-version: run kept version `version` of `name`, or ("") the
+        one before the installed one; merged, its units restarted. IncusOS's refusals
+        (400) for a version not kept and for nothing to go back to."""
+        async with self.lock:
+            apps = self.installed()
+            current = apps.get(name)
+            if current is None:
+                raise AppError(404, "Not Found")
+            available = self.available_versions(current)
+            if len(available) == 1:
+                raise AppError(
+                    400,
+                    "only one version of the application is available locally, cannot "
+                    "switch to a different version",
+                )
+            if not version:
+                at = available.index(current.version)
+                if at == 0:
+                    raise AppError(
+                        400,
+                        "cannot rollback application as no earlier version is available locally",
+                    )
+                version = available[at - 1]
+            elif version not in available:
+                raise AppError(
+                    400,
+                    f"cannot switch application to version '{version}' because it does not "
+                    "exist locally",
+                )
+            if version == current.version:
+                return current
+            await self._thread(lambda: sysext.adopt(self.root, name, current.version))
+            path = sysext.version_path(self.root, name, version)
+            digest = await self._thread(lambda: sysext.sha256(path))
+            units = await self._link_and_refresh(name, version)
+            record = Installed(
+                name, version, units, digest, current.initialized, current.last_restored
+            )
+            apps[name] = record
+            self._save(apps)
+            await self._start_or_restart(record, current, new=False)
             return record
 
     def _check_image(self, image: VerifiedImage) -> None:
@@ -311,15 +396,15 @@ class Applications:
             self._save(apps)
 
 
-def state_document(app: Installed) -> dict[str, Any]:
+def state_document(app: Installed, available: list[str]) -> dict[str, Any]:
     """IncusOS's Application: {"state": ApplicationState, "config": {}}; every state key
-    is always present but last_restored (omitempty)."""
+    is always present but last_restored (omitempty). `available`: the versions kept."""
     state: dict[str, Any] = {
         "is_primary": app.name in PRIMARY,
         "initialized": app.initialized,
         "friendly_version": app.version,
         "version": app.version,
-        "available_versions": [app.version],
+        "available_versions": available,
     }
     if app.last_restored:
         state["last_restored"] = app.last_restored

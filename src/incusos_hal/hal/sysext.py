@@ -1,5 +1,6 @@
-"""System extension images (`.raw`) on disk: their names, their formats, placing them
-in /var/lib/extensions, an application's data as a tar archive.
+"""System extension images (`.raw`) on disk: their names, their formats, the versions
+kept of each and the link in /var/lib/extensions that picks one, an application's data
+as a tar archive.
 
 systemd-sysext merges every image in /var/lib/extensions over /usr (an overlay) when
 systemd-sysext.service starts or reloads (`systemd-sysext refresh`); an image named
@@ -21,9 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..core.files import atomic_write
-
 EXTENSIONS_DIR = "var/lib/extensions"
+# Each application's images, one per version kept (IncusOS's /var/lib/incus-os-extensions):
+# NAME/VERSION.raw, which /var/lib/extensions/NAME.raw links to. Never inside
+# /var/lib/extensions, where systemd-sysext would take a directory for an extension.
+VERSIONS_DIR = "var/lib/incusos-extensions"
+# A version as the update index spells one, safe as a file name.
+VERSION = re.compile(r"[0-9A-Za-z][0-9A-Za-z.~^-]{0,63}", re.ASCII)
 RELEASE_DIR = "usr/lib/extension-release.d"
 # An application's name: a file name, a unit-name-safe word, never a hidden file.
 NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}", re.ASCII)
@@ -75,13 +80,31 @@ def image_path(root: str, name: str) -> Path:
     return Path(root) / EXTENSIONS_DIR / f"{check_name(name)}.raw"
 
 
-def place(root: str, name: str, source: Path) -> bytes | None:
-    """Copy `source` to /var/lib/extensions/NAME.raw atomically (a temporary file in the
-    same directory, fsync'ed, renamed over). Returns what was there before, for
-    `put_back` if the refresh then fails."""
-    dest = image_path(root, name)
-    dest.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-    previous = dest.read_bytes() if dest.exists() else None
+def version_path(root: str, name: str, version: str) -> Path:
+    return Path(root) / VERSIONS_DIR / check_name(name) / f"{check_version(version)}.raw"
+
+
+def check_version(version: str) -> str:
+    """A version that can be a file name (the update index's version words)."""
+    if not VERSION.fullmatch(version):
+        raise ImageError(f"{version!r} is not a version (0-9, A-Z, a-z, '.~^-')")
+    return version
+
+
+def versions(root: str, name: str) -> list[str]:
+    """The versions of `name` kept on disk, unordered (the caller orders versions)."""
+    try:
+        entries = os.listdir(Path(root) / VERSIONS_DIR / check_name(name))
+    except OSError:
+        return []
+    return [e[:-4] for e in entries if e.endswith(".raw") and VERSION.fullmatch(e[:-4])]
+
+
+def keep(root: str, name: str, version: str, source: Path) -> None:
+    """Copy `source` in as version `version` of `name`, atomically (a temporary file in
+    the same directory, fsync'ed, renamed over)."""
+    dest = version_path(root, name, version)
+    dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = dest.with_name(f".{dest.name}.partial")
     try:
         with open(source, "rb") as src, open(tmp, "wb") as out:
@@ -92,19 +115,60 @@ def place(root: str, name: str, source: Path) -> bytes | None:
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def adopt(root: str, name: str, version: str) -> None:
+    """An image placed by a version before versions were kept (a file, not a link, at
+    /var/lib/extensions/NAME.raw) becomes version `version`, linked as the others."""
+    link = image_path(root, name)
+    if link.is_symlink() or not link.is_file():
+        return
+    dest = version_path(root, name, version)
+    dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.replace(link, dest)
+    point(root, name, str(dest))
+
+
+def linked(root: str, name: str) -> str | None:
+    """Where /var/lib/extensions/NAME.raw points (None: nothing there, or no link)."""
+    try:
+        return os.readlink(image_path(root, name))
+    except OSError:
+        return None
+
+
+def link(root: str, name: str, version: str) -> str | None:
+    """Point /var/lib/extensions/NAME.raw at kept version `version`, atomically (a new
+    link renamed over the old). Returns where it pointed before, for `point` to put
+    back if the refresh then fails."""
+    previous = linked(root, name)
+    point(root, name, str(version_path(root, name, version)))
     return previous
 
 
-def put_back(root: str, name: str, previous: bytes | None) -> None:
+def point(root: str, name: str, target: str | None) -> None:
+    """/var/lib/extensions/NAME.raw as a link to `target`, or gone (None)."""
     dest = image_path(root, name)
-    if previous is None:
+    if target is None:
         dest.unlink(missing_ok=True)
-    else:
-        atomic_write(dest, previous, mode=0o644)
+        return
+    dest.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    tmp = dest.with_name(f".{dest.name}.link")
+    tmp.unlink(missing_ok=True)
+    os.symlink(target, tmp)
+    os.replace(tmp, dest)
+
+
+def forget(root: str, name: str, versions_kept: set[str]) -> None:
+    """Every kept version of `name` but `versions_kept` deleted."""
+    for version in versions(root, name):
+        if version not in versions_kept:
+            version_path(root, name, version).unlink(missing_ok=True)
 
 
 def remove(root: str, name: str) -> None:
     image_path(root, name).unlink(missing_ok=True)
+    shutil.rmtree(Path(root) / VERSIONS_DIR / check_name(name), ignore_errors=True)
 
 
 def release(root: str, name: str) -> dict[str, str] | None:
