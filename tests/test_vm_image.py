@@ -192,11 +192,27 @@ def _publish_update(
     auth = image.signed_append(
         "db", secureboot.EFI_IMAGE_SECURITY_DATABASE, lists, keys / "db.key", keys / "db.crt"
     )
+    # And a dbx update revoking the certificate the image is signed with, signed as
+    # validly (the firmware would take it): the machine must refuse it, or no boot after
+    # this one would pass Secure Boot (issue 19's bad input, on the booted image).
+    signer = subprocess.run(
+        ["openssl", "x509", "-in", str(keys / "db.crt"), "-outform", "DER"],
+        check=True,
+        capture_output=True,
+    ).stdout
+    revoke = secureboot.signature_list("x509", [(DB_OWNER, signer)])
+    dbx_auth = image.signed_append(
+        "dbx", secureboot.EFI_IMAGE_SECURITY_DATABASE, revoke, keys / "db.key", keys / "db.crt"
+    )
     archive = io.BytesIO()
     with tarfile.open(fileobj=archive, mode="w") as tar:
-        info = tarfile.TarInfo(f"db_{fingerprint}.auth")
-        info.size = len(auth)
-        tar.addfile(info, io.BytesIO(auth))
+        for name, data in (
+            (f"db_{fingerprint}.auth", auth),
+            (f"dbx_{hashlib.sha256(signer).hexdigest()}.auth", dbx_auth),
+        ):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
     made = release(version, ["stable"], files)
     sb_name = f"incusos-hal_{version}.secureboot.tar"
     made["files"].append(file_entry(sb_name, archive.getvalue(), "os", "update-secureboot"))
@@ -349,6 +365,10 @@ def test_image_boots_encrypts_updates_and_answers(
     updated = f"The OS has been updated to version {next_version}; "
     assert staged["status"].startswith(updated), staged
     assert "re-sealed to the next boot's PCR 7" in staged["status"], staged
+    # The dbx update revoking the image's own signer: refused, naming what it would
+    # revoke (boot 2 booting under Secure Boot shows it was never written).
+    assert "refusing dbx update" in staged["status"], staged
+    assert "would revoke the boot image incusos-hal_" in staged["status"], staged
     assert "failed" not in staged["status"], staged
     assert staged["needs_reboot"] is True, staged
     assert staged["booted"]["version"] == version, staged
@@ -405,6 +425,8 @@ def test_image_boots_encrypts_updates_and_answers(
     # TPM still opened root and swap: the re-seal predicted that PCR 7.
     db = [c["fingerprint"] for c in secured["secure_boot_certificates"] if c["type"] == "db"]
     assert db_added in db, secured["secure_boot_certificates"]
+    dbx = [c["fingerprint"] for c in secured["secure_boot_certificates"] if c["type"] == "dbx"]
+    assert not set(dbx) & set(db), secured["secure_boot_certificates"]
     assert again["config"]["encryption_recovery_keys"] == keys
     assert probe.get("opens") == ["root-x86-64", "swap"], probe.get("opens")
     labels = probe["partlabels"]
