@@ -53,7 +53,8 @@ of tests/test_apps_system.py (Debian 13 booted by systemd-nspawn, the package in
 ci/bench_apps_guest.py installs tests/guest_apps.py's application (a sysext whose unit
 serves HTTP, answering its version) and updates it 5 times through `:check-update` while
 a thread polls the application's endpoint every 10 ms; the downtime is from the old
-version's last answer to the new version's first, as that client saw them.
+version's last answer to the new version's first, as that client saw them. The updates
+are spaced to stay under systemd's start rate limit for the unit (5 starts in 10 s).
 Image (`--image` alone, not in all: four boots of the appliance image under TCG, tens of
 minutes): seconds from qemu's start to the API answering over mutual TLS, first and later
 boot, against the same image booted without the configure step (networkd on a static
@@ -990,7 +991,8 @@ def app_update_downtime(updates: int = 5, goal: float = 2.0) -> None:
     print(
         f"  (container, endpoint polled every {got['interval_s'] * 1e3:g} ms from inside:"
         f" old version's last answer to the new one's first; each {_seconds(got['down_s'])};"
-        f" :check-update answered in {_seconds(got['call_s'])})"
+        f" :check-update answered in {_seconds(got['call_s'])}; updates at least"
+        f" {got['spacing_s']:.1f} s apart, under the unit's start rate limit)"
     )
     if max(got["longest_silence_s"]) > got["max_s"] + 1e-9 or any(got["old_after_new"]):
         print(
