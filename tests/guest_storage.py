@@ -276,6 +276,10 @@ def export_import(d: list) -> dict:
 
     raw = os.urandom(32)
     Path("/root/other.key").write_bytes(raw)
+    # As the service does before it partitions disks (sections/storage.PARTITIONING): the
+    # delete just wiped disks, and zpool create behind udev's queue failed "no such pool
+    # or dataset" here (the probe's own create, beside the image test).
+    out["other_settle"] = sh("udevadm", "settle", "--timeout=60")
     out["other_create"] = sh(
         *(
             "zpool",
