@@ -473,6 +473,15 @@ class _MergingUnits(_NoteUnits):
     def __init__(self, root: Path) -> None:
         super().__init__()
         self.root = root
+        self.fail_reload = False
+
+    async def daemon_reload(self) -> None:
+        from incusos_hal.apply.systemd import ApplyError
+
+        await super().daemon_reload()
+        if self.fail_reload:
+            self.fail_reload = False  # once: the put-back's reload succeeds
+            raise ApplyError("daemon-reload: timed out")
 
     async def reload_or_restart(self, unit: str) -> None:
         from incusos_hal.apply.systemd import ApplyError
@@ -503,12 +512,13 @@ def test_versions_are_kept_and_switched_as_incusos_switches_them(tmp_path: Path)
 
     root, state = tmp_path / "root", tmp_path / "state"
     state.mkdir()
+    first = _image(tmp_path, "1")
     (state / "applications.json").write_text(
-        json.dumps({"hello": {"version": "1", "units": ["hello.service"], "sha256": ""}})
+        json.dumps({"hello": {"version": "1", "units": ["hello.service"], "sha256": first.sha256}})
     )
     legacy = root / "var/lib/extensions/hello.raw"
     legacy.parent.mkdir(parents=True)
-    legacy.write_bytes(_image(tmp_path, "1").path.read_bytes())
+    legacy.write_bytes(first.path.read_bytes())
     units = _MergingUnits(root)
 
     async def main() -> dict[str, Any]:
@@ -531,18 +541,34 @@ def test_versions_are_kept_and_switched_as_incusos_switches_them(tmp_path: Path)
         seen["forward"] = (apps.get("hello").version, legacy.read_bytes()[4:6])
         await apps.install_verified(_image(tmp_path, "3"), new=False)
         seen["after_third"] = apps.available_versions(apps.get("hello"))
-        # Version 2 kept, but damaged on disk after it ran: systemd-sysext refuses it.
-        kept_2 = sysext.version_path(str(root), "hello", "2")
-        kept_2.write_bytes(kept_2.read_bytes() + b"BAD")
         before = (os.readlink(legacy), (state / "applications.json").read_bytes())
-        with pytest.raises(AppError, match="systemd-sysext refused"):
+        # Version 2 kept, but changed on disk since its install: never run.
+        kept_2 = sysext.version_path(str(root), "hello", "2")
+        kept_2.write_bytes(kept_2.read_bytes() + b"changed")
+        with pytest.raises(AppError, match="not the one verified when it was installed"):
             await apps.switch_version("hello", "2")
-        seen["unchanged"] = (os.readlink(legacy), (state / "applications.json").read_bytes())
-        seen["before"] = before
+        # An image whose hash is not the one verified is never kept.
         with pytest.raises(AppError, match="not the one it was verified with"):
             bad = _image(tmp_path, "4")
             await apps.install_verified(VerifiedImage("hello", "4", bad.path, "0" * 64), new=False)
+        # systemd-sysext refuses version 4: linked back, merged again, nothing recorded.
+        with pytest.raises(AppError, match="systemd-sysext refused"):
+            await apps.install_verified(_image(tmp_path, "4", b"BAD"), new=False)
+        # The system manager's reload fails after the merge: the same.
+        units.fail_reload = True
+        with pytest.raises(AppError, match="did not reload its units") as reload:
+            await apps.install_verified(_image(tmp_path, "5"), new=False)
+        units.fail_reload = False
+        seen["reload_status"] = reload.value.status
+        seen["unchanged"] = (os.readlink(legacy), (state / "applications.json").read_bytes())
+        seen["before"] = before
         seen["after_refused"] = sorted(sysext.versions(str(root), "hello"))
+        seen["merged_last"] = units.calls[-2:]
+        # A link that disagrees with the record (a crash between the two): switching to
+        # the recorded version links and merges it again.
+        sysext.point(str(root), "hello", str(kept_2))
+        await apps.switch_version("hello", "3")
+        seen["repaired"] = (os.readlink(legacy), units.calls[-3:])
         return seen
 
     seen = asyncio.run(main())
@@ -554,6 +580,10 @@ def test_versions_are_kept_and_switched_as_incusos_switches_them(tmp_path: Path)
     assert seen["after_third"] == ["2", "3"]
     assert seen["unchanged"] == seen["before"]
     assert seen["after_refused"] == ["2", "3"]
+    assert seen["reload_status"] == 500
+    assert seen["merged_last"] == ["refresh v3", "daemon-reload"]  # what ran, merged again
+    link_3 = str(root / "var/lib/incusos-extensions/hello/3.raw")
+    assert seen["repaired"] == (link_3, ["refresh v3", "daemon-reload", "restart hello.service"])
     assert json.loads((state / "applications.json").read_text())["hello"]["version"] == "3"
     # Each switch restarted the unit on the version it merged.
     assert [c for c in units.calls if c.startswith(("refresh", "restart"))][:8] == [
@@ -569,17 +599,41 @@ def test_versions_are_kept_and_switched_as_incusos_switches_them(tmp_path: Path)
 
 
 def test_switch_version_over_the_api_refuses_bad_bodies(api: apiserver.Server) -> None:
-    record = {"hello": {"version": "1", "units": ["hello.service"], "sha256": ""}}
-    (api.state / "applications.json").write_text(json.dumps(record))
-    before = (api.state / "applications.json").read_bytes()
-    for name, body, status, words in (
-        ("hello", b'{"version": 2}', 400, "version: expected a string"),
-        ("hello", b'{"versoin": "2"}', 400, "unknown field 'versoin'"),
-        ("hello", b"[]", 400, "must be a JSON object"),
-        ("hello", b"", 400, "only one version of the application is available locally"),
-        ("hello", b'{"version": "../../x"}', 400, "only one version"),
-        ("other", b"{}", 404, "Not Found"),
-    ):
-        r = api.curl("POST", f"/1.0/applications/{name}/:switch-version", body=body)
-        assert (r.status, words in r.json["error"]) == (status, True), r.body
-    assert (api.state / "applications.json").read_bytes() == before
+    record = {"version": "1", "units": ["hello.service"], "sha256": ""}
+    (api.state / "applications.json").write_text(json.dumps({"hello": record}))
+
+    def refusals(cases: tuple[tuple[str, bytes, int, str], ...]) -> None:
+        before = (api.state / "applications.json").read_bytes()
+        for name, body, status, words in cases:
+            r = api.curl("POST", f"/1.0/applications/{name}/:switch-version", body=body)
+            assert (r.status, words in r.json["error"]) == (status, True), r.body
+        assert (api.state / "applications.json").read_bytes() == before
+
+    refusals(
+        (
+            ("hello", b'{"version": 2}', 400, "version: expected a string"),
+            ("hello", b'{"versoin": "2"}', 400, "unknown field 'versoin'"),
+            ("hello", b"[]", 400, "must be a JSON object"),
+            ("hello", b"", 400, "only one version of the application is available locally"),
+            ("other", b"{}", 404, "Not Found"),
+        )
+    )
+    # Two versions kept: a version not among them, a path, and a kept image whose bytes
+    # are not the ones verified at its install are refused before anything is touched.
+    kept = api.target / "var/lib/incusos-extensions/hello"
+    kept.mkdir(parents=True)
+    for version in ("1", "2"):
+        (kept / f"{version}.raw").write_bytes(b"hsqs" + version.encode() * 100)
+    verified = {"1": "0" * 64, "2": "0" * 64}
+    (api.state / "applications.json").write_text(
+        json.dumps({"hello": {**record, "kept": verified}})
+    )
+    refusals(
+        (
+            ("hello", b'{"version": "../../x"}', 400, "'../../x' because it does not exist"),
+            ("hello", b'{"version": "3"}', 400, "'3' because it does not exist locally"),
+            ("hello", b'{"version": "2"}', 400, "not the one verified when it was installed"),
+            ("hello", b"", 400, "no earlier version is available locally"),
+        )
+    )
+    assert not (api.target / "var/lib/extensions").exists()

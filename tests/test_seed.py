@@ -650,7 +650,7 @@ def test_seeded_applications_are_wanted_by_the_update_checker(tmp_path: Path) ->
     from incusos_hal.apply.applications import Applications, UpdateHandoff
 
     state = tmp_path / "state"
-    apps = {"version": "1", "applications": [{"name": "incus"}, {"name": "migration-manager"}]}
+    apps = {"version": "1", "applications": [{"name": "incus"}, {"name": "gpu-support"}]}
     seed = _seed_dir(tmp_path, {"applications.json": json.dumps(apps)})
     code, out, err = run("seed", "apply", "--state-dir", str(state), "--source", str(seed))
     assert code == 0, (out, err)
@@ -659,12 +659,12 @@ def test_seeded_applications_are_wanted_by_the_update_checker(tmp_path: Path) ->
         manager = Applications(state, str(tmp_path / "root"), None, asyncio.Lock())
         return UpdateHandoff(manager, asyncio.get_running_loop()).applications()
 
-    assert asyncio.run(wanted()) == {"incus": "", "migration-manager": ""}
+    assert asyncio.run(wanted()) == {"incus": "", "gpu-support": ""}
     # Installed ones report their version instead (the record the installer keeps).
     (state / "applications.json").write_text(
         json.dumps({"incus": {"version": "202601010000", "units": [], "sha256": ""}})
     )
-    assert asyncio.run(wanted()) == {"incus": "202601010000", "migration-manager": ""}
+    assert asyncio.run(wanted()) == {"incus": "202601010000", "gpu-support": ""}
 
     other = tmp_path / "other"
     bad = {"version": "1", "applications": [{"name": "../incus"}]}
@@ -778,3 +778,18 @@ def test_seeded_certificates_that_are_not_certificates_are_named() -> None:
         line.startswith("operations-center.json: trusted_client_certificates[0]: ")
         for line in lines
     )
+
+
+def test_a_token_entry_is_incus_business_and_two_primaries_are_refused() -> None:
+    from incusos_hal.config import Config
+    from incusos_hal.config.seed import check_files
+
+    token = {"preseed": {"certificates": [{"type": "client", "name": "later", "token": True}]}}
+    checked = check_files({"incus.json": json.dumps(token).encode()}, Config())
+    assert checked.problems == () and checked.config is None  # nothing the API trusts
+    apps = {"applications": [{"name": "operations-center"}, {"name": "incus"}]}
+    checked = check_files({"applications.json": json.dumps(apps).encode()}, Config())
+    assert [str(p) for p in checked.problems] == [
+        "applications.json: applications: at most one primary application (incus, "
+        "migration-manager, operations-center); listed: operations-center, incus"
+    ]

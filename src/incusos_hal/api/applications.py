@@ -36,6 +36,7 @@ from ..apply.applications import (
     state_document,
 )
 from ..apply.systemd import ApplyError
+from ..core.versions import VERSION_PATTERN
 from ..hal.sysext import VerifiedImage, check_name
 from ..state.paths import LOCAL_APPLICATIONS_DIR
 from ..update.index import compare_versions
@@ -47,9 +48,7 @@ if TYPE_CHECKING:
 APPLICATIONS_KEY = web.AppKey("applications", Applications)
 SOURCE_KEY = web.AppKey("application-source", object)
 MAX_BODY_BYTES = 64 << 10
-_IMAGE = re.compile(
-    r"(?P<name>[a-z0-9][a-z0-9-]{0,62})_(?P<version>[0-9A-Za-z][0-9A-Za-z.~^-]{0,63})\.raw"
-)
+_IMAGE = re.compile(rf"(?P<name>[a-z0-9][a-z0-9-]{{0,62}})_(?P<version>{VERSION_PATTERN})\.raw")
 
 
 def local_source(directory: Path) -> Source:
@@ -201,7 +200,8 @@ async def get_application(request: web.Request) -> web.Response:
 
 async def post_switch_version(request: web.Request) -> web.Response:
     """IncusOS's body: {"version"} (optional; none: the version before the installed
-    one). Unknown keys refused, as IncusOS's decoder does."""
+    one). Unknown keys are refused (IncusOS's decoder ignores them: a misspelt key would
+    roll back instead of switching to the version named)."""
     name = _name(request)
     await _run(_get(request, name))  # 404 first, as IncusOS
     body = await _body(request)

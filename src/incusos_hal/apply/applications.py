@@ -25,7 +25,7 @@ import json
 import re
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -69,6 +69,8 @@ class Installed:
     sha256: str
     initialized: bool = True
     last_restored: str = ""
+    # (version, sha256) of each version kept on disk, as verified when it was installed
+    kept: tuple[tuple[str, str], ...] = ()
 
 
 def _units(release: dict[str, str], app: str) -> tuple[str, ...]:
@@ -135,6 +137,7 @@ class Applications:
                 str(a.get("sha256", "")),
                 bool(a.get("initialized", True)),
                 str(a.get("last_restored", "")),
+                tuple(sorted((str(v), str(d)) for v, d in (a.get("kept") or {}).items())),
             )
             for name, a in doc.items()
         }
@@ -147,6 +150,7 @@ class Applications:
                 "sha256": a.sha256,
                 "initialized": a.initialized,
                 **({"last_restored": a.last_restored} if a.last_restored else {}),
+                **({"kept": dict(a.kept)} if a.kept else {}),
             }
             for n, a in sorted(apps.items())
         }
@@ -198,57 +202,80 @@ class Applications:
                     )
             self._systemd()  # without a system manager: refused before anything is written
             await self._thread(lambda: self._check_image(image))
-            kept = set(sysext.versions(self.root, image.name))
+            kept_before = set(sysext.versions(self.root, image.name))
+            verified = dict(current.kept) if current else {}
+            if current is not None and current.sha256:
+                verified.setdefault(current.version, current.sha256)
+            verified[image.version] = image.sha256.lower()
 
             def keep() -> None:
                 if current is not None:
                     sysext.adopt(self.root, image.name, current.version)
-                sysext.check_version(image.version)
-                sysext.keep(self.root, image.name, image.version, image.path)
+                sysext.keep(self.root, image.name, image.version, image.path, image.sha256)
 
             try:
                 await self._thread(keep)
             except ImageError as e:
                 raise AppError(400, str(e)) from None
+            except OSError as e:
+                raise AppError(500, f"the image cannot be kept: {e.strerror or e}") from None
+            # Kept: this version and the one it replaced (`switch_version` goes back).
+            stays = {image.version} | ({current.version} if current else set())
+            record = Installed(
+                image.name,
+                image.version,
+                (),
+                image.sha256,
+                kept=tuple(sorted((v, d) for v, d in verified.items() if v in stays)),
+            )
             try:
-                units = await self._link_and_refresh(image.name, image.version)
+                record = await self._merge(apps, record)
             except AppError:
-                if image.version not in kept:
+                if image.version not in kept_before:
                     sysext.version_path(self.root, image.name, image.version).unlink(
                         missing_ok=True
                     )
                 raise
-            self.data_dir(image.name).mkdir(parents=True, exist_ok=True, mode=0o755)
-            record = Installed(image.name, image.version, units, image.sha256)
-            apps[image.name] = record
-            self._save(apps)
             await self._start_or_restart(record, current, new=new)
-            # Kept: this version and the one it replaced (`switch_version` goes back).
-            keep_versions = {image.version} | ({current.version} if current else set())
-            await self._thread(lambda: sysext.forget(self.root, image.name, keep_versions))
+            await self._thread(lambda: sysext.forget(self.root, image.name, stays))
             return record
 
-    async def _link_and_refresh(self, name: str, version: str) -> tuple[str, ...]:
-        """Link kept `version` as the image of `name` and have systemd-sysext merge it:
-        the units its extension-release names. Refused (400): the link put back and the
-        extensions refreshed again, so what ran before is what is merged."""
+    async def _merge(self, apps: dict[str, Installed], record: Installed) -> Installed:
+        """Link kept version `record.version` as the application's image, have
+        systemd-sysext merge it, reload units, and save `record` with the units the merged
+        extension-release names. Any step refused: the link put back, the extensions
+        merged and units reloaded again, nothing saved, so what ran before is what is
+        linked, merged and recorded (400 for a refused image, else 500)."""
+        name = record.name
         systemd = self._systemd()
-        previous = await self._thread(lambda: sysext.link(self.root, name, version))
+        previous = await self._thread(lambda: sysext.link(self.root, name, record.version))
+        stage = "systemd-sysext refused the image"
         try:
             await systemd.reload_or_restart(SYSEXT_UNIT)
             release = sysext.release(self.root, name)
             if release is None:
                 raise AppError(400, f"the image carries no extension-release.{name} once merged")
-            units = _units(release, name)
-        except (ApplyError, AppError) as e:
+            record = replace(record, units=_units(release, name))
+            stage = "the system manager did not reload its units"
+            await systemd.daemon_reload()
+            stage = "the application's record cannot be saved"
+
+            def save() -> None:
+                self.data_dir(name).mkdir(parents=True, exist_ok=True, mode=0o755)
+                self._save({**apps, name: record})
+
+            await self._thread(save)
+        except (ApplyError, AppError, OSError) as e:
             await self._thread(lambda: sysext.point(self.root, name, previous))
             with contextlib.suppress(ApplyError):  # the first error is the one to report
                 await systemd.reload_or_restart(SYSEXT_UNIT)
+                await systemd.daemon_reload()
             if isinstance(e, AppError):
                 raise
-            raise AppError(400, f"systemd-sysext refused the image: {e}") from None
-        await systemd.daemon_reload()
-        return units
+            status = 400 if isinstance(e, ApplyError) and "sysext" in stage else 500
+            raise AppError(status, f"{stage}: {e}") from None
+        apps[name] = record
+        return record
 
     async def _start_or_restart(
         self, record: Installed, current: Installed | None, *, new: bool
@@ -273,7 +300,9 @@ class Applications:
     async def switch_version(self, name: str, version: str) -> Installed:
         """IncusOS's :switch-version: run kept version `version` of `name`, or ("") the
         one before the installed one; merged, its units restarted. IncusOS's refusals
-        (400) for a version not kept and for nothing to go back to."""
+        (400) for a version not kept and for nothing to go back to. A kept image is run
+        only while its bytes are the ones verified when it was installed. Switching to the
+        recorded version links it again if the link says otherwise (a repair)."""
         async with self.lock:
             apps = self.installed()
             current = apps.get(name)
@@ -300,17 +329,26 @@ class Applications:
                     f"cannot switch application to version '{version}' because it does not "
                     "exist locally",
                 )
-            if version == current.version:
-                return current
-            await self._thread(lambda: sysext.adopt(self.root, name, current.version))
             path = sysext.version_path(self.root, name, version)
-            digest = await self._thread(lambda: sysext.sha256(path))
-            units = await self._link_and_refresh(name, version)
-            record = Installed(
-                name, version, units, digest, current.initialized, current.last_restored
+            if version == current.version and sysext.linked(self.root, name) == str(path):
+                return current
+            verified = dict(current.kept).get(version) or (
+                current.sha256 if version == current.version else ""
             )
-            apps[name] = record
-            self._save(apps)
+            try:
+                await self._thread(lambda: sysext.adopt(self.root, name, current.version))
+                digest = await self._thread(lambda: sysext.sha256(path))
+            except OSError as e:
+                raise AppError(500, f"the kept image cannot be read: {e.strerror or e}") from None
+            if not verified or digest != verified.lower():
+                raise AppError(
+                    400,
+                    f"the kept image of version '{version}' is not the one verified when it "
+                    "was installed",
+                )
+            self._systemd()
+            record = replace(current, version=version, sha256=digest)
+            record = await self._merge(apps, record)
             await self._start_or_restart(record, current, new=False)
             return record
 
@@ -390,9 +428,7 @@ class Applications:
                 for unit in app.units:
                     await systemd.start(unit, "replace")
             stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-            apps[name] = Installed(
-                app.name, app.version, app.units, app.sha256, app.initialized, stamp
-            )
+            apps[name] = replace(app, last_restored=stamp)
             self._save(apps)
 
 

@@ -160,9 +160,10 @@ def check_files(files: Mapping[str, bytes], base: model.Config) -> Checked:
             CHECKS[name](data, errors)
             if not errors and name != "applications":  # wanted by the update checker
                 notes.append(
-                    f"{filename}: valid; its client certificates are the API's, the rest not "
-                    f"applied (this version has no {name} yet)"
-                    if name in PRIMARY_APPLICATIONS
+                    f"{filename}: valid; its client certificates are the API's (HTTPS, "
+                    f"{SEEDED_LISTEN_ADDRESS} unless an address is set), the rest not applied "
+                    f"(this version has no {name} yet)"
+                    if name == primary_application(raw)
                     else f"{filename}: valid; not applied (this version has no {name} yet)"
                 )
         problems += [Problem(filename, e.path, e.message) for e in errors]
@@ -420,6 +421,15 @@ def _check_applications(data: Mapping[str, Any], errors: list[FieldError]) -> No
                 "at least one application must be defined in the provided applications seed",
             )
         )
+    primaries = [a.name for a in seed.applications if a.name in PRIMARY_APPLICATIONS]
+    if len(primaries) > 1:
+        errors.append(
+            FieldError(
+                "applications",
+                f"at most one primary application ({', '.join(PRIMARY_APPLICATIONS)}); "
+                f"listed: {', '.join(primaries)}",
+            )
+        )
     seen: set[str] = set()
     for i, app in enumerate(seed.applications):
         path = child(child("applications", i), "name")
@@ -471,7 +481,8 @@ def _check_incus(data: Mapping[str, Any], errors: list[FieldError]) -> None:
             errors.append(FieldError(child(path, "type"), f"{shown} is not one of {known}"))
         if not isinstance(entry.get("restricted", False), bool):
             errors.append(FieldError(child(path, "restricted"), "expected true or false"))
-        _check_pem(entry.get("certificate"), child(path, "certificate"), errors)
+        if "certificate" in entry:  # Incus also takes an entry without one (a token's)
+            _check_pem(entry.get("certificate"), child(path, "certificate"), errors)
 
 
 def _check_pem(pem: Any, path: str, errors: list[FieldError]) -> None:
@@ -485,16 +496,22 @@ def _check_pem(pem: Any, path: str, errors: list[FieldError]) -> None:
         errors.append(FieldError(path, why))
 
 
+def primary_application(raw: Mapping[str, Any]) -> str:
+    """The primary application a checked seed installs: the one its applications seed
+    lists, or incus (which IncusOS adds when the seed lists none)."""
+    wanted = raw.get("applications")
+    apps = wanted.get("applications", ()) if isinstance(wanted, Mapping) else ()
+    names = [a.get("name") for a in apps if isinstance(a, Mapping)]
+    return next((str(n) for n in names if n in PRIMARY_APPLICATIONS), "incus")
+
+
 def client_certificates(raw: Mapping[str, Any]) -> tuple[str, ...]:
     """The client certificates a checked seed's primary application trusts, which IncusOS
     lets reach its API through that application (Incus's `/os`): the `incus` seed's
     unrestricted client certificates, or `trusted_client_certificates` of the
     migration-manager or operations-center seed when the applications seed makes that
     one the primary (IncusOS adds incus when the seed names no primary)."""
-    wanted = raw.get("applications")
-    apps = wanted.get("applications", ()) if isinstance(wanted, Mapping) else ()
-    names = [a.get("name") for a in apps if isinstance(a, Mapping)]
-    primary = next((n for n in names if n in PRIMARY_APPLICATIONS), "incus")
+    primary = primary_application(raw)
     doc = raw.get(primary)
     if not isinstance(doc, Mapping):
         return ()

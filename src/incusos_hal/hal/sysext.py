@@ -22,13 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..core.versions import VERSION
+
 EXTENSIONS_DIR = "var/lib/extensions"
 # Each application's images, one per version kept (IncusOS's /var/lib/incus-os-extensions):
 # NAME/VERSION.raw, which /var/lib/extensions/NAME.raw links to. Never inside
 # /var/lib/extensions, where systemd-sysext would take a directory for an extension.
 VERSIONS_DIR = "var/lib/incusos-extensions"
-# A version as the update index spells one, safe as a file name.
-VERSION = re.compile(r"[0-9A-Za-z][0-9A-Za-z.~^-]{0,63}", re.ASCII)
+
 RELEASE_DIR = "usr/lib/extension-release.d"
 # An application's name: a file name, a unit-name-safe word, never a hidden file.
 NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}", re.ASCII)
@@ -87,7 +88,7 @@ def version_path(root: str, name: str, version: str) -> Path:
 def check_version(version: str) -> str:
     """A version that can be a file name (the update index's version words)."""
     if not VERSION.fullmatch(version):
-        raise ImageError(f"{version!r} is not a version (0-9, A-Z, a-z, '.~^-')")
+        raise ImageError(f"{version!r} is not a version (0-9, A-Z, a-z, '._-')")
     return version
 
 
@@ -100,18 +101,25 @@ def versions(root: str, name: str) -> list[str]:
     return [e[:-4] for e in entries if e.endswith(".raw") and VERSION.fullmatch(e[:-4])]
 
 
-def keep(root: str, name: str, version: str, source: Path) -> None:
-    """Copy `source` in as version `version` of `name`, atomically (a temporary file in
-    the same directory, fsync'ed, renamed over)."""
-    dest = version_path(root, name, version)
+def keep(root: str, name: str, version: str, source: Path, sha256_hex: str) -> None:
+    """Copy `source` in as version `version` of `name`, hashing what is copied: kept
+    (renamed into place) only when that is `sha256_hex`, so a file changed after its
+    check is never kept. The temporary file is made anew (O_EXCL, O_NOFOLLOW)."""
+    dest = version_path(root, name, check_version(version))
     dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = dest.with_name(f".{dest.name}.partial")
+    tmp.unlink(missing_ok=True)
+    digest = hashlib.sha256()
     try:
-        with open(source, "rb") as src, open(tmp, "wb") as out:
-            shutil.copyfileobj(src, out, 1 << 20)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        with open(source, "rb") as src, os.fdopen(fd, "wb") as out:
+            while chunk := src.read(1 << 20):
+                digest.update(chunk)
+                out.write(chunk)
             out.flush()
             os.fsync(out.fileno())
-        os.chmod(tmp, 0o644)
+        if digest.hexdigest() != sha256_hex.lower():
+            raise ImageError("the image's sha256 is not the one it was verified with")
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
@@ -119,13 +127,16 @@ def keep(root: str, name: str, version: str, source: Path) -> None:
 
 def adopt(root: str, name: str, version: str) -> None:
     """An image placed by a version before versions were kept (a file, not a link, at
-    /var/lib/extensions/NAME.raw) becomes version `version`, linked as the others."""
+    /var/lib/extensions/NAME.raw) becomes version `version`, linked as the others. The
+    file stays at its place until the link replaces it (a hard link first): a crash in
+    between leaves an image there either way."""
     link = image_path(root, name)
     if link.is_symlink() or not link.is_file():
         return
     dest = version_path(root, name, version)
     dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.replace(link, dest)
+    if not dest.exists():
+        os.link(link, dest)
     point(root, name, str(dest))
 
 

@@ -25,12 +25,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..core.versions import VERSION
+
 MAX_INDEX_BYTES = 16 << 20
 MAX_FILE_SIZE = 16 << 30
 MAX_UPDATES = 10000
-# Starting with a letter or digit: a version is a directory name and a URL segment
-# (never `.`, `..` or option-like).
-_VERSION = re.compile(r"[0-9A-Za-z][0-9A-Za-z._-]{0,63}")
+_VERSION = VERSION  # core/versions.py: one grammar for every version taken
 _COMPONENT = re.compile(r"[a-z0-9-]{1,64}")
 _PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,254}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
