@@ -439,6 +439,22 @@ def _counting_smartctl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return runs
 
 
+def test_requests_at_once_for_one_drive_ask_it_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    runs = _counting_smartctl(tmp_path, monkeypatch)
+    script = tmp_path / "bin/smartctl"
+    script.write_text(script.read_text().replace("cat ", "sleep 0.3; cat "))
+    device = tmp_path / "sdz"
+    device.write_bytes(b"")
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda _: smart.smartctl_recent(str(device)), range(8)))
+    assert len(runs.read_text().splitlines()) == 1
+    assert len(set(got)) == 1 and got[0].bus == "sata"
+
+
 def test_a_drives_smartctl_answer_is_reused_for_a_minute(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -131,6 +131,7 @@ SMARTCTL_MAX_AGE_S = 60.0
 
 _answers: dict[str, tuple[float, tuple[int, ...], DriveInfo]] = {}
 _answers_lock = threading.Lock()
+_asking: dict[str, threading.Lock] = {}  # one per device path: one smartctl at a time
 
 
 def identity(device: str, sys_block: str = "/sys/class/block") -> tuple[int, ...]:
@@ -153,18 +154,22 @@ def identity(device: str, sys_block: str = "/sys/class/block") -> tuple[int, ...
 
 def smartctl_recent(device: str, now: float | None = None) -> DriveInfo:
     """`smartctl(device)`, or its answer for the same drive from the last
-    SMARTCTL_MAX_AGE_S seconds."""
-    now = time.monotonic() if now is None else now
+    SMARTCTL_MAX_AGE_S seconds. Requests at once for one drive ask it once: the others
+    wait for that answer (a drive answers one SMART command at a time anyway)."""
     key = identity(device)
     with _answers_lock:
-        seen = _answers.get(device)
-    if key and seen is not None and seen[1] == key and now - seen[0] < SMARTCTL_MAX_AGE_S:
-        return seen[2]
-    info = smartctl(device)
-    if key:
+        asking = _asking.setdefault(device, threading.Lock())
+    with asking:
+        now = time.monotonic() if now is None else now
         with _answers_lock:
-            _answers[device] = (now, key, info)
-    return info
+            seen = _answers.get(device)
+        if key and seen is not None and seen[1] == key and now - seen[0] < SMARTCTL_MAX_AGE_S:
+            return seen[2]
+        info = smartctl(device)
+        if key:
+            with _answers_lock:
+                _answers[device] = (now, key, info)
+        return info
 
 
 def smartctl(device: str, timeout: float = 30) -> DriveInfo:
