@@ -471,6 +471,8 @@ def execute(steps: tuple[Step, ...], state_dir: Path, ctx: Context) -> None:
                     if isinstance(back, Path):
                         back.unlink(missing_ok=True)
                     else:
+                        if back[:2] in PARTITIONING:  # `zpool replace` back, say
+                            _settle()
                         zfs.run(back)
                 except (zfs.ZfsError, OSError) as again:
                     ctx.log("error", f"storage: undoing a failed change: {again}")
