@@ -952,7 +952,7 @@ def app_update_downtime(updates: int = 5, goal: float = 2.0) -> None:
     from inside the container meanwhile (ci/bench_apps_guest.py): seconds from the old
     version's last answer to the new one's first, median and max; the goal holds for
     every update (the max)."""
-    from test_apps_system import _loop_nodes
+    from test_apps_system import boot
 
     import nspawn
 
@@ -966,15 +966,7 @@ def app_update_downtime(updates: int = 5, goal: float = 2.0) -> None:
             nspawn.install_probe(merged, nspawn.PROBE_UNIT, probe_dir, guest)
             shutil.copy(HERE / "tests/guest_apps.py", probe_dir / "guest_apps.py")
             (probe_dir / "updates").write_text(f"{updates}\n")
-            cmd = [
-                "systemd-nspawn", "-q", "--register=no", "--keep-unit", "--boot",
-                "--private-network", "--timezone=off", "--resolv-conf=off",
-                f"--machine=ihal-bench-{os.getpid()}", "-D", str(merged),
-                f"--bind={probe_dir}:/probe",
-                *(f"--bind={node}" for node in _loop_nodes()),
-            ]  # fmt: skip
-            env = dict(os.environ, SYSTEMD_NSPAWN_UNIFIED_HIERARCHY="1")
-            code, console = nspawn.run_logged(cmd, probe_dir / "console.log", 600, env=env)
+            code, console = boot(merged, probe_dir, f"ihal-bench-{os.getpid()}")
         result = probe_dir / "result.json"
         got = json.loads(result.read_text()) if result.exists() else None
     if got is None or "error" in got:

@@ -48,6 +48,19 @@ def _loop_nodes(spare: int = 8) -> list[str]:
     return ["/dev/loop-control", *map(str, nodes)]
 
 
+def boot(merged: Path, probe_dir: Path, machine: str) -> tuple[int, str]:
+    """Boot the container until its probe powers it off (600 s at most), the probe's
+    directory at /probe and the loop nodes sysext needs bound in: (exit status, console)."""
+    cmd = [
+        "systemd-nspawn", "-q", "--register=no", "--keep-unit", "--boot",
+        "--private-network", "--timezone=off", "--resolv-conf=off",
+        f"--machine={machine}", "-D", str(merged), f"--bind={probe_dir}:/probe",
+        *(f"--bind={node}" for node in _loop_nodes()),
+    ]  # fmt: skip
+    env = dict(os.environ, SYSTEMD_NSPAWN_UNIFIED_HIERARCHY="1")
+    return nspawn.run_logged(cmd, probe_dir / "console.log", 600, env=env)
+
+
 @pytest.fixture(scope="module")
 def probe(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     require_root()
@@ -63,15 +76,7 @@ def probe(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             probe_dir,
             (Path(__file__).parent / "guest_apps.py").read_text(),
         )
-        cmd = [
-            "systemd-nspawn", "-q", "--register=no", "--keep-unit", "--boot",
-            "--private-network", "--timezone=off", "--resolv-conf=off",
-            f"--machine=ihal-{secrets.token_hex(3)}", "-D", str(merged),
-            f"--bind={probe_dir}:/probe",
-            *(f"--bind={node}" for node in _loop_nodes()),
-        ]  # fmt: skip
-        env = dict(os.environ, SYSTEMD_NSPAWN_UNIFIED_HIERARCHY="1")
-        code, console = nspawn.run_logged(cmd, probe_dir / "console.log", 600, env=env)
+        code, console = boot(merged, probe_dir, f"ihal-{secrets.token_hex(3)}")
     result_file = probe_dir / "result.json"
     assert result_file.exists(), f"no result (nspawn exit {code}): {console[-6000:]}"
     result: dict[str, Any] = json.loads(result_file.read_text())
