@@ -398,14 +398,26 @@ def test_first_boot_applies_once(tmp_path: Path) -> None:
     )
     assert code == 0, err
     assert sorted(os.listdir(other)) == ["seed.applied", "seed.status.json"]
-    # A machine configured before it had a seed step keeps what its operator stored.
+    # A machine configured and booted before it had a seed step (the configure step
+    # applied its document: a last good one) keeps what its operator stored.
     upgraded = tmp_path / "upgraded"
     upgraded.mkdir()
     (upgraded / "config.toml").write_bytes(b"version = 1\n")
+    (upgraded / "config.last-good.toml").write_bytes(b"version = 1\n")
     code, _, err = run("seed", "apply", "--state-dir", str(upgraded), "--source", str(seed))
     assert code == 0, err
     assert (upgraded / "config.toml").read_bytes() == b"version = 1\n"
     assert (upgraded / "seed.applied").exists()
+    # A document stored on this first boot before the seed step (the credential step's)
+    # is the base the seed applies over: both are in what is stored.
+    credential = tmp_path / "credential"
+    credential.mkdir()
+    (credential / "config.toml").write_bytes(b"version = 1\n[listener]\nsocket_uids = [1000]\n")
+    _seed_dir(tmp_path, {"update.json": json.dumps(UPDATE)})
+    code, _, err = run("seed", "apply", "--state-dir", str(credential), "--source", str(seed))
+    assert code == 0, err
+    stored = (credential / "config.toml").read_text()
+    assert 'channel = "testing"' in stored and "1000," in stored, stored
 
 
 def test_invalid_seed_applies_nothing_and_says_why(tmp_path: Path) -> None:

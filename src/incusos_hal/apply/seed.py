@@ -31,7 +31,7 @@ from ..hal import seed as media
 from ..sections import by_name
 from ..state import store
 from ..state.paths import (
-    CONFIG_FILE,
+    LAST_GOOD_FILE,
     SEED_APPLIED,
     SEED_PATH_ENV,
     SEED_STATUS,
@@ -112,14 +112,17 @@ def first_boot(
     (`Section.stored`), in one atomic save, then `seed.applied`. Invalid: nothing stored
     or marked, every problem logged and in `seed.status.json` (the next boot tries
     again: the user may fix the seed). No seed at all: marked, so that a stick plugged in
-    later is never taken for one. A stored document from before the seed step ever ran
-    (no seed.status.json): marked, nothing applied."""
+    later is never taken for one. A document the configure step applied before the seed
+    step ever ran (a last good one, no seed.status.json): marked, nothing applied."""
     applied = state_dir / SEED_APPLIED
     if applied.exists():
         return Outcome("done")
-    if (state_dir / CONFIG_FILE).exists() and not (state_dir / SEED_STATUS).exists():
-        # A machine configured before it had a seed step (an upgrade): what the operator
-        # stored wins over whatever seed its disk still carries.
+    if (state_dir / LAST_GOOD_FILE).exists() and not (state_dir / SEED_STATUS).exists():
+        # A machine configured and booted before it had a seed step (an upgrade: a
+        # document the configure step applied): what the operator stored wins over
+        # whatever seed its disk still carries. A document alone is no such sign: the
+        # credential step stores one on a first boot, before this step, as the base the
+        # seed applies over (the booted image, after a factory reset, lost its seed so).
         log("info", "seed: not applied; this machine was configured before it had a seed step")
         write_status(state_dir, {"applied": False, "source": "", "files": [], "problems": []})
         _mark(applied, {"source": "", "files": []})
