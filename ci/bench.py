@@ -306,6 +306,11 @@ def storage_vs_tools() -> None:
         )
     else:
         print("  the state with smartctl afresh could not be timed in the guest")
+    profile = ran.get("err", "").strip()
+    if profile:
+        print("  where one GET's time goes (cProfile in the guest, smartctl's answers reused):")
+        for line in profile.splitlines()[-40:]:
+            print(f"    {line[:150]}")
 
 
 def inventory_vs_tools() -> None:
