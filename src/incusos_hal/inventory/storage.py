@@ -14,9 +14,9 @@ from pathlib import Path
 from . import probe
 from .omit import OMIT
 from .sysfs import (
-    by_links,
     dev_number,
     link_name,
+    links_by_target,
     listdir,
     numa_node_of,
     pci_address_of,
@@ -93,6 +93,10 @@ def _type(device: Path, props: dict[str, str]) -> str:
 def _partitions(block: Path, name: str) -> list[Partition]:
     out = []
     for child in listdir(block):
+        # A partition is named after its disk (sda1, nvme0n1p1); the disk's other
+        # entries (queue, holders, size, ...) are not read at all.
+        if not child.startswith(name) or child == name:
+            continue
         part = block / child
         number = read_int(part / "partition")
         dev = dev_number(part / "dev")
@@ -111,7 +115,9 @@ def _partitions(block: Path, name: str) -> list[Partition]:
     return out
 
 
-def _disk(root: Path, name: str, src: probe.Source) -> Disk | None:
+def _disk(
+    root: Path, name: str, src: probe.Source, links: dict[str, dict[str, list[str]]]
+) -> Disk | None:
     block = root / "sys/class/block" / name
     if (block / "partition").exists() or not (block / "device").exists():
         return None
@@ -147,11 +153,11 @@ def _disk(root: Path, name: str, src: probe.Source) -> Disk | None:
     rotational = read(block / "queue/rotational") == "1"
     rpm = props.get("ID_ATA_ROTATION_RATE_RPM", "")
     disk.rpm = int(rpm) if rotational and rpm.isdigit() else 0
-    ids = by_links(root, "disk/by-id", name)
+    ids = list(links["disk/by-id"].get(name, []))
     # udev's preferred name first: wwn- and nvme-eui. are stable across controllers.
     ids.sort(key=lambda n: (not n.startswith(("nvme-eui.", "wwn-")), n))
     disk.device_id = ids[0] if ids else ""
-    paths = by_links(root, "disk/by-path", name)
+    paths = links["disk/by-path"].get(name, [])
     disk.device_path = paths[0] if paths else props.get("ID_PATH", "")
     disk.partitions = _partitions(block, name)
     return disk
@@ -160,11 +166,12 @@ def _disk(root: Path, name: str, src: probe.Source) -> Disk | None:
 def scan_storage(root: str | os.PathLike[str] = "/") -> Storage:
     base = Path(root)
     src = probe.source(root)
+    links = {d: links_by_target(base, d) for d in ("disk/by-id", "disk/by-path")}
     disks = []
     for name in listdir(base / "sys/class/block"):
         if name.startswith(("loop", "ram", "zram", "dm-", "md", "sr", "nbd")):
             continue
-        disk = _disk(base, name, src)
+        disk = _disk(base, name, src, links)
         if disk is not None:
             disks.append(disk)
     return Storage(disks=disks, total=len(disks))

@@ -139,17 +139,20 @@ def udev_properties(root: Path, kind: str, dev: str | None) -> dict[str, str]:
     return props
 
 
-def by_links(root: Path, directory: str, target_name: str) -> list[str]:
-    """Names in /dev/<directory> (disk/by-id, serial/by-path, ...) pointing at
-    /dev/<target_name>."""
-    base = root / "dev" / directory
-    out = []
-    for name in listdir(base):
-        link = base / name
+def links_by_target(root: Path, directory: str) -> dict[str, list[str]]:
+    """Every name in /dev/<directory> (disk/by-id, serial/by-path, ...), sorted, by the
+    name of the node it points at: one pass over the directory for a whole scan."""
+    base = os.path.join(root, "dev", directory)
+    out: dict[str, list[str]] = {}
+    for name in listdir(Path(base)):
         try:
-            target = os.readlink(link)
+            target = os.readlink(os.path.join(base, name))
         except OSError:
             continue
-        if os.path.basename(target) == target_name:
-            out.append(name)
+        out.setdefault(os.path.basename(target), []).append(name)
     return out
+
+
+def by_links(root: Path, directory: str, target_name: str) -> list[str]:
+    """Names in /dev/<directory> pointing at /dev/<target_name>."""
+    return links_by_target(root, directory).get(target_name, [])
