@@ -23,7 +23,8 @@ debootstrap, cryptsetup, sfdisk, partx and losetup; it starts no VM.
   plugin, which Debian's plugin set selects), as on a booted machine.
 - Partitioning: blivet making a partition from sector 69826560 to the end of a blank disk
   and committing it, against `sgdisk -n 11:69826560: DISK` (sections/storage.py's
-  "partition-local"); both tables printed with `sfdisk -d`.
+  "partition-local") and the same table written by util-linux's sfdisk; the three tables
+  printed with `sfdisk -d`.
 
 blivet makes every loopN a LoopDevice: not partitionable, partitions ignored. Disks on the
 appliance are sd/nvme/vd, so the runs marked "as disks" make blivet take the loops for
@@ -66,10 +67,10 @@ BLIVET_DEBS = (
     "python3-selinux",
     "lsof",
 )
-# udev and e2fsprogs are the appliance's (mkosi/mkosi.conf); Blivet() refuses to start
-# without the tools of one default filesystem (ext4, xfs, ext3, ext2). gdisk for IncusOS's
-# sgdisk, strace for the side effects.
-PACKAGES = (*nspawn.PACKAGES, "udev", "e2fsprogs", "gdisk", "strace", *BLIVET_DEBS)
+# udev, e2fsprogs and fdisk (sfdisk) are the appliance's (mkosi/mkosi.conf); Blivet()
+# refuses to start without the tools of one default filesystem (ext4, xfs, ext3, ext2).
+# gdisk for IncusOS's sgdisk, strace for the side effects.
+PACKAGES = (*nspawn.PACKAGES, "udev", "e2fsprogs", "fdisk", "gdisk", "strace", *BLIVET_DEBS)
 START = 69826560  # sgdisk -n 11:69826560: (sections/storage.py, "partition-local")
 
 INSIDE = r'''
@@ -178,18 +179,24 @@ def strace(tag, env=None):
                    capture_output=True, env={**os.environ, **(env or {})})
     time.sleep(2)
     mon.terminate()
-    events = [" ".join((w[0].split("[")[0], w[1], w[2].rsplit("/", 1)[-1]))
-              for w in (l.split() for l in mon.communicate()[0].splitlines())
-              if w and w[0].startswith(("KERNEL[", "UDEV"))]
+    mine = tuple(os.environ["MINE"].split())
+    events = []
+    for line in mon.communicate()[0].splitlines():
+        m = re.match(r"(KERNEL|UDEV)\s*\[[^]]*\]\s+(\S+)\s+\S*/(\S+) ", line)
+        if m and m.group(3).startswith(mine):  # other loops on this host are not ours
+            events.append(" ".join(m.groups()))
     text = open(out).read().splitlines()
     arg = re.compile(r'"((?:[^"\\]|\\.)*)"')
-    execs = sorted({" ".join(arg.findall(l.split("[", 1)[1].split("], ", 1)[0]))
-                    for l in text if "execve(" in l and "ENOENT" not in l})
+    execs = {}
+    for l in text:
+        if "execve(" in l and " = 0" in l:
+            a = " ".join(arg.findall(l.split("[", 1)[1].split("], ", 1)[0]))[:120]
+            execs[a] = execs.get(a, 0) + 1
     writes = sorted({l.split('"')[1] + " " + l.split(", ")[2].split(")")[0]
                      for l in text if "openat(" in l and "/dev/" in l
-                     and ("O_RDWR" in l or "O_WRONLY" in l) and "ENOENT" not in l})
-    ioctls = sorted({l.split("(", 1)[1].split(",")[1].strip() for l in text
-                     if "ioctl(" in l and re.search(r"BLKRRPART|BLKPG|LOOP_SET|LOOP_CLR|DM_", l)})
+                     and ("O_RDWR" in l or "O_WRONLY" in l) and " = -1" not in l})
+    ioctls = sorted({l.split("(", 1)[1].split(",")[1].strip() for l in text if "ioctl(" in l
+                     and re.search(r"BLKRRPART|BLKPG|BLKFLSBUF|LOOP_SET|LOOP_CLR|DM_", l)})
     parts_back()
     return {"executed": execs, "device_opens_for_writing": writes, "ioctls": ioctls,
             "uevents": events}
@@ -245,14 +252,26 @@ res["as_nobody"] = {"rc": nobody.returncode, "stderr": nobody.stderr[-600:],
 os.makedirs("/run/dbus", exist_ok=True)
 os.makedirs("/run/lock/lvm", exist_ok=True)
 subprocess.run(["dbus-daemon", "--system", "--fork"], check=True)
-res["blivet_bus_no_lvmdbusd"] = runs([sys.executable, "-c", BLIVET], {"AS_DISKS": "1"}, n=1)
+def lvmdbusd_running():
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if b"lvmdbusd" in open(f"/proc/{pid}/cmdline", "rb").read():
+                return True
+        except OSError:
+            pass
+    return False
+
+
+# The first blivet after the bus is up: does its lvm plugin have the bus start lvmdbusd?
+res["blivet_bus_first"] = runs([sys.executable, "-c", BLIVET], {"AS_DISKS": "1"}, n=1)
+res["lvmdbusd_started_by_bus_activation"] = lvmdbusd_running()
 t = time.perf_counter()
-lvmd = subprocess.Popen(["/usr/sbin/lvmdbusd"], stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL)
+lvmd = subprocess.Popen(["true"] if lvmdbusd_running() else ["/usr/sbin/lvmdbusd"],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 while subprocess.run(["busctl", "--system", "call", "com.redhat.lvmdbus1",
                       "/com/redhat/lvmdbus1/Manager", "org.freedesktop.DBus.Peer", "Ping"],
                      capture_output=True).returncode:
-    if lvmd.poll() is not None or time.perf_counter() - t > 120:
+    if time.perf_counter() - t > 120:
         break
     time.sleep(0.05)
 res["lvmdbusd_to_bus_ms"] = round((time.perf_counter() - t) * 1000)
@@ -312,7 +331,7 @@ done
 PARTITIONING = r"""
 import json, os, statistics, subprocess, sys, time
 RUNS, START = int(os.environ["RUNS"]), int(os.environ["START"])
-A, B = os.environ["A"], os.environ["B"]
+A, B, C = os.environ["A"], os.environ["B"], os.environ["C"]
 def ms(xs):
     return round(statistics.median(xs) * 1000, 1)
 def blank(d):
@@ -325,7 +344,7 @@ def blank(d):
         subprocess.run(["dd", "if=/dev/zero", f"of=/dev/{d}", "bs=1M", "count=1", f"seek={seek}",
                         "conv=notrunc,fsync", "status=none"], check=True)
     subprocess.run(["udevadm", "settle"])
-res, blv, walls, sg = {}, [], [], []
+res, blv, walls, sg, sf = {}, [], [], [], []
 for i in range(RUNS):
     blank(A)
     t = time.perf_counter()
@@ -343,12 +362,23 @@ for i in range(RUNS):
     sg.append(time.perf_counter() - t)
     subprocess.run(["udevadm", "settle"])
     res["sgdisk_output"] = (q.returncode, q.stdout.strip(), q.stderr.strip())
+    # The same table with util-linux's sfdisk: partition 11 from its name, the end as
+    # sgdisk puts it (the last usable sector; sfdisk's "+" would round it down to 1 MiB).
+    blank(C)
+    size = int(open(f"/sys/class/block/{C}/size").read())
+    script = f"label: gpt\nfirst-lba: 34\n/dev/{C}p11 : start={START}, size={size - 33 - START}\n"
+    t = time.perf_counter()
+    q = subprocess.run(["sfdisk", "-q", f"/dev/{C}"], input=script, capture_output=True, text=True)
+    sf.append(time.perf_counter() - t)
+    subprocess.run(["udevadm", "settle"])
+    res["sfdisk_output"] = (q.returncode, q.stdout.strip(), q.stderr.strip())
 if blv:
     res["blivet"] = {"process_ms": ms(walls), **{k + "_ms": ms([b[k] for b in blv])
                      for k in ("import", "reset", "plan", "do_it", "total")}, "last": blv[-1]}
 res["sgdisk_ms"] = ms(sg)
+res["sfdisk_ms"] = ms(sf)
 res["sgdisk_p"] = {d: subprocess.run(["sgdisk", "-p", f"/dev/{d}"], capture_output=True,
-                                     text=True).stdout.splitlines()[-2:] for d in (A, B)}
+                                     text=True).stdout.splitlines()[-2:] for d in (A, B, C)}
 print(json.dumps(res))
 """
 
@@ -378,12 +408,15 @@ def blivet_layer(work: Path) -> Path:
     )
     site = work / "blivet/usr/local/lib/python3.13/dist-packages"
     site.mkdir(parents=True)
+    top = f"blivet-{BLIVET_VERSION}/"
     with tarfile.open(dl / f"blivet-{BLIVET_VERSION}.tar.gz") as tar:
-        prefix = f"blivet-{BLIVET_VERSION}/blivet/"
-        members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
-        for m in members:
-            m.name = m.name[len(f"blivet-{BLIVET_VERSION}/") :]
-        tar.extractall(site, members=members, filter="data")
+        for m in tar.getmembers():
+            if m.isfile() and m.name.startswith(top + "blivet/") and ".." not in m.name:
+                dest = site / m.name[len(top) :]
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                source = tar.extractfile(m)
+                assert source is not None
+                dest.write_bytes(source.read())
     return work / "blivet"
 
 
@@ -436,10 +469,15 @@ def make_loops(img: Path) -> dict[str, str]:
         check=True,
     )
     (img / "key").write_bytes(secrets.token_bytes(32))
-    for name, size in (("luks", 64 << 20), ("ext4", 256 << 20), ("big-a", 40 << 30)):
+    for name, size in (
+        ("luks", 64 << 20),
+        ("ext4", 256 << 20),
+        ("big-a", 40 << 30),
+        ("big-b", 40 << 30),
+        ("big-c", 40 << 30),
+    ):
         (img / f"{name}.img").write_bytes(b"")
-        os.truncate(img / f"{name}.img", size)
-    shutil.copy(img / "big-a.img", img / "big-b.img")
+        os.truncate(img / f"{name}.img", size)  # sparse
     subprocess.run(
         [
             "cryptsetup",
@@ -459,7 +497,7 @@ def make_loops(img: Path) -> dict[str, str]:
     )
     subprocess.run(["mkfs.ext4", "-q", "-L", "ihal-ext4", str(img / "ext4.img")], check=True)
     loops = {}
-    for name in ("gpt", "luks", "ext4", "big-a", "big-b"):
+    for name in ("gpt", "luks", "ext4", "big-a", "big-b", "big-c"):
         loops[name] = sh("losetup", "-f", "--show", "-P", str(img / f"{name}.img"))
     # This build host's kernel has no GPT parser (CONFIG_EFI_PARTITION unset): partx adds
     # the partitions from the table itself.
@@ -540,13 +578,14 @@ def main() -> None:
                     merged,
                     loops,
                     eval_dir,
-                    f"RUNS={args.runs} GPT={names['gpt']} python3 /eval/inside.py",
+                    f"RUNS={args.runs} GPT={names['gpt']} MINE='{' '.join(names.values())}'"
+                    " python3 /eval/inside.py",
                 )
             )
             after = {k: digest(work / "img" / f"{k}.img") for k in small}
             result["images_unchanged_by_discovery"] = before == after
-            a, b = names["big-a"], names["big-b"]
-            nowatch = f'SUBSYSTEM=="block", KERNEL=="{a}*|{b}*", OPTIONS+="nowatch"'
+            a, b, c = names["big-a"], names["big-b"], names["big-c"]
+            nowatch = f'SUBSYSTEM=="block", KERNEL=="{a}*|{b}*|{c}*", OPTIONS+="nowatch"'
             result["partitioning"] = json.loads(
                 container(
                     merged,
@@ -555,13 +594,14 @@ def main() -> None:
                     "mkdir -p /run/udev/rules.d\n"
                     f"echo '{nowatch}' > /run/udev/rules.d/99-ihal-nowatch.rules\n"
                     "sh /eval/udev-up.sh\n"
-                    f"sh /eval/nodes.sh {a} {b} &\n"
-                    f"RUNS={args.runs} A={a} B={b} START={START} python3 /eval/partitioning.py\n"
+                    f"sh /eval/nodes.sh {a} {b} {c} &\n"
+                    f"RUNS={args.runs} A={a} B={b} C={c} START={START}"
+                    " python3 /eval/partitioning.py\n"
                     "kill $!\n",
                 )
             )
         result["partitioning"]["sfdisk_d"] = {
-            k: sh("sfdisk", "-d", loops[k]) for k in ("big-a", "big-b")
+            k: sh("sfdisk", "-d", loops[k]) for k in ("big-a", "big-b", "big-c")
         }
         print(json.dumps(result, indent=1))
     finally:
