@@ -293,3 +293,51 @@ def test_commands_that_partition_disks_wait_for_udev_first(
         "udevadm settle --timeout=60",
         "zpool add p cache /dev/c",
     ]
+
+
+def _table(path: Path) -> list[str]:
+    dump = subprocess.run(["sfdisk", "--dump", str(path)], capture_output=True, text=True)
+    assert dump.returncode == 0, dump.stderr
+    return [line for line in dump.stdout.splitlines() if line.startswith(str(path))]
+
+
+def test_the_local_pools_second_disk_gets_partition_11_where_incusos_puts_it(
+    tmp_path: Path,
+) -> None:
+    """The `partition-local` step with the image's sfdisk (gdisk is not in the image):
+    partition 11 from sector 69826560 to the end, of the generic Linux type, in a new GPT
+    on a blank disk, added beside what a disk's GPT already holds; a number or start
+    that is no partition's is refused. Real sfdisk on sparse 40 GiB files."""
+    from incusos_hal.hal import repart
+    from incusos_hal.hal.disk import DiskError
+    from incusos_hal.render.zpool import Step
+    from incusos_hal.sections import storage
+
+    require_tool("sfdisk", "udevadm")
+    linux = "type=0FC63DAF-8483-4772-8E79-3D69D8477DE4"
+    blank = tmp_path / "blank"
+    with open(blank, "wb") as f:
+        f.truncate(40 << 30)
+    storage.execute((Step("partition-local", target=str(blank)),), tmp_path / "state", _Log())  # type: ignore[arg-type]
+    (only,) = _table(blank)
+    # To the last usable sector (83886046 of a 40 GiB disk), as sgdisk ends it.
+    assert only.startswith(f"{blank}11 : start=    69826560, size=    14059487, {linux}"), only
+    used = tmp_path / "used"
+    with open(used, "wb") as f:
+        f.truncate(40 << 30)
+    subprocess.run(
+        ["sfdisk", "--quiet", str(used)],
+        input="label: gpt\nstart=2048, size=2048\n",
+        text=True,
+        check=True,
+    )
+    repart.add_to_end(str(used), 11, 69826560)
+    first, eleventh = _table(used)
+    assert first.startswith(f"{used}1 : start=        2048, size=        2048,"), first
+    assert eleventh.startswith(f"{used}11 : start=    69826560,"), eleventh
+    for number, start in ((0, 69826560), (11, 0)):
+        with pytest.raises(DiskError, match="not a partition"):
+            repart.add_to_end(str(used), number, start)
+    with pytest.raises(DiskError, match="no room for partition 12"):
+        repart.add_to_end(str(used), 12, 90000000)
+    assert _table(used) == [first, eleventh]

@@ -68,12 +68,14 @@ def run(
     error: Callable[[str], Exception],
     env: Mapping[str, str] | None = None,
     mounts: bool = False,
+    input: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """The finished process (its exit status is the caller's to judge); `error(message)`
     raised when the tool is missing or outlasts `timeout` seconds (None: a step that
     runs as long as the work takes, such as a waited-for scrub). `mounts`: the tool
     mounts or unmounts, so it runs in the machine's mount namespace (module docstring);
-    of `env`, what differs from ours is set there."""
+    of `env`, what differs from ours is set there. `input`: the tool's stdin (closed
+    when None)."""
     if mounts and _private_mount_namespace():
         extra = {k: v for k, v in (env or {}).items() if os.environ.get(k) != v}
         argv, env = machine_namespace_argv(argv, timeout, extra), None
@@ -84,7 +86,7 @@ def run(
             text=True,
             timeout=timeout,
             check=False,
-            stdin=subprocess.DEVNULL,
+            **({"input": input} if input is not None else {"stdin": subprocess.DEVNULL}),
             env=None if env is None else dict(env),
         )
     except FileNotFoundError:

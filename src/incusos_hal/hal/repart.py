@@ -7,6 +7,7 @@ boot is a first boot again and systemd-repart makes them afresh.
                                    the disk is not laid out as an appliance's
     delete(disk, entries)          those entries out of the GPT (sfdisk --delete), checked
                                    by reading the table back; the kernel told (partx -d)
+    add_to_end(disk, number, start)  partition `number` from sector `start` to the end
 
 Selection is by what the partitions are, never by number: root by its Discoverable
 Partitions type (Type=root), swap by the swap type (Type=swap, no label), local-data by
@@ -130,3 +131,39 @@ def delete(disk: Path, found: Sequence[FirstBoot]) -> list[str]:
         if told.returncode != 0:
             notes.append(f"partition {number}: the kernel keeps it until the reboot")
     return notes
+
+
+def add_to_end(disk: str, number: int, start: int) -> None:
+    """Partition `number` of `disk` from sector `start` to the disk's last usable sector,
+    of the generic Linux type: added to the disk's GPT, or in a new GPT on a disk without
+    one, as `sgdisk -n NUMBER:START:` makes it (IncusOS's call for the local pool's second
+    disk; the image has sfdisk, not gdisk). The size is given, not left to sfdisk, which
+    would end it on its 1 MiB grid, short of what sgdisk makes and of a mirror's other
+    half. The partition's name in sfdisk's script sets its number (its trailing digits);
+    the kernel is told, so udev makes its links."""
+    if number < 1 or start < 34:
+        raise DiskError(f"partition {number} at sector {start}: not a partition")
+    dump = _run(["sfdisk", "--dump", disk])
+    if dump.returncode != 0:  # no partition table: a new, empty GPT first
+        made = tools.run(
+            ["sfdisk", "--quiet", disk],
+            timeout=TOOL_TIMEOUT_S,
+            error=DiskError,
+            input="label: gpt\n",
+        )
+        if made.returncode != 0:
+            raise DiskError(f"sfdisk {disk}: a new GPT: {made.stderr.strip()}")
+        dump = _run(["sfdisk", "--dump", disk])
+    last = next(
+        (int(v) for k, _, v in (line.partition(": ") for line in dump.stdout.splitlines())
+         if k == "last-lba" and v.isdigit()),
+        None,
+    )  # fmt: skip
+    if dump.returncode != 0 or last is None or last < start:
+        raise DiskError(f"{disk}: no room for partition {number} from sector {start}")
+    line = f"{disk}-part{number} : start={start}, size={last - start + 1}, type=L\n"
+    done = tools.run(
+        ["sfdisk", "--quiet", "--append", disk], timeout=TOOL_TIMEOUT_S, error=DiskError, input=line
+    )
+    if done.returncode != 0:
+        raise DiskError(f"sfdisk {disk}: partition {number}: {done.stderr.strip()}")

@@ -24,6 +24,10 @@ BY_PARTLABEL = "/dev/disk/by-partlabel/"
 # IncusOS's local pool lives on the partition of this label (and -part11 on a second disk).
 LOCAL_POOL = "local"
 LOCAL_PARTLABEL = "local-data"
+# The local pool's partition on a second disk: its number and first sector (IncusOS's,
+# where the boot disk's local-data partition starts).
+LOCAL_PARTITION = 11
+LOCAL_PARTITION_START = 69826560
 
 
 class ZfsError(RuntimeError):

@@ -468,7 +468,9 @@ def execute(steps: tuple[Step, ...], state_dir: Path, ctx: Context) -> None:
     """Run the steps in order; when one fails, undo what the others did, newest first,
     and refuse with the failing command's words. The devices the pools left are wiped
     last, once the change is done (`wipe_left`)."""
-    from ..hal import zfs
+    from ..hal import repart, zfs
+    from ..hal.disk import DiskError
+    from ..hal.zfsparse import LOCAL_PARTITION, LOCAL_PARTITION_START
 
     undo: list[tuple[str, ...] | Path] = []
     for step in steps:
@@ -488,9 +490,9 @@ def execute(steps: tuple[Step, ...], state_dir: Path, ctx: Context) -> None:
                 if step.undo:
                     undo.append(step.undo)
             elif step.kind == "partition-local":
-                zfs.run(["sgdisk", "-n", "11:69826560:", step.target])
+                repart.add_to_end(step.target, LOCAL_PARTITION, LOCAL_PARTITION_START)
                 zfs.run(["udevadm", "settle"])
-        except (zfs.ZfsError, OSError) as e:
+        except (zfs.ZfsError, DiskError, OSError) as e:
             for back in reversed(undo):
                 try:
                     if isinstance(back, Path):
