@@ -465,7 +465,7 @@ def test_image_boots_encrypts_updates_and_answers(
     assert (reset_seed["applied"], reset_seed["problems"]) == (True, []), reset_seed
     assert reset_network["config"]["dns"]["hostname"] == RESET_HOSTNAME, reset_network
     assert sorted(reset_seed["files"]) == ["incus.json", "network.json"], reset_seed
-    assert "/1.0/system/network" in seeded_answer, seeded_answer  # the seed's certificate
+    assert "/os/1.0/system/network" in seeded_answer, seeded_answer  # the seed's certificate
     assert reset_update["booted"]["version"] == next_version, reset_update
     assert len(new_keys) == 1 and new_keys != keys, "a new first boot makes a new key"
     state = reset_security["state"]
