@@ -893,9 +893,11 @@ class Tpm:
 
     def clear(self) -> None:
         """TPM2_Clear through the lockout hierarchy with its empty authorization, as
-        `tpm2_clear` does by default (IncusOS's factory reset runs that): new storage and
-        endorsement seeds, so nothing sealed or persisted before loads again, and the
-        owner, endorsement and lockout authorizations empty. A TPM whose lockout
+        `tpm2_clear` does by default (IncusOS's factory reset runs that): a new storage
+        seed and new hierarchy proofs, so nothing sealed or persisted before loads again,
+        and the owner, endorsement and lockout authorizations empty. The endorsement seed
+        stays (only TPM2_ChangeEPS changes it): the identity key derived from it is the
+        same afterwards. A TPM whose lockout
         authorization is set, or whose Clear is disabled, refuses: TPMError."""
         self.close()  # the sessions and a transient SRK belong to the seed that goes
         tss = self.tss
